@@ -1,0 +1,378 @@
+//! Long-term credentials (RFC 8489 §9.2) and the TURN REST API
+//! (draft-uberti-behave-turn-rest, coturn's `use-auth-secret`).
+//!
+//! Everything here is pure computation: the caller passes the current UNIX
+//! time in seconds. Nonces are stateless: a nonce carries its issue time and
+//! an HMAC over that time and the client's IP address, so the server keeps no
+//! per-client state before a client authenticates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use md5::{Digest, Md5};
+use sha1::Sha1;
+
+use crate::stun::Message;
+
+/// A long-term credential key: MD5(username ":" realm ":" password), 16 bytes.
+pub type Key = [u8; 16];
+
+/// Derives the long-term key MD5(username:realm:SASLprep(password))
+/// (RFC 8489 §9.2.2). A password that SASLprep rejects is used unprepared.
+pub fn long_term_key(username: &str, realm: &str, password: &str) -> Key {
+    let prepped = stringprep::saslprep(password);
+    let password: &str = match &prepped {
+        Ok(p) => p,
+        Err(_) => password,
+    };
+    let mut h = Md5::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.update(b":");
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
+/// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Parses a REST API username into its expiry time (UNIX seconds).
+///
+/// Accepted forms, as coturn: `<expiry>`, `<expiry><sep><user>` and
+/// `<user><sep><expiry>`. Returns `None` when no part is a timestamp.
+pub fn rest_expiry(username: &str, separator: char) -> Option<u64> {
+    let parse = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    match username.split_once(separator) {
+        None => parse(username),
+        Some((first, rest)) => parse(first).or_else(|| {
+            let (_, last) = username.rsplit_once(separator).unwrap_or(("", rest));
+            parse(last)
+        }),
+    }
+}
+
+/// A user entry from `user=name:password` or `user=name:0x<32 hex>`.
+#[derive(Clone)]
+pub struct StaticUser {
+    pub name: String,
+    pub key: Key,
+}
+
+impl fmt::Debug for StaticUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are secrets: never print them.
+        f.debug_struct("StaticUser").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Which credential mechanism is in force.
+#[derive(Clone)]
+pub enum Mechanism {
+    /// No authentication at all (coturn's default when nothing is configured).
+    None,
+    /// Long-term credentials with static users, keyed by username.
+    LongTerm(HashMap<String, Key>),
+    /// TURN REST API: every secret is tried in order (rotation).
+    RestApi {
+        secrets: Vec<Vec<u8>>,
+        separator: char,
+    },
+}
+
+impl fmt::Debug for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mechanism::None => f.write_str("None"),
+            Mechanism::LongTerm(users) => write!(f, "LongTerm({} users)", users.len()),
+            Mechanism::RestApi { secrets, separator } => {
+                write!(f, "RestApi({} secrets, separator {separator:?})", secrets.len())
+            }
+        }
+    }
+}
+
+/// Why a request's credentials were refused; all are answered with 401
+/// (RFC 8489 §9.2.4) and distinguished only in the server's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No static user of that name.
+    UnknownUser,
+    /// A REST username whose expiry time has passed.
+    Expired,
+    /// A REST username with no timestamp in it.
+    BadRestUsername,
+    /// MESSAGE-INTEGRITY did not verify with any candidate key.
+    BadIntegrity,
+}
+
+impl fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthFailure::UnknownUser => "unknown user",
+            AuthFailure::Expired => "REST credential expired",
+            AuthFailure::BadRestUsername => "REST username has no timestamp",
+            AuthFailure::BadIntegrity => "wrong password (MESSAGE-INTEGRITY mismatch)",
+        })
+    }
+}
+
+/// Credential checking for one realm.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    /// The realm sent in 401 responses and used in every key.
+    pub realm: String,
+    pub mechanism: Mechanism,
+}
+
+impl Authenticator {
+    /// Whether requests must be authenticated at all.
+    pub fn enabled(&self) -> bool {
+        !matches!(self.mechanism, Mechanism::None)
+    }
+
+    /// Checks `msg`'s MESSAGE-INTEGRITY for `username` and returns the key it
+    /// verified with. `unix_now` is the current time in UNIX seconds (REST
+    /// expiry is accepted while `expiry >= unix_now`).
+    pub fn authenticate(&self, msg: &Message<'_>, username: &str, unix_now: u64) -> Result<Key, AuthFailure> {
+        match &self.mechanism {
+            Mechanism::None => Ok([0; 16]),
+            Mechanism::LongTerm(users) => {
+                let key = users.get(username).ok_or(AuthFailure::UnknownUser)?;
+                if msg.verify_integrity(key) {
+                    Ok(*key)
+                } else {
+                    Err(AuthFailure::BadIntegrity)
+                }
+            }
+            Mechanism::RestApi { secrets, separator } => {
+                let expiry = rest_expiry(username, *separator).ok_or(AuthFailure::BadRestUsername)?;
+                if expiry < unix_now {
+                    return Err(AuthFailure::Expired);
+                }
+                for secret in secrets {
+                    let password = rest_password(secret, username);
+                    let key = long_term_key(username, &self.realm, &password);
+                    if msg.verify_integrity(&key) {
+                        return Ok(key);
+                    }
+                }
+                Err(AuthFailure::BadIntegrity)
+            }
+        }
+    }
+}
+
+/// Result of checking a NONCE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    Valid,
+    /// Issued by us for this client but older than `stale-nonce`.
+    Stale,
+    /// Not issued by this process for this client address.
+    Invalid,
+}
+
+/// Issues and checks stateless nonces.
+///
+/// A nonce is 24 hex characters: 8 for the issue time (UNIX seconds, low 32
+/// bits) and 16 for the first 8 bytes of HMAC-SHA1(secret, time ‖ client IP).
+/// The secret is random per process, so nonces from before a restart get 438.
+#[derive(Clone)]
+pub struct NonceIssuer {
+    secret: [u8; 32],
+    /// Nonce lifetime in seconds; `None` = never stale (`stale-nonce=0`).
+    lifetime: Option<u64>,
+}
+
+impl fmt::Debug for NonceIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NonceIssuer").field("lifetime", &self.lifetime).finish_non_exhaustive()
+    }
+}
+
+/// Length of every nonce this server issues, characters.
+pub const NONCE_LEN: usize = 24;
+
+impl NonceIssuer {
+    /// `lifetime` in seconds, `None` for nonces that never go stale.
+    pub fn new(secret: [u8; 32], lifetime: Option<u64>) -> Self {
+        NonceIssuer { secret, lifetime }
+    }
+
+    fn tag(&self, time: u32, ip: IpAddr) -> [u8; 8] {
+        let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(&time.to_be_bytes());
+        match ip {
+            IpAddr::V4(a) => mac.update(&a.octets()),
+            IpAddr::V6(a) => mac.update(&a.octets()),
+        }
+        let out = mac.finalize().into_bytes();
+        out[..8].try_into().expect("SHA-1 output is 20 bytes")
+    }
+
+    /// A fresh nonce for a client at `ip`, at time `unix_now` (seconds).
+    pub fn issue(&self, unix_now: u64, ip: IpAddr) -> [u8; NONCE_LEN] {
+        let time = unix_now as u32;
+        let mut raw = [0u8; 12];
+        raw[..4].copy_from_slice(&time.to_be_bytes());
+        raw[4..].copy_from_slice(&self.tag(time, ip));
+        let mut out = [0u8; NONCE_LEN];
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in raw.iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        out
+    }
+
+    /// Checks a nonce presented by a client at `ip` at time `unix_now`.
+    pub fn check(&self, nonce: &[u8], unix_now: u64, ip: IpAddr) -> NonceCheck {
+        if nonce.len() != NONCE_LEN {
+            return NonceCheck::Invalid;
+        }
+        let mut raw = [0u8; 12];
+        for (i, r) in raw.iter_mut().enumerate() {
+            let hi = (nonce[2 * i] as char).to_digit(16);
+            let lo = (nonce[2 * i + 1] as char).to_digit(16);
+            match (hi, lo) {
+                (Some(h), Some(l)) => *r = (h * 16 + l) as u8,
+                _ => return NonceCheck::Invalid,
+            }
+        }
+        let time = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
+        let tag = self.tag(time, ip);
+        // Constant-time comparison of the tag.
+        let diff = tag.iter().zip(&raw[4..]).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return NonceCheck::Invalid;
+        }
+        let age = (unix_now as u32).wrapping_sub(time);
+        match self.lifetime {
+            // A nonce "from the future" (age wraps to a huge value) is stale too.
+            Some(l) if u64::from(age) >= l => NonceCheck::Stale,
+            _ => NonceCheck::Valid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stun::{attr, method, Class, MessageWriter};
+
+    fn signed(username: &str, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        MessageWriter::new(&mut out, method::ALLOCATE, Class::Request, &[9; 12])
+            .attr(attr::USERNAME, username.as_bytes())
+            .integrity(key);
+        out
+    }
+
+    #[test]
+    fn key_matches_turnadmin() {
+        // `turnadmin -k -u ninefingers -r north.gov -p youhavetoberealistic`
+        let key = long_term_key("ninefingers", "north.gov", "youhavetoberealistic");
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "bc807ee29df3c9ffa736523fb2c4e8ee");
+    }
+
+    #[test]
+    fn rest_usernames() {
+        assert_eq!(rest_expiry("1700000000", ':'), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000:alice", ':'), Some(1_700_000_000));
+        assert_eq!(rest_expiry("alice:1700000000", ':'), Some(1_700_000_000));
+        assert_eq!(rest_expiry("alice:bob:1700000000", ':'), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000-alice", '-'), Some(1_700_000_000));
+        assert_eq!(rest_expiry("alice", ':'), None);
+        assert_eq!(rest_expiry("alice:bob", ':'), None);
+        assert_eq!(rest_expiry("", ':'), None);
+        assert_eq!(rest_expiry("17x:alice", ':'), None);
+        assert_eq!(rest_expiry("99999999999999999999999", ':'), None);
+    }
+
+    #[test]
+    fn rest_password_known_value() {
+        // echo -n "1700000000:alice" | openssl dgst -sha1 -hmac secret -binary | base64
+        assert_eq!(rest_password(b"secret", "1700000000:alice"), "d8soP47RbdIKLDUOpnJPVQyq5Ts=");
+    }
+
+    #[test]
+    fn long_term_users() {
+        let key = long_term_key("alice", "example.org", "pw");
+        let auth = Authenticator {
+            realm: "example.org".into(),
+            mechanism: Mechanism::LongTerm(HashMap::from([("alice".to_string(), key)])),
+        };
+        let raw = signed("alice", &key);
+        let m = Message::parse(&raw).unwrap();
+        assert_eq!(auth.authenticate(&m, "alice", 0), Ok(key));
+        assert_eq!(auth.authenticate(&m, "bob", 0), Err(AuthFailure::UnknownUser));
+        let raw = signed("alice", &long_term_key("alice", "example.org", "wrong"));
+        let m = Message::parse(&raw).unwrap();
+        assert_eq!(auth.authenticate(&m, "alice", 0), Err(AuthFailure::BadIntegrity));
+    }
+
+    #[test]
+    fn rest_secrets_rotate_and_expire() {
+        let auth = Authenticator {
+            realm: "r".into(),
+            mechanism: Mechanism::RestApi {
+                secrets: vec![b"old".to_vec(), b"new".to_vec()],
+                separator: ':',
+            },
+        };
+        let now = 1_800_000_000u64;
+        for secret in [&b"old"[..], b"new"] {
+            let user = format!("{}:alice", now + 60);
+            let key = long_term_key(&user, "r", &rest_password(secret, &user));
+            let raw = signed(&user, &key);
+            let m = Message::parse(&raw).unwrap();
+            assert_eq!(auth.authenticate(&m, &user, now), Ok(key));
+            // The same credential after its expiry.
+            assert_eq!(auth.authenticate(&m, &user, now + 61), Err(AuthFailure::Expired));
+        }
+        let user = format!("{}", now + 60);
+        let key = long_term_key(&user, "r", &rest_password(b"other", &user));
+        let raw = signed(&user, &key);
+        let m = Message::parse(&raw).unwrap();
+        assert_eq!(auth.authenticate(&m, &user, now), Err(AuthFailure::BadIntegrity));
+        assert_eq!(auth.authenticate(&m, "alice", now), Err(AuthFailure::BadRestUsername));
+    }
+
+    #[test]
+    fn nonces() {
+        let n = NonceIssuer::new([5; 32], Some(600));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let nonce = n.issue(1000, ip);
+        assert!(nonce.iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(n.check(&nonce, 1000, ip), NonceCheck::Valid);
+        assert_eq!(n.check(&nonce, 1599, ip), NonceCheck::Valid);
+        assert_eq!(n.check(&nonce, 1600, ip), NonceCheck::Stale);
+        assert_eq!(n.check(&nonce, 999, ip), NonceCheck::Stale);
+        assert_eq!(n.check(&nonce, 1000, other), NonceCheck::Invalid);
+        let mut bad = nonce;
+        bad[23] = if bad[23] == b'0' { b'1' } else { b'0' };
+        assert_eq!(n.check(&bad, 1000, ip), NonceCheck::Invalid);
+        assert_eq!(n.check(b"short", 1000, ip), NonceCheck::Invalid);
+        assert_eq!(n.check(&[b'z'; NONCE_LEN], 1000, ip), NonceCheck::Invalid);
+        // Another process (another secret) never accepts it.
+        assert_eq!(NonceIssuer::new([6; 32], None).check(&nonce, 1000, ip), NonceCheck::Invalid);
+        // stale-nonce=0: never stale.
+        let forever = NonceIssuer::new([5; 32], None);
+        assert_eq!(forever.check(&nonce, 1_000_000, ip), NonceCheck::Valid);
+    }
+}

@@ -1,0 +1,11 @@
+//! turnserver: a STUN/TURN server that reads coturn's configuration.
+//!
+//! The protocol lives in a sans-IO core: [`stun`] (codec), [`auth`]
+//! (credentials) and [`turn`] (allocations, permissions, channels, timers),
+//! all with time passed in. [`server`] is the thin tokio driver that moves
+//! bytes between sockets and the core; [`config`] reads `turnserver.conf`
+//! and the command line.
+
+pub mod auth;
+pub mod stun;
+pub mod turn;

@@ -1,0 +1,1171 @@
+//! The sans-IO TURN server core (RFC 8656, with RFC 8489 Binding and
+//! long-term credentials).
+//!
+//! [`Server`] owns the allocation table: allocations keyed by their client
+//! 5-tuple, each with its permissions, channel bindings and expiry times. It
+//! never touches a socket or reads a clock. The driver passes in every
+//! received client message and peer datagram with the current [`Instant`],
+//! sends what the core decides, and calls [`Server::handle_timeout`] at least
+//! once a second so lifetimes expire. Relay sockets are opened through the
+//! [`RelayProvider`] the driver hands in, and closed when the driver drains
+//! [`Event::AllocationClosed`] from [`Server::poll_event`].
+//!
+//! The relay hot path allocates nothing: client ChannelData and Send
+//! indications come back as [`ClientAction::Relay`] with the payload's range
+//! in the caller's buffer, and peer data is framed in place by
+//! [`Server::handle_peer`].
+
+pub mod policy;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tracing::{debug, info};
+
+use crate::auth::{Authenticator, Key, NonceCheck, NonceIssuer};
+use crate::stun::channel::{self, MAX_CHANNEL_RFC5766, MIN_CHANNEL};
+use crate::stun::{attr, method, Class, Message, MessageWriter};
+use policy::PeerPolicy;
+
+/// Default allocation lifetime, seconds (RFC 8656 §7.2).
+pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
+/// How long a channel number and peer stay reserved after the binding
+/// expires, seconds (RFC 8656 §12).
+pub const CHANNEL_REBIND_GUARD: u64 = 300;
+/// How long an EVEN-PORT reservation is held, seconds (RFC 8656 §7.2 step 4).
+pub const RESERVATION_LIFETIME: u64 = 30;
+
+/// Transport between client and server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// TCP and TLS carry a byte stream, so ChannelData is padded to 4 bytes.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        })
+    }
+}
+
+/// The client side 5-tuple that identifies an allocation (RFC 8656 §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// The client's address as the server sees it.
+    pub client: SocketAddr,
+    /// The server address the client sent to.
+    pub server: SocketAddr,
+    pub transport: Transport,
+}
+
+impl fmt::Display for FiveTuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}->{}", self.transport, self.client, self.server)
+    }
+}
+
+/// Identifies an allocation; stays unique for the life of the [`Server`]
+/// (slots are reused, generations are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AllocationId {
+    index: u32,
+    generation: u32,
+}
+
+/// Address family of a relayed transport address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// Relay address family used when an Allocate has no
+/// REQUESTED-ADDRESS-FAMILY (coturn's `allocation-default-address-family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DefaultFamily {
+    /// IPv4, as RFC 8656 §7.2 specifies.
+    #[default]
+    Ipv4,
+    Ipv6,
+    /// The family of the address the client connected to.
+    Keep,
+}
+
+/// `external-ip`: the public address advertised in XOR-RELAYED-ADDRESS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalIp {
+    pub public: IpAddr,
+    /// With `public/private`, only relays bound on `private` map to `public`;
+    /// without it, every relay of the same family does.
+    pub private: Option<IpAddr>,
+}
+
+/// Settings of the core, shared by every worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub auth: Authenticator,
+    pub nonces: NonceIssuer,
+    /// Add FINGERPRINT to every response (`fingerprint`); responses to
+    /// requests carrying FINGERPRINT get one regardless.
+    pub fingerprint: bool,
+    /// SOFTWARE attribute for responses, if any.
+    pub software: Option<String>,
+    /// Cap on allocation lifetime, seconds (`max-allocate-lifetime`).
+    pub max_allocation_lifetime: u32,
+    /// Permission lifetime, seconds (`permission-lifetime`, 300).
+    pub permission_lifetime: u32,
+    /// Channel binding lifetime, seconds (`channel-lifetime`, 600).
+    pub channel_lifetime: u32,
+    pub policy: PeerPolicy,
+    /// `relay-ip` addresses; empty means "the address the client used".
+    pub relay_ips: Vec<IpAddr>,
+    /// Every address the server listens on (fallback relay addresses for a
+    /// family the client did not connect over).
+    pub listening_ips: Vec<IpAddr>,
+    pub external_ips: Vec<ExternalIp>,
+    pub default_family: DefaultFamily,
+    /// Accept channel numbers 0x5000–0x7FFF (RFC 5766) as well as
+    /// 0x4000–0x4FFF (RFC 8656).
+    pub rfc5766_channels: bool,
+}
+
+impl Config {
+    /// A configuration with coturn's defaults and the given authenticator.
+    pub fn new(auth: Authenticator, nonces: NonceIssuer) -> Self {
+        Config {
+            auth,
+            nonces,
+            fingerprint: false,
+            software: None,
+            max_allocation_lifetime: 3600,
+            permission_lifetime: 300,
+            channel_lifetime: 600,
+            policy: PeerPolicy::default(),
+            relay_ips: Vec::new(),
+            listening_ips: Vec::new(),
+            external_ips: Vec::new(),
+            default_family: DefaultFamily::Ipv4,
+            rfc5766_channels: true,
+        }
+    }
+}
+
+/// Which relay port the core needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRequest {
+    /// Any free port in the range.
+    Any,
+    /// An even port; with `reserve_next`, the next (odd) port is bound and
+    /// held too (EVEN-PORT with the R bit, RFC 8656 §7.2).
+    Even { reserve_next: bool },
+    /// The socket previously reserved at this address (RESERVATION-TOKEN).
+    Reserved(SocketAddr),
+}
+
+/// A relay socket the core asks the driver to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// Local address to bind.
+    pub ip: IpAddr,
+    pub port: PortRequest,
+    /// Set DF on relayed datagrams (DONT-FRAGMENT).
+    pub dont_fragment: bool,
+}
+
+/// A relay socket the driver opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedRelay {
+    /// The bound relayed transport address.
+    pub addr: SocketAddr,
+    /// The reserved next port, for `PortRequest::Even { reserve_next: true }`.
+    pub reserved: Option<SocketAddr>,
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayError {
+    /// No free port in `min-port`..`max-port` (answered 508).
+    NoPortAvailable,
+    /// The reservation no longer exists (answered 508).
+    NoReservation,
+}
+
+/// The driver side of relay sockets.
+pub trait RelayProvider {
+    /// Binds a relay socket for allocation `id`. On success the driver must
+    /// deliver datagrams arriving on it to [`Server::handle_peer`] with `id`.
+    fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError>;
+}
+
+/// What the driver must do with a client message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Nothing to send.
+    None,
+    /// Send the STUN message in `out` back to the client on the same 5-tuple.
+    Reply,
+    /// Send `data[payload]` from `allocation`'s relay socket to `peer`.
+    Relay {
+        allocation: AllocationId,
+        peer: SocketAddr,
+        payload: Range<usize>,
+    },
+}
+
+/// Where to send framed peer data (see [`Server::handle_peer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The driver's token for the client connection (`link` passed in with
+    /// the client's messages).
+    pub link: u32,
+    pub client: FiveTuple,
+    /// The framed message's range in the buffer.
+    pub range: Range<usize>,
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Refresh with LIFETIME 0.
+    Deleted,
+    /// The lifetime ran out without a refresh.
+    Expired,
+    /// The client's TCP/TLS connection closed.
+    ConnectionClosed,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CloseReason::Deleted => "refresh with lifetime 0",
+            CloseReason::Expired => "lifetime expired",
+            CloseReason::ConnectionClosed => "client connection closed",
+        })
+    }
+}
+
+/// Something the driver must act on; drain with [`Server::poll_event`] after
+/// every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Close the allocation's relay socket.
+    AllocationClosed { id: AllocationId, relayed: SocketAddr },
+    /// Close a reserved (EVEN-PORT R bit) socket nobody claimed.
+    ReservationReleased { addr: SocketAddr },
+}
+
+/// Packet and byte counters of one allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Permission {
+    ip: IpAddr,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Channel {
+    number: u16,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    id: AllocationId,
+    five_tuple: FiveTuple,
+    link: u32,
+    relayed: SocketAddr,
+    advertised: SocketAddr,
+    username: Box<str>,
+    key: Option<Key>,
+    created: Instant,
+    expires: Instant,
+    allocate_tid: [u8; 12],
+    reservation_token: Option<[u8; 8]>,
+    /// The client sends FINGERPRINT, so Data indications carry one too.
+    fingerprint: bool,
+    permissions: Vec<Permission>,
+    channels: Vec<Channel>,
+    traffic: Traffic,
+}
+
+impl Allocation {
+    fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip && p.expires > now)
+    }
+
+    fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+            .map(|c| c.number)
+    }
+
+    fn peer_for_channel(&self, number: u16, now: Instant) -> Option<SocketAddr> {
+        self.channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+            .map(|c| c.peer)
+    }
+
+    fn add_permission(&mut self, ip: IpAddr, expires: Instant) {
+        match self.permissions.iter_mut().find(|p| p.ip == ip) {
+            Some(p) => p.expires = expires,
+            None => self.permissions.push(Permission { ip, expires }),
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        let guard = Duration::from_secs(CHANNEL_REBIND_GUARD);
+        self.channels.retain(|c| c.expires + guard > now);
+    }
+}
+
+struct Reservation {
+    addr: SocketAddr,
+    expires: Instant,
+}
+
+/// Result of authenticating a request.
+enum Authed<'m> {
+    /// Authenticated (or auth disabled: no key, empty username).
+    Ok { key: Option<Key>, username: &'m str },
+    /// An error response is in `out`.
+    Answered,
+}
+
+const fn reason(code: u16) -> &'static str {
+    match code {
+        300 => "Try Alternate",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Server Error",
+    }
+}
+
+/// The TURN server state machine for one worker's share of the clients.
+pub struct Server {
+    cfg: std::sync::Arc<Config>,
+    allocations: Slab<Allocation>,
+    by_five_tuple: HashMap<FiveTuple, AllocationId>,
+    reservations: HashMap<[u8; 8], Reservation>,
+    events: VecDeque<Event>,
+    next_generation: u32,
+    /// Maps the monotonic clock to UNIX time (for REST expiry and nonces).
+    wall: (Instant, u64),
+    rng: u64,
+    relay_rr: usize,
+}
+
+impl Server {
+    /// A core with no allocations. `now` and `unix_now` (UNIX seconds) anchor
+    /// the wall clock; `seed` seeds the generator for Data indication
+    /// transaction IDs and reservation tokens (any non-zero value).
+    pub fn new(cfg: std::sync::Arc<Config>, now: Instant, unix_now: u64, seed: u64) -> Self {
+        Server {
+            cfg,
+            allocations: Slab::new(),
+            by_five_tuple: HashMap::new(),
+            reservations: HashMap::new(),
+            events: VecDeque::new(),
+            next_generation: 1,
+            wall: (now, unix_now),
+            rng: seed | 1,
+            relay_rr: 0,
+        }
+    }
+
+    /// Re-anchors the wall clock (the driver does this periodically).
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: u64) {
+        self.wall = (now, unix_now);
+    }
+
+    /// Replaces the configuration for new requests (live reload); existing
+    /// allocations keep their keys, permissions and channels.
+    pub fn set_config(&mut self, cfg: std::sync::Arc<Config>) {
+        self.cfg = cfg;
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Number of live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// The allocation on a client 5-tuple, if any.
+    pub fn allocation_for(&self, five_tuple: &FiveTuple) -> Option<AllocationId> {
+        self.by_five_tuple.get(five_tuple).copied()
+    }
+
+    /// Traffic counters of an allocation.
+    pub fn traffic(&self, id: AllocationId) -> Option<Traffic> {
+        self.get(id).map(|a| a.traffic)
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.wall.1 + now.saturating_duration_since(self.wall.0).as_secs()
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: transaction IDs of Data indications need uniqueness,
+        // not secrecy. Reservation tokens mix in the allocation id too.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn get(&self, id: AllocationId) -> Option<&Allocation> {
+        self.allocations
+            .get(id.index as usize)
+            .filter(|a| a.id == id)
+    }
+
+    fn get_mut(&mut self, id: AllocationId) -> Option<&mut Allocation> {
+        self.allocations
+            .get_mut(id.index as usize)
+            .filter(|a| a.id == id)
+    }
+
+    /// Handles one message from a client: a STUN message or ChannelData,
+    /// exactly one UDP datagram or one stream frame.
+    ///
+    /// `link` is the driver's token for the connection (returned in
+    /// [`Delivery::link`]). A reply, if any, is written to `out` (cleared
+    /// first). Malformed input is dropped silently.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        five_tuple: &FiveTuple,
+        link: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+    ) -> ClientAction {
+        out.clear();
+        match data.first() {
+            Some(b) if b >> 6 == 0b01 => self.client_channel_data(now, five_tuple, data),
+            Some(b) if b >> 6 == 0b00 => {
+                let Ok(msg) = Message::parse(data) else {
+                    return ClientAction::None;
+                };
+                if !msg.fingerprint_ok() {
+                    return ClientAction::None;
+                }
+                match msg.class() {
+                    Class::Request => self.request(now, five_tuple, link, &msg, out, relays),
+                    Class::Indication if msg.method() == method::SEND => self.send_indication(now, five_tuple, &msg),
+                    _ => ClientAction::None,
+                }
+            }
+            _ => ClientAction::None,
+        }
+    }
+
+    fn client_channel_data(&mut self, now: Instant, ft: &FiveTuple, data: &[u8]) -> ClientAction {
+        let Some((number, payload)) = channel::parse_channel_data(data) else {
+            return ClientAction::None;
+        };
+        let Some(&id) = self.by_five_tuple.get(ft) else {
+            return ClientAction::None;
+        };
+        let Some(a) = self.get_mut(id) else {
+            return ClientAction::None;
+        };
+        let Some(peer) = a.peer_for_channel(number, now) else {
+            return ClientAction::None;
+        };
+        a.traffic.to_peer_packets += 1;
+        a.traffic.to_peer_bytes += payload.len() as u64;
+        ClientAction::Relay {
+            allocation: id,
+            peer,
+            payload,
+        }
+    }
+
+    fn send_indication(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> ClientAction {
+        let Some(&id) = self.by_five_tuple.get(ft) else {
+            return ClientAction::None;
+        };
+        let mut unknown = [0u16; 16];
+        if msg.unknown_required(&mut unknown) > 0 {
+            return ClientAction::None;
+        }
+        let (Some(Ok(peer)), Some(payload)) = (msg.xor_address(attr::XOR_PEER_ADDRESS), msg.value_range(attr::DATA))
+        else {
+            return ClientAction::None;
+        };
+        if self.cfg.policy.check(peer.ip()).is_err() {
+            return ClientAction::None;
+        }
+        let Some(a) = self.get_mut(id) else {
+            return ClientAction::None;
+        };
+        if Family::of(peer.ip()) != Family::of(a.relayed.ip()) || !a.permitted(peer.ip(), now) {
+            return ClientAction::None;
+        }
+        a.traffic.to_peer_packets += 1;
+        a.traffic.to_peer_bytes += payload.len() as u64;
+        ClientAction::Relay {
+            allocation: id,
+            peer,
+            payload,
+        }
+    }
+
+    /// Starts a response to `req` in `out`; SOFTWARE is added when configured.
+    fn response<'o>(&self, out: &'o mut Vec<u8>, req: &Message<'_>, class: Class) -> MessageWriter<'o> {
+        let mut w = MessageWriter::new(out, req.method(), class, req.transaction_id());
+        if let Some(s) = &self.cfg.software {
+            w.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        w
+    }
+
+    /// Adds MESSAGE-INTEGRITY (when authenticated) and FINGERPRINT (when the
+    /// request had one or `fingerprint` is set).
+    fn seal(&self, w: &mut MessageWriter<'_>, req: &Message<'_>, key: Option<&Key>) {
+        if let Some(k) = key {
+            w.integrity(k);
+        }
+        if self.cfg.fingerprint || req.has_fingerprint() {
+            w.fingerprint();
+        }
+    }
+
+    fn error(&self, out: &mut Vec<u8>, req: &Message<'_>, code: u16, key: Option<&Key>) -> ClientAction {
+        let mut w = self.response(out, req, Class::Error);
+        w.error_code(code, reason(code));
+        self.seal(&mut w, req, key);
+        ClientAction::Reply
+    }
+
+    /// 401 or 438 with REALM and a fresh NONCE, never MESSAGE-INTEGRITY.
+    fn challenge(&self, now: Instant, out: &mut Vec<u8>, ft: &FiveTuple, req: &Message<'_>, code: u16) -> ClientAction {
+        let nonce = self.cfg.nonces.issue(self.unix(now), ft.client.ip());
+        let mut w = self.response(out, req, Class::Error);
+        w.error_code(code, reason(code))
+            .attr(attr::REALM, self.cfg.auth.realm.as_bytes())
+            .attr(attr::NONCE, &nonce);
+        self.seal(&mut w, req, None);
+        ClientAction::Reply
+    }
+
+    fn request(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+    ) -> ClientAction {
+        let mut unknown = [0u16; 16];
+        let n = msg.unknown_required(&mut unknown);
+        if n > 0 {
+            let mut w = self.response(out, msg, Class::Error);
+            w.error_code(420, reason(420)).unknown_attributes(&unknown[..n]);
+            self.seal(&mut w, msg, None);
+            debug!(five_tuple = %ft, method = method::name(msg.method()), "420 for unknown attributes {:04x?}", &unknown[..n]);
+            return ClientAction::Reply;
+        }
+        let m = msg.method();
+        if m == method::BINDING {
+            let mut w = self.response(out, msg, Class::Success);
+            w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+            self.seal(&mut w, msg, None);
+            return ClientAction::Reply;
+        }
+        if !matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
+            debug!(five_tuple = %ft, "400 for unsupported method 0x{m:03x}");
+            return self.error(out, msg, 400, None);
+        }
+        let (key, username) = match self.authenticate(now, ft, msg, out) {
+            Authed::Ok { key, username } => (key, username),
+            Authed::Answered => return ClientAction::Reply,
+        };
+        let action = match m {
+            method::ALLOCATE => self.allocate(now, ft, link, msg, out, relays, key, username),
+            method::REFRESH => self.refresh(now, ft, msg, out, key),
+            method::CREATE_PERMISSION => self.create_permission(now, ft, msg, out, key),
+            _ => self.channel_bind(now, ft, msg, out, key),
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let outcome = match Message::parse(out) {
+                Ok(r) if r.class() == Class::Success => "success".to_string(),
+                Ok(r) => match r.get(attr::ERROR_CODE).map(attr::decode_error_code) {
+                    Some(Ok((code, text))) => format!("error {code} {text}"),
+                    _ => "error".to_string(),
+                },
+                Err(_) => "no response".to_string(),
+            };
+            debug!(five_tuple = %ft, user = username, "{} request: {outcome}", method::name(m));
+        }
+        action
+    }
+
+    /// RFC 8489 §9.2.4 for long-term credentials.
+    fn authenticate<'m>(&self, now: Instant, ft: &FiveTuple, msg: &Message<'m>, out: &mut Vec<u8>) -> Authed<'m> {
+        if !self.cfg.auth.enabled() {
+            return Authed::Ok { key: None, username: "" };
+        }
+        if !msg.has_integrity() {
+            self.challenge(now, out, ft, msg, 401);
+            return Authed::Answered;
+        }
+        let (Some(Ok(username)), Some(Ok(_realm)), Some(nonce)) = (
+            msg.text(attr::USERNAME),
+            msg.text(attr::REALM),
+            msg.get(attr::NONCE),
+        ) else {
+            self.error(out, msg, 400, None);
+            return Authed::Answered;
+        };
+        match self.cfg.nonces.check(nonce, self.unix(now), ft.client.ip()) {
+            NonceCheck::Valid => {}
+            NonceCheck::Stale | NonceCheck::Invalid => {
+                self.challenge(now, out, ft, msg, 438);
+                return Authed::Answered;
+            }
+        }
+        // Requests on an existing allocation must come from its user and are
+        // checked with the key it was created with (a REST credential may
+        // expire while its allocation lives on, as in coturn).
+        if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
+            if *a.username != *username {
+                info!(five_tuple = %ft, user = username, allocation_user = &*a.username, "441: request for another user's allocation");
+                self.error(out, msg, 441, None);
+                return Authed::Answered;
+            }
+            if let Some(key) = a.key {
+                if msg.verify_integrity(&key) {
+                    return Authed::Ok { key: Some(key), username };
+                }
+            }
+        }
+        match self.cfg.auth.authenticate(msg, username, self.unix(now)) {
+            Ok(key) => Authed::Ok { key: Some(key), username },
+            Err(why) => {
+                info!(five_tuple = %ft, user = username, method = method::name(msg.method()), "401: {why}");
+                self.challenge(now, out, ft, msg, 401);
+                Authed::Answered
+            }
+        }
+    }
+
+    fn lifetime(&self, requested: Option<u32>) -> u32 {
+        let max = self.cfg.max_allocation_lifetime.max(1);
+        match requested {
+            Some(r) => r.min(max),
+            None => DEFAULT_ALLOCATION_LIFETIME.min(max),
+        }
+    }
+
+    fn relay_ip(&mut self, family: Family, ft: &FiveTuple) -> Option<IpAddr> {
+        if !self.cfg.relay_ips.is_empty() {
+            let candidates: Vec<IpAddr> = self
+                .cfg
+                .relay_ips
+                .iter()
+                .copied()
+                .filter(|ip| Family::of(*ip) == family)
+                .collect();
+            if candidates.is_empty() {
+                return None;
+            }
+            self.relay_rr = self.relay_rr.wrapping_add(1);
+            return Some(candidates[self.relay_rr % candidates.len()]);
+        }
+        let local = ft.server.ip();
+        if Family::of(local) == family && !local.is_unspecified() {
+            return Some(local);
+        }
+        let pick = |loopback_ok: bool| {
+            self.cfg
+                .listening_ips
+                .iter()
+                .copied()
+                .find(|ip| Family::of(*ip) == family && !ip.is_unspecified() && (loopback_ok || !ip.is_loopback()))
+        };
+        pick(false).or_else(|| pick(true))
+    }
+
+    fn advertised(&self, relayed: SocketAddr) -> SocketAddr {
+        let port = relayed.port();
+        let ip = relayed.ip();
+        if let Some(e) = self.cfg.external_ips.iter().find(|e| e.private == Some(ip)) {
+            return SocketAddr::new(e.public, port);
+        }
+        if let Some(e) = self
+            .cfg
+            .external_ips
+            .iter()
+            .find(|e| e.private.is_none() && Family::of(e.public) == Family::of(ip))
+        {
+            return SocketAddr::new(e.public, port);
+        }
+        relayed
+    }
+
+    fn allocate_success(&self, now: Instant, out: &mut Vec<u8>, req: &Message<'_>, a: &Allocation) -> ClientAction {
+        let remaining = a.expires.saturating_duration_since(now).as_secs() as u32;
+        let mut w = self.response(out, req, Class::Success);
+        w.xor_address(attr::XOR_RELAYED_ADDRESS, a.advertised)
+            .attr_u32(attr::LIFETIME, remaining);
+        if let Some(t) = &a.reservation_token {
+            w.attr(attr::RESERVATION_TOKEN, t);
+        }
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, a.five_tuple.client);
+        self.seal(&mut w, req, a.key.as_ref());
+        ClientAction::Reply
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+        key: Option<Key>,
+        username: &str,
+    ) -> ClientAction {
+        let k = key.as_ref();
+        if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
+            if a.allocate_tid == *msg.transaction_id() {
+                // A retransmission: answer as the first time (RFC 8656 §7.2).
+                return self.allocate_success(now, out, msg, a);
+            }
+            return self.error(out, msg, 437, k);
+        }
+        let transport = match msg.get(attr::REQUESTED_TRANSPORT).map(attr::decode_requested_transport) {
+            Some(Ok(t)) => t,
+            _ => return self.error(out, msg, 400, k),
+        };
+        if transport != 17 {
+            return self.error(out, msg, 442, k);
+        }
+        let even_port = match msg.get(attr::EVEN_PORT).map(attr::decode_even_port) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        };
+        let token = match msg.get(attr::RESERVATION_TOKEN).map(attr::decode_reservation_token) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        };
+        let requested_family = match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(attr::decode_requested_family) {
+            None => None,
+            Some(Ok(0x01)) => Some(Family::V4),
+            Some(Ok(0x02)) => Some(Family::V6),
+            Some(Ok(_)) => return self.error(out, msg, 440, k),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        };
+        if token.is_some() && (even_port.is_some() || requested_family.is_some()) {
+            return self.error(out, msg, 400, k);
+        }
+        let requested_lifetime = match msg.get(attr::LIFETIME).map(|v| attr::decode_u32(attr::LIFETIME, v)) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        };
+        let lifetime = self.lifetime(requested_lifetime).max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
+        let dont_fragment = msg.has(attr::DONT_FRAGMENT);
+
+        let (ip, port) = if let Some(t) = token {
+            match self.reservations.remove(&t) {
+                Some(r) if r.expires > now => (r.addr.ip(), PortRequest::Reserved(r.addr)),
+                Some(r) => {
+                    self.events.push_back(Event::ReservationReleased { addr: r.addr });
+                    return self.error(out, msg, 508, k);
+                }
+                None => return self.error(out, msg, 508, k),
+            }
+        } else {
+            let family = requested_family.unwrap_or(match self.cfg.default_family {
+                DefaultFamily::Ipv4 => Family::V4,
+                DefaultFamily::Ipv6 => Family::V6,
+                DefaultFamily::Keep => Family::of(ft.server.ip()),
+            });
+            let Some(ip) = self.relay_ip(family, ft) else {
+                return self.error(out, msg, 440, k);
+            };
+            let port = match even_port {
+                None => PortRequest::Any,
+                Some(reserve_next) => PortRequest::Even { reserve_next },
+            };
+            (ip, port)
+        };
+
+        let id = AllocationId {
+            index: self.allocations.vacant_key() as u32,
+            generation: self.next_generation,
+        };
+        let opened = match relays.open(id, &RelayRequest { ip, port, dont_fragment }) {
+            Ok(o) => o,
+            Err(e) => {
+                info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
+                return self.error(out, msg, 508, k);
+            }
+        };
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let reservation_token = opened.reserved.map(|addr| {
+            let t = (self.random() ^ u64::from(id.generation)).to_be_bytes();
+            self.reservations.insert(
+                t,
+                Reservation {
+                    addr,
+                    expires: now + Duration::from_secs(RESERVATION_LIFETIME),
+                },
+            );
+            t
+        });
+        let allocation = Allocation {
+            id,
+            five_tuple: *ft,
+            link,
+            relayed: opened.addr,
+            advertised: self.advertised(opened.addr),
+            username: username.into(),
+            key,
+            created: now,
+            expires: now + Duration::from_secs(u64::from(lifetime)),
+            allocate_tid: *msg.transaction_id(),
+            reservation_token,
+            fingerprint: msg.has_fingerprint() || self.cfg.fingerprint,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            traffic: Traffic::default(),
+        };
+        info!(
+            five_tuple = %ft,
+            user = username,
+            relayed = %allocation.relayed,
+            advertised = %allocation.advertised,
+            lifetime,
+            "allocation created"
+        );
+        let index = self.allocations.insert(allocation);
+        debug_assert_eq!(index, id.index as usize);
+        self.by_five_tuple.insert(*ft, id);
+        let a = self.get(id).expect("just inserted");
+        self.allocate_success(now, out, msg, a)
+    }
+
+    fn refresh(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, out: &mut Vec<u8>, key: Option<Key>) -> ClientAction {
+        let k = key.as_ref();
+        let Some(&id) = self.by_five_tuple.get(ft) else {
+            return self.error(out, msg, 437, k);
+        };
+        let relay_family = match self.get(id) {
+            Some(a) => Family::of(a.relayed.ip()),
+            None => return self.error(out, msg, 437, k),
+        };
+        match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(attr::decode_requested_family) {
+            None => {}
+            Some(Ok(f)) if (f == 1 && relay_family == Family::V4) || (f == 2 && relay_family == Family::V6) => {}
+            Some(Ok(_)) => return self.error(out, msg, 443, k),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        }
+        let requested = match msg.get(attr::LIFETIME).map(|v| attr::decode_u32(attr::LIFETIME, v)) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(_)) => return self.error(out, msg, 400, k),
+        };
+        let lifetime = if requested == Some(0) { 0 } else { self.lifetime(requested) };
+        if lifetime == 0 {
+            self.close(id, CloseReason::Deleted, now);
+        } else if let Some(a) = self.get_mut(id) {
+            a.expires = now + Duration::from_secs(u64::from(lifetime));
+        }
+        let mut w = self.response(out, msg, Class::Success);
+        w.attr_u32(attr::LIFETIME, lifetime);
+        self.seal(&mut w, msg, k);
+        ClientAction::Reply
+    }
+
+    /// Decodes and vets a XOR-PEER-ADDRESS value for an allocation relaying
+    /// on `relay_family`; `Err(code)` is the error to answer.
+    fn vet_peer(&self, value: &[u8], tid: &[u8; 12], relay_family: Family, ft: &FiveTuple) -> Result<SocketAddr, u16> {
+        let peer = attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, tid).map_err(|_| 400u16)?;
+        if Family::of(peer.ip()) != relay_family {
+            return Err(443);
+        }
+        if let Err(why) = self.cfg.policy.check(peer.ip()) {
+            info!(five_tuple = %ft, peer = %peer, "403: peer refused: {why}");
+            return Err(403);
+        }
+        Ok(peer)
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        key: Option<Key>,
+    ) -> ClientAction {
+        let k = key.as_ref();
+        let Some(&id) = self.by_five_tuple.get(ft) else {
+            return self.error(out, msg, 437, k);
+        };
+        let Some(relay_family) = self.get(id).map(|a| Family::of(a.relayed.ip())) else {
+            return self.error(out, msg, 437, k);
+        };
+        let mut peers: [Option<IpAddr>; crate::stun::MAX_ATTRIBUTES] = [None; crate::stun::MAX_ATTRIBUTES];
+        let mut n = 0;
+        for value in msg.get_all(attr::XOR_PEER_ADDRESS) {
+            match self.vet_peer(value, msg.transaction_id(), relay_family, ft) {
+                Ok(peer) => {
+                    peers[n] = Some(peer.ip());
+                    n += 1;
+                }
+                Err(code) => return self.error(out, msg, code, k),
+            }
+        }
+        if n == 0 {
+            return self.error(out, msg, 400, k);
+        }
+        let expires = now + Duration::from_secs(u64::from(self.cfg.permission_lifetime));
+        if let Some(a) = self.get_mut(id) {
+            a.permissions.retain(|p| p.expires > now);
+            for ip in peers[..n].iter().flatten() {
+                a.add_permission(*ip, expires);
+            }
+        }
+        let mut w = self.response(out, msg, Class::Success);
+        self.seal(&mut w, msg, k);
+        ClientAction::Reply
+    }
+
+    fn channel_bind(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, out: &mut Vec<u8>, key: Option<Key>) -> ClientAction {
+        let k = key.as_ref();
+        let Some(&id) = self.by_five_tuple.get(ft) else {
+            return self.error(out, msg, 437, k);
+        };
+        let Some(relay_family) = self.get(id).map(|a| Family::of(a.relayed.ip())) else {
+            return self.error(out, msg, 437, k);
+        };
+        let number = match msg.get(attr::CHANNEL_NUMBER).map(attr::decode_channel_number) {
+            Some(Ok(n)) => n,
+            _ => return self.error(out, msg, 400, k),
+        };
+        let max = if self.cfg.rfc5766_channels {
+            MAX_CHANNEL_RFC5766
+        } else {
+            channel::MAX_CHANNEL_RFC8656
+        };
+        if !(MIN_CHANNEL..=max).contains(&number) {
+            return self.error(out, msg, 400, k);
+        }
+        let Some(value) = msg.get(attr::XOR_PEER_ADDRESS) else {
+            return self.error(out, msg, 400, k);
+        };
+        let peer = match self.vet_peer(value, msg.transaction_id(), relay_family, ft) {
+            Ok(p) => p,
+            Err(code) => return self.error(out, msg, code, k),
+        };
+        let channel_expires = now + Duration::from_secs(u64::from(self.cfg.channel_lifetime));
+        let permission_expires = now + Duration::from_secs(u64::from(self.cfg.permission_lifetime));
+        let Some(a) = self.get_mut(id) else {
+            return self.error(out, msg, 437, k);
+        };
+        a.prune(now);
+        // RFC 8656 §11.2: the number must not be bound to another peer, nor
+        // the peer to another number (including within the rebind guard).
+        let conflict = a
+            .channels
+            .iter()
+            .any(|c| (c.number == number) != (c.peer == peer));
+        if conflict {
+            return self.error(out, msg, 400, k);
+        }
+        match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => c.expires = channel_expires,
+            None => a.channels.push(Channel {
+                number,
+                peer,
+                expires: channel_expires,
+            }),
+        }
+        a.add_permission(peer.ip(), permission_expires);
+        let mut w = self.response(out, msg, Class::Success);
+        self.seal(&mut w, msg, k);
+        ClientAction::Reply
+    }
+
+    /// Handles a datagram from `peer` that arrived on `allocation`'s relay
+    /// socket. The payload is `buf[payload]`; `payload.start` must be at least
+    /// [`channel::HEADROOM`] and `buf` must extend [`channel::TAILROOM`]
+    /// bytes past `payload.end`.
+    ///
+    /// Returns where to send the framed message (ChannelData if the peer has
+    /// a channel, else a Data indication), or `None` to drop it (no
+    /// permission, or the allocation is gone).
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        allocation: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+    ) -> Option<Delivery> {
+        let tid_seed = self.random();
+        let a = self.get_mut(allocation)?;
+        if !a.permitted(peer.ip(), now) {
+            return None;
+        }
+        let stream = a.five_tuple.transport.is_stream();
+        let len = payload.len() as u64;
+        let range = match a.channel_for_peer(peer, now) {
+            Some(number) => channel::frame_channel_data(buf, payload, number, stream),
+            None => {
+                if payload.len() > usize::from(u16::MAX) - 64 {
+                    return None;
+                }
+                let mut tid = [0u8; 12];
+                tid[..8].copy_from_slice(&tid_seed.to_le_bytes());
+                tid[8..].copy_from_slice(&allocation.generation.to_le_bytes());
+                channel::frame_data_indication(buf, payload, peer, &tid, a.fingerprint)
+            }
+        };
+        a.traffic.to_client_packets += 1;
+        a.traffic.to_client_bytes += len;
+        Some(Delivery {
+            link: a.link,
+            client: a.five_tuple,
+            range,
+        })
+    }
+
+    /// The client's stream connection on `five_tuple` closed: its allocation
+    /// ends (RFC 8656 §3.1).
+    pub fn client_closed(&mut self, now: Instant, five_tuple: &FiveTuple) {
+        if let Some(&id) = self.by_five_tuple.get(five_tuple) {
+            self.close(id, CloseReason::ConnectionClosed, now);
+        }
+    }
+
+    /// Expires allocations, permissions, channels and reservations. Call at
+    /// least once per second.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<AllocationId> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| a.expires <= now)
+            .map(|(_, a)| a.id)
+            .collect();
+        for id in expired {
+            self.close(id, CloseReason::Expired, now);
+        }
+        for (_, a) in self.allocations.iter_mut() {
+            a.prune(now);
+        }
+        let stale: Vec<[u8; 8]> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.expires <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in stale {
+            if let Some(r) = self.reservations.remove(&t) {
+                self.events.push_back(Event::ReservationReleased { addr: r.addr });
+            }
+        }
+    }
+
+    /// Ends every allocation (shutdown).
+    pub fn close_all(&mut self, now: Instant, reason: CloseReason) {
+        let ids: Vec<AllocationId> = self.allocations.iter().map(|(_, a)| a.id).collect();
+        for id in ids {
+            self.close(id, reason, now);
+        }
+    }
+
+    fn close(&mut self, id: AllocationId, reason: CloseReason, now: Instant) {
+        if self.get(id).is_none() {
+            return;
+        }
+        let index = id.index as usize;
+        let a = self.allocations.remove(index);
+        self.by_five_tuple.remove(&a.five_tuple);
+        let t = a.traffic;
+        info!(
+            five_tuple = %a.five_tuple,
+            user = &*a.username,
+            relayed = %a.relayed,
+            reason = %reason,
+            duration_s = now.saturating_duration_since(a.created).as_secs(),
+            to_peer_packets = t.to_peer_packets,
+            to_peer_bytes = t.to_peer_bytes,
+            to_client_packets = t.to_client_packets,
+            to_client_bytes = t.to_client_bytes,
+            "allocation deleted"
+        );
+        self.events.push_back(Event::AllocationClosed { id, relayed: a.relayed });
+    }
+}
+
+#[cfg(test)]
+mod tests;

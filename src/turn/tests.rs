@@ -1,0 +1,795 @@
+//! State machine tests of the core with simulated time and a fake relay
+//! provider.
+
+use super::*;
+use crate::auth::{long_term_key, rest_password, Mechanism};
+use crate::stun::channel::{HEADROOM, TAILROOM};
+use std::sync::Arc;
+
+const REALM: &str = "example.org";
+const UNIX0: u64 = 1_800_000_000;
+
+/// Hands out relay addresses 127.0.0.1:50000, :50002, ...; can be told to fail.
+#[derive(Default)]
+struct FakeRelays {
+    next_port: u16,
+    fail: bool,
+    opened: Vec<(AllocationId, RelayRequest)>,
+}
+
+impl RelayProvider for FakeRelays {
+    fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
+        if self.fail {
+            return Err(RelayError::NoPortAvailable);
+        }
+        self.opened.push((id, *req));
+        if let PortRequest::Reserved(addr) = req.port {
+            return Ok(OpenedRelay { addr, reserved: None });
+        }
+        let port = 50000 + self.next_port;
+        self.next_port += 2;
+        let addr = SocketAddr::new(req.ip, port);
+        let reserved = match req.port {
+            PortRequest::Even { reserve_next: true } => Some(SocketAddr::new(req.ip, port + 1)),
+            _ => None,
+        };
+        Ok(OpenedRelay { addr, reserved })
+    }
+}
+
+struct Harness {
+    server: Server,
+    relays: FakeRelays,
+    t0: Instant,
+    now: Instant,
+    out: Vec<u8>,
+    tid: u8,
+}
+
+fn users_config() -> Config {
+    let users = HashMap::from([
+        ("alice".to_string(), long_term_key("alice", REALM, "alicepw")),
+        ("bob".to_string(), long_term_key("bob", REALM, "bobpw")),
+    ]);
+    let auth = Authenticator {
+        realm: REALM.into(),
+        mechanism: Mechanism::LongTerm(users),
+    };
+    let mut cfg = Config::new(auth, NonceIssuer::new([1; 32], Some(600)));
+    cfg.listening_ips = vec!["192.0.2.10".parse().unwrap()];
+    cfg
+}
+
+fn udp(client: &str) -> FiveTuple {
+    FiveTuple {
+        client: client.parse().unwrap(),
+        server: "192.0.2.10:3478".parse().unwrap(),
+        transport: Transport::Udp,
+    }
+}
+
+/// A request under construction: attributes, then optional credentials.
+struct Req {
+    method: u16,
+    attrs: Vec<(u16, Vec<u8>)>,
+    tid: [u8; 12],
+    fingerprint: bool,
+}
+
+impl Req {
+    fn attr(mut self, t: u16, v: &[u8]) -> Self {
+        self.attrs.push((t, v.to_vec()));
+        self
+    }
+    fn peer(self, addr: &str) -> Self {
+        let a: SocketAddr = addr.parse().unwrap();
+        let x = attr::xor_address(a, &self.tid);
+        let mut v = [0u8; 20];
+        let n = crate::stun::encode_address(&mut v, x);
+        self.attr(attr::XOR_PEER_ADDRESS, &v[..n])
+    }
+    fn fingerprint(mut self) -> Self {
+        self.fingerprint = true;
+        self
+    }
+    fn build(&self, creds: Option<(&str, &str, &[u8])>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = MessageWriter::new(&mut out, self.method, Class::Request, &self.tid);
+        for (t, v) in &self.attrs {
+            w.attr(*t, v);
+        }
+        if let Some((user, password, nonce)) = creds {
+            w.attr(attr::USERNAME, user.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, nonce);
+            w.integrity(&long_term_key(user, REALM, password));
+        }
+        if self.fingerprint {
+            w.fingerprint();
+        }
+        out
+    }
+}
+
+struct Resp {
+    raw: Vec<u8>,
+}
+
+impl Resp {
+    fn msg(&self) -> Message<'_> {
+        Message::parse(&self.raw).expect("valid response")
+    }
+    fn code(&self) -> Option<u16> {
+        self.msg()
+            .get(attr::ERROR_CODE)
+            .map(|v| attr::decode_error_code(v).unwrap().0)
+    }
+    fn ok(&self) -> bool {
+        self.msg().class() == Class::Success
+    }
+    fn nonce(&self) -> Vec<u8> {
+        self.msg().get(attr::NONCE).expect("NONCE").to_vec()
+    }
+    fn xor(&self, t: u16) -> SocketAddr {
+        self.msg().xor_address(t).unwrap().unwrap()
+    }
+    fn lifetime(&self) -> u32 {
+        attr::decode_u32(attr::LIFETIME, self.msg().get(attr::LIFETIME).unwrap()).unwrap()
+    }
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Self {
+        let t0 = Instant::now();
+        Harness {
+            server: Server::new(Arc::new(cfg), t0, UNIX0, 42),
+            relays: FakeRelays::default(),
+            t0,
+            now: t0,
+            out: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        self.server.handle_timeout(self.now);
+    }
+
+    fn req(&mut self, method: u16) -> Req {
+        self.tid = self.tid.wrapping_add(1);
+        Req {
+            method,
+            attrs: Vec::new(),
+            tid: [self.tid; 12],
+            fingerprint: false,
+        }
+    }
+
+    fn send(&mut self, ft: &FiveTuple, bytes: &[u8]) -> ClientAction {
+        self.server
+            .handle_client(self.now, ft, 7, bytes, &mut self.out, &mut self.relays)
+    }
+
+    fn ask(&mut self, ft: &FiveTuple, bytes: &[u8]) -> Resp {
+        let action = self.send(ft, bytes);
+        assert_eq!(action, ClientAction::Reply, "expected a reply");
+        Resp { raw: self.out.clone() }
+    }
+
+    /// Sends `req` with credentials, first fetching a nonce with a 401.
+    fn ask_authed(&mut self, ft: &FiveTuple, req: &Req, user: &str, pw: &str) -> Resp {
+        let challenge = self.ask(ft, &req.build(None));
+        assert_eq!(challenge.code(), Some(401));
+        let nonce = challenge.nonce();
+        self.ask(ft, &req.build(Some((user, pw, &nonce))))
+    }
+
+    fn allocate(&mut self, ft: &FiveTuple, user: &str, pw: &str) -> Resp {
+        let r = self
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        self.ask_authed(ft, &r, user, pw)
+    }
+
+    fn peer_data(&mut self, id: AllocationId, peer: &str, payload: &[u8]) -> Option<(Delivery, Vec<u8>)> {
+        let mut buf = vec![0u8; HEADROOM + payload.len() + TAILROOM];
+        buf[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
+        let d = self.server.handle_peer(
+            self.now,
+            id,
+            peer.parse().unwrap(),
+            &mut buf,
+            HEADROOM..HEADROOM + payload.len(),
+        )?;
+        let bytes = buf[d.range.clone()].to_vec();
+        Some((d, bytes))
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.server.poll_event()).collect()
+    }
+}
+
+fn public_peers(cfg: &mut Config) {
+    cfg.policy.allow_loopback = false;
+}
+
+#[test]
+fn binding_answers_xor_mapped_address() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::BINDING);
+    let resp = h.ask(&ft, &r.build(None));
+    assert!(resp.ok());
+    assert_eq!(resp.xor(attr::XOR_MAPPED_ADDRESS), ft.client);
+    assert!(!resp.msg().has_fingerprint());
+    assert!(!resp.msg().has(attr::SOFTWARE), "no SOFTWARE unless configured");
+    // FINGERPRINT when the request had one.
+    let r = h.req(method::BINDING).fingerprint();
+    let resp = h.ask(&ft, &r.build(None));
+    assert!(resp.msg().has_fingerprint() && resp.msg().fingerprint_ok());
+    // ... or when `fingerprint` is configured.
+    let mut cfg = users_config();
+    cfg.fingerprint = true;
+    let mut h = Harness::new(cfg);
+    let r = h.req(method::BINDING);
+    assert!(h.ask(&ft, &r.build(None)).msg().has_fingerprint());
+}
+
+#[test]
+fn bad_fingerprint_and_garbage_are_dropped() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let mut raw = h.req(method::BINDING).fingerprint().build(None);
+    let n = raw.len();
+    raw[n - 1] ^= 1;
+    assert_eq!(h.send(&ft, &raw), ClientAction::None);
+    assert_eq!(h.send(&ft, &[0xFF; 40]), ClientAction::None);
+    assert_eq!(h.send(&ft, &[]), ClientAction::None);
+    assert_eq!(h.send(&ft, &[0x40, 0x00, 0x00, 0x10]), ClientAction::None);
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_gets_420() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(0x7F00, b"??").attr(0xC000, b"optional");
+    let resp = h.ask(&ft, &r.build(None));
+    assert_eq!(resp.code(), Some(420));
+    let listed = attr::decode_unknown_attributes(resp.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap()).unwrap();
+    assert_eq!(listed, vec![0x7F00]);
+}
+
+#[test]
+fn unauthenticated_allocate_gets_401_with_realm_and_nonce() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let resp = h.ask(&ft, &r.build(None));
+    assert_eq!(resp.code(), Some(401));
+    assert_eq!(resp.msg().text(attr::REALM), Some(Ok(REALM)));
+    assert!(resp.msg().has(attr::NONCE));
+    assert!(!resp.msg().has_integrity());
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn allocate_succeeds_with_the_right_password_only() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let resp = h.allocate(&ft, "alice", "wrong");
+    assert_eq!(resp.code(), Some(401));
+    assert!(resp.msg().has(attr::NONCE));
+    let resp = h.allocate(&ft, "mallory", "x");
+    assert_eq!(resp.code(), Some(401));
+    assert_eq!(h.server.allocation_count(), 0);
+
+    let resp = h.allocate(&ft, "alice", "alicepw");
+    assert!(resp.ok(), "{:?}", resp.code());
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "192.0.2.10:50000".parse().unwrap());
+    assert_eq!(resp.xor(attr::XOR_MAPPED_ADDRESS), ft.client);
+    assert_eq!(resp.lifetime(), 600);
+    assert!(resp.msg().verify_integrity(&long_term_key("alice", REALM, "alicepw")));
+    assert_eq!(h.server.allocation_count(), 1);
+    assert_eq!(h.relays.opened[0].1.ip, "192.0.2.10".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn missing_username_with_integrity_is_400() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let mut raw = Vec::new();
+    MessageWriter::new(&mut raw, method::ALLOCATE, Class::Request, &r.tid)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .integrity(b"whatever");
+    assert_eq!(h.ask(&ft, &raw).code(), Some(400));
+}
+
+#[test]
+fn lifetime_defaults_and_caps() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::LIFETIME, &100_000u32.to_be_bytes());
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").lifetime(), 3600);
+    let ft2 = udp("203.0.113.5:40001");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::LIFETIME, &30u32.to_be_bytes());
+    assert_eq!(h.ask_authed(&ft2, &r, "alice", "alicepw").lifetime(), 600);
+}
+
+#[test]
+fn requested_transport_must_be_udp() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(442));
+    let r = h.req(method::ALLOCATE);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn second_allocate_is_437_but_retransmission_repeats_success() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let challenge = h.ask(&ft, &r.build(None));
+    let nonce = challenge.nonce();
+    let first = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
+    assert!(first.ok());
+    h.advance(5);
+    let again = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
+    assert!(again.ok());
+    assert_eq!(again.xor(attr::XOR_RELAYED_ADDRESS), first.xor(attr::XOR_RELAYED_ADDRESS));
+    assert_eq!(h.relays.opened.len(), 1, "no second relay socket");
+    let other = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let resp = h.ask(&ft, &other.build(Some(("alice", "alicepw", &nonce))));
+    assert_eq!(resp.code(), Some(437));
+    assert!(resp.msg().verify_integrity(&long_term_key("alice", REALM, "alicepw")));
+}
+
+#[test]
+fn stale_nonce_gets_438_with_a_fresh_nonce() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let nonce = h.ask(&ft, &r.build(None)).nonce();
+    h.advance(601);
+    let resp = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
+    assert_eq!(resp.code(), Some(438));
+    let fresh = resp.nonce();
+    assert_ne!(fresh, nonce);
+    assert_eq!(resp.msg().text(attr::REALM), Some(Ok(REALM)));
+    assert!(h.ask(&ft, &r.build(Some(("alice", "alicepw", &fresh)))).ok());
+    // A nonce made up by the client is never accepted.
+    let ft2 = udp("203.0.113.6:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    assert_eq!(h.ask(&ft2, &r.build(Some(("alice", "alicepw", b"0123456789abcdef01234567")))).code(), Some(438));
+    // Nor one issued to another client address.
+    assert_eq!(h.ask(&ft2, &r.build(Some(("alice", "alicepw", &fresh)))).code(), Some(438));
+}
+
+#[test]
+fn no_free_port_is_508() {
+    let mut h = Harness::new(users_config());
+    h.relays.fail = true;
+    let ft = udp("203.0.113.5:40000");
+    assert_eq!(h.allocate(&ft, "alice", "alicepw").code(), Some(508));
+    assert_eq!(h.server.allocation_count(), 0);
+    h.relays.fail = false;
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+}
+
+#[test]
+fn address_family_selection() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(440), "no IPv6 relay address");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0]);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(440));
+
+    let mut cfg = users_config();
+    cfg.relay_ips = vec!["2001:db8::10".parse().unwrap(), "198.51.100.10".parse().unwrap()];
+    let mut h = Harness::new(cfg);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS).ip(), "2001:db8::10".parse::<IpAddr>().unwrap());
+    // An IPv4 peer on an IPv6 relay is a family mismatch.
+    let r = h.req(method::CREATE_PERMISSION).peer("198.51.100.99:1000");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(443));
+    // Default family is IPv4, from relay-ip.
+    let ft2 = udp("203.0.113.5:40001");
+    let resp = h.allocate(&ft2, "bob", "bobpw");
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS).ip(), "198.51.100.10".parse::<IpAddr>().unwrap());
+    // Refresh asking for the other family: 443.
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    assert_eq!(h.ask_authed(&ft2, &r, "bob", "bobpw").code(), Some(443));
+}
+
+#[test]
+fn external_ip_is_advertised() {
+    let mut cfg = users_config();
+    cfg.external_ips = vec![ExternalIp {
+        public: "198.51.100.77".parse().unwrap(),
+        private: Some("192.0.2.10".parse().unwrap()),
+    }];
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    let resp = h.allocate(&ft, "alice", "alicepw");
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "198.51.100.77:50000".parse().unwrap());
+
+    let mut cfg = users_config();
+    cfg.external_ips = vec![ExternalIp {
+        public: "198.51.100.78".parse().unwrap(),
+        private: None,
+    }];
+    let mut h = Harness::new(cfg);
+    let resp = h.allocate(&ft, "alice", "alicepw");
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "198.51.100.78:50000".parse().unwrap());
+}
+
+#[test]
+fn refresh_extends_and_zero_deletes() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let id = h.server.allocation_for(&ft).unwrap();
+    h.advance(500);
+    let r = h.req(method::REFRESH).attr(attr::LIFETIME, &1200u32.to_be_bytes());
+    let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+    assert!(resp.ok());
+    assert_eq!(resp.lifetime(), 1200);
+    h.advance(1100);
+    assert_eq!(h.server.allocation_count(), 1, "refreshed allocation still alive at t=1600");
+    let r = h.req(method::REFRESH).attr(attr::LIFETIME, &0u32.to_be_bytes());
+    let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+    assert!(resp.ok());
+    assert_eq!(resp.lifetime(), 0);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(
+        h.events(),
+        vec![Event::AllocationClosed {
+            id,
+            relayed: "192.0.2.10:50000".parse().unwrap()
+        }]
+    );
+    // Refresh without an allocation: 437.
+    let r = h.req(method::REFRESH);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(437));
+}
+
+#[test]
+fn allocation_expires_without_refresh() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    h.advance(599);
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(h.events().is_empty());
+    h.advance(1);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(matches!(h.events()[..], [Event::AllocationClosed { .. }]));
+    // The 5-tuple is free again.
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+}
+
+#[test]
+fn requests_on_another_users_allocation_get_441() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let r = h.req(method::REFRESH);
+    assert_eq!(h.ask_authed(&ft, &r, "bob", "bobpw").code(), Some(441));
+}
+
+#[test]
+fn permissions_gate_peer_traffic_and_expire() {
+    let mut cfg = users_config();
+    public_peers(&mut cfg);
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let id = h.server.allocation_for(&ft).unwrap();
+    assert!(h.peer_data(id, "198.51.100.1:7000", b"hi").is_none(), "no permission yet");
+
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("198.51.100.1:1")
+        .peer("198.51.100.2:1");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    // Any port of a permitted IP may send; the client gets a Data indication.
+    let (d, bytes) = h.peer_data(id, "198.51.100.1:7000", b"hello").unwrap();
+    assert_eq!(d.client, ft);
+    assert_eq!(d.link, 7);
+    let m = Message::parse(&bytes).unwrap();
+    assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
+    assert_eq!(m.get(attr::DATA), Some(&b"hello"[..]));
+    assert_eq!(m.xor_address(attr::XOR_PEER_ADDRESS), Some(Ok("198.51.100.1:7000".parse().unwrap())));
+    assert!(h.peer_data(id, "198.51.100.2:9", b"x").is_some());
+    assert!(h.peer_data(id, "198.51.100.3:9", b"x").is_none());
+
+    // Send indication to a permitted peer is relayed, others are dropped.
+    let send = h
+        .req(method::SEND)
+        .peer("198.51.100.1:7000")
+        .attr(attr::DATA, b"out");
+    let mut raw = send.build(None);
+    let t = message_type(method::SEND, Class::Indication).to_be_bytes();
+    raw[..2].copy_from_slice(&t);
+    match h.send(&ft, &raw) {
+        ClientAction::Relay { allocation, peer, payload } => {
+            assert_eq!(allocation, id);
+            assert_eq!(peer, "198.51.100.1:7000".parse().unwrap());
+            assert_eq!(&raw[payload], b"out");
+        }
+        other => panic!("expected relay, got {other:?}"),
+    }
+    let send = h.req(method::SEND).peer("198.51.100.9:7000").attr(attr::DATA, b"out");
+    let mut raw = send.build(None);
+    raw[..2].copy_from_slice(&t);
+    assert_eq!(h.send(&ft, &raw), ClientAction::None);
+
+    h.advance(299);
+    assert!(h.peer_data(id, "198.51.100.1:7000", b"x").is_some());
+    h.advance(1);
+    assert!(h.peer_data(id, "198.51.100.1:7000", b"x").is_none(), "permission expired at 300 s");
+    let traffic = h.server.traffic(id).unwrap();
+    assert_eq!(traffic.to_client_packets, 3);
+    assert_eq!(traffic.to_peer_packets, 1);
+    assert_eq!(traffic.to_peer_bytes, 3);
+}
+
+fn message_type(m: u16, c: Class) -> u16 {
+    crate::stun::message_type(m, c)
+}
+
+#[test]
+fn loopback_and_unspecified_peers_are_403() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    for peer in ["127.0.0.1:9", "0.0.0.0:9", "127.1.2.3:9"] {
+        let r = h.req(method::CREATE_PERMISSION).peer(peer);
+        assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403), "{peer}");
+        let r = h
+            .req(method::CHANNEL_BIND)
+            .attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
+            .peer(peer);
+        assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403), "{peer}");
+    }
+    // One bad address in a multi-address CreatePermission installs nothing.
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("198.51.100.1:1")
+        .peer("127.0.0.1:1");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403));
+    let id = h.server.allocation_for(&ft).unwrap();
+    assert!(h.peer_data(id, "198.51.100.1:1", b"x").is_none());
+}
+
+#[test]
+fn channels_bind_relay_and_expire() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::LIFETIME, &3600u32.to_be_bytes());
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    let id = h.server.allocation_for(&ft).unwrap();
+    let bind = |h: &mut Harness, number: u16, peer: &str| {
+        let r = h
+            .req(method::CHANNEL_BIND)
+            .attr(attr::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
+            .peer(peer);
+        h.ask_authed(&ft, &r, "alice", "alicepw")
+    };
+    assert!(bind(&mut h, 0x4001, "198.51.100.1:5000").ok());
+    // ChannelData from the client goes to the bound peer.
+    let cd = [0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0];
+    match h.send(&ft, &cd) {
+        ClientAction::Relay { allocation, peer, payload } => {
+            assert_eq!(allocation, id);
+            assert_eq!(peer, "198.51.100.1:5000".parse().unwrap());
+            assert_eq!(&cd[payload], b"abc");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Unbound channel: dropped.
+    assert_eq!(h.send(&ft, &[0x40, 0x02, 0, 1, b'x']), ClientAction::None);
+    // Peer data from the bound peer comes back as ChannelData (no padding on UDP).
+    let (_, bytes) = h.peer_data(id, "198.51.100.1:5000", b"xyz").unwrap();
+    assert_eq!(bytes, vec![0x40, 0x01, 0, 3, b'x', b'y', b'z']);
+    // Another port of the same IP has a permission but no channel: Data indication.
+    let (_, bytes) = h.peer_data(id, "198.51.100.1:5001", b"xyz").unwrap();
+    assert!(Message::parse(&bytes).is_ok());
+
+    // Rebinding rules.
+    assert_eq!(bind(&mut h, 0x4001, "198.51.100.2:5000").code(), Some(400), "number bound to another peer");
+    assert_eq!(bind(&mut h, 0x4002, "198.51.100.1:5000").code(), Some(400), "peer bound to another number");
+    assert_eq!(bind(&mut h, 0x3FFF, "198.51.100.2:5000").code(), Some(400), "below 0x4000");
+    assert_eq!(bind(&mut h, 0x8000, "198.51.100.2:5000").code(), Some(400), "above 0x7FFF");
+    assert!(bind(&mut h, 0x7FFE, "198.51.100.3:5000").ok(), "RFC 5766 range accepted");
+    // Refreshing the same binding is fine.
+    h.advance(500);
+    assert!(bind(&mut h, 0x4001, "198.51.100.1:5000").ok());
+    h.advance(599);
+    assert!(matches!(h.send(&ft, &cd), ClientAction::Relay { .. }), "channel alive at 599 s");
+    // The permission the binding installed lasts 300 s unless refreshed.
+    assert!(h.peer_data(id, "198.51.100.1:5000", b"x").is_none());
+    h.advance(1);
+    assert_eq!(h.send(&ft, &cd), ClientAction::None, "channel expired at 600 s after refresh");
+    // Within 5 minutes of expiry the number cannot go to another peer ...
+    assert_eq!(bind(&mut h, 0x4001, "198.51.100.9:5000").code(), Some(400));
+    // ... but can be re-established for the same one, and is free after the guard.
+    h.advance(300);
+    assert!(bind(&mut h, 0x4001, "198.51.100.9:5000").ok());
+}
+
+#[test]
+fn rfc8656_channel_range_when_rfc5766_is_off() {
+    let mut cfg = users_config();
+    cfg.rfc5766_channels = false;
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let r = h
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x50, 0x00, 0, 0])
+        .peer("198.51.100.1:5000");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
+}
+
+#[test]
+fn stream_clients_get_padded_channel_data() {
+    let mut h = Harness::new(users_config());
+    let ft = FiveTuple {
+        transport: Transport::Tcp,
+        ..udp("203.0.113.5:40000")
+    };
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let id = h.server.allocation_for(&ft).unwrap();
+    let r = h
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
+        .peer("198.51.100.1:5000");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    let (_, bytes) = h.peer_data(id, "198.51.100.1:5000", b"xyzzy").unwrap();
+    assert_eq!(bytes, vec![0x40, 0x00, 0, 5, b'x', b'y', b'z', b'z', b'y', 0, 0, 0]);
+    h.server.client_closed(h.now, &ft);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(matches!(h.events()[..], [Event::AllocationClosed { .. }]));
+}
+
+#[test]
+fn even_port_reservation_token() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::EVEN_PORT, &[0x80]);
+    let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+    assert!(resp.ok());
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS).port() % 2, 0);
+    let token = resp.msg().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    assert_eq!(token.len(), 8);
+    // The token claims the reserved odd port from another 5-tuple.
+    let ft2 = udp("203.0.113.5:40001");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::RESERVATION_TOKEN, &token);
+    let resp = h.ask_authed(&ft2, &r, "alice", "alicepw");
+    assert!(resp.ok());
+    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "192.0.2.10:50001".parse().unwrap());
+    // A token works once.
+    let ft3 = udp("203.0.113.5:40002");
+    assert_eq!(h.ask_authed(&ft3, &r, "alice", "alicepw").code(), Some(508));
+    // EVEN-PORT and RESERVATION-TOKEN together are a bad request.
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::EVEN_PORT, &[0x00])
+        .attr(attr::RESERVATION_TOKEN, &token);
+    assert_eq!(h.ask_authed(&ft3, &r, "alice", "alicepw").code(), Some(400));
+}
+
+#[test]
+fn unclaimed_reservations_are_released() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::EVEN_PORT, &[0x80]);
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    h.advance(29);
+    assert!(h.events().is_empty());
+    h.advance(1);
+    assert_eq!(
+        h.events(),
+        vec![Event::ReservationReleased {
+            addr: "192.0.2.10:50001".parse().unwrap()
+        }]
+    );
+}
+
+#[test]
+fn rest_api_credentials() {
+    let auth = Authenticator {
+        realm: REALM.into(),
+        mechanism: Mechanism::RestApi {
+            secrets: vec![b"s1".to_vec(), b"s2".to_vec()],
+            separator: ':',
+        },
+    };
+    let mut h = Harness::new(Config::new(auth, NonceIssuer::new([1; 32], Some(600))));
+    let ft = udp("203.0.113.5:40000");
+    for (i, secret) in [&b"s1"[..], b"s2"].iter().enumerate() {
+        let user = format!("{}:alice", UNIX0 + 3600);
+        let pw = rest_password(secret, &user);
+        let ft = udp(&format!("203.0.113.5:{}", 41000 + i));
+        assert!(h.allocate(&ft, &user, &pw).ok());
+    }
+    let user = format!("{}:alice", UNIX0 - 1);
+    let pw = rest_password(b"s1", &user);
+    assert_eq!(h.allocate(&ft, &user, &pw).code(), Some(401), "expired");
+    let user = format!("{}", UNIX0 + 10);
+    let pw = rest_password(b"s3", &user);
+    assert_eq!(h.allocate(&ft, &user, &pw).code(), Some(401), "unknown secret");
+    // The allocation outlives its credential: refresh after expiry still works.
+    let user = format!("{}:carol", UNIX0 + 100);
+    let pw = rest_password(b"s1", &user);
+    assert!(h.allocate(&ft, &user, &pw).ok());
+    h.advance(200);
+    let r = h.req(method::REFRESH);
+    assert!(h.ask_authed(&ft, &r, &user, &pw).ok());
+}
+
+#[test]
+fn anonymous_mode_needs_no_credentials() {
+    let auth = Authenticator {
+        realm: REALM.into(),
+        mechanism: Mechanism::None,
+    };
+    let mut h = Harness::new(Config::new(auth, NonceIssuer::new([1; 32], Some(600))));
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let resp = h.ask(&ft, &r.build(None));
+    assert!(resp.ok());
+    assert!(!resp.msg().has_integrity());
+}
+
+#[test]
+fn unsupported_method_is_400() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::CONNECT);
+    assert_eq!(h.ask(&ft, &r.build(None)).code(), Some(400));
+}
+
+#[test]
+fn wall_clock_follows_the_monotonic_clock() {
+    let h = Harness::new(users_config());
+    assert_eq!(h.server.unix(h.t0 + Duration::from_secs(90)), UNIX0 + 90);
+}
