@@ -7,5 +7,6 @@
 //! and the command line.
 
 pub mod auth;
+pub mod config;
 pub mod stun;
 pub mod turn;

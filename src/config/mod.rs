@@ -1,0 +1,907 @@
+//! coturn-compatible configuration: `turnserver.conf` and the command line.
+//!
+//! The file holds one option per line: the long option name, then the value
+//! after `=`, spaces or tabs (`realm=x`, `realm x`, `realm = x`), or nothing
+//! for a flag. `#` starts a comment line; a value in double quotes has them
+//! removed. Keys may repeat; repeatable options accumulate, others keep the
+//! last value. Every file key is also a `--long-option`, and coturn's short
+//! flags work. The command line is applied after the file, so it overrides
+//! it.
+//!
+//! Unknown keys in the file and options not implemented yet produce
+//! warnings; a bad value is a [`ConfigError`] naming the file, line and key.
+
+pub mod options;
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use crate::auth::{long_term_key, Authenticator, Key, Mechanism};
+use crate::turn::policy::{IpRange, PeerPolicy};
+use crate::turn::{DefaultFamily, ExternalIp};
+use options::{Arg, Spec, Support, OPTIONS};
+
+/// Where a setting came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A line of a configuration file (1-based).
+    File { path: PathBuf, line: usize },
+    CommandLine,
+    /// Built-in default.
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::CommandLine => f.write_str("command line"),
+            Origin::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// A configuration error: where, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: Origin,
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(origin: &Origin, key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Origin::CommandLine => write!(f, "command line: --{}: {}", self.key, self.message),
+            Origin::Default if self.key.is_empty() => f.write_str(&self.message),
+            origin => write!(f, "{origin}: {}: {}", self.key, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One `key[=value]` setting from the file or the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The canonical long option name.
+    pub key: String,
+    /// `None` for a bare flag.
+    pub value: Option<String>,
+    pub origin: Origin,
+}
+
+/// A secret for a static user.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UserSecret {
+    Password(String),
+    /// A precomputed key from `user=name:0x<32 hex>`.
+    Key(Key),
+}
+
+impl fmt::Debug for UserSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UserSecret::Password(_) => "Password(..)",
+            UserSecret::Key(_) => "Key(..)",
+        })
+    }
+}
+
+/// A `user=` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub secret: UserSecret,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The configuration file read, if any.
+    pub config_file: Option<PathBuf>,
+    pub listening_ips: Vec<IpAddr>,
+    pub listening_port: u16,
+    pub tls_listening_port: u16,
+    pub alt_listening_port: Option<u16>,
+    pub alt_tls_listening_port: Option<u16>,
+    pub listening_device: Option<String>,
+    pub no_udp: bool,
+    pub no_tcp: bool,
+    pub no_tls: bool,
+    pub relay_ips: Vec<IpAddr>,
+    pub relay_device: Option<String>,
+    pub external_ips: Vec<ExternalIp>,
+    pub min_port: u16,
+    pub max_port: u16,
+    /// `relay-threads`; `None` = one per CPU.
+    pub relay_threads: Option<usize>,
+    pub default_family: DefaultFamily,
+    pub no_udp_relay: bool,
+    pub allow_loopback_peers: bool,
+    pub no_multicast_peers: bool,
+    pub denied_peer_ips: Vec<IpRange>,
+    pub allowed_peer_ips: Vec<IpRange>,
+    pub lt_cred_mech: bool,
+    pub no_auth: bool,
+    pub users: Vec<User>,
+    pub realm: Option<String>,
+    pub use_auth_secret: bool,
+    pub static_auth_secrets: Vec<String>,
+    pub rest_api_separator: char,
+    /// Nonce lifetime, seconds; 0 = never stale.
+    pub stale_nonce: u64,
+    pub server_name: Option<String>,
+    /// Seconds.
+    pub max_allocate_lifetime: u32,
+    /// Seconds.
+    pub channel_lifetime: u32,
+    /// Seconds.
+    pub permission_lifetime: u32,
+    pub fingerprint: bool,
+    pub software_attribute: bool,
+    pub cert: Option<PathBuf>,
+    pub pkey: Option<PathBuf>,
+    pub no_tlsv1_2: bool,
+    /// `None` = stdout.
+    pub log_file: Option<PathBuf>,
+    pub no_stdout_log: bool,
+    /// 0 normal, 1 `-v`, 2 `-V`.
+    pub verbose: u8,
+    pub daemon: bool,
+    origins: Vec<(&'static str, Origin)>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            config_file: None,
+            listening_ips: Vec::new(),
+            listening_port: 3478,
+            tls_listening_port: 5349,
+            alt_listening_port: None,
+            alt_tls_listening_port: None,
+            listening_device: None,
+            no_udp: false,
+            no_tcp: false,
+            no_tls: false,
+            relay_ips: Vec::new(),
+            relay_device: None,
+            external_ips: Vec::new(),
+            min_port: 49152,
+            max_port: 65535,
+            relay_threads: None,
+            default_family: DefaultFamily::Ipv4,
+            no_udp_relay: false,
+            allow_loopback_peers: false,
+            no_multicast_peers: false,
+            denied_peer_ips: Vec::new(),
+            allowed_peer_ips: Vec::new(),
+            lt_cred_mech: false,
+            no_auth: false,
+            users: Vec::new(),
+            realm: None,
+            use_auth_secret: false,
+            static_auth_secrets: Vec::new(),
+            rest_api_separator: ':',
+            stale_nonce: 600,
+            server_name: None,
+            max_allocate_lifetime: 3600,
+            channel_lifetime: 600,
+            permission_lifetime: 300,
+            fingerprint: false,
+            software_attribute: false,
+            cert: None,
+            pkey: None,
+            no_tlsv1_2: false,
+            log_file: None,
+            no_stdout_log: false,
+            verbose: 0,
+            daemon: false,
+            origins: Vec::new(),
+        }
+    }
+}
+
+/// The credential mechanism the configuration selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    None,
+    LongTerm,
+    RestApi,
+}
+
+/// Result of reading the configuration.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Warnings to log once logging is up.
+    pub warnings: Vec<String>,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the server.
+    Run(Box<Loaded>),
+    /// Print the version and exit.
+    Version,
+}
+
+/// Parses a boolean value the way coturn does: empty means true;
+/// `0`, `no`, `false`, `off` (any case, or just the first letter of the
+/// first three) are false; `yes`, `true`, `on`, or a leading digit 1–9 are true.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    let l = v.trim().to_ascii_lowercase();
+    match l.as_str() {
+        "" => Some(true),
+        "off" => Some(false),
+        "on" => Some(true),
+        _ => match l.as_bytes()[0] {
+            b'0' | b'n' | b'f' => Some(false),
+            b'y' | b't' | b'1'..=b'9' => Some(true),
+            _ => None,
+        },
+    }
+}
+
+/// Splits one config-file line into key and value, as coturn's
+/// `parse_arg_string`: the key ends at the first space, tab or `=`; the value
+/// follows any run of those. A value starting with `"` loses its quotes.
+/// Returns `None` for blank and comment lines.
+pub fn split_line(line: &str) -> Option<(&str, Option<&str>)> {
+    let line = line.trim_start_matches([' ', '\t']).trim_end_matches(['\r', '\n', ' ', '\t']);
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let is_sep = |c: char| c == ' ' || c == '\t' || c == '=';
+    match line.find(is_sep) {
+        None => Some((line, None)),
+        Some(i) => {
+            let key = &line[..i];
+            let mut value = line[i..].trim_start_matches(is_sep);
+            if let Some(inner) = value.strip_prefix('"') {
+                value = inner.strip_suffix('"').unwrap_or(inner);
+            }
+            Some((key, if value.is_empty() { None } else { Some(value) }))
+        }
+    }
+}
+
+/// The places coturn looks for a relative configuration file, in order.
+pub fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for base in [".", "./etc", "../etc", "/etc", "/usr/local/etc"] {
+        for sub in ["", "turnserver", "coturn"] {
+            if sub.is_empty() {
+                dirs.push(PathBuf::from(base));
+            } else {
+                dirs.push(Path::new(base).join(sub));
+            }
+        }
+    }
+    dirs
+}
+
+/// Finds `name` as coturn does: an absolute path as given, else in
+/// [`search_dirs`].
+pub fn find_config_file(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    search_dirs().into_iter().map(|d| d.join(p)).find(|c| c.is_file())
+}
+
+/// Reads a configuration file into entries. Unknown keys become warnings
+/// naming file and line.
+pub fn parse_file(path: &Path, text: &str, warnings: &mut Vec<String>) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some((key, value)) = split_line(line) else {
+            continue;
+        };
+        let origin = Origin::File {
+            path: path.to_path_buf(),
+            line: i + 1,
+        };
+        if line.trim_end().ends_with(';') {
+            warnings.push(format!("{origin}: line ends with a semicolon, which becomes part of the value: {}", line.trim()));
+        }
+        if let Some(v) = value {
+            if v.contains(" #") || v.contains("\t#") {
+                warnings.push(format!(
+                    "{origin}: {key}: the value contains ' #'; comments are only allowed on lines of their own, so it is part of the value"
+                ));
+            }
+        }
+        match options::find(key) {
+            Some(spec) => entries.push(Entry {
+                key: spec.name.to_string(),
+                value: value.map(str::to_string),
+                origin,
+            }),
+            None => warnings.push(format!("{origin}: unknown option '{key}' ignored")),
+        }
+    }
+    entries
+}
+
+/// The clap command built from the option table.
+pub fn command() -> clap::Command {
+    use clap::{Arg as A, ArgAction};
+    let mut cmd = clap::Command::new("turnserver")
+        .about("STUN/TURN server; reads coturn's turnserver.conf and options")
+        .disable_version_flag(true)
+        .max_term_width(100)
+        .arg(
+            A::new("config-file")
+                .short('c')
+                .value_name("FILE")
+                .action(ArgAction::Set)
+                .help("Configuration file (default: turnserver.conf, searched as coturn does)"),
+        )
+        .arg(
+            A::new("no-config")
+                .short('n')
+                .action(ArgAction::SetTrue)
+                .help("Do not read a configuration file"),
+        )
+        .arg(
+            A::new("version")
+                .long("version")
+                .action(ArgAction::SetTrue)
+                .help("Print the version and exit"),
+        );
+    for spec in OPTIONS {
+        let mut a = A::new(spec.name).long(spec.name).action(ArgAction::Append);
+        let note = match spec.support {
+            Support::Yes => String::new(),
+            Support::Inherent(why) => format!(" [accepted: {why}]"),
+            Support::NotYet => " [not implemented yet: ignored]".to_string(),
+            Support::Obsolete(why) => format!(" [obsolete: {why}]"),
+        };
+        a = a.help(format!("{}{note}", spec.help));
+        if let Some(s) = spec.short {
+            a = a.short(s);
+        }
+        a = match spec.arg {
+            Arg::Flag => a
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("")
+                .value_name("BOOL"),
+            Arg::Value => a.num_args(1).value_name("VALUE").allow_hyphen_values(false),
+            Arg::Optional => a
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("")
+                .value_name("VALUE"),
+        };
+        for (alias, real) in options::ALIASES {
+            if *real == spec.name {
+                a = a.alias(*alias);
+            }
+        }
+        cmd = cmd.arg(a);
+    }
+    cmd
+}
+
+/// Command-line settings: the entries plus `-c`/`-n`.
+#[derive(Debug, Default)]
+pub struct CommandLine {
+    pub entries: Vec<Entry>,
+    pub config_file: Option<String>,
+    pub no_config: bool,
+    pub version: bool,
+}
+
+/// Parses the command line (`args` includes the program name). Errors and
+/// `--help` come back as clap errors for the caller to print.
+pub fn parse_command_line<I, T>(args: I) -> Result<CommandLine, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let m = command().try_get_matches_from(args)?;
+    let mut cl = CommandLine {
+        config_file: m.get_one::<String>("config-file").cloned(),
+        no_config: m.get_flag("no-config"),
+        version: m.get_flag("version"),
+        entries: Vec::new(),
+    };
+    for spec in OPTIONS {
+        if let Some(occurrences) = m.get_occurrences::<String>(spec.name) {
+            for occ in occurrences {
+                let v: Vec<&String> = occ.collect();
+                let value = v.first().filter(|s| !s.is_empty()).map(|s| s.to_string());
+                cl.entries.push(Entry {
+                    key: spec.name.to_string(),
+                    value,
+                    origin: Origin::CommandLine,
+                });
+            }
+        }
+    }
+    Ok(cl)
+}
+
+/// Reads the command line and the configuration file it names (or the
+/// default one) into the effective configuration.
+pub fn load<I, T>(args: I) -> Result<Invocation, LoadError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cl = parse_command_line(args).map_err(LoadError::Usage)?;
+    if cl.version {
+        return Ok(Invocation::Version);
+    }
+    let mut warnings = Vec::new();
+    let mut file_entries = Vec::new();
+    let mut config_file = None;
+    if !cl.no_config {
+        let explicit = cl.config_file.is_some();
+        let name = cl.config_file.clone().unwrap_or_else(|| "turnserver.conf".to_string());
+        match find_config_file(&name) {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    LoadError::Config(ConfigError {
+                        origin: Origin::CommandLine,
+                        key: "c".into(),
+                        message: format!("cannot read {}: {e}", path.display()),
+                    })
+                })?;
+                file_entries = parse_file(&path, &text, &mut warnings);
+                config_file = Some(path);
+            }
+            None if explicit => {
+                return Err(LoadError::Config(ConfigError {
+                    origin: Origin::Default,
+                    key: String::new(),
+                    message: format!(
+                        "configuration file '{name}' not found (searched {})",
+                        if Path::new(&name).is_absolute() {
+                            name.clone()
+                        } else {
+                            search_dirs()
+                                .iter()
+                                .map(|d| d.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    ),
+                }));
+            }
+            None => warnings.push(format!(
+                "configuration file '{name}' not found; using defaults and command-line settings"
+            )),
+        }
+    }
+    let mut config = Config::from_entries(file_entries.iter().chain(cl.entries.iter()), &mut warnings)
+        .map_err(LoadError::Config)?;
+    config.config_file = config_file;
+    config.resolve_paths();
+    Ok(Invocation::Run(Box::new(Loaded { config, warnings })))
+}
+
+/// Why [`load`] failed.
+#[derive(Debug)]
+pub enum LoadError {
+    /// Bad command line, or `--help` (clap prints and exits).
+    Usage(clap::Error),
+    Config(ConfigError),
+}
+
+fn port(origin: &Origin, key: &str, v: &str) -> Result<u16, ConfigError> {
+    match v.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(ConfigError::new(origin, key, format!("'{v}' is not a port number (1-65535)"))),
+    }
+}
+
+fn ip(origin: &Origin, key: &str, v: &str) -> Result<IpAddr, ConfigError> {
+    let t = v.trim().trim_start_matches('[').trim_end_matches(']');
+    t.parse()
+        .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not an IP address")))
+}
+
+fn seconds(origin: &Origin, key: &str, v: Option<&str>, default: u32) -> Result<u32, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number of seconds"))),
+    }
+}
+
+fn parse_user(origin: &Origin, v: &str) -> Result<User, ConfigError> {
+    let Some((name, secret)) = v.split_once(':') else {
+        return Err(ConfigError::new(origin, "user", "expected name:password or name:0x<32 hex digits>"));
+    };
+    if name.is_empty() {
+        return Err(ConfigError::new(origin, "user", "the user name is empty"));
+    }
+    let hex = secret.strip_prefix("0x").or_else(|| secret.strip_prefix("0X"));
+    let secret = match hex {
+        Some(h) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            let mut key = [0u8; 16];
+            for (i, k) in key.iter_mut().enumerate() {
+                *k = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).expect("checked hex");
+            }
+            UserSecret::Key(key)
+        }
+        _ => UserSecret::Password(secret.to_string()),
+    };
+    Ok(User {
+        name: name.to_string(),
+        secret,
+    })
+}
+
+impl Config {
+    /// Applies entries in order (file first, then command line) over the
+    /// defaults and checks the result.
+    pub fn from_entries<'e>(entries: impl Iterator<Item = &'e Entry>, warnings: &mut Vec<String>) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        let mut warned = HashSet::new();
+        for e in entries {
+            cfg.apply(e, warnings, &mut warned)?;
+        }
+        cfg.validate(warnings)?;
+        Ok(cfg)
+    }
+
+    /// Where `key` was last set, or [`Origin::Default`].
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, o)| o.clone())
+            .unwrap_or(Origin::Default)
+    }
+
+    /// Builds an error about `key` at the place it was set.
+    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(&self.origin(key), key, message)
+    }
+
+    fn apply(&mut self, e: &Entry, warnings: &mut Vec<String>, warned: &mut HashSet<String>) -> Result<(), ConfigError> {
+        let spec: &Spec = options::find(&e.key).expect("entries hold known keys");
+        let origin = &e.origin;
+        let key = spec.name;
+        match spec.support {
+            Support::Yes => {}
+            Support::Inherent(_) => return Ok(()),
+            Support::NotYet => {
+                if warned.insert(key.to_string()) {
+                    warnings.push(format!("{origin}: option '{key}' is not implemented yet and is ignored"));
+                }
+                return Ok(());
+            }
+            Support::Obsolete(why) => {
+                if warned.insert(key.to_string()) {
+                    warnings.push(format!("{origin}: option '{key}' is obsolete and ignored: {why}"));
+                }
+                return Ok(());
+            }
+        }
+        let value = e.value.as_deref();
+        let flag = || -> Result<bool, ConfigError> {
+            parse_bool(value.unwrap_or("")).ok_or_else(|| {
+                ConfigError::new(
+                    origin,
+                    key,
+                    format!("'{}' is not a boolean (use on/off, yes/no, true/false, 1/0)", value.unwrap_or("")),
+                )
+            })
+        };
+        let need = || -> Result<&str, ConfigError> {
+            value.ok_or_else(|| ConfigError::new(origin, key, "needs a value"))
+        };
+        let static_key: &'static str = key;
+        self.origins.push((static_key, origin.clone()));
+        match key {
+            "listening-ip" => {
+                let a = ip(origin, key, need()?)?;
+                if !self.listening_ips.contains(&a) {
+                    self.listening_ips.push(a);
+                }
+            }
+            "listening-port" => self.listening_port = port(origin, key, need()?)?,
+            "tls-listening-port" => self.tls_listening_port = port(origin, key, need()?)?,
+            "alt-listening-port" => {
+                self.alt_listening_port = match need()?.trim() {
+                    "0" => None,
+                    v => Some(port(origin, key, v)?),
+                }
+            }
+            "alt-tls-listening-port" => {
+                self.alt_tls_listening_port = match need()?.trim() {
+                    "0" => None,
+                    v => Some(port(origin, key, v)?),
+                }
+            }
+            "listening-device" => self.listening_device = Some(need()?.to_string()),
+            "no-udp" => self.no_udp = flag()?,
+            "no-tcp" => self.no_tcp = flag()?,
+            "no-tls" => self.no_tls = flag()?,
+            "relay-ip" => {
+                let a = ip(origin, key, need()?)?;
+                if !self.relay_ips.contains(&a) {
+                    self.relay_ips.push(a);
+                }
+            }
+            "relay-device" => self.relay_device = Some(need()?.to_string()),
+            "external-ip" => {
+                let v = need()?;
+                let e = match v.split_once('/') {
+                    Some((public, private)) => ExternalIp {
+                        public: ip(origin, key, public)?,
+                        private: Some(ip(origin, key, private)?),
+                    },
+                    None => ExternalIp {
+                        public: ip(origin, key, v)?,
+                        private: None,
+                    },
+                };
+                if let (Some(p), Some(q)) = (e.private, Some(e.public)) {
+                    if p.is_ipv4() != q.is_ipv4() {
+                        return Err(ConfigError::new(origin, key, format!("'{v}' mixes IPv4 and IPv6")));
+                    }
+                }
+                if e.private.is_none()
+                    && self
+                        .external_ips
+                        .iter()
+                        .any(|x| x.private.is_none() && x.public.is_ipv4() == e.public.is_ipv4())
+                {
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        "a plain external IP of this family is already set; use public/private pairs for several",
+                    ));
+                }
+                self.external_ips.push(e);
+            }
+            "min-port" => self.min_port = port(origin, key, need()?)?,
+            "max-port" => self.max_port = port(origin, key, need()?)?,
+            "relay-threads" => {
+                let v = need()?;
+                let n: usize = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
+                if n > 1024 {
+                    return Err(ConfigError::new(origin, key, format!("{n} threads is more than the limit of 1024")));
+                }
+                self.relay_threads = Some(n.max(1));
+            }
+            "allocation-default-address-family" => {
+                self.default_family = match need()?.trim().to_ascii_lowercase().as_str() {
+                    "ipv4" => DefaultFamily::Ipv4,
+                    "ipv6" => DefaultFamily::Ipv6,
+                    "keep" => DefaultFamily::Keep,
+                    other => {
+                        return Err(ConfigError::new(origin, key, format!("'{other}' is not ipv4, ipv6 or keep")));
+                    }
+                }
+            }
+            "keep-address-family" => {
+                if flag()? {
+                    self.default_family = DefaultFamily::Keep;
+                }
+            }
+            "no-udp-relay" => self.no_udp_relay = flag()?,
+            "allow-loopback-peers" => self.allow_loopback_peers = flag()?,
+            "no-multicast-peers" => self.no_multicast_peers = flag()?,
+            "denied-peer-ip" | "allowed-peer-ip" => {
+                let v = need()?;
+                let r: IpRange = v.parse().map_err(|m: String| ConfigError::new(origin, key, m))?;
+                if key == "denied-peer-ip" {
+                    self.denied_peer_ips.push(r);
+                } else {
+                    self.allowed_peer_ips.push(r);
+                }
+            }
+            "lt-cred-mech" => self.lt_cred_mech = flag()?,
+            "no-auth" => self.no_auth = flag()?,
+            "user" => self.users.push(parse_user(origin, need()?)?),
+            "realm" => self.realm = Some(need()?.to_string()),
+            "use-auth-secret" => self.use_auth_secret = flag()?,
+            "static-auth-secret" => {
+                self.static_auth_secrets.push(need()?.to_string());
+                self.use_auth_secret = true;
+            }
+            "rest-api-separator" => {
+                self.rest_api_separator = need()?
+                    .chars()
+                    .next()
+                    .ok_or_else(|| ConfigError::new(origin, key, "needs a value"))?
+            }
+            "stale-nonce" => self.stale_nonce = u64::from(seconds(origin, key, value, 600)?),
+            "server-name" => self.server_name = Some(need()?.to_string()),
+            "max-allocate-lifetime" => self.max_allocate_lifetime = seconds(origin, key, value, 3600)?.max(1),
+            "channel-lifetime" => self.channel_lifetime = seconds(origin, key, value, 600)?.max(1),
+            "permission-lifetime" => self.permission_lifetime = seconds(origin, key, value, 300)?.max(1),
+            "fingerprint" => self.fingerprint = flag()?,
+            "software-attribute" => self.software_attribute = flag()?,
+            "cert" => self.cert = Some(PathBuf::from(need()?)),
+            "pkey" => self.pkey = Some(PathBuf::from(need()?)),
+            "no-tlsv1_2" => self.no_tlsv1_2 = flag()?,
+            "log-file" => {
+                let v = need()?;
+                self.log_file = match v {
+                    "stdout" | "-" => None,
+                    "syslog" => {
+                        warnings.push(format!("{origin}: log-file=syslog is not implemented yet; logging to stdout"));
+                        None
+                    }
+                    path => Some(PathBuf::from(path)),
+                };
+            }
+            "no-stdout-log" => self.no_stdout_log = flag()?,
+            "verbose" => {
+                if flag()? {
+                    self.verbose = self.verbose.max(1);
+                }
+            }
+            "Verbose" => {
+                if flag()? {
+                    self.verbose = 2;
+                }
+            }
+            "daemon" => self.daemon = flag()?,
+            other => unreachable!("option {other} is marked implemented but not handled"),
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+        if self.min_port > self.max_port {
+            let key = if self.origin("max-port") != Origin::Default {
+                "max-port"
+            } else {
+                "min-port"
+            };
+            return Err(self.error(
+                key,
+                format!("min-port {} is greater than max-port {}", self.min_port, self.max_port),
+            ));
+        }
+        if self.no_auth && self.lt_cred_mech {
+            return Err(self.error("no-auth", "cannot be combined with lt-cred-mech"));
+        }
+        if self.listening_port == self.tls_listening_port && !self.no_tls {
+            return Err(self.error(
+                "tls-listening-port",
+                format!("{} is also the listening-port", self.tls_listening_port),
+            ));
+        }
+        match self.auth_kind() {
+            AuthKind::RestApi => {
+                if !self.users.is_empty() {
+                    warnings.push(
+                        "both user= and use-auth-secret are set: the TURN REST API is used and static users are ignored"
+                            .to_string(),
+                    );
+                }
+                if self.static_auth_secrets.is_empty() {
+                    warnings.push(
+                        "use-auth-secret is set but there is no static-auth-secret: every client will be refused"
+                            .to_string(),
+                    );
+                }
+            }
+            AuthKind::LongTerm if self.users.is_empty() => {
+                warnings.push("lt-cred-mech is set but there is no user=: every client will be refused".to_string());
+            }
+            _ => {}
+        }
+        if self.no_auth && (!self.users.is_empty() || self.use_auth_secret) {
+            warnings.push("no-auth is set: user= and static-auth-secret are ignored".to_string());
+        }
+        Ok(())
+    }
+
+    /// Makes relative `cert`/`pkey` paths relative to the configuration
+    /// file's directory when they exist there (as coturn searches its
+    /// configuration directories), else leaves them relative to the
+    /// working directory.
+    fn resolve_paths(&mut self) {
+        let Some(dir) = self.config_file.as_ref().and_then(|f| f.parent()).map(Path::to_path_buf) else {
+            return;
+        };
+        for p in [&mut self.cert, &mut self.pkey].into_iter().flatten() {
+            if p.is_relative() && !p.exists() {
+                let candidate = dir.join(&*p);
+                if candidate.exists() {
+                    *p = candidate;
+                }
+            }
+        }
+    }
+
+    /// Which credential mechanism is configured (coturn's rules: a
+    /// `static-auth-secret` implies `use-auth-secret`, which wins over
+    /// users; any `user=` implies `lt-cred-mech`; `no-auth` turns it all off).
+    pub fn auth_kind(&self) -> AuthKind {
+        if self.no_auth {
+            AuthKind::None
+        } else if self.use_auth_secret {
+            AuthKind::RestApi
+        } else if self.lt_cred_mech || !self.users.is_empty() {
+            AuthKind::LongTerm
+        } else {
+            AuthKind::None
+        }
+    }
+
+    /// The realm: `realm`, else `server-name`, else `fallback` (the host name).
+    pub fn effective_realm(&self, fallback: &str) -> String {
+        self.realm
+            .clone()
+            .or_else(|| self.server_name.clone())
+            .unwrap_or_else(|| fallback.to_string())
+    }
+
+    /// The authenticator for `realm`.
+    pub fn authenticator(&self, realm: &str) -> Authenticator {
+        let mechanism = match self.auth_kind() {
+            AuthKind::None => Mechanism::None,
+            AuthKind::RestApi => Mechanism::RestApi {
+                secrets: self.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                separator: self.rest_api_separator,
+            },
+            AuthKind::LongTerm => Mechanism::LongTerm(
+                self.users
+                    .iter()
+                    .map(|u| {
+                        let key = match &u.secret {
+                            UserSecret::Key(k) => *k,
+                            UserSecret::Password(p) => long_term_key(&u.name, realm, p),
+                        };
+                        (u.name.clone(), key)
+                    })
+                    .collect(),
+            ),
+        };
+        Authenticator {
+            realm: realm.to_string(),
+            mechanism,
+        }
+    }
+
+    /// The peer address policy.
+    ///
+    /// Unlike coturn, the private half of `external-ip=public/private` is
+    /// not added to the allowed list: relaying does not need it, and it would
+    /// open the server's own private address to every client.
+    pub fn peer_policy(&self) -> PeerPolicy {
+        PeerPolicy {
+            allow_loopback: self.allow_loopback_peers,
+            deny_multicast: self.no_multicast_peers,
+            allowed: self.allowed_peer_ips.clone(),
+            denied: self.denied_peer_ips.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
