@@ -8,5 +8,6 @@
 
 pub mod auth;
 pub mod config;
+pub mod server;
 pub mod stun;
 pub mod turn;

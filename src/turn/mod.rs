@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use tracing::{debug, info};
+use tracing::{debug, info, trace};
 
 use crate::auth::{Authenticator, Key, NonceCheck, NonceIssuer};
 use crate::stun::channel::{self, MAX_CHANNEL_RFC5766, MIN_CHANNEL};
@@ -36,7 +36,8 @@ pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
 /// How long a channel number and peer stay reserved after the binding
 /// expires, seconds (RFC 8656 §12).
 pub const CHANNEL_REBIND_GUARD: u64 = 300;
-/// How long an EVEN-PORT reservation is held, seconds (RFC 8656 §7.2 step 4).
+/// How long an EVEN-PORT reservation is held, seconds (RFC 8656 §7.2:
+/// "about 30 seconds"). The driver enforces it.
 pub const RESERVATION_LIFETIME: u64 = 30;
 
 /// Transport between client and server.
@@ -153,6 +154,9 @@ pub struct Config {
     /// Accept channel numbers 0x5000–0x7FFF (RFC 5766) as well as
     /// 0x4000–0x4FFF (RFC 8656).
     pub rfc5766_channels: bool,
+    /// Grant UDP relays (`no-udp-relay` turns this off: every Allocate
+    /// gets 442).
+    pub allow_udp_relay: bool,
 }
 
 impl Config {
@@ -172,6 +176,7 @@ impl Config {
             external_ips: Vec::new(),
             default_family: DefaultFamily::Ipv4,
             rfc5766_channels: true,
+            allow_udp_relay: true,
         }
     }
 }
@@ -182,10 +187,13 @@ pub enum PortRequest {
     /// Any free port in the range.
     Any,
     /// An even port; with `reserve_next`, the next (odd) port is bound and
-    /// held too (EVEN-PORT with the R bit, RFC 8656 §7.2).
+    /// held for [`RESERVATION_LIFETIME`] under a token the driver returns
+    /// (EVEN-PORT with the R bit, RFC 8656 §7.2).
     Even { reserve_next: bool },
-    /// The socket previously reserved at this address (RESERVATION-TOKEN).
-    Reserved(SocketAddr),
+    /// The socket reserved under this RESERVATION-TOKEN. Reservations live
+    /// in the driver, shared by all workers, because the claiming Allocate
+    /// usually comes from another 5-tuple and so may reach another worker.
+    Reserved([u8; 8]),
 }
 
 /// A relay socket the core asks the driver to open.
@@ -203,8 +211,9 @@ pub struct RelayRequest {
 pub struct OpenedRelay {
     /// The bound relayed transport address.
     pub addr: SocketAddr,
-    /// The reserved next port, for `PortRequest::Even { reserve_next: true }`.
-    pub reserved: Option<SocketAddr>,
+    /// The RESERVATION-TOKEN for the reserved next port, for
+    /// `PortRequest::Even { reserve_next: true }`.
+    pub reservation: Option<[u8; 8]>,
 }
 
 /// Why a relay socket could not be opened.
@@ -212,7 +221,7 @@ pub struct OpenedRelay {
 pub enum RelayError {
     /// No free port in `min-port`..`max-port` (answered 508).
     NoPortAvailable,
-    /// The reservation no longer exists (answered 508).
+    /// The reservation token is unknown or expired (answered 508).
     NoReservation,
 }
 
@@ -276,8 +285,6 @@ impl fmt::Display for CloseReason {
 pub enum Event {
     /// Close the allocation's relay socket.
     AllocationClosed { id: AllocationId, relayed: SocketAddr },
-    /// Close a reserved (EVEN-PORT R bit) socket nobody claimed.
-    ReservationReleased { addr: SocketAddr },
 }
 
 /// Packet and byte counters of one allocation.
@@ -355,11 +362,6 @@ impl Allocation {
     }
 }
 
-struct Reservation {
-    addr: SocketAddr,
-    expires: Instant,
-}
-
 /// Result of authenticating a request.
 enum Authed<'m> {
     /// Authenticated (or auth disabled: no key, empty username).
@@ -392,7 +394,6 @@ pub struct Server {
     cfg: std::sync::Arc<Config>,
     allocations: Slab<Allocation>,
     by_five_tuple: HashMap<FiveTuple, AllocationId>,
-    reservations: HashMap<[u8; 8], Reservation>,
     events: VecDeque<Event>,
     next_generation: u32,
     /// Maps the monotonic clock to UNIX time (for REST expiry and nonces).
@@ -404,13 +405,12 @@ pub struct Server {
 impl Server {
     /// A core with no allocations. `now` and `unix_now` (UNIX seconds) anchor
     /// the wall clock; `seed` seeds the generator for Data indication
-    /// transaction IDs and reservation tokens (any non-zero value).
+    /// transaction IDs (any value).
     pub fn new(cfg: std::sync::Arc<Config>, now: Instant, unix_now: u64, seed: u64) -> Self {
         Server {
             cfg,
             allocations: Slab::new(),
             by_five_tuple: HashMap::new(),
-            reservations: HashMap::new(),
             events: VecDeque::new(),
             next_generation: 1,
             wall: (now, unix_now),
@@ -461,7 +461,7 @@ impl Server {
 
     fn random(&mut self) -> u64 {
         // xorshift64*: transaction IDs of Data indications need uniqueness,
-        // not secrecy. Reservation tokens mix in the allocation id too.
+        // not secrecy.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
@@ -539,23 +539,28 @@ impl Server {
 
     fn send_indication(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> ClientAction {
         let Some(&id) = self.by_five_tuple.get(ft) else {
+            trace!(five_tuple = %ft, "Send indication without an allocation dropped");
             return ClientAction::None;
         };
         let mut unknown = [0u16; 16];
         if msg.unknown_required(&mut unknown) > 0 {
+            trace!(five_tuple = %ft, "Send indication with unknown attributes dropped");
             return ClientAction::None;
         }
         let (Some(Ok(peer)), Some(payload)) = (msg.xor_address(attr::XOR_PEER_ADDRESS), msg.value_range(attr::DATA))
         else {
+            trace!(five_tuple = %ft, "Send indication without XOR-PEER-ADDRESS or DATA dropped");
             return ClientAction::None;
         };
         if self.cfg.policy.check(peer.ip()).is_err() {
+            trace!(five_tuple = %ft, %peer, "Send indication to a forbidden peer dropped");
             return ClientAction::None;
         }
         let Some(a) = self.get_mut(id) else {
             return ClientAction::None;
         };
         if Family::of(peer.ip()) != Family::of(a.relayed.ip()) || !a.permitted(peer.ip(), now) {
+            trace!(five_tuple = %ft, %peer, "Send indication without a permission dropped");
             return ClientAction::None;
         }
         a.traffic.to_peer_packets += 1;
@@ -801,7 +806,7 @@ impl Server {
             Some(Ok(t)) => t,
             _ => return self.error(out, msg, 400, k),
         };
-        if transport != 17 {
+        if transport != 17 || !self.cfg.allow_udp_relay {
             return self.error(out, msg, 442, k);
         }
         let even_port = match msg.get(attr::EVEN_PORT).map(attr::decode_even_port) {
@@ -833,14 +838,9 @@ impl Server {
         let dont_fragment = msg.has(attr::DONT_FRAGMENT);
 
         let (ip, port) = if let Some(t) = token {
-            match self.reservations.remove(&t) {
-                Some(r) if r.expires > now => (r.addr.ip(), PortRequest::Reserved(r.addr)),
-                Some(r) => {
-                    self.events.push_back(Event::ReservationReleased { addr: r.addr });
-                    return self.error(out, msg, 508, k);
-                }
-                None => return self.error(out, msg, 508, k),
-            }
+            // The driver knows the reserved socket's address; the IP here is
+            // only a hint.
+            (ft.server.ip(), PortRequest::Reserved(t))
         } else {
             let family = requested_family.unwrap_or(match self.cfg.default_family {
                 DefaultFamily::Ipv4 => Family::V4,
@@ -869,17 +869,7 @@ impl Server {
             }
         };
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let reservation_token = opened.reserved.map(|addr| {
-            let t = (self.random() ^ u64::from(id.generation)).to_be_bytes();
-            self.reservations.insert(
-                t,
-                Reservation {
-                    addr,
-                    expires: now + Duration::from_secs(RESERVATION_LIFETIME),
-                },
-            );
-            t
-        });
+        let reservation_token = opened.reservation;
         let allocation = Allocation {
             id,
             five_tuple: *ft,
@@ -1107,8 +1097,8 @@ impl Server {
         }
     }
 
-    /// Expires allocations, permissions, channels and reservations. Call at
-    /// least once per second.
+    /// Expires allocations, permissions and channels. Call at least once per
+    /// second.
     pub fn handle_timeout(&mut self, now: Instant) {
         let expired: Vec<AllocationId> = self
             .allocations
@@ -1121,17 +1111,6 @@ impl Server {
         }
         for (_, a) in self.allocations.iter_mut() {
             a.prune(now);
-        }
-        let stale: Vec<[u8; 8]> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.expires <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for t in stale {
-            if let Some(r) = self.reservations.remove(&t) {
-                self.events.push_back(Event::ReservationReleased { addr: r.addr });
-            }
         }
     }
 
@@ -1169,3 +1148,17 @@ impl Server {
 
 #[cfg(test)]
 mod tests;
+
+/// Helpers for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::AllocationId;
+
+    /// An allocation id for tests outside the core.
+    pub fn id(n: u32) -> AllocationId {
+        AllocationId {
+            index: n,
+            generation: n,
+        }
+    }
+}

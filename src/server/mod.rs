@@ -1,0 +1,153 @@
+//! The I/O driver: listeners, relay sockets, TLS and worker threads around
+//! the sans-IO core in [`crate::turn`].
+//!
+//! [`bind`] opens every listener socket for every worker up front, so a
+//! port that cannot be bound is an error before anything runs; [`start`]
+//! then runs the workers.
+
+pub mod net;
+pub mod ports;
+pub mod relay;
+pub mod tls;
+mod worker;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tracing::info;
+
+pub use worker::Shared;
+use worker::{Sockets, StreamListener};
+
+/// What to listen on.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// UDP listener addresses.
+    pub udp: Vec<SocketAddr>,
+    /// TCP listener addresses; TLS is detected by its first byte on each,
+    /// and `tls` marks the TLS ports (only for logging).
+    pub tcp: Vec<(SocketAddr, bool)>,
+    /// Number of worker threads (each binds every listener with SO_REUSEPORT).
+    pub workers: usize,
+    pub listening_device: Option<String>,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub transport: &'static str,
+    pub error: std::io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot listen on {} {}: {}", self.transport, self.addr, self.error)
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// Listener sockets for every worker.
+pub struct Bound {
+    per_worker: Vec<Sockets>,
+}
+
+/// Binds every listener of `plan` once per worker.
+pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
+    let device = plan.listening_device.as_deref();
+    let mut per_worker = Vec::with_capacity(plan.workers);
+    for _ in 0..plan.workers.max(1) {
+        let mut s = Sockets {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for &addr in &plan.udp {
+            let sock = net::udp_listener(addr, device).map_err(|error| BindError {
+                addr,
+                transport: "udp",
+                error,
+            })?;
+            s.udp.push((sock, addr));
+        }
+        for &(addr, tls) in &plan.tcp {
+            let sock = net::tcp_listener(addr, device).map_err(|error| BindError {
+                addr,
+                transport: if tls { "tls" } else { "tcp" },
+                error,
+            })?;
+            s.tcp.push(StreamListener { socket: sock, addr });
+        }
+        per_worker.push(s);
+    }
+    Ok(Bound { per_worker })
+}
+
+/// Starts one thread per worker. They run until the process exits.
+pub fn start(bound: Bound, shared: Arc<Shared>) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    for (i, sockets) in bound.per_worker.into_iter().enumerate() {
+        threads.push(worker::spawn(i, sockets, shared.clone())?);
+    }
+    info!("{} worker threads running", threads.len());
+    Ok(threads)
+}
+
+/// Expands configured listening IPs: none means every local address, and
+/// `0.0.0.0` / `::` mean every local address of that family.
+pub fn expand_listening_ips(configured: &[IpAddr], local: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut push = |ip: IpAddr| {
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    };
+    if configured.is_empty() {
+        local.iter().copied().for_each(&mut push);
+    }
+    for &ip in configured {
+        if ip.is_unspecified() {
+            local
+                .iter()
+                .copied()
+                .filter(|l| l.is_ipv4() == ip.is_ipv4())
+                .for_each(&mut push);
+        } else {
+            push(ip);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|x| x.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn listening_ip_expansion() {
+        let local = ips(&["127.0.0.1", "10.0.0.2", "::1"]);
+        assert_eq!(expand_listening_ips(&[], &local), local);
+        assert_eq!(expand_listening_ips(&ips(&["0.0.0.0"]), &local), ips(&["127.0.0.1", "10.0.0.2"]));
+        assert_eq!(expand_listening_ips(&ips(&["::", "10.0.0.2"]), &local), ips(&["::1", "10.0.0.2"]));
+        assert_eq!(expand_listening_ips(&ips(&["192.0.2.1"]), &local), ips(&["192.0.2.1"]));
+    }
+
+    #[test]
+    fn bind_reports_the_address() {
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let plan = Plan {
+            udp: vec![addr],
+            tcp: vec![],
+            workers: 1,
+            listening_device: None,
+        };
+        let err = bind(&plan).err().expect("port is taken without SO_REUSEPORT");
+        assert!(err.to_string().starts_with(&format!("cannot listen on udp {addr}:")), "{err}");
+    }
+}

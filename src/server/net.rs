@@ -1,0 +1,144 @@
+//! Socket creation (socket2) and local address discovery.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Receive and send buffer size requested for listener sockets, bytes (the
+/// kernel caps it at `net.core.rmem_max` / `wmem_max`).
+pub const LISTENER_BUFFER: usize = 4 << 20;
+
+/// Every address of every local interface that is up, except IPv4/IPv6
+/// link-local ones (they need a scope and coturn skips them too).
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        if !ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) {
+            continue;
+        }
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            IpAddr::V4(a) => a.is_link_local(),
+            IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if !link_local && !ip.is_unspecified() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn bind_device(s: &Socket, device: Option<&str>) -> io::Result<()> {
+    if let Some(d) = device {
+        s.bind_device(Some(d.as_bytes()))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind to device {d}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A UDP listener socket with SO_REUSEPORT, so each worker can bind its own
+/// on the same address and the kernel spreads clients by 5-tuple.
+pub fn udp_listener(addr: SocketAddr, device: Option<&str>) -> io::Result<std::net::UdpSocket> {
+    let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    let _ = s.set_recv_buffer_size(LISTENER_BUFFER);
+    let _ = s.set_send_buffer_size(LISTENER_BUFFER);
+    bind_device(&s, device)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// A TCP listener socket with SO_REUSEPORT (one per worker).
+pub fn tcp_listener(addr: SocketAddr, device: Option<&str>) -> io::Result<std::net::TcpListener> {
+    let s = socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    bind_device(&s, device)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// A relay socket bound exactly to `addr` (no address or port reuse, so the
+/// kernel guarantees the port is ours alone).
+pub fn relay_socket(addr: SocketAddr, device: Option<&str>, dont_fragment: bool) -> io::Result<std::net::UdpSocket> {
+    let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
+    bind_device(&s, device)?;
+    if dont_fragment {
+        set_dont_fragment(&s, addr.is_ipv6())?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// Sets the DF bit on every datagram the socket sends (path MTU discovery
+/// "do"), as DONT-FRAGMENT asks (RFC 8656 §18.9).
+fn set_dont_fragment(s: &Socket, ipv6: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, value) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+    };
+    // SAFETY: setsockopt on a valid descriptor with a pointer to a live c_int
+    // and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_a_local_address() {
+        let addrs = local_addresses().unwrap();
+        assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
+    }
+
+    #[test]
+    fn relay_sockets_do_not_share_ports() {
+        let a = relay_socket("127.0.0.1:0".parse().unwrap(), None, true).unwrap();
+        let taken = a.local_addr().unwrap();
+        assert!(relay_socket(taken, None, false).is_err());
+    }
+
+    #[test]
+    fn listeners_share_ports_across_workers() {
+        let a = udp_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = a.local_addr().unwrap();
+        let _b = udp_listener(addr, None).unwrap();
+        let t = tcp_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let _u = tcp_listener(t.local_addr().unwrap(), None).unwrap();
+    }
+}

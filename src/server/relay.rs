@@ -1,0 +1,286 @@
+//! Relay sockets: binding them in the port range, and EVEN-PORT
+//! reservations shared by every worker.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::net;
+use super::ports::{PortPool, Want};
+use crate::turn::{AllocationId, OpenedRelay, PortRequest, RelayError, RelayProvider, RelayRequest, RESERVATION_LIFETIME};
+
+/// Bind attempts per Allocate before answering 508 when other programs hold
+/// the ports the pool offers.
+const BIND_ATTEMPTS: usize = 16;
+
+struct Reserved {
+    socket: std::net::UdpSocket,
+    expires: Instant,
+}
+
+/// Sockets held for RESERVATION-TOKENs (EVEN-PORT with the R bit), shared by
+/// all workers: the Allocate that claims one may arrive at any worker.
+#[derive(Default)]
+pub struct Reservations {
+    map: Mutex<HashMap<[u8; 8], Reserved>>,
+}
+
+impl Reservations {
+    fn insert(&self, socket: std::net::UdpSocket, now: Instant) -> [u8; 8] {
+        let mut map = self.map.lock().expect("reservations lock");
+        loop {
+            let token: [u8; 8] = rand::random();
+            if !map.contains_key(&token) {
+                map.insert(
+                    token,
+                    Reserved {
+                        socket,
+                        expires: now + Duration::from_secs(RESERVATION_LIFETIME),
+                    },
+                );
+                return token;
+            }
+        }
+    }
+
+    fn claim(&self, token: &[u8; 8], now: Instant) -> Option<std::net::UdpSocket> {
+        let mut map = self.map.lock().expect("reservations lock");
+        match map.remove(token) {
+            Some(r) if r.expires > now => Some(r.socket),
+            Some(r) => {
+                map.insert(*token, r);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Closes reservations older than [`RESERVATION_LIFETIME`] and returns
+    /// their ports to `pool`.
+    pub fn sweep(&self, now: Instant, pool: &PortPool) {
+        let mut map = self.map.lock().expect("reservations lock");
+        map.retain(|_, r| {
+            if r.expires > now {
+                return true;
+            }
+            if let Ok(a) = r.socket.local_addr() {
+                pool.release(a.port());
+            }
+            false
+        });
+    }
+
+    /// Number of reservations held.
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("reservations lock").len()
+    }
+
+    /// Whether no reservation is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A relay socket opened for an allocation, waiting to be registered with
+/// the worker's event loop.
+pub struct Opened {
+    pub id: AllocationId,
+    pub socket: std::net::UdpSocket,
+    pub addr: SocketAddr,
+}
+
+/// The [`RelayProvider`] a worker hands to the core for one call.
+pub struct Opener<'a> {
+    pub pool: &'a PortPool,
+    pub reservations: &'a Reservations,
+    pub device: Option<&'a str>,
+    pub now: Instant,
+    /// Sockets opened during the call.
+    pub opened: &'a mut Vec<Opened>,
+}
+
+impl Opener<'_> {
+    fn bind(&self, ip: IpAddr, port: u16, df: bool) -> io::Result<std::net::UdpSocket> {
+        net::relay_socket(SocketAddr::new(ip, port), self.device, df)
+    }
+
+    fn bind_from_pool(
+        &self,
+        ip: IpAddr,
+        want: Want,
+        df: bool,
+    ) -> Result<(std::net::UdpSocket, Option<std::net::UdpSocket>), RelayError> {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = self.pool.take(want).ok_or(RelayError::NoPortAvailable)?;
+            let release = |pool: &PortPool| {
+                pool.release(port);
+                if want == Want::EvenPair {
+                    pool.release(port + 1);
+                }
+            };
+            let first = match self.bind(ip, port, df) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    release(self.pool);
+                    continue;
+                }
+                Err(e) => {
+                    release(self.pool);
+                    warn!("cannot bind relay socket {ip}:{port}: {e}");
+                    return Err(RelayError::NoPortAvailable);
+                }
+            };
+            if want != Want::EvenPair {
+                return Ok((first, None));
+            }
+            match self.bind(ip, port + 1, df) {
+                Ok(second) => return Ok((first, Some(second))),
+                Err(_) => {
+                    release(self.pool);
+                    continue;
+                }
+            }
+        }
+        Err(RelayError::NoPortAvailable)
+    }
+}
+
+impl RelayProvider for Opener<'_> {
+    fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
+        let (socket, reservation) = match req.port {
+            PortRequest::Reserved(token) => {
+                let s = self.reservations.claim(&token, self.now).ok_or(RelayError::NoReservation)?;
+                (s, None)
+            }
+            PortRequest::Any => (self.bind_from_pool(req.ip, Want::Any, req.dont_fragment)?.0, None),
+            PortRequest::Even { reserve_next: false } => (self.bind_from_pool(req.ip, Want::Even, req.dont_fragment)?.0, None),
+            PortRequest::Even { reserve_next: true } => {
+                let (s, next) = self.bind_from_pool(req.ip, Want::EvenPair, req.dont_fragment)?;
+                let next = next.expect("pair requested");
+                (s, Some(self.reservations.insert(next, self.now)))
+            }
+        };
+        let addr = socket.local_addr().map_err(|_| RelayError::NoPortAvailable)?;
+        self.opened.push(Opened { id, socket, addr });
+        Ok(OpenedRelay { addr, reservation })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opener<'a>(pool: &'a PortPool, res: &'a Reservations, opened: &'a mut Vec<Opened>, now: Instant) -> Opener<'a> {
+        Opener {
+            pool,
+            reservations: res,
+            device: None,
+            now,
+            opened,
+        }
+    }
+
+    fn free_even_range(len: u16) -> (u16, u16) {
+        // Find a small range of free ports for this test.
+        for _ in 0..100 {
+            let base = rand::random_range(20000u16..30000) & !1;
+            let sockets: Vec<_> = (base..base + len)
+                .map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)))
+                .collect();
+            if sockets.iter().all(|s| s.is_ok()) {
+                return (base, base + len - 1);
+            }
+        }
+        panic!("no free port range");
+    }
+
+    #[test]
+    fn reservation_is_claimed_once_and_expires() {
+        let (min, max) = free_even_range(4);
+        let pool = PortPool::new(min, max);
+        let res = Reservations::default();
+        let mut opened = Vec::new();
+        let t0 = Instant::now();
+        let id = crate::turn::tests_support::id(1);
+        let req = RelayRequest {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: PortRequest::Even { reserve_next: true },
+            dont_fragment: false,
+        };
+        let first = opener(&pool, &res, &mut opened, t0).open(id, &req).unwrap();
+        assert_eq!(first.addr.port() % 2, 0);
+        let token = first.reservation.unwrap();
+        assert_eq!(pool.in_use(), 2);
+        let claim = RelayRequest {
+            port: PortRequest::Reserved(token),
+            ..req
+        };
+        let second = opener(&pool, &res, &mut opened, t0).open(id, &claim).unwrap();
+        assert_eq!(second.addr.port(), first.addr.port() + 1);
+        assert_eq!(
+            opener(&pool, &res, &mut opened, t0).open(id, &claim),
+            Err(RelayError::NoReservation)
+        );
+        // An unclaimed reservation expires after 30 s and frees its port.
+        let third = opener(&pool, &res, &mut opened, t0).open(id, &req).unwrap();
+        assert_eq!(pool.in_use(), 4);
+        let later = t0 + Duration::from_secs(RESERVATION_LIFETIME);
+        let late_claim = RelayRequest {
+            port: PortRequest::Reserved(third.reservation.unwrap()),
+            ..req
+        };
+        assert_eq!(
+            opener(&pool, &res, &mut opened, later).open(id, &late_claim),
+            Err(RelayError::NoReservation)
+        );
+        res.sweep(later, &pool);
+        assert!(res.is_empty());
+        assert_eq!(pool.in_use(), 3);
+    }
+
+    #[test]
+    fn exhausted_range_then_recovery() {
+        let (min, max) = free_even_range(2);
+        let pool = PortPool::new(min, max);
+        let res = Reservations::default();
+        let mut opened = Vec::new();
+        let now = Instant::now();
+        let id = crate::turn::tests_support::id(1);
+        let req = RelayRequest {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: PortRequest::Any,
+            dont_fragment: true,
+        };
+        assert!(opener(&pool, &res, &mut opened, now).open(id, &req).is_ok());
+        assert!(opener(&pool, &res, &mut opened, now).open(id, &req).is_ok());
+        assert_eq!(
+            opener(&pool, &res, &mut opened, now).open(id, &req),
+            Err(RelayError::NoPortAvailable)
+        );
+        let freed = opened.pop().unwrap();
+        drop(freed.socket);
+        pool.release(freed.addr.port());
+        assert!(opener(&pool, &res, &mut opened, now).open(id, &req).is_ok());
+    }
+
+    #[test]
+    fn ports_held_by_other_programs_are_skipped() {
+        let (min, max) = free_even_range(2);
+        let _squatter = std::net::UdpSocket::bind(("127.0.0.1", min)).unwrap();
+        let pool = PortPool::new(min, max);
+        let res = Reservations::default();
+        let mut opened = Vec::new();
+        let id = crate::turn::tests_support::id(1);
+        let req = RelayRequest {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: PortRequest::Any,
+            dont_fragment: false,
+        };
+        let got = opener(&pool, &res, &mut opened, Instant::now()).open(id, &req).unwrap();
+        assert_eq!(got.addr.port(), max);
+    }
+}

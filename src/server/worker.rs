@@ -1,0 +1,477 @@
+//! One worker thread: a current-thread tokio runtime that owns a share of
+//! the clients and everything about their allocations.
+//!
+//! Each worker binds its own SO_REUSEPORT UDP and TCP listener sockets, so
+//! the kernel spreads clients across workers by 5-tuple. An allocation's
+//! relay socket is registered on the worker that owns its client 5-tuple, so
+//! relaying never takes a lock or crosses a thread. State is shared between
+//! the worker's tasks through `Rc<RefCell<Worker>>`; no borrow is held across
+//! an `.await`.
+//!
+//! The driver moves bytes only: every decision is the core's
+//! ([`crate::turn::Server`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use slab::Slab;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use super::ports::PortPool;
+use super::relay::{Opened, Opener, Reservations};
+use crate::stun::channel::{self, HEADROOM, TAILROOM};
+use crate::turn::{self, AllocationId, ClientAction, Delivery, Event, FiveTuple, Transport};
+
+/// Links at or above this value are stream connections; below, UDP listener
+/// indexes.
+const STREAM_LINK: u32 = 1 << 31;
+/// Largest UDP datagram, bytes.
+const MAX_DATAGRAM: usize = 65536;
+/// Bytes a stream connection may have queued for sending before further
+/// relayed data to it is dropped (a client that stops reading cannot grow
+/// server memory without bound).
+const MAX_QUEUED: usize = 512 * 1024;
+/// Largest frame on a stream: a STUN message or padded ChannelData, bytes.
+const MAX_FRAME: usize = 4 + 65535 + 3;
+/// Time allowed for a new TCP/TLS connection to send its first byte and
+/// finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Process-wide state every worker reads.
+pub struct Shared {
+    pub core: Arc<turn::Config>,
+    /// TLS for `tls` listeners, and for TLS detected on plain TCP ports.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub pool: PortPool,
+    pub reservations: Reservations,
+    pub relay_device: Option<String>,
+}
+
+/// A TCP listener (TLS is detected by the first byte on every one).
+pub struct StreamListener {
+    pub socket: std::net::TcpListener,
+    pub addr: SocketAddr,
+}
+
+/// The listener sockets one worker owns.
+pub struct Sockets {
+    pub udp: Vec<(std::net::UdpSocket, SocketAddr)>,
+    pub tcp: Vec<StreamListener>,
+}
+
+struct Relay {
+    socket: Rc<UdpSocket>,
+    task: JoinHandle<()>,
+}
+
+/// A client's stream connection: its 5-tuple and outgoing byte queue.
+struct Conn {
+    five_tuple: FiveTuple,
+    queue: RefCell<Vec<u8>>,
+    wake: Notify,
+    dropped: Cell<u64>,
+}
+
+impl Conn {
+    /// Queues a complete frame; drops it when the client is not reading.
+    fn send(&self, bytes: &[u8]) {
+        let mut q = self.queue.borrow_mut();
+        if q.len() + bytes.len() > MAX_QUEUED {
+            self.dropped.set(self.dropped.get() + 1);
+            return;
+        }
+        q.extend_from_slice(bytes);
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+struct Worker {
+    core: turn::Server,
+    shared: Arc<Shared>,
+    udp: Vec<Rc<UdpSocket>>,
+    conns: Slab<Rc<Conn>>,
+    relays: HashMap<AllocationId, Relay>,
+    opened: Vec<Opened>,
+    /// Reply buffer for the core.
+    out: Vec<u8>,
+    /// Receive buffer for peer datagrams, with room for framing around them.
+    peer_buf: Box<[u8]>,
+}
+
+type Handle = Rc<RefCell<Worker>>;
+
+impl Worker {
+    /// Runs the core on one client message, then registers relay sockets it
+    /// opened and applies its events.
+    fn client_message(&mut self, me: &Handle, now: Instant, ft: &FiveTuple, link: u32, data: &[u8]) -> ClientAction {
+        let Worker {
+            core,
+            shared,
+            opened,
+            out,
+            ..
+        } = self;
+        let mut opener = Opener {
+            pool: &shared.pool,
+            reservations: &shared.reservations,
+            device: shared.relay_device.as_deref(),
+            now,
+            opened,
+        };
+        let action = core.handle_client(now, ft, link, data, out, &mut opener);
+        self.register_relays(me);
+        self.apply_events();
+        action
+    }
+
+    fn register_relays(&mut self, me: &Handle) {
+        for o in std::mem::take(&mut self.opened) {
+            match UdpSocket::from_std(o.socket) {
+                Ok(s) => {
+                    let s = Rc::new(s);
+                    let task = tokio::task::spawn_local(relay_task(me.clone(), o.id, s.clone()));
+                    self.relays.insert(o.id, Relay { socket: s, task });
+                }
+                Err(e) => {
+                    error!("cannot register relay socket {}: {e}", o.addr);
+                    self.shared.pool.release(o.addr.port());
+                }
+            }
+        }
+    }
+
+    fn apply_events(&mut self) {
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::AllocationClosed { id, relayed } => {
+                    if let Some(r) = self.relays.remove(&id) {
+                        r.task.abort();
+                        drop(r.socket);
+                    }
+                    self.shared.pool.release(relayed.port());
+                }
+            }
+        }
+    }
+
+    /// Sends `data[payload]` from an allocation's relay socket to a peer.
+    fn relay_to_peer(&self, id: AllocationId, peer: SocketAddr, bytes: &[u8]) {
+        if let Some(r) = self.relays.get(&id) {
+            send_udp(&r.socket, bytes, peer);
+        }
+    }
+
+    /// Sends framed peer data to the client.
+    fn deliver(&self, d: &Delivery, bytes: &[u8]) {
+        if d.link < STREAM_LINK {
+            if let Some(s) = self.udp.get(d.link as usize) {
+                send_udp(s, bytes, d.client.client);
+            }
+        } else if let Some(c) = self.conns.get((d.link - STREAM_LINK) as usize) {
+            // The slot may have been reused by another connection.
+            if c.five_tuple == d.client {
+                c.send(bytes);
+            }
+        }
+    }
+}
+
+/// Sends one datagram with a direct non-blocking `sendto`.
+///
+/// tokio's `try_send_to` refuses to try until the reactor has seen the
+/// socket writable, which loses the first datagrams on a relay socket opened
+/// a moment ago. A UDP send on a non-blocking socket needs no readiness: it
+/// either queues the datagram or fails with a full buffer, and then the
+/// datagram is dropped as the network would drop it.
+fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    let _ = socket2::SockRef::from(sock).send_to(bytes, &to.into());
+}
+
+/// Starts worker `index` on its own thread.
+pub fn spawn(index: usize, sockets: Sockets, shared: Arc<Shared>) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("worker-{index}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!("worker {index}: cannot start runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(index, sockets, shared));
+        })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn run(index: usize, sockets: Sockets, shared: Arc<Shared>) {
+    let now = Instant::now();
+    let seed = rand::random::<u64>() ^ index as u64;
+    let core = turn::Server::new(shared.core.clone(), now, unix_now(), seed);
+    let mut udp = Vec::new();
+    let mut udp_addrs = Vec::new();
+    for (s, addr) in sockets.udp {
+        match UdpSocket::from_std(s) {
+            Ok(s) => {
+                udp.push(Rc::new(s));
+                udp_addrs.push(addr);
+            }
+            Err(e) => error!("worker {index}: cannot register UDP listener {addr}: {e}"),
+        }
+    }
+    let worker: Handle = Rc::new(RefCell::new(Worker {
+        core,
+        shared: shared.clone(),
+        udp: udp.clone(),
+        conns: Slab::new(),
+        relays: HashMap::new(),
+        opened: Vec::new(),
+        out: Vec::with_capacity(1500),
+        peer_buf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
+    }));
+    for (i, (sock, addr)) in udp.into_iter().zip(udp_addrs).enumerate() {
+        tokio::task::spawn_local(udp_listener(worker.clone(), i as u32, sock, addr));
+    }
+    for l in sockets.tcp {
+        match TcpListener::from_std(l.socket) {
+            Ok(s) => {
+                tokio::task::spawn_local(tcp_listener(worker.clone(), s, l.addr));
+            }
+            Err(e) => error!("worker {index}: cannot register TCP listener {}: {e}", l.addr),
+        }
+    }
+    timer(worker).await;
+}
+
+/// Drives the core's timers once a second.
+async fn timer(worker: Handle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        let now = Instant::now();
+        let mut w = worker.borrow_mut();
+        if ticks % 60 == 0 {
+            w.core.set_wall_clock(now, unix_now());
+        }
+        w.core.handle_timeout(now);
+        w.apply_events();
+        let shared = w.shared.clone();
+        shared.reservations.sweep(now, &shared.pool);
+    }
+}
+
+async fn udp_listener(worker: Handle, link: u32, sock: Rc<UdpSocket>, local: SocketAddr) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        if let Err(e) = sock.readable().await {
+            error!("UDP listener {local}: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        // Drain everything queued before waiting again.
+        loop {
+            let (n, from) = match sock.try_recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!("UDP listener {local}: {e}");
+                    continue;
+                }
+            };
+            let ft = FiveTuple {
+                client: from,
+                server: local,
+                transport: Transport::Udp,
+            };
+            let mut w = worker.borrow_mut();
+            let data = &buf[..n];
+            match w.client_message(&worker, Instant::now(), &ft, link, data) {
+                ClientAction::None => {}
+                ClientAction::Reply => send_udp(&sock, &w.out, from),
+                ClientAction::Relay {
+                    allocation,
+                    peer,
+                    payload,
+                } => w.relay_to_peer(allocation, peer, &data[payload]),
+            }
+        }
+    }
+}
+
+async fn relay_task(worker: Handle, id: AllocationId, sock: Rc<UdpSocket>) {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        loop {
+            let mut guard = worker.borrow_mut();
+            let w = &mut *guard;
+            let (n, from) = match sock.try_recv_from(&mut w.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors (port unreachable) surface here; keep reading.
+                Err(_) => continue,
+            };
+            let Some(d) = w.core.handle_peer(Instant::now(), id, from, &mut w.peer_buf, HEADROOM..HEADROOM + n) else {
+                continue;
+            };
+            w.deliver(&d, &w.peer_buf[d.range.clone()]);
+        }
+    }
+}
+
+async fn tcp_listener(worker: Handle, listener: TcpListener, local: SocketAddr) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                warn!("accept on {local}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::task::spawn_local(accept_stream(worker.clone(), stream, peer, local));
+    }
+}
+
+/// Decides TLS or plain TCP by the first byte (0x16 is a TLS handshake
+/// record), as coturn does on both of its ports, then serves the connection.
+async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let acceptor = worker.borrow().shared.tls.clone();
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(Ok(_)) | Ok(Err(_)) => return,
+        Err(_) => {
+            debug!("{peer} -> {local}: no data within {HANDSHAKE_TIMEOUT:?}; closing");
+            return;
+        }
+    };
+    let ft = FiveTuple {
+        client: peer,
+        server: local,
+        transport: if is_tls { Transport::Tls } else { Transport::Tcp },
+    };
+    if !is_tls {
+        serve_stream(worker, stream, ft).await;
+        return;
+    }
+    let Some(acceptor) = acceptor else {
+        debug!("{peer} -> {local}: TLS handshake but no certificate is configured; closing");
+        return;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve_stream(worker, tls, ft).await,
+        Ok(Err(e)) => info!("TLS handshake from {peer} on {local} failed: {e}"),
+        Err(_) => info!("TLS handshake from {peer} on {local} timed out"),
+    }
+}
+
+/// Serves one TCP or TLS client connection until it closes; its allocation
+/// ends with it (RFC 8656 §3.1).
+async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: FiveTuple) {
+    let conn = Rc::new(Conn {
+        five_tuple: ft,
+        queue: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        dropped: Cell::new(0),
+    });
+    let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+
+    let writer = async {
+        let mut spare = Vec::new();
+        loop {
+            conn.wake.notified().await;
+            loop {
+                std::mem::swap(&mut *conn.queue.borrow_mut(), &mut spare);
+                if spare.is_empty() {
+                    break;
+                }
+                if wr.write_all(&spare).await.is_err() {
+                    return;
+                }
+                spare.clear();
+            }
+        }
+    };
+
+    let reader = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(4096);
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut start = 0;
+            loop {
+                let frame = match channel::stream_frame(&buf[start..]) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        debug!("{ft}: stream is neither STUN nor ChannelData; closing");
+                        return;
+                    }
+                };
+                let len = frame.len();
+                if len > MAX_FRAME {
+                    return;
+                }
+                if buf.len() - start < len {
+                    break;
+                }
+                let data = &buf[start..start + len];
+                let mut w = worker.borrow_mut();
+                match w.client_message(&worker, Instant::now(), &ft, link, data) {
+                    ClientAction::None => {}
+                    ClientAction::Reply => conn.send(&w.out),
+                    ClientAction::Relay {
+                        allocation,
+                        peer,
+                        payload,
+                    } => w.relay_to_peer(allocation, peer, &data[payload]),
+                }
+                drop(w);
+                start += len;
+            }
+            buf.drain(..start);
+        }
+    };
+
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+    let mut w = worker.borrow_mut();
+    w.conns.remove((link - STREAM_LINK) as usize);
+    w.core.client_closed(Instant::now(), &ft);
+    w.apply_events();
+    if conn.dropped.get() > 0 {
+        info!("{ft}: {} frames dropped because the client was not reading", conn.dropped.get());
+    }
+}

@@ -1,0 +1,422 @@
+//! Shared helpers for integration tests: start the real `turnserver` binary
+//! on loopback with free ports, a minimal STUN client, test certificates,
+//! and checks for the external tools a test needs.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use turnserver::auth::long_term_key;
+use turnserver::stun::{attr, method, Class, Message, MessageWriter};
+
+/// Path of the binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_turnserver");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "turnserver-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `n` consecutive ports free for both UDP and TCP on 127.0.0.1, below the
+/// kernel's ephemeral range (32768+) so clients' own sockets cannot take them.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..500 {
+        let base = rand_range(20000, 32000 - n);
+        let ok = (base..base + n).all(|p| {
+            UdpSocket::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p)).is_ok()
+        });
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+/// A relay port range of `len` ports above the ephemeral range (61000+).
+pub fn relay_range(len: u16) -> (u16, u16) {
+    let base = rand_range(61000, 65535 - len);
+    (base, base + len - 1)
+}
+
+fn rand_range(lo: u16, hi: u16) -> u16 {
+    // Good enough spread for tests without pulling in a RNG here.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    static SALT: AtomicU32 = AtomicU32::new(0x9E37_79B9);
+    let s = SALT.fetch_add(0x6D2B_79F5, Ordering::SeqCst);
+    let x = (t ^ s ^ (std::process::id() << 16)).wrapping_mul(2_654_435_761);
+    lo + (x % u32::from(hi - lo)) as u16
+}
+
+/// Fails loudly when a tool the test needs is missing.
+pub fn require_tool(name: &str, package_hint: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed: {package_hint} (the README's test command installs it)")
+    })
+}
+
+/// Writes a self-signed certificate for localhost/127.0.0.1 and its key.
+pub fn write_test_cert(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = dir.path("cert.pem");
+    let key = dir.path("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// A running `turnserver`, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub tls_port: u16,
+    pub log: PathBuf,
+    pub dir: TempDir,
+}
+
+/// How to start a server.
+pub struct Options {
+    /// Lines for the config file (listening ports and log are added).
+    pub config: String,
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    pub tls: bool,
+}
+
+impl Options {
+    pub fn new(config: &str) -> Options {
+        Options {
+            config: config.to_string(),
+            args: Vec::new(),
+            tls: false,
+        }
+    }
+
+    pub fn tls(mut self) -> Options {
+        self.tls = true;
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Options {
+        self.args.push(a.to_string());
+        self
+    }
+}
+
+impl Server {
+    /// Starts the binary on 127.0.0.1 with free ports and waits until it
+    /// answers a Binding request.
+    pub fn start(opts: Options) -> Server {
+        let dir = TempDir::new("server");
+        let base = free_ports(2);
+        let (port, tls_port) = (base, base + 1);
+        let (min, max) = relay_range(300);
+        let mut conf = format!(
+            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\n{}\n",
+            opts.config
+        );
+        if opts.tls {
+            let (cert, key) = write_test_cert(&dir);
+            conf.push_str(&format!("cert={}\npkey={}\n", cert.display(), key.display()));
+        } else {
+            conf.push_str("no-tls\n");
+        }
+        let conf_path = dir.path("turnserver.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = dir.path("server.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(&opts.args)
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("start turnserver");
+        let mut s = Server {
+            child: Some(child),
+            port,
+            tls_port,
+            log,
+            dir,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("turnserver exited with {status} before it was ready:\n{}", self.log_text());
+            }
+            let req = binding_request([7; 12]);
+            sock.send_to(&req, self.udp_addr()).unwrap();
+            let mut buf = [0u8; 1500];
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if Message::parse(&buf[..n]).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "turnserver did not answer:\n{}", self.log_text());
+        }
+    }
+
+    pub fn udp_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Stops with SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- turnserver log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// A Binding request.
+pub fn binding_request(tid: [u8; 12]) -> Vec<u8> {
+    let mut out = Vec::new();
+    MessageWriter::new(&mut out, method::BINDING, Class::Request, &tid).fingerprint();
+    out
+}
+
+/// A small STUN/TURN client over UDP for protocol-level tests.
+pub struct Client {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub realm: String,
+    pub nonce: Vec<u8>,
+    tid: u8,
+}
+
+/// A response: class and error code, with the raw bytes.
+pub struct Response {
+    pub raw: Vec<u8>,
+}
+
+impl Response {
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.raw).unwrap()
+    }
+    pub fn code(&self) -> Option<u16> {
+        self.msg()
+            .get(attr::ERROR_CODE)
+            .map(|v| attr::decode_error_code(v).unwrap().0)
+    }
+    pub fn is_success(&self) -> bool {
+        self.msg().class() == Class::Success
+    }
+}
+
+impl Client {
+    pub fn new(server: SocketAddr) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Client {
+            sock,
+            server,
+            realm: String::new(),
+            nonce: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    fn next_tid(&mut self) -> [u8; 12] {
+        self.tid = self.tid.wrapping_add(1);
+        let mut t = [self.tid; 12];
+        t[0] = 0xA5;
+        t
+    }
+
+    /// Sends a request and waits for the response with its transaction ID,
+    /// retransmitting a few times.
+    pub fn transact(&mut self, req: &[u8]) -> Response {
+        let tid: [u8; 12] = req[8..20].try_into().unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..6 {
+            self.sock.send_to(req, self.server).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                    if n >= 20 && buf[8..20] == tid {
+                        return Response { raw: buf[..n].to_vec() };
+                    }
+                }
+            }
+        }
+        panic!("no response from {}", self.server);
+    }
+
+    /// Builds a request: `attrs`, then credentials if given.
+    pub fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], creds: Option<(&str, &str)>) -> Vec<u8> {
+        let tid = self.next_tid();
+        let mut out = Vec::new();
+        let mut w = MessageWriter::new(&mut out, m, Class::Request, &tid);
+        for (t, v) in attrs {
+            w.attr(*t, v);
+        }
+        if let Some((user, pw)) = creds {
+            w.attr(attr::USERNAME, user.as_bytes())
+                .attr(attr::REALM, self.realm.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&long_term_key(user, &self.realm, pw));
+        }
+        w.fingerprint();
+        out
+    }
+
+    /// An Allocate for UDP with credentials, doing the 401 round trip first.
+    pub fn allocate(&mut self, user: &str, pw: &str) -> Response {
+        let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+        let req = self.request(method::ALLOCATE, &attrs, None);
+        let challenge = self.transact(&req);
+        assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
+        self.realm = challenge.msg().text(attr::REALM).unwrap().unwrap().to_string();
+        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
+        self.transact(&req)
+    }
+
+    /// A signed request on an existing allocation.
+    pub fn signed(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], user: &str, pw: &str) -> Response {
+        let req = self.request(m, attrs, Some((user, pw)));
+        self.transact(&req)
+    }
+}
+
+/// An XOR-PEER-ADDRESS attribute value for `peer` in a message with `tid`.
+pub fn xor_peer(peer: SocketAddr, tid: &[u8; 12]) -> Vec<u8> {
+    let x = attr::xor_address(peer, tid);
+    let mut v = [0u8; 20];
+    let n = turnserver::stun::encode_address(&mut v, x);
+    v[..n].to_vec()
+}
+
+/// Runs a command with a timeout, returning (success, combined output).
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (bool, String) {
+    let dir = TempDir::new("cmd");
+    let out_path = dir.path("out.txt");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = cmd
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut text = String::new();
+    std::fs::File::open(&out_path)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    match status {
+        Some(st) => (st.success(), text),
+        None => (false, format!("{text}\n[timed out after {timeout:?}]")),
+    }
+}
+
+/// A child process killed on drop (helpers like turnutils_peer).
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connects over TCP, sends `bytes` and reads one STUN frame back.
+pub fn tcp_transact(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut hdr = [0u8; 20];
+    s.read_exact(&mut hdr).unwrap();
+    let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let mut all = hdr.to_vec();
+    all.extend(body);
+    all
+}
+
+/// Whether `path` exists (for messages).
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
