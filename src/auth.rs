@@ -39,7 +39,8 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> Key {
 
 /// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
 pub fn rest_password(secret: &[u8], username: &str) -> String {
-    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    let mut mac =
+        <Hmac<Sha1> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(username.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
@@ -74,7 +75,9 @@ pub struct StaticUser {
 impl fmt::Debug for StaticUser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Keys are secrets: never print them.
-        f.debug_struct("StaticUser").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("StaticUser")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,7 +101,11 @@ impl fmt::Debug for Mechanism {
             Mechanism::None => f.write_str("None"),
             Mechanism::LongTerm(users) => write!(f, "LongTerm({} users)", users.len()),
             Mechanism::RestApi { secrets, separator } => {
-                write!(f, "RestApi({} secrets, separator {separator:?})", secrets.len())
+                write!(
+                    f,
+                    "RestApi({} secrets, separator {separator:?})",
+                    secrets.len()
+                )
             }
         }
     }
@@ -146,7 +153,12 @@ impl Authenticator {
     /// Checks `msg`'s MESSAGE-INTEGRITY for `username` and returns the key it
     /// verified with. `unix_now` is the current time in UNIX seconds (REST
     /// expiry is accepted while `expiry >= unix_now`).
-    pub fn authenticate(&self, msg: &Message<'_>, username: &str, unix_now: u64) -> Result<Key, AuthFailure> {
+    pub fn authenticate(
+        &self,
+        msg: &Message<'_>,
+        username: &str,
+        unix_now: u64,
+    ) -> Result<Key, AuthFailure> {
         match &self.mechanism {
             Mechanism::None => Ok([0; 16]),
             Mechanism::LongTerm(users) => {
@@ -158,7 +170,8 @@ impl Authenticator {
                 }
             }
             Mechanism::RestApi { secrets, separator } => {
-                let expiry = rest_expiry(username, *separator).ok_or(AuthFailure::BadRestUsername)?;
+                let expiry =
+                    rest_expiry(username, *separator).ok_or(AuthFailure::BadRestUsername)?;
                 if expiry < unix_now {
                     return Err(AuthFailure::Expired);
                 }
@@ -199,7 +212,9 @@ pub struct NonceIssuer {
 
 impl fmt::Debug for NonceIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NonceIssuer").field("lifetime", &self.lifetime).finish_non_exhaustive()
+        f.debug_struct("NonceIssuer")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,7 +228,8 @@ impl NonceIssuer {
     }
 
     fn tag(&self, time: u32, ip: IpAddr) -> [u8; 8] {
-        let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(&self.secret).expect("any key length");
+        let mut mac =
+            <Hmac<Sha1> as KeyInit>::new_from_slice(&self.secret).expect("any key length");
         mac.update(&time.to_be_bytes());
         match ip {
             IpAddr::V4(a) => mac.update(&a.octets()),
@@ -255,7 +271,10 @@ impl NonceIssuer {
         let time = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
         let tag = self.tag(time, ip);
         // Constant-time comparison of the tag.
-        let diff = tag.iter().zip(&raw[4..]).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = tag
+            .iter()
+            .zip(&raw[4..])
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff != 0 {
             return NonceCheck::Invalid;
         }
@@ -271,7 +290,7 @@ impl NonceIssuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stun::{attr, method, Class, MessageWriter};
+    use crate::stun::{Class, MessageWriter, attr, method};
 
     fn signed(username: &str, key: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -294,7 +313,10 @@ mod tests {
         assert_eq!(rest_expiry("1700000000", ':'), Some(1_700_000_000));
         assert_eq!(rest_expiry("1700000000:alice", ':'), Some(1_700_000_000));
         assert_eq!(rest_expiry("alice:1700000000", ':'), Some(1_700_000_000));
-        assert_eq!(rest_expiry("alice:bob:1700000000", ':'), Some(1_700_000_000));
+        assert_eq!(
+            rest_expiry("alice:bob:1700000000", ':'),
+            Some(1_700_000_000)
+        );
         assert_eq!(rest_expiry("1700000000-alice", '-'), Some(1_700_000_000));
         assert_eq!(rest_expiry("alice", ':'), None);
         assert_eq!(rest_expiry("alice:bob", ':'), None);
@@ -306,7 +328,10 @@ mod tests {
     #[test]
     fn rest_password_known_value() {
         // echo -n "1700000000:alice" | openssl dgst -sha1 -hmac secret -binary | base64
-        assert_eq!(rest_password(b"secret", "1700000000:alice"), "d8soP47RbdIKLDUOpnJPVQyq5Ts=");
+        assert_eq!(
+            rest_password(b"secret", "1700000000:alice"),
+            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
+        );
     }
 
     #[test]
@@ -319,10 +344,16 @@ mod tests {
         let raw = signed("alice", &key);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(auth.authenticate(&m, "alice", 0), Ok(key));
-        assert_eq!(auth.authenticate(&m, "bob", 0), Err(AuthFailure::UnknownUser));
+        assert_eq!(
+            auth.authenticate(&m, "bob", 0),
+            Err(AuthFailure::UnknownUser)
+        );
         let raw = signed("alice", &long_term_key("alice", "example.org", "wrong"));
         let m = Message::parse(&raw).unwrap();
-        assert_eq!(auth.authenticate(&m, "alice", 0), Err(AuthFailure::BadIntegrity));
+        assert_eq!(
+            auth.authenticate(&m, "alice", 0),
+            Err(AuthFailure::BadIntegrity)
+        );
     }
 
     #[test]
@@ -342,14 +373,23 @@ mod tests {
             let m = Message::parse(&raw).unwrap();
             assert_eq!(auth.authenticate(&m, &user, now), Ok(key));
             // The same credential after its expiry.
-            assert_eq!(auth.authenticate(&m, &user, now + 61), Err(AuthFailure::Expired));
+            assert_eq!(
+                auth.authenticate(&m, &user, now + 61),
+                Err(AuthFailure::Expired)
+            );
         }
         let user = format!("{}", now + 60);
         let key = long_term_key(&user, "r", &rest_password(b"other", &user));
         let raw = signed(&user, &key);
         let m = Message::parse(&raw).unwrap();
-        assert_eq!(auth.authenticate(&m, &user, now), Err(AuthFailure::BadIntegrity));
-        assert_eq!(auth.authenticate(&m, "alice", now), Err(AuthFailure::BadRestUsername));
+        assert_eq!(
+            auth.authenticate(&m, &user, now),
+            Err(AuthFailure::BadIntegrity)
+        );
+        assert_eq!(
+            auth.authenticate(&m, "alice", now),
+            Err(AuthFailure::BadRestUsername)
+        );
     }
 
     #[test]
@@ -370,7 +410,10 @@ mod tests {
         assert_eq!(n.check(b"short", 1000, ip), NonceCheck::Invalid);
         assert_eq!(n.check(&[b'z'; NONCE_LEN], 1000, ip), NonceCheck::Invalid);
         // Another process (another secret) never accepts it.
-        assert_eq!(NonceIssuer::new([6; 32], None).check(&nonce, 1000, ip), NonceCheck::Invalid);
+        assert_eq!(
+            NonceIssuer::new([6; 32], None).check(&nonce, 1000, ip),
+            NonceCheck::Invalid
+        );
         // stale-nonce=0: never stale.
         let forever = NonceIssuer::new([5; 32], None);
         assert_eq!(forever.check(&nonce, 1_000_000, ip), NonceCheck::Valid);

@@ -11,7 +11,7 @@ use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use turnserver::auth::NonceIssuer;
 use turnserver::config::{self, AuthKind, Config, Invocation, LoadError};
-use turnserver::server::{self, ports::PortPool, relay::Reservations, Plan, Shared};
+use turnserver::server::{self, Plan, Shared, ports::PortPool, relay::Reservations};
 use turnserver::turn;
 
 fn main() -> ExitCode {
@@ -71,7 +71,10 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| cfg.error("log-file", format!("cannot open {}: {e}", path.display())).to_string())?;
+                .map_err(|e| {
+                    cfg.error("log-file", format!("cannot open {}: {e}", path.display()))
+                        .to_string()
+                })?;
             let file = Mutex::new(file);
             if cfg.no_stdout_log || cfg.daemon {
                 builder.with_writer(file).init();
@@ -96,18 +99,24 @@ fn run(cfg: Config) -> Result<(), String> {
     let tls = match (&cfg.cert, &cfg.pkey, cfg.no_tls) {
         (_, _, true) => None,
         (Some(cert), Some(key), false) => {
-            let sc = server::tls::load(cert, key, cfg.no_tlsv1_2).map_err(|m| cfg.error("cert", m).to_string())?;
+            let sc = server::tls::load(cert, key, cfg.no_tlsv1_2)
+                .map_err(|m| cfg.error("cert", m).to_string())?;
             Some(tokio_rustls::TlsAcceptor::from(sc))
         }
-        (Some(_), None, false) => return Err(cfg.error("cert", "is set but pkey is not").to_string()),
-        (None, Some(_), false) => return Err(cfg.error("pkey", "is set but cert is not").to_string()),
+        (Some(_), None, false) => {
+            return Err(cfg.error("cert", "is set but pkey is not").to_string());
+        }
+        (None, Some(_), false) => {
+            return Err(cfg.error("pkey", "is set but cert is not").to_string());
+        }
         (None, None, false) => {
             info!("no cert/pkey configured: TLS listeners are off");
             None
         }
     };
 
-    let local = server::net::local_addresses().map_err(|e| format!("cannot list local addresses: {e}"))?;
+    let local =
+        server::net::local_addresses().map_err(|e| format!("cannot list local addresses: {e}"))?;
     let listening_ips = server::expand_listening_ips(&cfg.listening_ips, &local);
     if listening_ips.is_empty() {
         return Err("no address to listen on".to_string());
@@ -140,8 +149,16 @@ fn run(cfg: Config) -> Result<(), String> {
     let policy = cfg.peer_policy();
     info!(
         "peer policy: loopback {}, unspecified denied, multicast {}, {} denied range(s), {} allowed range(s)",
-        if policy.allow_loopback { "ALLOWED" } else { "denied" },
-        if policy.deny_multicast { "denied" } else { "allowed" },
+        if policy.allow_loopback {
+            "ALLOWED"
+        } else {
+            "denied"
+        },
+        if policy.deny_multicast {
+            "denied"
+        } else {
+            "allowed"
+        },
         policy.denied.len(),
         policy.allowed.len()
     );
@@ -176,7 +193,11 @@ fn run(cfg: Config) -> Result<(), String> {
         if cfg.relay_ips.is_empty() {
             "the address each client connects to".to_string()
         } else {
-            cfg.relay_ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+            cfg.relay_ips
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     );
     for e in &cfg.external_ips {
@@ -241,8 +262,11 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
 /// Blocks until SIGTERM or SIGINT. SIGHUP and SIGUSR2 (coturn's reload
 /// signals) are caught so they cannot kill the server.
 fn wait_for_signals() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the signal handler: {e}");

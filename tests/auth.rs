@@ -7,26 +7,43 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{xor_peer, Client, Options, Server};
+use common::{Client, Options, Server, xor_peer};
 use turnserver::auth::rest_password;
-use turnserver::stun::{attr, method, Class, Message, MessageWriter};
+use turnserver::stun::{Class, Message, MessageWriter, attr, method};
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Allocates, permits a local UDP peer, relays one datagram each way.
 fn relays_end_to_end(server: &Server, user: &str, pw: &str) {
     let mut c = Client::new(server.udp_addr());
     let r = c.allocate(user, pw);
-    assert!(r.is_success(), "allocate failed: {:?}\n{}", r.code(), server.log_text());
-    let relayed = r.msg().xor_address(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+    assert!(
+        r.is_success(),
+        "allocate failed: {:?}\n{}",
+        r.code(),
+        server.log_text()
+    );
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let peer_addr = peer.local_addr().unwrap();
     // An IPv4 XOR-PEER-ADDRESS depends only on the magic cookie, not on the
     // transaction ID.
-    let perm = c.signed(method::CREATE_PERMISSION, &[(attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12]))], user, pw);
+    let perm = c.signed(
+        method::CREATE_PERMISSION,
+        &[(attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12]))],
+        user,
+        pw,
+    );
     assert!(perm.is_success(), "CreatePermission: {:?}", perm.code());
     // Client -> peer with a Send indication.
     let mut send = Vec::new();
@@ -35,12 +52,17 @@ fn relays_end_to_end(server: &Server, user: &str, pw: &str) {
         .attr(attr::DATA, b"ping");
     c.sock.send_to(&send, server.udp_addr()).unwrap();
     let mut buf = [0u8; 1500];
-    let (n, from) = peer.recv_from(&mut buf).expect("peer receives the relayed datagram");
+    let (n, from) = peer
+        .recv_from(&mut buf)
+        .expect("peer receives the relayed datagram");
     assert_eq!(&buf[..n], b"ping");
     assert_eq!(from, relayed);
     // Peer -> client as a Data indication.
     peer.send_to(b"pong", relayed).unwrap();
-    let (n, _) = c.sock.recv_from(&mut buf).expect("client receives a Data indication");
+    let (n, _) = c
+        .sock
+        .recv_from(&mut buf)
+        .expect("client receives a Data indication");
     let m = Message::parse(&buf[..n]).unwrap();
     assert_eq!(m.method(), method::DATA);
     assert_eq!(m.get(attr::DATA), Some(&b"pong"[..]));
@@ -63,7 +85,10 @@ fn wrong_password_and_unknown_user_get_401_and_others_keep_working() {
     let log = s.log_text();
     assert!(log.contains("401: wrong password"), "{log}");
     assert!(log.contains("401: unknown user"), "{log}");
-    assert!(!log.contains("right"), "passwords must not be logged:\n{log}");
+    assert!(
+        !log.contains("right"),
+        "passwords must not be logged:\n{log}"
+    );
 }
 
 fn hex(b: &[u8]) -> String {
@@ -72,25 +97,37 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn expired_rest_credential_gets_401_and_valid_ones_work() {
-    let s = Server::start(Options::new("use-auth-secret\nstatic-auth-secret=topsecret\nrealm=example.org\nallow-loopback-peers\n"));
+    let s = Server::start(Options::new(
+        "use-auth-secret\nstatic-auth-secret=topsecret\nrealm=example.org\nallow-loopback-peers\n",
+    ));
     let expired = format!("{}:alice", now() - 10);
     let mut c = Client::new(s.udp_addr());
     let r = c.allocate(&expired, &rest_password(b"topsecret", &expired));
     assert_eq!(r.code(), Some(401));
     let wrong_secret = format!("{}:alice", now() + 600);
-    let r = Client::new(s.udp_addr()).allocate(&wrong_secret, &rest_password(b"other", &wrong_secret));
+    let r =
+        Client::new(s.udp_addr()).allocate(&wrong_secret, &rest_password(b"other", &wrong_secret));
     assert_eq!(r.code(), Some(401));
-    for user in [format!("{}:alice", now() + 600), format!("{}", now() + 600), format!("alice:{}", now() + 600)] {
+    for user in [
+        format!("{}:alice", now() + 600),
+        format!("{}", now() + 600),
+        format!("alice:{}", now() + 600),
+    ] {
         relays_end_to_end(&s, &user, &rest_password(b"topsecret", &user));
     }
     let log = s.log_text();
     assert!(log.contains("401: REST credential expired"), "{log}");
-    assert!(!log.contains("topsecret"), "secrets must not be logged:\n{log}");
+    assert!(
+        !log.contains("topsecret"),
+        "secrets must not be logged:\n{log}"
+    );
 }
 
 #[test]
 fn stale_nonce_gets_438_then_succeeds() {
-    let s = Server::start(Options::new("lt-cred-mech\nrealm=example.org\nuser=alice:pw\nstale-nonce=1\n"));
+    let s = Server::start(Options::new(
+        "lt-cred-mech\nrealm=example.org\nuser=alice:pw\nstale-nonce=1\n",
+    ));
     let mut c = Client::new(s.udp_addr());
     let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
     let req = c.request(method::ALLOCATE, &attrs, None);

@@ -7,9 +7,10 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{free_ports, require_tool, run_with_timeout, Background, Options, Server};
+use common::{Background, Options, Server, free_ports, require_tool, run_with_timeout};
 
-const USERS: &str = "lt-cred-mech\nrealm=example.org\nuser=test:secret\nallow-loopback-peers\nfingerprint\n";
+const USERS: &str =
+    "lt-cred-mech\nrealm=example.org\nuser=test:secret\nallow-loopback-peers\nfingerprint\n";
 
 /// Runs uclient with `args` (server address last) and checks its report:
 /// every message sent came back, and at least `min_msgs` were sent.
@@ -21,7 +22,12 @@ fn uclient(server: &Server, args: &[&str], min_msgs: u64) -> String {
     let lost = out
         .lines()
         .find(|l| l.contains("Total lost packets"))
-        .unwrap_or_else(|| panic!("uclient gave no report (ok={ok}):\n{out}\n---- server log ----\n{}", server.log_text()));
+        .unwrap_or_else(|| {
+            panic!(
+                "uclient gave no report (ok={ok}):\n{out}\n---- server log ----\n{}",
+                server.log_text()
+            )
+        });
     assert!(
         lost.contains("Total lost packets 0 (0.000000%)"),
         "packets lost:\n{out}\n---- server log ----\n{}",
@@ -34,7 +40,11 @@ fn uclient(server: &Server, args: &[&str], min_msgs: u64) -> String {
         .unwrap_or_else(|| panic!("no totals:\n{out}"));
     let num = |key: &str| -> u64 {
         let rest = &totals[totals.find(key).unwrap() + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (sent, received) = (num("tot_send_msgs="), num("tot_recv_msgs="));
     assert!(sent >= min_msgs, "only {sent} messages sent:\n{out}");
@@ -64,11 +74,37 @@ fn udp_channel_data_through_turnutils_peer() {
     let p = s.port.to_string();
     let pp = pport.to_string();
     // RTP/RTCP pairs (EVEN-PORT + RESERVATION-TOKEN), ChannelData.
-    uclient(&s, &["-u", "test", "-w", "secret", "-e", "127.0.0.1", "-r", &pp, "-p", &p, "-m", "4", "-n", "100", "-l", "170", "-z", "5"], 400);
+    uclient(
+        &s,
+        &[
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-p",
+            &p,
+            "-m",
+            "4",
+            "-n",
+            "100",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ],
+        400,
+    );
     let log = s.log_text();
     assert!(log.contains("allocation created"), "{log}");
     assert!(log.contains("allocation deleted"), "{log}");
-    assert!(!log.contains("secret"), "the password must never be logged:\n{log}");
+    assert!(
+        !log.contains("secret"),
+        "the password must never be logged:\n{log}"
+    );
 }
 
 #[test]
@@ -77,14 +113,46 @@ fn udp_send_indications() {
     let (_peer, pport) = peer();
     let p = s.port.to_string();
     let pp = pport.to_string();
-    uclient(&s, &["-s", "-c", "-u", "test", "-w", "secret", "-e", "127.0.0.1", "-r", &pp, "-p", &p, "-m", "2", "-n", "100", "-l", "170", "-z", "5"], 200);
+    uclient(
+        &s,
+        &[
+            "-s",
+            "-c",
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-p",
+            &p,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ],
+        200,
+    );
 }
 
 #[test]
 fn udp_client_to_client() {
     let s = Server::start(Options::new(USERS));
     let p = s.port.to_string();
-    uclient(&s, &["-y", "-u", "test", "-w", "secret", "-p", &p, "-m", "4", "-n", "100", "-l", "170", "-z", "5"], 400);
+    uclient(
+        &s,
+        &[
+            "-y", "-u", "test", "-w", "secret", "-p", &p, "-m", "4", "-n", "100", "-l", "170",
+            "-z", "5",
+        ],
+        400,
+    );
 }
 
 #[test]
@@ -93,9 +161,59 @@ fn tcp_client() {
     let (_peer, pport) = peer();
     let p = s.port.to_string();
     let pp = pport.to_string();
-    uclient(&s, &["-t", "-u", "test", "-w", "secret", "-e", "127.0.0.1", "-r", &pp, "-p", &p, "-m", "2", "-n", "100", "-l", "171", "-z", "5"], 200);
+    uclient(
+        &s,
+        &[
+            "-t",
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-p",
+            &p,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "171",
+            "-z",
+            "5",
+        ],
+        200,
+    );
     // Send indications over TCP too.
-    uclient(&s, &["-t", "-s", "-c", "-u", "test", "-w", "secret", "-e", "127.0.0.1", "-r", &pp, "-p", &p, "-m", "2", "-n", "50", "-l", "170", "-z", "5"], 100);
+    uclient(
+        &s,
+        &[
+            "-t",
+            "-s",
+            "-c",
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-p",
+            &p,
+            "-m",
+            "2",
+            "-n",
+            "50",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ],
+        100,
+    );
 }
 
 #[test]
@@ -104,8 +222,37 @@ fn tls_client() {
     let (_peer, pport) = peer();
     let tp = s.tls_port.to_string();
     let pp = pport.to_string();
-    let out = uclient(&s, &["-t", "-S", "-u", "test", "-w", "secret", "-e", "127.0.0.1", "-r", &pp, "-p", &tp, "-m", "2", "-n", "100", "-l", "170", "-z", "5"], 200);
-    assert!(s.log_text().contains("five_tuple=tls "), "allocations should be over TLS:\n{out}\n{}", s.log_text());
+    let out = uclient(
+        &s,
+        &[
+            "-t",
+            "-S",
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-p",
+            &tp,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ],
+        200,
+    );
+    assert!(
+        s.log_text().contains("five_tuple=tls "),
+        "allocations should be over TLS:\n{out}\n{}",
+        s.log_text()
+    );
 }
 
 #[test]
@@ -118,6 +265,30 @@ fn rest_api_secret() {
     let pp = pport.to_string();
     // Both secrets work (rotation).
     for secret in ["newsecret", "oldsecret"] {
-        uclient(&s, &["-W", secret, "-u", "alice", "-c", "-e", "127.0.0.1", "-r", &pp, "-p", &p, "-m", "2", "-n", "50", "-l", "170", "-z", "5"], 100);
+        uclient(
+            &s,
+            &[
+                "-W",
+                secret,
+                "-u",
+                "alice",
+                "-c",
+                "-e",
+                "127.0.0.1",
+                "-r",
+                &pp,
+                "-p",
+                &p,
+                "-m",
+                "2",
+                "-n",
+                "50",
+                "-l",
+                "170",
+                "-z",
+                "5",
+            ],
+            100,
+        );
     }
 }

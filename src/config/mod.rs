@@ -19,16 +19,19 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::auth::{long_term_key, Authenticator, Key, Mechanism};
+use crate::auth::{Authenticator, Key, Mechanism, long_term_key};
 use crate::turn::policy::{IpRange, PeerPolicy};
 use crate::turn::{DefaultFamily, ExternalIp};
-use options::{Arg, Spec, Support, OPTIONS};
+use options::{Arg, OPTIONS, Spec, Support};
 
 /// Where a setting came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// A line of a configuration file (1-based).
-    File { path: PathBuf, line: usize },
+    File {
+        path: PathBuf,
+        line: usize,
+    },
     CommandLine,
     /// Built-in default.
     Default,
@@ -263,7 +266,9 @@ pub fn parse_bool(v: &str) -> Option<bool> {
 /// follows any run of those. A value starting with `"` loses its quotes.
 /// Returns `None` for blank and comment lines.
 pub fn split_line(line: &str) -> Option<(&str, Option<&str>)> {
-    let line = line.trim_start_matches([' ', '\t']).trim_end_matches(['\r', '\n', ' ', '\t']);
+    let line = line
+        .trim_start_matches([' ', '\t'])
+        .trim_end_matches(['\r', '\n', ' ', '\t']);
     if line.is_empty() || line.starts_with('#') {
         return None;
     }
@@ -303,7 +308,10 @@ pub fn find_config_file(name: &str) -> Option<PathBuf> {
     if p.is_absolute() {
         return p.is_file().then(|| p.to_path_buf());
     }
-    search_dirs().into_iter().map(|d| d.join(p)).find(|c| c.is_file())
+    search_dirs()
+        .into_iter()
+        .map(|d| d.join(p))
+        .find(|c| c.is_file())
 }
 
 /// Reads a configuration file into entries. Unknown keys become warnings
@@ -319,14 +327,17 @@ pub fn parse_file(path: &Path, text: &str, warnings: &mut Vec<String>) -> Vec<En
             line: i + 1,
         };
         if line.trim_end().ends_with(';') {
-            warnings.push(format!("{origin}: line ends with a semicolon, which becomes part of the value: {}", line.trim()));
+            warnings.push(format!(
+                "{origin}: line ends with a semicolon, which becomes part of the value: {}",
+                line.trim()
+            ));
         }
-        if let Some(v) = value {
-            if v.contains(" #") || v.contains("\t#") {
-                warnings.push(format!(
-                    "{origin}: {key}: the value contains ' #'; comments are only allowed on lines of their own, so it is part of the value"
-                ));
-            }
+        if let Some(v) = value
+            && (v.contains(" #") || v.contains("\t#"))
+        {
+            warnings.push(format!(
+                "{origin}: {key}: the value contains ' #'; comments are only allowed on lines of their own, so it is part of the value"
+            ));
         }
         match options::find(key) {
             Some(spec) => entries.push(Entry {
@@ -456,7 +467,10 @@ where
     let mut config_file = None;
     if !cl.no_config {
         let explicit = cl.config_file.is_some();
-        let name = cl.config_file.clone().unwrap_or_else(|| "turnserver.conf".to_string());
+        let name = cl
+            .config_file
+            .clone()
+            .unwrap_or_else(|| "turnserver.conf".to_string());
         match find_config_file(&name) {
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -492,8 +506,9 @@ where
             )),
         }
     }
-    let mut config = Config::from_entries(file_entries.iter().chain(cl.entries.iter()), &mut warnings)
-        .map_err(LoadError::Config)?;
+    let mut config =
+        Config::from_entries(file_entries.iter().chain(cl.entries.iter()), &mut warnings)
+            .map_err(LoadError::Config)?;
     config.config_file = config_file;
     config.resolve_paths();
     Ok(Invocation::Run(Box::new(Loaded { config, warnings })))
@@ -510,7 +525,11 @@ pub enum LoadError {
 fn port(origin: &Origin, key: &str, v: &str) -> Result<u16, ConfigError> {
     match v.trim().parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(ConfigError::new(origin, key, format!("'{v}' is not a port number (1-65535)"))),
+        _ => Err(ConfigError::new(
+            origin,
+            key,
+            format!("'{v}' is not a port number (1-65535)"),
+        )),
     }
 }
 
@@ -523,21 +542,26 @@ fn ip(origin: &Origin, key: &str, v: &str) -> Result<IpAddr, ConfigError> {
 fn seconds(origin: &Origin, key: &str, v: Option<&str>, default: u32) -> Result<u32, ConfigError> {
     match v {
         None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number of seconds"))),
+        Some(v) => v.trim().parse().map_err(|_| {
+            ConfigError::new(origin, key, format!("'{v}' is not a number of seconds"))
+        }),
     }
 }
 
 fn parse_user(origin: &Origin, v: &str) -> Result<User, ConfigError> {
     let Some((name, secret)) = v.split_once(':') else {
-        return Err(ConfigError::new(origin, "user", "expected name:password or name:0x<32 hex digits>"));
+        return Err(ConfigError::new(
+            origin,
+            "user",
+            "expected name:password or name:0x<32 hex digits>",
+        ));
     };
     if name.is_empty() {
         return Err(ConfigError::new(origin, "user", "the user name is empty"));
     }
-    let hex = secret.strip_prefix("0x").or_else(|| secret.strip_prefix("0X"));
+    let hex = secret
+        .strip_prefix("0x")
+        .or_else(|| secret.strip_prefix("0X"));
     let secret = match hex {
         Some(h) if h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
             let mut key = [0u8; 16];
@@ -557,7 +581,10 @@ fn parse_user(origin: &Origin, v: &str) -> Result<User, ConfigError> {
 impl Config {
     /// Applies entries in order (file first, then command line) over the
     /// defaults and checks the result.
-    pub fn from_entries<'e>(entries: impl Iterator<Item = &'e Entry>, warnings: &mut Vec<String>) -> Result<Config, ConfigError> {
+    pub fn from_entries<'e>(
+        entries: impl Iterator<Item = &'e Entry>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Config, ConfigError> {
         let mut cfg = Config::default();
         let mut warned = HashSet::new();
         for e in entries {
@@ -582,7 +609,12 @@ impl Config {
         ConfigError::new(&self.origin(key), key, message)
     }
 
-    fn apply(&mut self, e: &Entry, warnings: &mut Vec<String>, warned: &mut HashSet<String>) -> Result<(), ConfigError> {
+    fn apply(
+        &mut self,
+        e: &Entry,
+        warnings: &mut Vec<String>,
+        warned: &mut HashSet<String>,
+    ) -> Result<(), ConfigError> {
         let spec: &Spec = options::find(&e.key).expect("entries hold known keys");
         let origin = &e.origin;
         let key = spec.name;
@@ -591,13 +623,17 @@ impl Config {
             Support::Inherent(_) => return Ok(()),
             Support::NotYet => {
                 if warned.insert(key.to_string()) {
-                    warnings.push(format!("{origin}: option '{key}' is not implemented yet and is ignored"));
+                    warnings.push(format!(
+                        "{origin}: option '{key}' is not implemented yet and is ignored"
+                    ));
                 }
                 return Ok(());
             }
             Support::Obsolete(why) => {
                 if warned.insert(key.to_string()) {
-                    warnings.push(format!("{origin}: option '{key}' is obsolete and ignored: {why}"));
+                    warnings.push(format!(
+                        "{origin}: option '{key}' is obsolete and ignored: {why}"
+                    ));
                 }
                 return Ok(());
             }
@@ -608,7 +644,10 @@ impl Config {
                 ConfigError::new(
                     origin,
                     key,
-                    format!("'{}' is not a boolean (use on/off, yes/no, true/false, 1/0)", value.unwrap_or("")),
+                    format!(
+                        "'{}' is not a boolean (use on/off, yes/no, true/false, 1/0)",
+                        value.unwrap_or("")
+                    ),
                 )
             })
         };
@@ -661,10 +700,14 @@ impl Config {
                         private: None,
                     },
                 };
-                if let (Some(p), Some(q)) = (e.private, Some(e.public)) {
-                    if p.is_ipv4() != q.is_ipv4() {
-                        return Err(ConfigError::new(origin, key, format!("'{v}' mixes IPv4 and IPv6")));
-                    }
+                if let Some(p) = e.private
+                    && p.is_ipv4() != e.public.is_ipv4()
+                {
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        format!("'{v}' mixes IPv4 and IPv6"),
+                    ));
                 }
                 if e.private.is_none()
                     && self
@@ -689,7 +732,11 @@ impl Config {
                     .parse()
                     .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
                 if n > 1024 {
-                    return Err(ConfigError::new(origin, key, format!("{n} threads is more than the limit of 1024")));
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        format!("{n} threads is more than the limit of 1024"),
+                    ));
                 }
                 self.relay_threads = Some(n.max(1));
             }
@@ -699,7 +746,11 @@ impl Config {
                     "ipv6" => DefaultFamily::Ipv6,
                     "keep" => DefaultFamily::Keep,
                     other => {
-                        return Err(ConfigError::new(origin, key, format!("'{other}' is not ipv4, ipv6 or keep")));
+                        return Err(ConfigError::new(
+                            origin,
+                            key,
+                            format!("'{other}' is not ipv4, ipv6 or keep"),
+                        ));
                     }
                 }
             }
@@ -713,7 +764,9 @@ impl Config {
             "no-multicast-peers" => self.no_multicast_peers = flag()?,
             "denied-peer-ip" | "allowed-peer-ip" => {
                 let v = need()?;
-                let r: IpRange = v.parse().map_err(|m: String| ConfigError::new(origin, key, m))?;
+                let r: IpRange = v
+                    .parse()
+                    .map_err(|m: String| ConfigError::new(origin, key, m))?;
                 if key == "denied-peer-ip" {
                     self.denied_peer_ips.push(r);
                 } else {
@@ -737,9 +790,13 @@ impl Config {
             }
             "stale-nonce" => self.stale_nonce = u64::from(seconds(origin, key, value, 600)?),
             "server-name" => self.server_name = Some(need()?.to_string()),
-            "max-allocate-lifetime" => self.max_allocate_lifetime = seconds(origin, key, value, 3600)?.max(1),
+            "max-allocate-lifetime" => {
+                self.max_allocate_lifetime = seconds(origin, key, value, 3600)?.max(1)
+            }
             "channel-lifetime" => self.channel_lifetime = seconds(origin, key, value, 600)?.max(1),
-            "permission-lifetime" => self.permission_lifetime = seconds(origin, key, value, 300)?.max(1),
+            "permission-lifetime" => {
+                self.permission_lifetime = seconds(origin, key, value, 300)?.max(1)
+            }
             "fingerprint" => self.fingerprint = flag()?,
             "software-attribute" => self.software_attribute = flag()?,
             "cert" => self.cert = Some(PathBuf::from(need()?)),
@@ -750,7 +807,9 @@ impl Config {
                 self.log_file = match v {
                     "stdout" | "-" => None,
                     "syslog" => {
-                        warnings.push(format!("{origin}: log-file=syslog is not implemented yet; logging to stdout"));
+                        warnings.push(format!(
+                            "{origin}: log-file=syslog is not implemented yet; logging to stdout"
+                        ));
                         None
                     }
                     path => Some(PathBuf::from(path)),
@@ -782,7 +841,10 @@ impl Config {
             };
             return Err(self.error(
                 key,
-                format!("min-port {} is greater than max-port {}", self.min_port, self.max_port),
+                format!(
+                    "min-port {} is greater than max-port {}",
+                    self.min_port, self.max_port
+                ),
             ));
         }
         if self.no_auth && self.lt_cred_mech {
@@ -810,7 +872,10 @@ impl Config {
                 }
             }
             AuthKind::LongTerm if self.users.is_empty() => {
-                warnings.push("lt-cred-mech is set but there is no user=: every client will be refused".to_string());
+                warnings.push(
+                    "lt-cred-mech is set but there is no user=: every client will be refused"
+                        .to_string(),
+                );
             }
             _ => {}
         }
@@ -825,7 +890,12 @@ impl Config {
     /// configuration directories), else leaves them relative to the
     /// working directory.
     fn resolve_paths(&mut self) {
-        let Some(dir) = self.config_file.as_ref().and_then(|f| f.parent()).map(Path::to_path_buf) else {
+        let Some(dir) = self
+            .config_file
+            .as_ref()
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+        else {
             return;
         };
         for p in [&mut self.cert, &mut self.pkey].into_iter().flatten() {
@@ -866,7 +936,11 @@ impl Config {
         let mechanism = match self.auth_kind() {
             AuthKind::None => Mechanism::None,
             AuthKind::RestApi => Mechanism::RestApi {
-                secrets: self.static_auth_secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                secrets: self
+                    .static_auth_secrets
+                    .iter()
+                    .map(|s| s.as_bytes().to_vec())
+                    .collect(),
                 separator: self.rest_api_separator,
             },
             AuthKind::LongTerm => Mechanism::LongTerm(

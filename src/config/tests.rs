@@ -29,15 +29,36 @@ fn cli(args: &[&str]) -> Result<Config, String> {
 
 #[test]
 fn line_forms() {
-    assert_eq!(split_line("realm=example.org"), Some(("realm", Some("example.org"))));
-    assert_eq!(split_line("realm example.org"), Some(("realm", Some("example.org"))));
-    assert_eq!(split_line("realm = example.org"), Some(("realm", Some("example.org"))));
-    assert_eq!(split_line("realm\t\texample.org\r\n"), Some(("realm", Some("example.org"))));
+    assert_eq!(
+        split_line("realm=example.org"),
+        Some(("realm", Some("example.org")))
+    );
+    assert_eq!(
+        split_line("realm example.org"),
+        Some(("realm", Some("example.org")))
+    );
+    assert_eq!(
+        split_line("realm = example.org"),
+        Some(("realm", Some("example.org")))
+    );
+    assert_eq!(
+        split_line("realm\t\texample.org\r\n"),
+        Some(("realm", Some("example.org")))
+    );
     assert_eq!(split_line("  fingerprint  "), Some(("fingerprint", None)));
     assert_eq!(split_line("fingerprint="), Some(("fingerprint", None)));
-    assert_eq!(split_line("realm=\"my realm\""), Some(("realm", Some("my realm"))));
-    assert_eq!(split_line("realm=\"unterminated"), Some(("realm", Some("unterminated"))));
-    assert_eq!(split_line("user=alice:pa=ss word"), Some(("user", Some("alice:pa=ss word"))));
+    assert_eq!(
+        split_line("realm=\"my realm\""),
+        Some(("realm", Some("my realm")))
+    );
+    assert_eq!(
+        split_line("realm=\"unterminated"),
+        Some(("realm", Some("unterminated")))
+    );
+    assert_eq!(
+        split_line("user=alice:pa=ss word"),
+        Some(("user", Some("alice:pa=ss word")))
+    );
     assert_eq!(split_line("# comment"), None);
     assert_eq!(split_line("   # indented comment"), None);
     assert_eq!(split_line(""), None);
@@ -88,7 +109,13 @@ mobility
 "#);
     assert_eq!(cfg.listening_port, 3478);
     assert_eq!(cfg.tls_listening_port, 5349);
-    assert_eq!(cfg.listening_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+    assert_eq!(
+        cfg.listening_ips,
+        vec![
+            "127.0.0.1".parse::<IpAddr>().unwrap(),
+            "::1".parse().unwrap()
+        ]
+    );
     assert_eq!(cfg.relay_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
     assert_eq!(
         cfg.external_ips,
@@ -114,7 +141,10 @@ mobility
     let auth = cfg.authenticator("example.org");
     match auth.mechanism {
         Mechanism::LongTerm(users) => {
-            assert_eq!(users["alice"], long_term_key("alice", "example.org", "secret"));
+            assert_eq!(
+                users["alice"],
+                long_term_key("alice", "example.org", "secret")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -137,7 +167,9 @@ fn defaults() {
 
 #[test]
 fn repeated_scalar_keys_keep_the_last_value() {
-    let cfg = ok("realm=a\nrealm=b\nlistening-port=1000\nlistening-port=2000\nfingerprint\nfingerprint=off");
+    let cfg = ok(
+        "realm=a\nrealm=b\nlistening-port=1000\nlistening-port=2000\nfingerprint\nfingerprint=off",
+    );
     assert_eq!(cfg.realm.as_deref(), Some("b"));
     assert_eq!(cfg.listening_port, 2000);
     assert!(!cfg.fingerprint);
@@ -145,15 +177,25 @@ fn repeated_scalar_keys_keep_the_last_value() {
 
 #[test]
 fn rest_api_settings() {
-    let cfg = ok("static-auth-secret=one\nstatic-auth-secret=two\nrealm=r\nrest-api-separator=-\nuser=a:b");
+    let cfg = ok(
+        "static-auth-secret=one\nstatic-auth-secret=two\nrealm=r\nrest-api-separator=-\nuser=a:b",
+    );
     assert!(cfg.use_auth_secret, "a secret implies use-auth-secret");
     assert_eq!(cfg.auth_kind(), AuthKind::RestApi);
     assert_eq!(cfg.static_auth_secrets, vec!["one", "two"]);
     assert_eq!(cfg.rest_api_separator, '-');
     let (_, warnings) = file("use-auth-secret\nstatic-auth-secret=x\nuser=a:b");
-    assert!(warnings.iter().any(|w| w.contains("static users are ignored")), "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("static users are ignored")),
+        "{warnings:?}"
+    );
     let (_, warnings) = file("use-auth-secret");
-    assert!(warnings.iter().any(|w| w.contains("no static-auth-secret")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("no static-auth-secret")),
+        "{warnings:?}"
+    );
 }
 
 #[test]
@@ -176,21 +218,38 @@ fn optional_values() {
     assert_eq!(ok("stale-nonce=0").stale_nonce, 0);
     assert_eq!(ok("stale-nonce 120").stale_nonce, 120);
     assert_eq!(ok("max-allocate-lifetime=60").max_allocate_lifetime, 60);
-    assert_eq!(ok("channel-lifetime=100\npermission-lifetime=50").channel_lifetime, 100);
+    assert_eq!(
+        ok("channel-lifetime=100\npermission-lifetime=50").channel_lifetime,
+        100
+    );
 }
 
 #[test]
 fn unknown_and_unimplemented_keys_warn_with_file_and_line() {
-    let (cfg, warnings) = file("fingerprint\nno-such-option=1\ndh2066\nprometheus\nprometheus\nuser-quota=12\n");
+    let (cfg, warnings) =
+        file("fingerprint\nno-such-option=1\ndh2066\nprometheus\nprometheus\nuser-quota=12\n");
     assert!(cfg.is_ok());
-    assert!(warnings.contains(&"/etc/turnserver.conf:2: unknown option 'no-such-option' ignored".to_string()), "{warnings:?}");
-    assert!(warnings.contains(&"/etc/turnserver.conf:3: unknown option 'dh2066' ignored".to_string()));
-    let prom: Vec<_> = warnings.iter().filter(|w| w.contains("'prometheus'")).collect();
+    assert!(
+        warnings.contains(
+            &"/etc/turnserver.conf:2: unknown option 'no-such-option' ignored".to_string()
+        ),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.contains(&"/etc/turnserver.conf:3: unknown option 'dh2066' ignored".to_string())
+    );
+    let prom: Vec<_> = warnings
+        .iter()
+        .filter(|w| w.contains("'prometheus'"))
+        .collect();
     assert_eq!(prom.len(), 1, "one warning per option: {warnings:?}");
-    assert!(prom[0].starts_with("/etc/turnserver.conf:4:") && prom[0].contains("not implemented yet"));
+    assert!(
+        prom[0].starts_with("/etc/turnserver.conf:4:") && prom[0].contains("not implemented yet")
+    );
     assert!(warnings.iter().any(|w| w.contains("'user-quota'")));
     // Accepted options this server already behaves like produce no warning.
-    let (_, warnings) = file("no-loopback-peers\nno-cli\ncli-password=x\nno-tlsv1\nno-dtls\nprod\n");
+    let (_, warnings) =
+        file("no-loopback-peers\nno-cli\ncli-password=x\nno-tlsv1\nno-dtls\nprod\n");
     assert!(warnings.is_empty(), "{warnings:?}");
     let (_, warnings) = file("secret-ts-exp-time=100");
     assert!(warnings[0].contains("obsolete"), "{warnings:?}");
@@ -210,7 +269,10 @@ fn bad_values_name_file_line_and_key() {
         err("\nlistening-port=70000"),
         "/etc/turnserver.conf:2: listening-port: '70000' is not a port number (1-65535)"
     );
-    assert_eq!(err("min-port=0"), "/etc/turnserver.conf:1: min-port: '0' is not a port number (1-65535)");
+    assert_eq!(
+        err("min-port=0"),
+        "/etc/turnserver.conf:1: min-port: '0' is not a port number (1-65535)"
+    );
     assert_eq!(
         err("min-port=60000\nmax-port=50000"),
         "/etc/turnserver.conf:2: max-port: min-port 60000 is greater than max-port 50000"
@@ -219,25 +281,55 @@ fn bad_values_name_file_line_and_key() {
         err("max-port=40000"),
         "/etc/turnserver.conf:1: max-port: min-port 49152 is greater than max-port 40000"
     );
-    assert_eq!(err("listening-ip=1.2.3"), "/etc/turnserver.conf:1: listening-ip: '1.2.3' is not an IP address");
-    assert_eq!(err("relay-ip"), "/etc/turnserver.conf:1: relay-ip: needs a value");
-    assert_eq!(err("external-ip=1.2.3.4/::1"), "/etc/turnserver.conf:1: external-ip: '1.2.3.4/::1' mixes IPv4 and IPv6");
-    assert!(err("external-ip=1.2.3.4\nexternal-ip=5.6.7.8").starts_with("/etc/turnserver.conf:2: external-ip:"));
+    assert_eq!(
+        err("listening-ip=1.2.3"),
+        "/etc/turnserver.conf:1: listening-ip: '1.2.3' is not an IP address"
+    );
+    assert_eq!(
+        err("relay-ip"),
+        "/etc/turnserver.conf:1: relay-ip: needs a value"
+    );
+    assert_eq!(
+        err("external-ip=1.2.3.4/::1"),
+        "/etc/turnserver.conf:1: external-ip: '1.2.3.4/::1' mixes IPv4 and IPv6"
+    );
+    assert!(
+        err("external-ip=1.2.3.4\nexternal-ip=5.6.7.8")
+            .starts_with("/etc/turnserver.conf:2: external-ip:")
+    );
     assert_eq!(
         err("fingerprint=maybe"),
         "/etc/turnserver.conf:1: fingerprint: 'maybe' is not a boolean (use on/off, yes/no, true/false, 1/0)"
     );
-    assert_eq!(err("user=alice"), "/etc/turnserver.conf:1: user: expected name:password or name:0x<32 hex digits>");
-    assert_eq!(err("user=:pw"), "/etc/turnserver.conf:1: user: the user name is empty");
-    assert!(err("denied-peer-ip=10.0.0.0/40").starts_with("/etc/turnserver.conf:1: denied-peer-ip: prefix length 40"));
+    assert_eq!(
+        err("user=alice"),
+        "/etc/turnserver.conf:1: user: expected name:password or name:0x<32 hex digits>"
+    );
+    assert_eq!(
+        err("user=:pw"),
+        "/etc/turnserver.conf:1: user: the user name is empty"
+    );
+    assert!(
+        err("denied-peer-ip=10.0.0.0/40")
+            .starts_with("/etc/turnserver.conf:1: denied-peer-ip: prefix length 40")
+    );
     assert!(err("allowed-peer-ip=10.0.0.9-10.0.0.1").contains("ends before it starts"));
-    assert_eq!(err("stale-nonce=soon"), "/etc/turnserver.conf:1: stale-nonce: 'soon' is not a number of seconds");
-    assert_eq!(err("relay-threads=lots"), "/etc/turnserver.conf:1: relay-threads: 'lots' is not a number");
+    assert_eq!(
+        err("stale-nonce=soon"),
+        "/etc/turnserver.conf:1: stale-nonce: 'soon' is not a number of seconds"
+    );
+    assert_eq!(
+        err("relay-threads=lots"),
+        "/etc/turnserver.conf:1: relay-threads: 'lots' is not a number"
+    );
     assert_eq!(
         err("allocation-default-address-family=ipx"),
         "/etc/turnserver.conf:1: allocation-default-address-family: 'ipx' is not ipv4, ipv6 or keep"
     );
-    assert_eq!(err("lt-cred-mech\nno-auth"), "/etc/turnserver.conf:2: no-auth: cannot be combined with lt-cred-mech");
+    assert_eq!(
+        err("lt-cred-mech\nno-auth"),
+        "/etc/turnserver.conf:2: no-auth: cannot be combined with lt-cred-mech"
+    );
     assert_eq!(
         err("listening-port=4000\ntls-listening-port=4000"),
         "/etc/turnserver.conf:2: tls-listening-port: 4000 is also the listening-port"
@@ -290,7 +382,11 @@ fn command_line_long_and_short_options() {
 
 #[test]
 fn command_line_errors() {
-    assert!(cli(&["--no-such-option"]).unwrap_err().contains("no-such-option"));
+    assert!(
+        cli(&["--no-such-option"])
+            .unwrap_err()
+            .contains("no-such-option")
+    );
     assert_eq!(
         cli(&["--listening-port", "70000"]).unwrap_err(),
         "command line: --listening-port: '70000' is not a port number (1-65535)"
@@ -305,19 +401,42 @@ fn command_line_overrides_the_file() {
     let dir = std::env::temp_dir().join(format!("turnserver-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("t.conf");
-    std::fs::write(&path, "realm=file\nlistening-port=1111\nlisting-typo=1\nuser=fromfile:x\n").unwrap();
+    std::fs::write(
+        &path,
+        "realm=file\nlistening-port=1111\nlisting-typo=1\nuser=fromfile:x\n",
+    )
+    .unwrap();
     let p = path.to_str().unwrap();
-    let Invocation::Run(loaded) = load(["turnserver", "-c", p, "-r", "cli", "-u", "fromcli:y"]).unwrap() else {
+    let Invocation::Run(loaded) =
+        load(["turnserver", "-c", p, "-r", "cli", "-u", "fromcli:y"]).unwrap()
+    else {
         panic!("expected run");
     };
     let cfg = &loaded.config;
     assert_eq!(cfg.realm.as_deref(), Some("cli"));
     assert_eq!(cfg.listening_port, 1111);
-    assert_eq!(cfg.users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), vec!["fromfile", "fromcli"]);
+    assert_eq!(
+        cfg.users
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["fromfile", "fromcli"]
+    );
     assert_eq!(cfg.config_file.as_deref(), Some(path.as_path()));
     assert_eq!(cfg.origin("realm"), Origin::CommandLine);
-    assert_eq!(cfg.origin("listening-port"), Origin::File { path: path.clone(), line: 2 });
-    assert!(loaded.warnings.iter().any(|w| w.ends_with(":3: unknown option 'listing-typo' ignored")));
+    assert_eq!(
+        cfg.origin("listening-port"),
+        Origin::File {
+            path: path.clone(),
+            line: 2
+        }
+    );
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.ends_with(":3: unknown option 'listing-typo' ignored"))
+    );
     // -n ignores the file.
     let Invocation::Run(loaded) = load(["turnserver", "-n", "-c", p]).unwrap() else {
         panic!()
@@ -333,16 +452,25 @@ fn command_line_overrides_the_file() {
     // A bad value in the file names file:line:key.
     std::fs::write(&path, "# comment\nmax-port=99999\n").unwrap();
     match load(["turnserver", "-c", p]) {
-        Err(LoadError::Config(e)) => assert_eq!(e.to_string(), format!("{p}:2: max-port: '99999' is not a port number (1-65535)")),
+        Err(LoadError::Config(e)) => assert_eq!(
+            e.to_string(),
+            format!("{p}:2: max-port: '99999' is not a port number (1-65535)")
+        ),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(load(["turnserver", "--version"]), Ok(Invocation::Version)));
+    assert!(matches!(
+        load(["turnserver", "--version"]),
+        Ok(Invocation::Version)
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn search_path_matches_coturn() {
-    let dirs: Vec<String> = search_dirs().iter().map(|d| d.display().to_string()).collect();
+    let dirs: Vec<String> = search_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
     assert_eq!(dirs[0], ".");
     assert!(dirs.contains(&"/etc/turnserver".to_string()));
     assert!(dirs.contains(&"/etc/coturn".to_string()));
@@ -352,7 +480,9 @@ fn search_path_matches_coturn() {
 
 #[test]
 fn peer_policy_from_config() {
-    let cfg = ok("allow-loopback-peers\nno-multicast-peers\ndenied-peer-ip=10.0.0.0/8\nallowed-peer-ip=10.1.1.1");
+    let cfg = ok(
+        "allow-loopback-peers\nno-multicast-peers\ndenied-peer-ip=10.0.0.0/8\nallowed-peer-ip=10.1.1.1",
+    );
     let p = cfg.peer_policy();
     assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
     assert!(p.check("224.0.0.1".parse().unwrap()).is_err());

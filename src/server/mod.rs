@@ -43,7 +43,11 @@ pub struct BindError {
 
 impl fmt::Display for BindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot listen on {} {}: {}", self.transport, self.addr, self.error)
+        write!(
+            f,
+            "cannot listen on {} {}: {}",
+            self.transport, self.addr, self.error
+        )
     }
 }
 
@@ -85,7 +89,10 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
 }
 
 /// Starts one thread per worker. They run until the process exits.
-pub fn start(bound: Bound, shared: Arc<Shared>) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+pub fn start(
+    bound: Bound,
+    shared: Arc<Shared>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
     for (i, sockets) in bound.per_worker.into_iter().enumerate() {
         threads.push(worker::spawn(i, sockets, shared.clone())?);
@@ -132,9 +139,18 @@ mod tests {
     fn listening_ip_expansion() {
         let local = ips(&["127.0.0.1", "10.0.0.2", "::1"]);
         assert_eq!(expand_listening_ips(&[], &local), local);
-        assert_eq!(expand_listening_ips(&ips(&["0.0.0.0"]), &local), ips(&["127.0.0.1", "10.0.0.2"]));
-        assert_eq!(expand_listening_ips(&ips(&["::", "10.0.0.2"]), &local), ips(&["::1", "10.0.0.2"]));
-        assert_eq!(expand_listening_ips(&ips(&["192.0.2.1"]), &local), ips(&["192.0.2.1"]));
+        assert_eq!(
+            expand_listening_ips(&ips(&["0.0.0.0"]), &local),
+            ips(&["127.0.0.1", "10.0.0.2"])
+        );
+        assert_eq!(
+            expand_listening_ips(&ips(&["::", "10.0.0.2"]), &local),
+            ips(&["::1", "10.0.0.2"])
+        );
+        assert_eq!(
+            expand_listening_ips(&ips(&["192.0.2.1"]), &local),
+            ips(&["192.0.2.1"])
+        );
     }
 
     #[test]
@@ -147,7 +163,13 @@ mod tests {
             workers: 1,
             listening_device: None,
         };
-        let err = bind(&plan).err().expect("port is taken without SO_REUSEPORT");
-        assert!(err.to_string().starts_with(&format!("cannot listen on udp {addr}:")), "{err}");
+        let err = bind(&plan)
+            .err()
+            .expect("port is taken without SO_REUSEPORT");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen on udp {addr}:")),
+            "{err}"
+        );
     }
 }

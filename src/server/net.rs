@@ -79,7 +79,11 @@ pub fn tcp_listener(addr: SocketAddr, device: Option<&str>) -> io::Result<std::n
 
 /// A relay socket bound exactly to `addr` (no address or port reuse, so the
 /// kernel guarantees the port is ours alone).
-pub fn relay_socket(addr: SocketAddr, device: Option<&str>, dont_fragment: bool) -> io::Result<std::net::UdpSocket> {
+pub fn relay_socket(
+    addr: SocketAddr,
+    device: Option<&str>,
+    dont_fragment: bool,
+) -> io::Result<std::net::UdpSocket> {
     let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
     bind_device(&s, device)?;
     if dont_fragment {
@@ -94,9 +98,17 @@ pub fn relay_socket(addr: SocketAddr, device: Option<&str>, dont_fragment: bool)
 fn set_dont_fragment(s: &Socket, ipv6: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let (level, name, value) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
     } else {
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
     };
     // SAFETY: setsockopt on a valid descriptor with a pointer to a live c_int
     // and its exact size.

@@ -67,8 +67,8 @@ impl PortPool {
             let free = |g: &Inner, i: usize| i < n && g.used[i / 64] & (1 << (i % 64)) == 0;
             let ok = match want {
                 Want::Any => free(&g, i),
-                Want::Even => port % 2 == 0 && free(&g, i),
-                Want::EvenPair => port % 2 == 0 && free(&g, i) && free(&g, i + 1),
+                Want::Even => port.is_multiple_of(2) && free(&g, i),
+                Want::EvenPair => port.is_multiple_of(2) && free(&g, i) && free(&g, i + 1),
             };
             if ok {
                 g.used[i / 64] |= 1 << (i % 64);
@@ -119,7 +119,11 @@ mod tests {
     fn even_and_pairs() {
         let p = PortPool::new(50001, 50004);
         assert_eq!(p.take(Want::EvenPair), Some(50002));
-        assert_eq!(p.take(Want::EvenPair), None, "50004's partner is outside the range");
+        assert_eq!(
+            p.take(Want::EvenPair),
+            None,
+            "50004's partner is outside the range"
+        );
         assert_eq!(p.take(Want::Even), Some(50004));
         assert_eq!(p.take(Want::Even), None);
         assert_eq!(p.take(Want::Any), Some(50001));

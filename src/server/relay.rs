@@ -11,7 +11,10 @@ use tracing::warn;
 
 use super::net;
 use super::ports::{PortPool, Want};
-use crate::turn::{AllocationId, OpenedRelay, PortRequest, RelayError, RelayProvider, RelayRequest, RESERVATION_LIFETIME};
+use crate::turn::{
+    AllocationId, OpenedRelay, PortRequest, RESERVATION_LIFETIME, RelayError, RelayProvider,
+    RelayRequest,
+};
 
 /// Bind attempts per Allocate before answering 508 when other programs hold
 /// the ports the pool offers.
@@ -34,14 +37,11 @@ impl Reservations {
         let mut map = self.map.lock().expect("reservations lock");
         loop {
             let token: [u8; 8] = rand::random();
-            if !map.contains_key(&token) {
-                map.insert(
-                    token,
-                    Reserved {
-                        socket,
-                        expires: now + Duration::from_secs(RESERVATION_LIFETIME),
-                    },
-                );
+            if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(token) {
+                slot.insert(Reserved {
+                    socket,
+                    expires: now + Duration::from_secs(RESERVATION_LIFETIME),
+                });
                 return token;
             }
         }
@@ -153,18 +153,32 @@ impl RelayProvider for Opener<'_> {
     fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
         let (socket, reservation) = match req.port {
             PortRequest::Reserved(token) => {
-                let s = self.reservations.claim(&token, self.now).ok_or(RelayError::NoReservation)?;
+                let s = self
+                    .reservations
+                    .claim(&token, self.now)
+                    .ok_or(RelayError::NoReservation)?;
                 (s, None)
             }
-            PortRequest::Any => (self.bind_from_pool(req.ip, Want::Any, req.dont_fragment)?.0, None),
-            PortRequest::Even { reserve_next: false } => (self.bind_from_pool(req.ip, Want::Even, req.dont_fragment)?.0, None),
+            PortRequest::Any => (
+                self.bind_from_pool(req.ip, Want::Any, req.dont_fragment)?.0,
+                None,
+            ),
+            PortRequest::Even {
+                reserve_next: false,
+            } => (
+                self.bind_from_pool(req.ip, Want::Even, req.dont_fragment)?
+                    .0,
+                None,
+            ),
             PortRequest::Even { reserve_next: true } => {
                 let (s, next) = self.bind_from_pool(req.ip, Want::EvenPair, req.dont_fragment)?;
                 let next = next.expect("pair requested");
                 (s, Some(self.reservations.insert(next, self.now)))
             }
         };
-        let addr = socket.local_addr().map_err(|_| RelayError::NoPortAvailable)?;
+        let addr = socket
+            .local_addr()
+            .map_err(|_| RelayError::NoPortAvailable)?;
         self.opened.push(Opened { id, socket, addr });
         Ok(OpenedRelay { addr, reservation })
     }
@@ -174,7 +188,12 @@ impl RelayProvider for Opener<'_> {
 mod tests {
     use super::*;
 
-    fn opener<'a>(pool: &'a PortPool, res: &'a Reservations, opened: &'a mut Vec<Opened>, now: Instant) -> Opener<'a> {
+    fn opener<'a>(
+        pool: &'a PortPool,
+        res: &'a Reservations,
+        opened: &'a mut Vec<Opened>,
+        now: Instant,
+    ) -> Opener<'a> {
         Opener {
             pool,
             reservations: res,
@@ -219,7 +238,9 @@ mod tests {
             port: PortRequest::Reserved(token),
             ..req
         };
-        let second = opener(&pool, &res, &mut opened, t0).open(id, &claim).unwrap();
+        let second = opener(&pool, &res, &mut opened, t0)
+            .open(id, &claim)
+            .unwrap();
         assert_eq!(second.addr.port(), first.addr.port() + 1);
         assert_eq!(
             opener(&pool, &res, &mut opened, t0).open(id, &claim),
@@ -280,7 +301,9 @@ mod tests {
             port: PortRequest::Any,
             dont_fragment: false,
         };
-        let got = opener(&pool, &res, &mut opened, Instant::now()).open(id, &req).unwrap();
+        let got = opener(&pool, &res, &mut opened, Instant::now())
+            .open(id, &req)
+            .unwrap();
         assert_eq!(got.addr.port(), max);
     }
 }

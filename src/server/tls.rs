@@ -21,18 +21,25 @@ pub fn load(cert: &Path, key: &Path, tls13_only: bool) -> Result<Arc<ServerConfi
     if certs.is_empty() {
         return Err(format!("{} contains no PEM certificate", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
     } else {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     };
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(versions)
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate {} and key do not work together: {e}", cert.display()))?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                format!(
+                    "certificate {} and key do not work together: {e}",
+                    cert.display()
+                )
+            })?;
     Ok(Arc::new(config))
 }
 
@@ -52,13 +59,29 @@ mod tests {
         assert!(load(&cert, &key, false).is_ok());
         assert!(load(&cert, &key, true).is_ok());
         let missing = dir.join("missing.pem");
-        assert!(load(&missing, &key, false).unwrap_err().contains("missing.pem"));
-        assert!(load(&key, &key, false).unwrap_err().contains("no PEM certificate"));
-        assert!(load(&cert, &cert, false).unwrap_err().contains("private key"));
+        assert!(
+            load(&missing, &key, false)
+                .unwrap_err()
+                .contains("missing.pem")
+        );
+        assert!(
+            load(&key, &key, false)
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
+        assert!(
+            load(&cert, &cert, false)
+                .unwrap_err()
+                .contains("private key")
+        );
         let other = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
         let other_key = dir.join("other.pem");
         std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
-        assert!(load(&cert, &other_key, false).unwrap_err().contains("do not work together"));
+        assert!(
+            load(&cert, &other_key, false)
+                .unwrap_err()
+                .contains("do not work together")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

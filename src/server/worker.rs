@@ -15,8 +15,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use slab::Slab;
@@ -113,7 +114,14 @@ type Handle = Rc<RefCell<Worker>>;
 impl Worker {
     /// Runs the core on one client message, then registers relay sockets it
     /// opened and applies its events.
-    fn client_message(&mut self, me: &Handle, now: Instant, ft: &FiveTuple, link: u32, data: &[u8]) -> ClientAction {
+    fn client_message(
+        &mut self,
+        me: &Handle,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        data: &[u8],
+    ) -> ClientAction {
         let Worker {
             core,
             shared,
@@ -139,7 +147,8 @@ impl Worker {
             match UdpSocket::from_std(o.socket) {
                 Ok(s) => {
                     let s = Rc::new(s);
-                    let task = tokio::task::spawn_local(relay_task(me.clone(), o.id, s.clone()));
+                    let task =
+                        tokio::task::spawn_local(relay_task(me.clone(), o.id, Rc::downgrade(&s)));
                     self.relays.insert(o.id, Relay { socket: s, task });
                 }
                 Err(e) => {
@@ -156,6 +165,9 @@ impl Worker {
                 Event::AllocationClosed { id, relayed } => {
                     if let Some(r) = self.relays.remove(&id) {
                         r.task.abort();
+                        // The only strong reference: the socket closes here,
+                        // before its port goes back to the pool.
+                        debug_assert_eq!(Rc::strong_count(&r.socket), 1);
                         drop(r.socket);
                     }
                     self.shared.pool.release(relayed.port());
@@ -198,11 +210,18 @@ fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
 }
 
 /// Starts worker `index` on its own thread.
-pub fn spawn(index: usize, sockets: Sockets, shared: Arc<Shared>) -> io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    index: usize,
+    sockets: Sockets,
+    shared: Arc<Shared>,
+) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     error!("worker {index}: cannot start runtime: {e}");
@@ -254,7 +273,10 @@ async fn run(index: usize, sockets: Sockets, shared: Arc<Shared>) {
             Ok(s) => {
                 tokio::task::spawn_local(tcp_listener(worker.clone(), s, l.addr));
             }
-            Err(e) => error!("worker {index}: cannot register TCP listener {}: {e}", l.addr),
+            Err(e) => error!(
+                "worker {index}: cannot register TCP listener {}: {e}",
+                l.addr
+            ),
         }
     }
     timer(worker).await;
@@ -270,7 +292,7 @@ async fn timer(worker: Handle) {
         ticks += 1;
         let now = Instant::now();
         let mut w = worker.borrow_mut();
-        if ticks % 60 == 0 {
+        if ticks.is_multiple_of(60) {
             w.core.set_wall_clock(now, unix_now());
         }
         w.core.handle_timeout(now);
@@ -318,21 +340,40 @@ async fn udp_listener(worker: Handle, link: u32, sock: Rc<UdpSocket>, local: Soc
     }
 }
 
-async fn relay_task(worker: Handle, id: AllocationId, sock: Rc<UdpSocket>) {
+/// Receives peer datagrams on one relay socket.
+///
+/// The task holds only a weak reference and waits with `poll_recv_ready`,
+/// so the worker's relay table owns the socket alone: removing the entry
+/// closes it at once and its port can be reused by the very next Allocate,
+/// on any worker. The task itself is aborted at the same moment.
+async fn relay_task(worker: Handle, id: AllocationId, sock: Weak<UdpSocket>) {
     loop {
-        if sock.readable().await.is_err() {
+        let ready = std::future::poll_fn(|cx| match sock.upgrade() {
+            Some(s) => s.poll_recv_ready(cx).map(Some),
+            None => Poll::Ready(None),
+        })
+        .await;
+        if !matches!(ready, Some(Ok(()))) {
             return;
         }
+        let Some(sock) = sock.upgrade() else { return };
         loop {
             let mut guard = worker.borrow_mut();
             let w = &mut *guard;
-            let (n, from) = match sock.try_recv_from(&mut w.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // ICMP errors (port unreachable) surface here; keep reading.
-                Err(_) => continue,
-            };
-            let Some(d) = w.core.handle_peer(Instant::now(), id, from, &mut w.peer_buf, HEADROOM..HEADROOM + n) else {
+            let (n, from) =
+                match sock.try_recv_from(&mut w.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // ICMP errors (port unreachable) surface here; keep reading.
+                    Err(_) => continue,
+                };
+            let Some(d) = w.core.handle_peer(
+                Instant::now(),
+                id,
+                from,
+                &mut w.peer_buf,
+                HEADROOM..HEADROOM + n,
+            ) else {
                 continue;
             };
             w.deliver(&d, &w.peer_buf[d.range.clone()]);
@@ -372,7 +413,11 @@ async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, loca
     let ft = FiveTuple {
         client: peer,
         server: local,
-        transport: if is_tls { Transport::Tls } else { Transport::Tcp },
+        transport: if is_tls {
+            Transport::Tls
+        } else {
+            Transport::Tcp
+        },
     };
     if !is_tls {
         serve_stream(worker, stream, ft).await;
@@ -472,6 +517,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
     w.core.client_closed(Instant::now(), &ft);
     w.apply_events();
     if conn.dropped.get() > 0 {
-        info!("{ft}: {} frames dropped because the client was not reading", conn.dropped.get());
+        info!(
+            "{ft}: {} frames dropped because the client was not reading",
+            conn.dropped.get()
+        );
     }
 }

@@ -149,7 +149,10 @@ impl fmt::Display for AttrError {
                 write!(f, "attribute 0x{typ:04x} has invalid length {len}")
             }
             AttrError::BadFamily { typ, family } => {
-                write!(f, "attribute 0x{typ:04x} has unknown address family 0x{family:02x}")
+                write!(
+                    f,
+                    "attribute 0x{typ:04x} has unknown address family 0x{family:02x}"
+                )
             }
             AttrError::NotUtf8 { typ } => write!(f, "attribute 0x{typ:04x} is not valid UTF-8"),
             AttrError::BadErrorCode => write!(f, "ERROR-CODE is malformed"),
@@ -309,7 +312,7 @@ pub fn decode_error_code(value: &[u8]) -> Result<(u16, &str), AttrError> {
 
 /// Decodes UNKNOWN-ATTRIBUTES (RFC 8489 §14.9) into the listed types.
 pub fn decode_unknown_attributes(value: &[u8]) -> Result<Vec<u16>, AttrError> {
-    if value.len() % 2 != 0 {
+    if !value.len().is_multiple_of(2) {
         return Err(AttrError::BadLength {
             typ: UNKNOWN_ATTRIBUTES,
             len: value.len(),
@@ -330,7 +333,9 @@ mod tests {
         let tid = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
         for addr in [
             "192.0.2.1:32853".parse::<SocketAddr>().unwrap(),
-            "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap(),
+            "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                .parse()
+                .unwrap(),
         ] {
             let x = xor_address(addr, &tid);
             assert_ne!(x, addr);
@@ -365,7 +370,10 @@ mod tests {
     fn error_code_decodes() {
         let v = [0, 0, 4, 37, b'A', b'l', b'l'];
         assert_eq!(decode_error_code(&v), Ok((437, "All")));
-        assert_eq!(decode_error_code(&[0, 0, 7, 0]), Err(AttrError::BadErrorCode));
+        assert_eq!(
+            decode_error_code(&[0, 0, 7, 0]),
+            Err(AttrError::BadErrorCode)
+        );
     }
 
     #[test]

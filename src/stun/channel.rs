@@ -10,7 +10,9 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
-use super::{attr, encode_address, fingerprint_of, message_type, method, Class, HEADER_LEN, MAGIC_COOKIE};
+use super::{
+    Class, HEADER_LEN, MAGIC_COOKIE, attr, encode_address, fingerprint_of, message_type, method,
+};
 
 /// Lowest channel number (RFC 8656 §12).
 pub const MIN_CHANNEL: u16 = 0x4000;
@@ -193,22 +195,40 @@ mod tests {
     #[test]
     fn stream_frames() {
         assert_eq!(stream_frame(&[0x00, 0x01, 0x00]), Ok(None));
-        assert_eq!(stream_frame(&[0x00, 0x01, 0x00, 0x08]), Ok(Some(Frame::Stun(28))));
+        assert_eq!(
+            stream_frame(&[0x00, 0x01, 0x00, 0x08]),
+            Ok(Some(Frame::Stun(28)))
+        );
         assert_eq!(stream_frame(&[0x00, 0x01, 0x00, 0x07]), Err(NotAFrame));
-        assert_eq!(stream_frame(&[0x40, 0x00, 0x00, 0x05]), Ok(Some(Frame::ChannelData(12))));
-        assert_eq!(stream_frame(&[0x7F, 0xFF, 0x00, 0x04]), Ok(Some(Frame::ChannelData(8))));
+        assert_eq!(
+            stream_frame(&[0x40, 0x00, 0x00, 0x05]),
+            Ok(Some(Frame::ChannelData(12)))
+        );
+        assert_eq!(
+            stream_frame(&[0x7F, 0xFF, 0x00, 0x04]),
+            Ok(Some(Frame::ChannelData(8)))
+        );
         assert_eq!(stream_frame(&[0x80, 0, 0, 0]), Err(NotAFrame));
         assert_eq!(stream_frame(&[0xC0, 0, 0, 0]), Err(NotAFrame));
         // 'G' is 0x47: HTTP looks like ChannelData on channel 0x4745 with
         // length "T " (0x5420).
-        assert_eq!(stream_frame(b"GET / HTTP/1.1"), Ok(Some(Frame::ChannelData(4 + 0x5420))));
+        assert_eq!(
+            stream_frame(b"GET / HTTP/1.1"),
+            Ok(Some(Frame::ChannelData(4 + 0x5420)))
+        );
     }
 
     #[test]
     fn channel_data_parse() {
-        assert_eq!(parse_channel_data(&[0x40, 0x01, 0, 2, 9, 9]), Some((0x4001, 4..6)));
+        assert_eq!(
+            parse_channel_data(&[0x40, 0x01, 0, 2, 9, 9]),
+            Some((0x4001, 4..6))
+        );
         // Padding after the payload is fine.
-        assert_eq!(parse_channel_data(&[0x40, 0x01, 0, 2, 9, 9, 0, 0]), Some((0x4001, 4..6)));
+        assert_eq!(
+            parse_channel_data(&[0x40, 0x01, 0, 2, 9, 9, 0, 0]),
+            Some((0x4001, 4..6))
+        );
         assert_eq!(parse_channel_data(&[0x40, 0x01, 0, 3, 9, 9]), None);
         assert_eq!(parse_channel_data(&[0x3F, 0xFF, 0, 0]), None);
         assert_eq!(parse_channel_data(&[0x40]), None);
@@ -219,7 +239,10 @@ mod tests {
         let mut buf = vec![0xAAu8; HEADROOM + 5 + TAILROOM];
         buf[HEADROOM..HEADROOM + 5].copy_from_slice(b"hello");
         let r = frame_channel_data(&mut buf, HEADROOM..HEADROOM + 5, 0x4005, true);
-        assert_eq!(&buf[r.clone()], &[0x40, 0x05, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
+        assert_eq!(
+            &buf[r.clone()],
+            &[0x40, 0x05, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]
+        );
         let r = frame_channel_data(&mut buf, HEADROOM..HEADROOM + 5, 0x4005, false);
         assert_eq!(r.len(), 9);
     }

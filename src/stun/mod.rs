@@ -75,7 +75,11 @@ pub const fn message_type(method: u16, class: Class) -> u16 {
         Class::Success => 0b10,
         Class::Error => 0b11,
     };
-    (method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2) | ((c & 1) << 4) | ((c & 2) << 7)
+    (method & 0x000F)
+        | ((method & 0x0070) << 1)
+        | ((method & 0x0F80) << 2)
+        | ((c & 1) << 4)
+        | ((c & 2) << 7)
 }
 
 fn split_type(t: u16) -> (u16, Class) {
@@ -159,7 +163,13 @@ impl fmt::Debug for Message<'_> {
             .field("method", &method::name(self.method))
             .field("class", &self.class)
             .field("len", &self.raw.len())
-            .field("attrs", &self.attributes().map(|(t, v)| (t, v.len())).collect::<Vec<_>>())
+            .field(
+                "attrs",
+                &self
+                    .attributes()
+                    .map(|(t, v)| (t, v.len()))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -264,7 +274,12 @@ impl<'a> Message<'a> {
         let raw = self.raw;
         self.attrs[..usize::from(self.n_attrs)]
             .iter()
-            .map(move |a| (a.typ, &raw[usize::from(a.start)..usize::from(a.start) + usize::from(a.len)]))
+            .map(move |a| {
+                (
+                    a.typ,
+                    &raw[usize::from(a.start)..usize::from(a.start) + usize::from(a.len)],
+                )
+            })
     }
 
     /// The value of the first attribute of type `typ`.
@@ -291,7 +306,9 @@ impl<'a> Message<'a> {
 
     /// Values of every attribute of type `typ`, in order.
     pub fn get_all(&self, typ: u16) -> impl Iterator<Item = &'a [u8]> + '_ {
-        self.attributes().filter(move |(t, _)| *t == typ).map(|(_, v)| v)
+        self.attributes()
+            .filter(move |(t, _)| *t == typ)
+            .map(|(_, v)| v)
     }
 
     /// Decodes the first XOR-address attribute of type `typ`.
@@ -365,7 +382,10 @@ fn integrity_mac(key: &[u8], prefix: &[u8], length_field: usize) -> Hmac<Sha1> {
 /// HMAC-SHA1 over `prefix` (header and attributes before MESSAGE-INTEGRITY)
 /// with the header length field replaced by `length_field` (RFC 8489 §14.5).
 pub fn compute_integrity(key: &[u8], prefix: &[u8], length_field: usize) -> [u8; 20] {
-    integrity_mac(key, prefix, length_field).finalize().into_bytes().into()
+    integrity_mac(key, prefix, length_field)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// CRC-32 of `prefix` with the header length replaced by `length_field`,
@@ -421,7 +441,8 @@ impl<'b> MessageWriter<'b> {
     pub fn attr(&mut self, typ: u16, value: &[u8]) -> &mut Self {
         let value = &value[..value.len().min(usize::from(u16::MAX) - 3)];
         self.buf.extend_from_slice(&typ.to_be_bytes());
-        self.buf.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        self.buf
+            .extend_from_slice(&(value.len() as u16).to_be_bytes());
         self.buf.extend_from_slice(value);
         let pad = (4 - value.len() % 4) % 4;
         self.buf.extend_from_slice(&[0u8; 3][..pad]);

@@ -33,7 +33,10 @@ fn rfc5769_vector1_request() {
     assert_eq!(m.class(), Class::Request);
     assert_eq!(m.text(attr::SOFTWARE), Some(Ok("STUN test client")));
     assert_eq!(m.get(attr::PRIORITY), Some(&[0x6e, 0x00, 0x01, 0xff][..]));
-    assert_eq!(m.get(attr::ICE_CONTROLLED), Some(&hex("932ff9b151263b36")[..]));
+    assert_eq!(
+        m.get(attr::ICE_CONTROLLED),
+        Some(&hex("932ff9b151263b36")[..])
+    );
     assert_eq!(m.text(attr::USERNAME), Some(Ok("evtj:h6vY")));
     assert!(m.has_fingerprint());
     assert!(m.fingerprint_ok());
@@ -57,7 +60,9 @@ fn rfc5769_vector2_ipv4_response() {
 fn rfc5769_vector3_ipv6_response() {
     let raw = hex(V3);
     let m = Message::parse(&raw).unwrap();
-    let want: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap();
+    let want: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+        .parse()
+        .unwrap();
     assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS), Some(Ok(want)));
     assert!(m.fingerprint_ok());
     assert!(m.verify_integrity(SHORT_TERM_KEY));
@@ -68,13 +73,20 @@ fn rfc5769_vector4_long_term() {
     let raw = hex(V4);
     let m = Message::parse(&raw).unwrap();
     assert_eq!(m.text(attr::USERNAME), Some(Ok("マトリックス")));
-    assert_eq!(m.text(attr::NONCE), Some(Ok("f//499k954d6OL34oL9FSTvy64sA")));
+    assert_eq!(
+        m.text(attr::NONCE),
+        Some(Ok("f//499k954d6OL34oL9FSTvy64sA"))
+    );
     assert_eq!(m.text(attr::REALM), Some(Ok("example.org")));
     assert!(!m.has_fingerprint());
     assert!(m.verify_integrity(&long_term_key_v4()));
     // The key derivation used by the server (with SASLprep) gives the same key
     // from the RFC's unprepared password.
-    let key = crate::auth::long_term_key("マトリックス", "example.org", "The\u{00ad}M\u{00aa}tr\u{2168}");
+    let key = crate::auth::long_term_key(
+        "マトリックス",
+        "example.org",
+        "The\u{00ad}M\u{00aa}tr\u{2168}",
+    );
     assert_eq!(&key[..], &long_term_key_v4()[..]);
 }
 
@@ -100,8 +112,14 @@ fn reencode(raw: &[u8], key: &[u8]) -> Vec<u8> {
     assert_eq!(again.method(), m.method());
     assert_eq!(again.class(), m.class());
     assert_eq!(again.transaction_id(), m.transaction_id());
-    let a: Vec<_> = m.attributes().filter(|(t, _)| *t != attr::MESSAGE_INTEGRITY).collect();
-    let b: Vec<_> = again.attributes().filter(|(t, _)| *t != attr::MESSAGE_INTEGRITY).collect();
+    let a: Vec<_> = m
+        .attributes()
+        .filter(|(t, _)| *t != attr::MESSAGE_INTEGRITY)
+        .collect();
+    let b: Vec<_> = again
+        .attributes()
+        .filter(|(t, _)| *t != attr::MESSAGE_INTEGRITY)
+        .collect();
     assert_eq!(a, b);
     assert!(again.fingerprint_ok());
     assert_eq!(again.has_fingerprint(), m.has_fingerprint());
@@ -129,15 +147,30 @@ fn rfc5769_writer_reproduces_vector2_addresses() {
     let m = Message::parse(&raw).unwrap();
     let mut out = Vec::new();
     let addr: SocketAddr = "192.0.2.1:32853".parse().unwrap();
-    MessageWriter::new(&mut out, method::BINDING, Class::Success, m.transaction_id())
-        .xor_address(attr::XOR_MAPPED_ADDRESS, addr);
+    MessageWriter::new(
+        &mut out,
+        method::BINDING,
+        Class::Success,
+        m.transaction_id(),
+    )
+    .xor_address(attr::XOR_MAPPED_ADDRESS, addr);
     assert_eq!(&out[20..], &hex("002000080001a147e112a643")[..]);
     let raw = hex(V3);
     let m = Message::parse(&raw).unwrap();
-    let addr: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap();
-    MessageWriter::new(&mut out, method::BINDING, Class::Success, m.transaction_id())
-        .xor_address(attr::XOR_MAPPED_ADDRESS, addr);
-    assert_eq!(&out[20..], &hex("002000140002a1470113a9faa5d3f179bc25f4b5bed2b9d9")[..]);
+    let addr: SocketAddr = "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+        .parse()
+        .unwrap();
+    MessageWriter::new(
+        &mut out,
+        method::BINDING,
+        Class::Success,
+        m.transaction_id(),
+    )
+    .xor_address(attr::XOR_MAPPED_ADDRESS, addr);
+    assert_eq!(
+        &out[20..],
+        &hex("002000140002a1470113a9faa5d3f179bc25f4b5bed2b9d9")[..]
+    );
 }
 
 /// A flipped bit must make the message unparseable, fail FINGERPRINT, or
@@ -145,7 +178,11 @@ fn rfc5769_writer_reproduces_vector2_addresses() {
 fn rejected(bytes: &[u8], key: &[u8]) -> bool {
     match Message::parse(bytes) {
         Err(_) => true,
-        Ok(m) => !m.fingerprint_ok() || (m.has_integrity() && !m.verify_integrity(key)) || !m.has_integrity(),
+        Ok(m) => {
+            !m.fingerprint_ok()
+                || (m.has_integrity() && !m.verify_integrity(key))
+                || !m.has_integrity()
+        }
     }
 }
 
@@ -173,7 +210,10 @@ fn rfc5769_bit_flips_are_rejected() {
             for bit in 0..8 {
                 let mut m = raw.clone();
                 m[byte] ^= 1 << bit;
-                assert!(rejected(&m, &key), "vector {v}: flip byte {byte} bit {bit} accepted");
+                assert!(
+                    rejected(&m, &key),
+                    "vector {v}: flip byte {byte} bit {bit} accepted"
+                );
             }
         }
     }
@@ -214,26 +254,38 @@ fn truncations_and_garbage_never_panic() {
 
 #[test]
 fn malformed_headers() {
-    assert_eq!(Message::parse(&[0u8; 19]).unwrap_err(), DecodeError::TooShort);
+    assert_eq!(
+        Message::parse(&[0u8; 19]).unwrap_err(),
+        DecodeError::TooShort
+    );
     let mut raw = hex(V2);
     raw[0] |= 0x80;
     assert_eq!(Message::parse(&raw).unwrap_err(), DecodeError::NotStun);
     let mut raw = hex(V2);
     raw[4] = 0;
-    assert_eq!(Message::parse(&raw).unwrap_err(), DecodeError::BadMagicCookie);
+    assert_eq!(
+        Message::parse(&raw).unwrap_err(),
+        DecodeError::BadMagicCookie
+    );
     let mut raw = hex(V2);
     raw.push(0);
     assert_eq!(Message::parse(&raw).unwrap_err(), DecodeError::BadLength);
     // An attribute whose length runs past the end.
     let mut raw = hex(V2);
     raw[22..24].copy_from_slice(&0x00FFu16.to_be_bytes());
-    assert_eq!(Message::parse(&raw).unwrap_err(), DecodeError::TruncatedAttribute);
+    assert_eq!(
+        Message::parse(&raw).unwrap_err(),
+        DecodeError::TruncatedAttribute
+    );
     // Anything after FINGERPRINT.
     let mut out = Vec::new();
     MessageWriter::new(&mut out, method::BINDING, Class::Request, &[1; 12])
         .fingerprint()
         .attr(attr::SOFTWARE, b"x");
-    assert_eq!(Message::parse(&out).unwrap_err(), DecodeError::BadFingerprintPosition);
+    assert_eq!(
+        Message::parse(&out).unwrap_err(),
+        DecodeError::BadFingerprintPosition
+    );
 }
 
 #[test]
@@ -257,13 +309,21 @@ fn too_many_attributes() {
     for _ in 0..=MAX_ATTRIBUTES {
         w.attr(attr::SOFTWARE, b"");
     }
-    assert_eq!(Message::parse(&out).unwrap_err(), DecodeError::TooManyAttributes);
+    assert_eq!(
+        Message::parse(&out).unwrap_err(),
+        DecodeError::TooManyAttributes
+    );
 }
 
 #[test]
 fn message_type_round_trip() {
     for m in [1u16, 3, 4, 6, 7, 8, 9, 0xA, 0xFFF] {
-        for c in [Class::Request, Class::Indication, Class::Success, Class::Error] {
+        for c in [
+            Class::Request,
+            Class::Indication,
+            Class::Success,
+            Class::Error,
+        ] {
             assert_eq!(split_type(message_type(m, c)), (m, c));
         }
     }

@@ -28,7 +28,7 @@ use tracing::{debug, info, trace};
 
 use crate::auth::{Authenticator, Key, NonceCheck, NonceIssuer};
 use crate::stun::channel::{self, MAX_CHANNEL_RFC5766, MIN_CHANNEL};
-use crate::stun::{attr, method, Class, Message, MessageWriter};
+use crate::stun::{Class, Message, MessageWriter, attr, method};
 use policy::PeerPolicy;
 
 /// Default allocation lifetime, seconds (RFC 8656 §7.2).
@@ -284,7 +284,10 @@ impl fmt::Display for CloseReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Close the allocation's relay socket.
-    AllocationClosed { id: AllocationId, relayed: SocketAddr },
+    AllocationClosed {
+        id: AllocationId,
+        relayed: SocketAddr,
+    },
 }
 
 /// Packet and byte counters of one allocation.
@@ -331,7 +334,9 @@ struct Allocation {
 
 impl Allocation {
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.iter().any(|p| p.ip == ip && p.expires > now)
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && p.expires > now)
     }
 
     fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
@@ -507,7 +512,9 @@ impl Server {
                 }
                 match msg.class() {
                     Class::Request => self.request(now, five_tuple, link, &msg, out, relays),
-                    Class::Indication if msg.method() == method::SEND => self.send_indication(now, five_tuple, &msg),
+                    Class::Indication if msg.method() == method::SEND => {
+                        self.send_indication(now, five_tuple, &msg)
+                    }
                     _ => ClientAction::None,
                 }
             }
@@ -547,8 +554,10 @@ impl Server {
             trace!(five_tuple = %ft, "Send indication with unknown attributes dropped");
             return ClientAction::None;
         }
-        let (Some(Ok(peer)), Some(payload)) = (msg.xor_address(attr::XOR_PEER_ADDRESS), msg.value_range(attr::DATA))
-        else {
+        let (Some(Ok(peer)), Some(payload)) = (
+            msg.xor_address(attr::XOR_PEER_ADDRESS),
+            msg.value_range(attr::DATA),
+        ) else {
             trace!(five_tuple = %ft, "Send indication without XOR-PEER-ADDRESS or DATA dropped");
             return ClientAction::None;
         };
@@ -573,7 +582,12 @@ impl Server {
     }
 
     /// Starts a response to `req` in `out`; SOFTWARE is added when configured.
-    fn response<'o>(&self, out: &'o mut Vec<u8>, req: &Message<'_>, class: Class) -> MessageWriter<'o> {
+    fn response<'o>(
+        &self,
+        out: &'o mut Vec<u8>,
+        req: &Message<'_>,
+        class: Class,
+    ) -> MessageWriter<'o> {
         let mut w = MessageWriter::new(out, req.method(), class, req.transaction_id());
         if let Some(s) = &self.cfg.software {
             w.attr(attr::SOFTWARE, s.as_bytes());
@@ -592,7 +606,13 @@ impl Server {
         }
     }
 
-    fn error(&self, out: &mut Vec<u8>, req: &Message<'_>, code: u16, key: Option<&Key>) -> ClientAction {
+    fn error(
+        &self,
+        out: &mut Vec<u8>,
+        req: &Message<'_>,
+        code: u16,
+        key: Option<&Key>,
+    ) -> ClientAction {
         let mut w = self.response(out, req, Class::Error);
         w.error_code(code, reason(code));
         self.seal(&mut w, req, key);
@@ -600,7 +620,14 @@ impl Server {
     }
 
     /// 401 or 438 with REALM and a fresh NONCE, never MESSAGE-INTEGRITY.
-    fn challenge(&self, now: Instant, out: &mut Vec<u8>, ft: &FiveTuple, req: &Message<'_>, code: u16) -> ClientAction {
+    fn challenge(
+        &self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        ft: &FiveTuple,
+        req: &Message<'_>,
+        code: u16,
+    ) -> ClientAction {
         let nonce = self.cfg.nonces.issue(self.unix(now), ft.client.ip());
         let mut w = self.response(out, req, Class::Error);
         w.error_code(code, reason(code))
@@ -623,7 +650,8 @@ impl Server {
         let n = msg.unknown_required(&mut unknown);
         if n > 0 {
             let mut w = self.response(out, msg, Class::Error);
-            w.error_code(420, reason(420)).unknown_attributes(&unknown[..n]);
+            w.error_code(420, reason(420))
+                .unknown_attributes(&unknown[..n]);
             self.seal(&mut w, msg, None);
             debug!(five_tuple = %ft, method = method::name(msg.method()), "420 for unknown attributes {:04x?}", &unknown[..n]);
             return ClientAction::Reply;
@@ -667,9 +695,18 @@ impl Server {
     }
 
     /// RFC 8489 §9.2.4 for long-term credentials.
-    fn authenticate<'m>(&self, now: Instant, ft: &FiveTuple, msg: &Message<'m>, out: &mut Vec<u8>) -> Authed<'m> {
+    fn authenticate<'m>(
+        &self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'m>,
+        out: &mut Vec<u8>,
+    ) -> Authed<'m> {
         if !self.cfg.auth.enabled() {
-            return Authed::Ok { key: None, username: "" };
+            return Authed::Ok {
+                key: None,
+                username: "",
+            };
         }
         if !msg.has_integrity() {
             self.challenge(now, out, ft, msg, 401);
@@ -699,14 +736,20 @@ impl Server {
                 self.error(out, msg, 441, None);
                 return Authed::Answered;
             }
-            if let Some(key) = a.key {
-                if msg.verify_integrity(&key) {
-                    return Authed::Ok { key: Some(key), username };
-                }
+            if let Some(key) = a.key
+                && msg.verify_integrity(&key)
+            {
+                return Authed::Ok {
+                    key: Some(key),
+                    username,
+                };
             }
         }
         match self.cfg.auth.authenticate(msg, username, self.unix(now)) {
-            Ok(key) => Authed::Ok { key: Some(key), username },
+            Ok(key) => Authed::Ok {
+                key: Some(key),
+                username,
+            },
             Err(why) => {
                 info!(five_tuple = %ft, user = username, method = method::name(msg.method()), "401: {why}");
                 self.challenge(now, out, ft, msg, 401);
@@ -743,11 +786,11 @@ impl Server {
             return Some(local);
         }
         let pick = |loopback_ok: bool| {
-            self.cfg
-                .listening_ips
-                .iter()
-                .copied()
-                .find(|ip| Family::of(*ip) == family && !ip.is_unspecified() && (loopback_ok || !ip.is_loopback()))
+            self.cfg.listening_ips.iter().copied().find(|ip| {
+                Family::of(*ip) == family
+                    && !ip.is_unspecified()
+                    && (loopback_ok || !ip.is_loopback())
+            })
         };
         pick(false).or_else(|| pick(true))
     }
@@ -769,7 +812,13 @@ impl Server {
         relayed
     }
 
-    fn allocate_success(&self, now: Instant, out: &mut Vec<u8>, req: &Message<'_>, a: &Allocation) -> ClientAction {
+    fn allocate_success(
+        &self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        req: &Message<'_>,
+        a: &Allocation,
+    ) -> ClientAction {
         let remaining = a.expires.saturating_duration_since(now).as_secs() as u32;
         let mut w = self.response(out, req, Class::Success);
         w.xor_address(attr::XOR_RELAYED_ADDRESS, a.advertised)
@@ -802,7 +851,10 @@ impl Server {
             }
             return self.error(out, msg, 437, k);
         }
-        let transport = match msg.get(attr::REQUESTED_TRANSPORT).map(attr::decode_requested_transport) {
+        let transport = match msg
+            .get(attr::REQUESTED_TRANSPORT)
+            .map(attr::decode_requested_transport)
+        {
             Some(Ok(t)) => t,
             _ => return self.error(out, msg, 400, k),
         };
@@ -814,12 +866,18 @@ impl Server {
             Some(Ok(r)) => Some(r),
             Some(Err(_)) => return self.error(out, msg, 400, k),
         };
-        let token = match msg.get(attr::RESERVATION_TOKEN).map(attr::decode_reservation_token) {
+        let token = match msg
+            .get(attr::RESERVATION_TOKEN)
+            .map(attr::decode_reservation_token)
+        {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(_)) => return self.error(out, msg, 400, k),
         };
-        let requested_family = match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(attr::decode_requested_family) {
+        let requested_family = match msg
+            .get(attr::REQUESTED_ADDRESS_FAMILY)
+            .map(attr::decode_requested_family)
+        {
             None => None,
             Some(Ok(0x01)) => Some(Family::V4),
             Some(Ok(0x02)) => Some(Family::V6),
@@ -829,12 +887,17 @@ impl Server {
         if token.is_some() && (even_port.is_some() || requested_family.is_some()) {
             return self.error(out, msg, 400, k);
         }
-        let requested_lifetime = match msg.get(attr::LIFETIME).map(|v| attr::decode_u32(attr::LIFETIME, v)) {
+        let requested_lifetime = match msg
+            .get(attr::LIFETIME)
+            .map(|v| attr::decode_u32(attr::LIFETIME, v))
+        {
             None => None,
             Some(Ok(l)) => Some(l),
             Some(Err(_)) => return self.error(out, msg, 400, k),
         };
-        let lifetime = self.lifetime(requested_lifetime).max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
+        let lifetime = self
+            .lifetime(requested_lifetime)
+            .max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
         let dont_fragment = msg.has(attr::DONT_FRAGMENT);
 
         let (ip, port) = if let Some(t) = token {
@@ -861,7 +924,14 @@ impl Server {
             index: self.allocations.vacant_key() as u32,
             generation: self.next_generation,
         };
-        let opened = match relays.open(id, &RelayRequest { ip, port, dont_fragment }) {
+        let opened = match relays.open(
+            id,
+            &RelayRequest {
+                ip,
+                port,
+                dont_fragment,
+            },
+        ) {
             Ok(o) => o,
             Err(e) => {
                 info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
@@ -902,7 +972,14 @@ impl Server {
         self.allocate_success(now, out, msg, a)
     }
 
-    fn refresh(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, out: &mut Vec<u8>, key: Option<Key>) -> ClientAction {
+    fn refresh(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        key: Option<Key>,
+    ) -> ClientAction {
         let k = key.as_ref();
         let Some(&id) = self.by_five_tuple.get(ft) else {
             return self.error(out, msg, 437, k);
@@ -911,18 +988,30 @@ impl Server {
             Some(a) => Family::of(a.relayed.ip()),
             None => return self.error(out, msg, 437, k),
         };
-        match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(attr::decode_requested_family) {
+        match msg
+            .get(attr::REQUESTED_ADDRESS_FAMILY)
+            .map(attr::decode_requested_family)
+        {
             None => {}
-            Some(Ok(f)) if (f == 1 && relay_family == Family::V4) || (f == 2 && relay_family == Family::V6) => {}
+            Some(Ok(f))
+                if (f == 1 && relay_family == Family::V4)
+                    || (f == 2 && relay_family == Family::V6) => {}
             Some(Ok(_)) => return self.error(out, msg, 443, k),
             Some(Err(_)) => return self.error(out, msg, 400, k),
         }
-        let requested = match msg.get(attr::LIFETIME).map(|v| attr::decode_u32(attr::LIFETIME, v)) {
+        let requested = match msg
+            .get(attr::LIFETIME)
+            .map(|v| attr::decode_u32(attr::LIFETIME, v))
+        {
             None => None,
             Some(Ok(l)) => Some(l),
             Some(Err(_)) => return self.error(out, msg, 400, k),
         };
-        let lifetime = if requested == Some(0) { 0 } else { self.lifetime(requested) };
+        let lifetime = if requested == Some(0) {
+            0
+        } else {
+            self.lifetime(requested)
+        };
         if lifetime == 0 {
             self.close(id, CloseReason::Deleted, now);
         } else if let Some(a) = self.get_mut(id) {
@@ -936,8 +1025,15 @@ impl Server {
 
     /// Decodes and vets a XOR-PEER-ADDRESS value for an allocation relaying
     /// on `relay_family`; `Err(code)` is the error to answer.
-    fn vet_peer(&self, value: &[u8], tid: &[u8; 12], relay_family: Family, ft: &FiveTuple) -> Result<SocketAddr, u16> {
-        let peer = attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, tid).map_err(|_| 400u16)?;
+    fn vet_peer(
+        &self,
+        value: &[u8],
+        tid: &[u8; 12],
+        relay_family: Family,
+        ft: &FiveTuple,
+    ) -> Result<SocketAddr, u16> {
+        let peer =
+            attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, tid).map_err(|_| 400u16)?;
         if Family::of(peer.ip()) != relay_family {
             return Err(443);
         }
@@ -963,7 +1059,8 @@ impl Server {
         let Some(relay_family) = self.get(id).map(|a| Family::of(a.relayed.ip())) else {
             return self.error(out, msg, 437, k);
         };
-        let mut peers: [Option<IpAddr>; crate::stun::MAX_ATTRIBUTES] = [None; crate::stun::MAX_ATTRIBUTES];
+        let mut peers: [Option<IpAddr>; crate::stun::MAX_ATTRIBUTES] =
+            [None; crate::stun::MAX_ATTRIBUTES];
         let mut n = 0;
         for value in msg.get_all(attr::XOR_PEER_ADDRESS) {
             match self.vet_peer(value, msg.transaction_id(), relay_family, ft) {
@@ -989,7 +1086,14 @@ impl Server {
         ClientAction::Reply
     }
 
-    fn channel_bind(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, out: &mut Vec<u8>, key: Option<Key>) -> ClientAction {
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        key: Option<Key>,
+    ) -> ClientAction {
         let k = key.as_ref();
         let Some(&id) = self.by_five_tuple.get(ft) else {
             return self.error(out, msg, 437, k);
@@ -997,7 +1101,10 @@ impl Server {
         let Some(relay_family) = self.get(id).map(|a| Family::of(a.relayed.ip())) else {
             return self.error(out, msg, 437, k);
         };
-        let number = match msg.get(attr::CHANNEL_NUMBER).map(attr::decode_channel_number) {
+        let number = match msg
+            .get(attr::CHANNEL_NUMBER)
+            .map(attr::decode_channel_number)
+        {
             Some(Ok(n)) => n,
             _ => return self.error(out, msg, 400, k),
         };
@@ -1142,7 +1249,10 @@ impl Server {
             to_client_bytes = t.to_client_bytes,
             "allocation deleted"
         );
-        self.events.push_back(Event::AllocationClosed { id, relayed: a.relayed });
+        self.events.push_back(Event::AllocationClosed {
+            id,
+            relayed: a.relayed,
+        });
     }
 }
 

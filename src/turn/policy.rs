@@ -28,7 +28,9 @@ impl IpRange {
     /// Whether `ip` (as given, not canonicalised) lies in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.start, self.end, ip) {
-            (IpAddr::V4(s), IpAddr::V4(e), IpAddr::V4(x)) => (u32::from(s)..=u32::from(e)).contains(&u32::from(x)),
+            (IpAddr::V4(s), IpAddr::V4(e), IpAddr::V4(x)) => {
+                (u32::from(s)..=u32::from(e)).contains(&u32::from(x))
+            }
             (IpAddr::V6(s), IpAddr::V6(e), IpAddr::V6(x)) => {
                 (u128::from(s)..=u128::from(e)).contains(&u128::from(x))
             }
@@ -55,11 +57,15 @@ impl FromStr for IpRange {
         let s = s.trim();
         let ip = |t: &str| -> Result<IpAddr, String> {
             let t = t.trim().trim_start_matches('[').trim_end_matches(']');
-            t.parse::<IpAddr>().map_err(|_| format!("'{t}' is not an IP address"))
+            t.parse::<IpAddr>()
+                .map_err(|_| format!("'{t}' is not an IP address"))
         };
         if let Some((net, len)) = s.split_once('/') {
             let net = ip(net)?;
-            let len: u32 = len.trim().parse().map_err(|_| format!("'{len}' is not a prefix length"))?;
+            let len: u32 = len
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{len}' is not a prefix length"))?;
             return match net {
                 IpAddr::V4(n) if len <= 32 => {
                     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -70,7 +76,11 @@ impl FromStr for IpRange {
                     })
                 }
                 IpAddr::V6(n) if len <= 128 => {
-                    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                    let mask = if len == 0 {
+                        0
+                    } else {
+                        u128::MAX << (128 - len)
+                    };
                     let start = u128::from(n) & mask;
                     Ok(IpRange {
                         start: IpAddr::V6(Ipv6Addr::from(start)),
@@ -160,12 +170,8 @@ impl PeerPolicy {
             return Ok(());
         }
         let is_v6_loopback = ip == IpAddr::V6(Ipv6Addr::LOCALHOST);
-        if !is_v6_loopback {
-            if let IpAddr::V4(v4) = c {
-                if v4.octets()[0] == 0 {
-                    return Err(Denied::Unspecified);
-                }
-            }
+        if !is_v6_loopback && matches!(c, IpAddr::V4(v4) if v4.octets()[0] == 0) {
+            return Err(Denied::Unspecified);
         }
         let loopback = is_v6_loopback || matches!(c, IpAddr::V4(v4) if v4.is_loopback());
         if loopback && !self.allow_loopback {
@@ -249,7 +255,10 @@ mod tests {
     fn multicast_and_lists() {
         let p = PeerPolicy {
             deny_multicast: true,
-            denied: vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.1-192.0.2.9".parse().unwrap()],
+            denied: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.1-192.0.2.9".parse().unwrap(),
+            ],
             allowed: vec!["10.1.2.3".parse().unwrap(), "127.0.0.5".parse().unwrap()],
             ..PeerPolicy::default()
         };

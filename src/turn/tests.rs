@@ -2,7 +2,7 @@
 //! provider.
 
 use super::*;
-use crate::auth::{long_term_key, rest_password, Mechanism};
+use crate::auth::{Mechanism, long_term_key, rest_password};
 use crate::stun::channel::{HEADROOM, TAILROOM};
 use std::sync::Arc;
 
@@ -26,8 +26,14 @@ impl RelayProvider for FakeRelays {
         }
         self.opened.push((id, *req));
         if let PortRequest::Reserved(token) = req.port {
-            let addr = self.reservations.remove(&token).ok_or(RelayError::NoReservation)?;
-            return Ok(OpenedRelay { addr, reservation: None });
+            let addr = self
+                .reservations
+                .remove(&token)
+                .ok_or(RelayError::NoReservation)?;
+            return Ok(OpenedRelay {
+                addr,
+                reservation: None,
+            });
         }
         let port = 50000 + self.next_port;
         self.next_port += 2;
@@ -35,7 +41,8 @@ impl RelayProvider for FakeRelays {
         let reservation = match req.port {
             PortRequest::Even { reserve_next: true } => {
                 let token = [port as u8; 8];
-                self.reservations.insert(token, SocketAddr::new(req.ip, port + 1));
+                self.reservations
+                    .insert(token, SocketAddr::new(req.ip, port + 1));
                 Some(token)
             }
             _ => None,
@@ -55,7 +62,10 @@ struct Harness {
 
 fn users_config() -> Config {
     let users = HashMap::from([
-        ("alice".to_string(), long_term_key("alice", REALM, "alicepw")),
+        (
+            "alice".to_string(),
+            long_term_key("alice", REALM, "alicepw"),
+        ),
         ("bob".to_string(), long_term_key("bob", REALM, "bobpw")),
     ]);
     let auth = Authenticator {
@@ -181,7 +191,9 @@ impl Harness {
     fn ask(&mut self, ft: &FiveTuple, bytes: &[u8]) -> Resp {
         let action = self.send(ft, bytes);
         assert_eq!(action, ClientAction::Reply, "expected a reply");
-        Resp { raw: self.out.clone() }
+        Resp {
+            raw: self.out.clone(),
+        }
     }
 
     /// Sends `req` with credentials, first fetching a nonce with a 401.
@@ -199,7 +211,12 @@ impl Harness {
         self.ask_authed(ft, &r, user, pw)
     }
 
-    fn peer_data(&mut self, id: AllocationId, peer: &str, payload: &[u8]) -> Option<(Delivery, Vec<u8>)> {
+    fn peer_data(
+        &mut self,
+        id: AllocationId,
+        peer: &str,
+        payload: &[u8],
+    ) -> Option<(Delivery, Vec<u8>)> {
         let mut buf = vec![0u8; HEADROOM + payload.len() + TAILROOM];
         buf[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
         let d = self.server.handle_peer(
@@ -231,7 +248,10 @@ fn binding_answers_xor_mapped_address() {
     assert!(resp.ok());
     assert_eq!(resp.xor(attr::XOR_MAPPED_ADDRESS), ft.client);
     assert!(!resp.msg().has_fingerprint());
-    assert!(!resp.msg().has(attr::SOFTWARE), "no SOFTWARE unless configured");
+    assert!(
+        !resp.msg().has(attr::SOFTWARE),
+        "no SOFTWARE unless configured"
+    );
     // FINGERPRINT when the request had one.
     let r = h.req(method::BINDING).fingerprint();
     let resp = h.ask(&ft, &r.build(None));
@@ -261,10 +281,14 @@ fn bad_fingerprint_and_garbage_are_dropped() {
 fn unknown_comprehension_required_attribute_gets_420() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(0x7F00, b"??").attr(0xC000, b"optional");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(0x7F00, b"??")
+        .attr(0xC000, b"optional");
     let resp = h.ask(&ft, &r.build(None));
     assert_eq!(resp.code(), Some(420));
-    let listed = attr::decode_unknown_attributes(resp.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap()).unwrap();
+    let listed =
+        attr::decode_unknown_attributes(resp.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap()).unwrap();
     assert_eq!(listed, vec![0x7F00]);
 }
 
@@ -272,7 +296,9 @@ fn unknown_comprehension_required_attribute_gets_420() {
 fn unauthenticated_allocate_gets_401_with_realm_and_nonce() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let resp = h.ask(&ft, &r.build(None));
     assert_eq!(resp.code(), Some(401));
     assert_eq!(resp.msg().text(attr::REALM), Some(Ok(REALM)));
@@ -294,19 +320,30 @@ fn allocate_succeeds_with_the_right_password_only() {
 
     let resp = h.allocate(&ft, "alice", "alicepw");
     assert!(resp.ok(), "{:?}", resp.code());
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "192.0.2.10:50000".parse().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS),
+        "192.0.2.10:50000".parse().unwrap()
+    );
     assert_eq!(resp.xor(attr::XOR_MAPPED_ADDRESS), ft.client);
     assert_eq!(resp.lifetime(), 600);
-    assert!(resp.msg().verify_integrity(&long_term_key("alice", REALM, "alicepw")));
+    assert!(
+        resp.msg()
+            .verify_integrity(&long_term_key("alice", REALM, "alicepw"))
+    );
     assert_eq!(h.server.allocation_count(), 1);
-    assert_eq!(h.relays.opened[0].1.ip, "192.0.2.10".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        h.relays.opened[0].1.ip,
+        "192.0.2.10".parse::<IpAddr>().unwrap()
+    );
 }
 
 #[test]
 fn missing_username_with_integrity_is_400() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let mut raw = Vec::new();
     MessageWriter::new(&mut raw, method::ALLOCATE, Class::Request, &r.tid)
         .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
@@ -335,7 +372,9 @@ fn lifetime_defaults_and_caps() {
 fn requested_transport_must_be_udp() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(442));
     let r = h.req(method::ALLOCATE);
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
@@ -346,7 +385,9 @@ fn requested_transport_must_be_udp() {
 fn second_allocate_is_437_but_retransmission_repeats_success() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let challenge = h.ask(&ft, &r.build(None));
     let nonce = challenge.nonce();
     let first = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
@@ -354,19 +395,29 @@ fn second_allocate_is_437_but_retransmission_repeats_success() {
     h.advance(5);
     let again = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
     assert!(again.ok());
-    assert_eq!(again.xor(attr::XOR_RELAYED_ADDRESS), first.xor(attr::XOR_RELAYED_ADDRESS));
+    assert_eq!(
+        again.xor(attr::XOR_RELAYED_ADDRESS),
+        first.xor(attr::XOR_RELAYED_ADDRESS)
+    );
     assert_eq!(h.relays.opened.len(), 1, "no second relay socket");
-    let other = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let other = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let resp = h.ask(&ft, &other.build(Some(("alice", "alicepw", &nonce))));
     assert_eq!(resp.code(), Some(437));
-    assert!(resp.msg().verify_integrity(&long_term_key("alice", REALM, "alicepw")));
+    assert!(
+        resp.msg()
+            .verify_integrity(&long_term_key("alice", REALM, "alicepw"))
+    );
 }
 
 #[test]
 fn stale_nonce_gets_438_with_a_fresh_nonce() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let nonce = h.ask(&ft, &r.build(None)).nonce();
     h.advance(601);
     let resp = h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))));
@@ -374,13 +425,29 @@ fn stale_nonce_gets_438_with_a_fresh_nonce() {
     let fresh = resp.nonce();
     assert_ne!(fresh, nonce);
     assert_eq!(resp.msg().text(attr::REALM), Some(Ok(REALM)));
-    assert!(h.ask(&ft, &r.build(Some(("alice", "alicepw", &fresh)))).ok());
+    assert!(
+        h.ask(&ft, &r.build(Some(("alice", "alicepw", &fresh))))
+            .ok()
+    );
     // A nonce made up by the client is never accepted.
     let ft2 = udp("203.0.113.6:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-    assert_eq!(h.ask(&ft2, &r.build(Some(("alice", "alicepw", b"0123456789abcdef01234567")))).code(), Some(438));
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    assert_eq!(
+        h.ask(
+            &ft2,
+            &r.build(Some(("alice", "alicepw", b"0123456789abcdef01234567")))
+        )
+        .code(),
+        Some(438)
+    );
     // Nor one issued to another client address.
-    assert_eq!(h.ask(&ft2, &r.build(Some(("alice", "alicepw", &fresh)))).code(), Some(438));
+    assert_eq!(
+        h.ask(&ft2, &r.build(Some(("alice", "alicepw", &fresh))))
+            .code(),
+        Some(438)
+    );
 }
 
 #[test]
@@ -402,7 +469,11 @@ fn address_family_selection() {
         .req(method::ALLOCATE)
         .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
         .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
-    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(440), "no IPv6 relay address");
+    assert_eq!(
+        h.ask_authed(&ft, &r, "alice", "alicepw").code(),
+        Some(440),
+        "no IPv6 relay address"
+    );
     let r = h
         .req(method::ALLOCATE)
         .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
@@ -410,21 +481,30 @@ fn address_family_selection() {
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(440));
 
     let mut cfg = users_config();
-    cfg.relay_ips = vec!["2001:db8::10".parse().unwrap(), "198.51.100.10".parse().unwrap()];
+    cfg.relay_ips = vec![
+        "2001:db8::10".parse().unwrap(),
+        "198.51.100.10".parse().unwrap(),
+    ];
     let mut h = Harness::new(cfg);
     let r = h
         .req(method::ALLOCATE)
         .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
         .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
     let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS).ip(), "2001:db8::10".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS).ip(),
+        "2001:db8::10".parse::<IpAddr>().unwrap()
+    );
     // An IPv4 peer on an IPv6 relay is a family mismatch.
     let r = h.req(method::CREATE_PERMISSION).peer("198.51.100.99:1000");
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(443));
     // Default family is IPv4, from relay-ip.
     let ft2 = udp("203.0.113.5:40001");
     let resp = h.allocate(&ft2, "bob", "bobpw");
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS).ip(), "198.51.100.10".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS).ip(),
+        "198.51.100.10".parse::<IpAddr>().unwrap()
+    );
     // Refresh asking for the other family: 443.
     let r = h
         .req(method::REFRESH)
@@ -442,7 +522,10 @@ fn external_ip_is_advertised() {
     let mut h = Harness::new(cfg);
     let ft = udp("203.0.113.5:40000");
     let resp = h.allocate(&ft, "alice", "alicepw");
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "198.51.100.77:50000".parse().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS),
+        "198.51.100.77:50000".parse().unwrap()
+    );
 
     let mut cfg = users_config();
     cfg.external_ips = vec![ExternalIp {
@@ -451,7 +534,10 @@ fn external_ip_is_advertised() {
     }];
     let mut h = Harness::new(cfg);
     let resp = h.allocate(&ft, "alice", "alicepw");
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "198.51.100.78:50000".parse().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS),
+        "198.51.100.78:50000".parse().unwrap()
+    );
 }
 
 #[test]
@@ -461,13 +547,21 @@ fn refresh_extends_and_zero_deletes() {
     assert!(h.allocate(&ft, "alice", "alicepw").ok());
     let id = h.server.allocation_for(&ft).unwrap();
     h.advance(500);
-    let r = h.req(method::REFRESH).attr(attr::LIFETIME, &1200u32.to_be_bytes());
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::LIFETIME, &1200u32.to_be_bytes());
     let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
     assert!(resp.ok());
     assert_eq!(resp.lifetime(), 1200);
     h.advance(1100);
-    assert_eq!(h.server.allocation_count(), 1, "refreshed allocation still alive at t=1600");
-    let r = h.req(method::REFRESH).attr(attr::LIFETIME, &0u32.to_be_bytes());
+    assert_eq!(
+        h.server.allocation_count(),
+        1,
+        "refreshed allocation still alive at t=1600"
+    );
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::LIFETIME, &0u32.to_be_bytes());
     let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
     assert!(resp.ok());
     assert_eq!(resp.lifetime(), 0);
@@ -516,7 +610,10 @@ fn permissions_gate_peer_traffic_and_expire() {
     let ft = udp("203.0.113.5:40000");
     assert!(h.allocate(&ft, "alice", "alicepw").ok());
     let id = h.server.allocation_for(&ft).unwrap();
-    assert!(h.peer_data(id, "198.51.100.1:7000", b"hi").is_none(), "no permission yet");
+    assert!(
+        h.peer_data(id, "198.51.100.1:7000", b"hi").is_none(),
+        "no permission yet"
+    );
 
     let r = h
         .req(method::CREATE_PERMISSION)
@@ -530,7 +627,10 @@ fn permissions_gate_peer_traffic_and_expire() {
     let m = Message::parse(&bytes).unwrap();
     assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
     assert_eq!(m.get(attr::DATA), Some(&b"hello"[..]));
-    assert_eq!(m.xor_address(attr::XOR_PEER_ADDRESS), Some(Ok("198.51.100.1:7000".parse().unwrap())));
+    assert_eq!(
+        m.xor_address(attr::XOR_PEER_ADDRESS),
+        Some(Ok("198.51.100.1:7000".parse().unwrap()))
+    );
     assert!(h.peer_data(id, "198.51.100.2:9", b"x").is_some());
     assert!(h.peer_data(id, "198.51.100.3:9", b"x").is_none());
 
@@ -543,14 +643,21 @@ fn permissions_gate_peer_traffic_and_expire() {
     let t = message_type(method::SEND, Class::Indication).to_be_bytes();
     raw[..2].copy_from_slice(&t);
     match h.send(&ft, &raw) {
-        ClientAction::Relay { allocation, peer, payload } => {
+        ClientAction::Relay {
+            allocation,
+            peer,
+            payload,
+        } => {
             assert_eq!(allocation, id);
             assert_eq!(peer, "198.51.100.1:7000".parse().unwrap());
             assert_eq!(&raw[payload], b"out");
         }
         other => panic!("expected relay, got {other:?}"),
     }
-    let send = h.req(method::SEND).peer("198.51.100.9:7000").attr(attr::DATA, b"out");
+    let send = h
+        .req(method::SEND)
+        .peer("198.51.100.9:7000")
+        .attr(attr::DATA, b"out");
     let mut raw = send.build(None);
     raw[..2].copy_from_slice(&t);
     assert_eq!(h.send(&ft, &raw), ClientAction::None);
@@ -558,7 +665,10 @@ fn permissions_gate_peer_traffic_and_expire() {
     h.advance(299);
     assert!(h.peer_data(id, "198.51.100.1:7000", b"x").is_some());
     h.advance(1);
-    assert!(h.peer_data(id, "198.51.100.1:7000", b"x").is_none(), "permission expired at 300 s");
+    assert!(
+        h.peer_data(id, "198.51.100.1:7000", b"x").is_none(),
+        "permission expired at 300 s"
+    );
     let traffic = h.server.traffic(id).unwrap();
     assert_eq!(traffic.to_client_packets, 3);
     assert_eq!(traffic.to_peer_packets, 1);
@@ -576,12 +686,20 @@ fn loopback_and_unspecified_peers_are_403() {
     assert!(h.allocate(&ft, "alice", "alicepw").ok());
     for peer in ["127.0.0.1:9", "0.0.0.0:9", "127.1.2.3:9"] {
         let r = h.req(method::CREATE_PERMISSION).peer(peer);
-        assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403), "{peer}");
+        assert_eq!(
+            h.ask_authed(&ft, &r, "alice", "alicepw").code(),
+            Some(403),
+            "{peer}"
+        );
         let r = h
             .req(method::CHANNEL_BIND)
             .attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
             .peer(peer);
-        assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403), "{peer}");
+        assert_eq!(
+            h.ask_authed(&ft, &r, "alice", "alicepw").code(),
+            Some(403),
+            "{peer}"
+        );
     }
     // One bad address in a multi-address CreatePermission installs nothing.
     let r = h
@@ -606,7 +724,10 @@ fn channels_bind_relay_and_expire() {
     let bind = |h: &mut Harness, number: u16, peer: &str| {
         let r = h
             .req(method::CHANNEL_BIND)
-            .attr(attr::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
+            .attr(
+                attr::CHANNEL_NUMBER,
+                &[(number >> 8) as u8, number as u8, 0, 0],
+            )
             .peer(peer);
         h.ask_authed(&ft, &r, "alice", "alicepw")
     };
@@ -614,7 +735,11 @@ fn channels_bind_relay_and_expire() {
     // ChannelData from the client goes to the bound peer.
     let cd = [0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0];
     match h.send(&ft, &cd) {
-        ClientAction::Relay { allocation, peer, payload } => {
+        ClientAction::Relay {
+            allocation,
+            peer,
+            payload,
+        } => {
             assert_eq!(allocation, id);
             assert_eq!(peer, "198.51.100.1:5000".parse().unwrap());
             assert_eq!(&cd[payload], b"abc");
@@ -631,20 +756,46 @@ fn channels_bind_relay_and_expire() {
     assert!(Message::parse(&bytes).is_ok());
 
     // Rebinding rules.
-    assert_eq!(bind(&mut h, 0x4001, "198.51.100.2:5000").code(), Some(400), "number bound to another peer");
-    assert_eq!(bind(&mut h, 0x4002, "198.51.100.1:5000").code(), Some(400), "peer bound to another number");
-    assert_eq!(bind(&mut h, 0x3FFF, "198.51.100.2:5000").code(), Some(400), "below 0x4000");
-    assert_eq!(bind(&mut h, 0x8000, "198.51.100.2:5000").code(), Some(400), "above 0x7FFF");
-    assert!(bind(&mut h, 0x7FFE, "198.51.100.3:5000").ok(), "RFC 5766 range accepted");
+    assert_eq!(
+        bind(&mut h, 0x4001, "198.51.100.2:5000").code(),
+        Some(400),
+        "number bound to another peer"
+    );
+    assert_eq!(
+        bind(&mut h, 0x4002, "198.51.100.1:5000").code(),
+        Some(400),
+        "peer bound to another number"
+    );
+    assert_eq!(
+        bind(&mut h, 0x3FFF, "198.51.100.2:5000").code(),
+        Some(400),
+        "below 0x4000"
+    );
+    assert_eq!(
+        bind(&mut h, 0x8000, "198.51.100.2:5000").code(),
+        Some(400),
+        "above 0x7FFF"
+    );
+    assert!(
+        bind(&mut h, 0x7FFE, "198.51.100.3:5000").ok(),
+        "RFC 5766 range accepted"
+    );
     // Refreshing the same binding is fine.
     h.advance(500);
     assert!(bind(&mut h, 0x4001, "198.51.100.1:5000").ok());
     h.advance(599);
-    assert!(matches!(h.send(&ft, &cd), ClientAction::Relay { .. }), "channel alive at 599 s");
+    assert!(
+        matches!(h.send(&ft, &cd), ClientAction::Relay { .. }),
+        "channel alive at 599 s"
+    );
     // The permission the binding installed lasts 300 s unless refreshed.
     assert!(h.peer_data(id, "198.51.100.1:5000", b"x").is_none());
     h.advance(1);
-    assert_eq!(h.send(&ft, &cd), ClientAction::None, "channel expired at 600 s after refresh");
+    assert_eq!(
+        h.send(&ft, &cd),
+        ClientAction::None,
+        "channel expired at 600 s after refresh"
+    );
     // Within 5 minutes of expiry the number cannot go to another peer ...
     assert_eq!(bind(&mut h, 0x4001, "198.51.100.9:5000").code(), Some(400));
     // ... but can be re-established for the same one, and is free after the guard.
@@ -681,7 +832,10 @@ fn stream_clients_get_padded_channel_data() {
         .peer("198.51.100.1:5000");
     assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
     let (_, bytes) = h.peer_data(id, "198.51.100.1:5000", b"xyzzy").unwrap();
-    assert_eq!(bytes, vec![0x40, 0x00, 0, 5, b'x', b'y', b'z', b'z', b'y', 0, 0, 0]);
+    assert_eq!(
+        bytes,
+        vec![0x40, 0x00, 0, 5, b'x', b'y', b'z', b'z', b'y', 0, 0, 0]
+    );
     h.server.client_closed(h.now, &ft);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(matches!(h.events()[..], [Event::AllocationClosed { .. }]));
@@ -708,7 +862,10 @@ fn even_port_reservation_token() {
         .attr(attr::RESERVATION_TOKEN, &token);
     let resp = h.ask_authed(&ft2, &r, "alice", "alicepw");
     assert!(resp.ok());
-    assert_eq!(resp.xor(attr::XOR_RELAYED_ADDRESS), "192.0.2.10:50001".parse().unwrap());
+    assert_eq!(
+        resp.xor(attr::XOR_RELAYED_ADDRESS),
+        "192.0.2.10:50001".parse().unwrap()
+    );
     // A token works once.
     let ft3 = udp("203.0.113.5:40002");
     assert_eq!(h.ask_authed(&ft3, &r, "alice", "alicepw").code(), Some(508));
@@ -743,7 +900,11 @@ fn rest_api_credentials() {
     assert_eq!(h.allocate(&ft, &user, &pw).code(), Some(401), "expired");
     let user = format!("{}", UNIX0 + 10);
     let pw = rest_password(b"s3", &user);
-    assert_eq!(h.allocate(&ft, &user, &pw).code(), Some(401), "unknown secret");
+    assert_eq!(
+        h.allocate(&ft, &user, &pw).code(),
+        Some(401),
+        "unknown secret"
+    );
     // The allocation outlives its credential: refresh after expiry still works.
     let user = format!("{}:carol", UNIX0 + 100);
     let pw = rest_password(b"s1", &user);
@@ -761,7 +922,9 @@ fn anonymous_mode_needs_no_credentials() {
     };
     let mut h = Harness::new(Config::new(auth, NonceIssuer::new([1; 32], Some(600))));
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::ALLOCATE).attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     let resp = h.ask(&ft, &r.build(None));
     assert!(resp.ok());
     assert!(!resp.msg().has_integrity());

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use turnserver::auth::long_term_key;
-use turnserver::stun::{attr, method, Class, Message, MessageWriter};
+use turnserver::stun::{Class, Message, MessageWriter, attr, method};
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_turnserver");
@@ -89,7 +89,9 @@ pub fn require_tool(name: &str, package_hint: &str) -> PathBuf {
 
 /// Writes a self-signed certificate for localhost/127.0.0.1 and its key.
 pub fn write_test_cert(dir: &TempDir) -> (PathBuf, PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
     let cert = dir.path("cert.pem");
     let key = dir.path("key.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
@@ -149,7 +151,11 @@ impl Server {
         );
         if opts.tls {
             let (cert, key) = write_test_cert(&dir);
-            conf.push_str(&format!("cert={}\npkey={}\n", cert.display(), key.display()));
+            conf.push_str(&format!(
+                "cert={}\npkey={}\n",
+                cert.display(),
+                key.display()
+            ));
         } else {
             conf.push_str("no-tls\n");
         }
@@ -179,20 +185,28 @@ impl Server {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("turnserver exited with {status} before it was ready:\n{}", self.log_text());
+                panic!(
+                    "turnserver exited with {status} before it was ready:\n{}",
+                    self.log_text()
+                );
             }
             let req = binding_request([7; 12]);
             sock.send_to(&req, self.udp_addr()).unwrap();
             let mut buf = [0u8; 1500];
-            if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                if Message::parse(&buf[..n]).is_ok() {
-                    return;
-                }
+            if let Ok((n, _)) = sock.recv_from(&mut buf)
+                && Message::parse(&buf[..n]).is_ok()
+            {
+                return;
             }
-            assert!(Instant::now() < deadline, "turnserver did not answer:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "turnserver did not answer:\n{}",
+                self.log_text()
+            );
         }
     }
 
@@ -204,6 +218,11 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
@@ -212,7 +231,10 @@ impl Server {
     /// Stops with SIGTERM and returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -277,7 +299,8 @@ impl Response {
 impl Client {
     pub fn new(server: SocketAddr) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         Client {
             sock,
             server,
@@ -303,10 +326,13 @@ impl Client {
             self.sock.send_to(req, self.server).unwrap();
             let deadline = Instant::now() + Duration::from_millis(500);
             while Instant::now() < deadline {
-                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
-                    if n >= 20 && buf[8..20] == tid {
-                        return Response { raw: buf[..n].to_vec() };
-                    }
+                if let Ok((n, _)) = self.sock.recv_from(&mut buf)
+                    && n >= 20
+                    && buf[8..20] == tid
+                {
+                    return Response {
+                        raw: buf[..n].to_vec(),
+                    };
                 }
             }
         }
@@ -314,7 +340,12 @@ impl Client {
     }
 
     /// Builds a request: `attrs`, then credentials if given.
-    pub fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], creds: Option<(&str, &str)>) -> Vec<u8> {
+    pub fn request(
+        &mut self,
+        m: u16,
+        attrs: &[(u16, Vec<u8>)],
+        creds: Option<(&str, &str)>,
+    ) -> Vec<u8> {
         let tid = self.next_tid();
         let mut out = Vec::new();
         let mut w = MessageWriter::new(&mut out, m, Class::Request, &tid);
@@ -337,7 +368,12 @@ impl Client {
         let req = self.request(method::ALLOCATE, &attrs, None);
         let challenge = self.transact(&req);
         assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
-        self.realm = challenge.msg().text(attr::REALM).unwrap().unwrap().to_string();
+        self.realm = challenge
+            .msg()
+            .text(attr::REALM)
+            .unwrap()
+            .unwrap()
+            .to_string();
         self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
         let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
         self.transact(&req)
@@ -416,7 +452,136 @@ pub fn tcp_transact(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     all
 }
 
-/// Whether `path` exists (for messages).
-pub fn exists(p: &Path) -> bool {
-    p.exists()
+/// A STUN/TURN client over a byte stream (TCP or TLS).
+pub struct StreamClient<S: Read + Write> {
+    pub stream: S,
+    pub realm: String,
+    pub nonce: Vec<u8>,
+    tid: u8,
+}
+
+impl StreamClient<TcpStream> {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        StreamClient::new(s)
+    }
+}
+
+/// A TLS stream trusting only `cert` (PEM).
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects with TLS to `addr`, verifying the server against `cert` for
+/// the name `localhost`.
+pub fn tls_connect(addr: SocketAddr, cert: &Path) -> TlsStream {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// One frame read from a stream.
+pub enum Frame {
+    Stun(Vec<u8>),
+    /// Channel number and payload (padding removed).
+    ChannelData(u16, Vec<u8>),
+}
+
+impl<S: Read + Write> StreamClient<S> {
+    pub fn new(stream: S) -> Self {
+        StreamClient {
+            stream,
+            realm: String::new(),
+            nonce: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    pub fn read_frame(&mut self) -> std::io::Result<Frame> {
+        let mut hdr = [0u8; 4];
+        self.stream.read_exact(&mut hdr)?;
+        let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+        if hdr[0] >> 6 == 1 {
+            let mut body = vec![0u8; (len + 3) & !3];
+            self.stream.read_exact(&mut body)?;
+            body.truncate(len);
+            return Ok(Frame::ChannelData(
+                u16::from_be_bytes([hdr[0], hdr[1]]),
+                body,
+            ));
+        }
+        let mut rest = vec![0u8; 16 + len];
+        self.stream.read_exact(&mut rest)?;
+        let mut all = hdr.to_vec();
+        all.extend(rest);
+        Ok(Frame::Stun(all))
+    }
+
+    pub fn transact(&mut self, req: &[u8]) -> Response {
+        self.stream.write_all(req).unwrap();
+        self.stream.flush().unwrap();
+        loop {
+            if let Frame::Stun(raw) = self.read_frame().unwrap()
+                && raw[8..20] == req[8..20]
+            {
+                return Response { raw };
+            }
+        }
+    }
+
+    pub fn request(
+        &mut self,
+        m: u16,
+        attrs: &[(u16, Vec<u8>)],
+        creds: Option<(&str, &str)>,
+    ) -> Vec<u8> {
+        self.tid = self.tid.wrapping_add(1);
+        let tid = [self.tid; 12];
+        let mut out = Vec::new();
+        let mut w = MessageWriter::new(&mut out, m, Class::Request, &tid);
+        for (t, v) in attrs {
+            w.attr(*t, v);
+        }
+        if let Some((user, pw)) = creds {
+            w.attr(attr::USERNAME, user.as_bytes())
+                .attr(attr::REALM, self.realm.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&long_term_key(user, &self.realm, pw));
+        }
+        out
+    }
+
+    pub fn allocate(&mut self, user: &str, pw: &str) -> Response {
+        let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+        let req = self.request(method::ALLOCATE, &attrs, None);
+        let challenge = self.transact(&req);
+        assert_eq!(challenge.code(), Some(401));
+        self.realm = challenge
+            .msg()
+            .text(attr::REALM)
+            .unwrap()
+            .unwrap()
+            .to_string();
+        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
+        self.transact(&req)
+    }
+
+    pub fn signed(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], user: &str, pw: &str) -> Response {
+        let req = self.request(m, attrs, Some((user, pw)));
+        self.transact(&req)
+    }
 }

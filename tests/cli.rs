@@ -1,0 +1,198 @@
+//! The binary's command line, configuration errors, start-up warnings,
+//! logging and signals.
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, Client, Options, Server, TempDir, free_ports, run_with_timeout};
+
+fn run(args: &[&str]) -> (bool, String) {
+    run_with_timeout(Command::new(BIN).args(args), Duration::from_secs(20))
+}
+
+#[test]
+fn version_and_help() {
+    let (ok, out) = run(&["--version"]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        format!("turnserver {}", env!("CARGO_PKG_VERSION"))
+    );
+    let (ok, out) = run(&["--help"]);
+    assert!(ok, "{out}");
+    for opt in [
+        "--listening-ip",
+        "-c <FILE>",
+        "--static-auth-secret",
+        "--user",
+        "not implemented yet",
+    ] {
+        assert!(out.contains(opt), "help lacks {opt}:\n{out}");
+    }
+}
+
+#[test]
+fn unknown_command_line_option_is_fatal() {
+    let (ok, out) = run(&["-n", "--no-such-option"]);
+    assert!(!ok);
+    assert!(out.contains("no-such-option"), "{out}");
+}
+
+/// Writes `text` as a config file and runs the binary on it.
+fn with_config(text: &str) -> (bool, String, String, u16) {
+    let dir = TempDir::new("cli");
+    let port = free_ports(2);
+    let path = dir.path("bad.conf");
+    let tls_port = port + 1;
+    std::fs::write(
+        &path,
+        format!(
+            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\n{text}"
+        ),
+    )
+    .unwrap();
+    let p = path.to_str().unwrap().to_string();
+    let (ok, out) = run(&["-c", &p]);
+    (ok, out, p, port)
+}
+
+#[test]
+fn bad_values_exit_non_zero_naming_file_line_and_key_before_binding() {
+    let cases = [
+        (
+            "listening-port=70000",
+            "4: listening-port: '70000' is not a port number (1-65535)",
+        ),
+        (
+            "min-port=60000\nmax-port=50000",
+            "5: max-port: min-port 60000 is greater than max-port 50000",
+        ),
+        (
+            "relay-ip=not-an-ip",
+            "4: relay-ip: 'not-an-ip' is not an IP address",
+        ),
+        (
+            "fingerprint=perhaps",
+            "4: fingerprint: 'perhaps' is not a boolean",
+        ),
+        (
+            "cert=/nonexistent/cert.pem\npkey=/nonexistent/key.pem",
+            "4: cert: cannot read certificate /nonexistent/cert.pem",
+        ),
+        (
+            "cert=/etc/hostname\npkey=/etc/hostname",
+            "4: cert: /etc/hostname contains no PEM certificate",
+        ),
+    ];
+    for (text, want) in cases {
+        let (ok, out, path, port) = with_config(text);
+        assert!(!ok, "{text}: should fail:\n{out}");
+        assert!(
+            out.contains(&format!("{path}:{want}")),
+            "{text}: expected '{path}:{want}' in:\n{out}"
+        );
+        // Nothing was bound: the listening port is still free.
+        assert!(
+            UdpSocket::bind(("127.0.0.1", port)).is_ok(),
+            "{text}: port was bound"
+        );
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "{text}: port was bound"
+        );
+    }
+}
+
+#[test]
+fn missing_explicit_config_file_is_an_error() {
+    let (ok, out) = run(&["-c", "/nonexistent/turnserver.conf"]);
+    assert!(!ok);
+    assert!(
+        out.contains("configuration file '/nonexistent/turnserver.conf' not found"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_busy_port_is_reported() {
+    let port = free_ports(1);
+    let _squatter = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let (ok, out) = run(&[
+        "-n",
+        "--listening-ip=127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--no-tls",
+    ]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("cannot listen on udp 127.0.0.1:{port}")),
+        "{out}"
+    );
+}
+
+#[test]
+fn warnings_unknown_keys_and_unimplemented_options() {
+    let mut s = Server::start(Options::new(
+        "no-such-key=1\nprometheus\nno-loopback-peers\nmobility\n",
+    ));
+    let log = s.log_text();
+    assert!(
+        log.contains("turnserver.conf:6: unknown option 'no-such-key' ignored"),
+        "{log}"
+    );
+    assert!(
+        log.contains("option 'prometheus' is not implemented yet and is ignored"),
+        "{log}"
+    );
+    assert!(
+        log.contains("option 'mobility' is not implemented yet"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("no-loopback-peers"),
+        "legacy option accepted silently:\n{log}"
+    );
+    assert!(
+        log.contains("NO AUTHENTICATION"),
+        "running without auth must be loud:\n{log}"
+    );
+    assert!(s.alive());
+    assert!(s.stop().success(), "SIGTERM exits 0");
+    assert!(s.log_text().contains("SIGTERM: shutting down"));
+}
+
+#[test]
+fn reload_signals_do_not_kill_the_server() {
+    let mut s = Server::start(Options::new(""));
+    let pid = nix::unistd::Pid::from_raw(s.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.alive());
+    let mut c = Client::new(s.udp_addr());
+    let r = c.transact(&common::binding_request([1; 12]));
+    assert!(r.is_success());
+    assert!(s.log_text().contains("SIGHUP"));
+}
+
+#[test]
+fn log_file_gets_the_log() {
+    let dir = TempDir::new("logfile");
+    let path = dir.path("turn.log");
+    let mut s = Server::start(Options::new(&format!(
+        "log-file={}\nno-stdout-log\n",
+        path.display()
+    )));
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("listening on udp 127.0.0.1:"), "{text}");
+    assert!(
+        !s.log_text().contains("listening on udp"),
+        "no-stdout-log: stdout stays quiet"
+    );
+    s.stop();
+}

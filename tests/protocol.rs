@@ -1,0 +1,353 @@
+//! STUN and TURN behaviour of the real binary over real sockets: Binding on
+//! every transport, channels, port exhaustion, stream close, peer policy and
+//! hostile bytes.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use common::{
+    Client, Frame, Options, Server, StreamClient, binding_request, relay_range, tls_connect,
+    xor_peer,
+};
+use turnserver::stun::{Class, Message, MessageWriter, attr, method};
+
+const ALICE: &str = "lt-cred-mech\nrealm=example.org\nuser=alice:pw\n";
+
+fn peer_socket() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+fn channel_bind_attrs(number: u16, peer: SocketAddr) -> Vec<(u16, Vec<u8>)> {
+    vec![
+        (
+            attr::CHANNEL_NUMBER,
+            vec![(number >> 8) as u8, number as u8, 0, 0],
+        ),
+        (attr::XOR_PEER_ADDRESS, xor_peer(peer, &[0; 12])),
+    ]
+}
+
+#[test]
+fn binding_over_udp_tcp_and_tls() {
+    let s = Server::start(Options::new(ALICE).tls());
+    // UDP, with FINGERPRINT because the request has one.
+    let mut c = Client::new(s.udp_addr());
+    let r = c.transact(&binding_request([1; 12]));
+    assert!(r.is_success());
+    let mapped = r
+        .msg()
+        .xor_address(attr::XOR_MAPPED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(mapped, c.sock.local_addr().unwrap());
+    assert!(r.msg().has_fingerprint() && r.msg().fingerprint_ok());
+    assert!(!r.msg().has(attr::SOFTWARE));
+    // Without FINGERPRINT in the request (and no `fingerprint` option): none.
+    let mut plain = Vec::new();
+    MessageWriter::new(&mut plain, method::BINDING, Class::Request, &[2; 12]);
+    assert!(!c.transact(&plain).msg().has_fingerprint());
+    // TCP.
+    let mut t = StreamClient::tcp(s.udp_addr());
+    let r = t.transact(&binding_request([3; 12]));
+    assert_eq!(
+        r.msg()
+            .xor_address(attr::XOR_MAPPED_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        t.stream.local_addr().unwrap()
+    );
+    // TLS on the TLS port, verifying the certificate.
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], s.tls_port));
+    let mut tls = StreamClient::new(tls_connect(tls_addr, &s.dir.path("cert.pem")));
+    let r = tls.transact(&binding_request([4; 12]));
+    assert!(r.is_success());
+    // TLS is also recognised on the plain port, as coturn does.
+    let mut tls_plain_port = StreamClient::new(tls_connect(s.udp_addr(), &s.dir.path("cert.pem")));
+    assert!(
+        tls_plain_port
+            .transact(&binding_request([5; 12]))
+            .is_success()
+    );
+    // And plain TCP on the TLS port.
+    let mut tcp_tls_port = StreamClient::tcp(tls_addr);
+    assert!(
+        tcp_tls_port
+            .transact(&binding_request([6; 12]))
+            .is_success()
+    );
+}
+
+#[test]
+fn fingerprint_option_adds_it_to_every_response() {
+    let s = Server::start(Options::new("fingerprint\n"));
+    let mut c = Client::new(s.udp_addr());
+    let mut plain = Vec::new();
+    MessageWriter::new(&mut plain, method::BINDING, Class::Request, &[2; 12]);
+    assert!(c.transact(&plain).msg().has_fingerprint());
+}
+
+#[test]
+fn channels_relay_both_ways_over_udp() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
+    let (peer, peer_addr) = peer_socket();
+    let mut c = Client::new(s.udp_addr());
+    let r = c.allocate("alice", "pw");
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(
+        c.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4001, peer_addr),
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+    // Client -> peer.
+    c.sock
+        .send_to(
+            &[0x40, 0x01, 0, 5, b'h', b'e', b'l', b'l', b'o'],
+            s.udp_addr(),
+        )
+        .unwrap();
+    let mut buf = [0u8; 2000];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello"[..], relayed));
+    // Peer -> client, 1200 bytes.
+    let big = vec![0x5A; 1200];
+    peer.send_to(&big, relayed).unwrap();
+    let (n, _) = c.sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..4], &[0x40, 0x01, 0x04, 0xB0]);
+    assert_eq!(&buf[4..n], &big[..]);
+    // After the allocation is deleted, nothing more is relayed.
+    let r = c.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+        "alice",
+        "pw",
+    );
+    assert!(r.is_success());
+    peer.send_to(b"late", relayed).unwrap();
+    c.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        c.sock.recv_from(&mut buf).is_err(),
+        "nothing relayed after the allocation is deleted"
+    );
+}
+
+#[test]
+fn channels_relay_both_ways_over_tcp_with_padding() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
+    let (peer, peer_addr) = peer_socket();
+    let mut t = StreamClient::tcp(s.udp_addr());
+    let r = t.allocate("alice", "pw");
+    assert!(r.is_success());
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4ABC, peer_addr),
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+    // Two padded ChannelData frames back to back in one write.
+    t.stream
+        .write_all(&[
+            0x4A, 0xBC, 0, 3, b'o', b'n', b'e', 0, 0x4A, 0xBC, 0, 2, b'h', b'i', 0, 0,
+        ])
+        .unwrap();
+    let mut buf = [0u8; 100];
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"one");
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hi");
+    peer.send_to(b"xyz", relayed).unwrap();
+    match t.read_frame().unwrap() {
+        Frame::ChannelData(ch, data) => assert_eq!((ch, data.as_slice()), (0x4ABC, &b"xyz"[..])),
+        Frame::Stun(_) => panic!("expected ChannelData"),
+    }
+    // Closing the connection ends the allocation.
+    drop(t);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = s.log_text();
+    assert!(log.contains("reason=client connection closed"), "{log}");
+    assert!(
+        log.contains("to_peer_packets=2 to_peer_bytes=5 to_client_packets=1 to_client_bytes=3"),
+        "{log}"
+    );
+}
+
+#[test]
+fn port_exhaustion_is_508_and_recovers() {
+    let (min, max) = relay_range(2);
+    let s = Server::start(Options::new(&format!(
+        "{ALICE}min-port={min}\nmax-port={max}\n"
+    )));
+    let mut a = Client::new(s.udp_addr());
+    let mut b = Client::new(s.udp_addr());
+    let mut c = Client::new(s.udp_addr());
+    assert!(a.allocate("alice", "pw").is_success());
+    assert!(b.allocate("alice", "pw").is_success());
+    assert_eq!(c.allocate("alice", "pw").code(), Some(508));
+    assert!(
+        a.signed(
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+    let r = c.allocate("alice", "pw");
+    assert!(r.is_success(), "{:?}", r.code());
+    let port = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap()
+        .port();
+    assert!((min..=max).contains(&port));
+}
+
+#[test]
+fn allocation_errors() {
+    let s = Server::start(Options::new(ALICE));
+    let mut c = Client::new(s.udp_addr());
+    assert!(c.allocate("alice", "pw").is_success());
+    // A second Allocate on the same 5-tuple.
+    let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+    assert_eq!(
+        c.signed(method::ALLOCATE, &attrs, "alice", "pw").code(),
+        Some(437)
+    );
+    // TCP relaying is not offered.
+    let mut d = Client::new(s.udp_addr());
+    d.realm = c.realm.clone();
+    d.nonce = c.nonce.clone();
+    let tcp = vec![(attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])];
+    assert_eq!(
+        d.signed(method::ALLOCATE, &tcp, "alice", "pw").code(),
+        Some(442)
+    );
+    // Unknown comprehension-required attribute.
+    let req = d.request(method::ALLOCATE, &[(0x7ABC, vec![1, 2, 3, 4])], None);
+    let r = d.transact(&req);
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES),
+        Some(&[0x7A, 0xBC][..])
+    );
+    // Refresh without an allocation.
+    assert_eq!(
+        d.signed(method::REFRESH, &[], "alice", "pw").code(),
+        Some(437)
+    );
+}
+
+#[test]
+fn loopback_peers_are_forbidden_by_default() {
+    let s = Server::start(Options::new(ALICE));
+    let mut c = Client::new(s.udp_addr());
+    assert!(c.allocate("alice", "pw").is_success());
+    for peer in ["127.0.0.1:5000", "0.0.0.0:5000"] {
+        let p: SocketAddr = peer.parse().unwrap();
+        let r = c.signed(
+            method::CREATE_PERMISSION,
+            &[(attr::XOR_PEER_ADDRESS, xor_peer(p, &[0; 12]))],
+            "alice",
+            "pw",
+        );
+        assert_eq!(r.code(), Some(403), "{peer}");
+        let r = c.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4000, p),
+            "alice",
+            "pw",
+        );
+        assert_eq!(r.code(), Some(403), "{peer}");
+    }
+}
+
+#[test]
+fn hostile_bytes_do_not_disturb_other_clients() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
+    let (peer, peer_addr) = peer_socket();
+    let mut c = Client::new(s.udp_addr());
+    let relayed = c
+        .allocate("alice", "pw")
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(
+        c.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4000, peer_addr),
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u32 = 12345;
+    for i in 0..2000usize {
+        let mut d = vec![0u8; i % 200];
+        for b in d.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        if i % 3 == 0 && d.len() >= 20 {
+            // A valid-looking header with a lying length.
+            d[0] = 0;
+            d[1] = 1;
+            d[2] = 0xFF;
+            d[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+        }
+        let _ = junk.send_to(&d, s.udp_addr());
+    }
+    // Garbage streams: not STUN at all, and a frame header promising more.
+    for bytes in [
+        &[0xFFu8; 64][..],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        &[0x00, 0x01, 0xFF, 0xFC],
+    ] {
+        if let Ok(mut t) = TcpStream::connect(s.udp_addr()) {
+            let _ = t.write_all(bytes);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The server still answers and the allocation still relays.
+    let r = c.transact(&binding_request([9; 12]));
+    assert!(r.is_success());
+    c.sock
+        .send_to(&[0x40, 0x00, 0, 2, b'o', b'k', 0, 0], s.udp_addr())
+        .unwrap();
+    let mut buf = [0u8; 100];
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ok");
+    peer.send_to(b"back", relayed).unwrap();
+    let (n, _) = c.sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[4..n], b"back");
+    let m = Message::parse(&r.raw).unwrap();
+    assert_eq!(m.class(), Class::Success);
+}
