@@ -32,6 +32,14 @@ fn main() -> ExitCode {
         eprintln!("turnserver: {e}");
         return ExitCode::FAILURE;
     }
+    // A panic is a bug. Log it and abort, so the service manager restarts the
+    // whole server instead of leaving one worker's clients on a dead thread.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        error!("internal error, exiting: {info}");
+        default_hook(info);
+        std::process::abort();
+    }));
     info!(
         "turnserver {} starting; configuration: {}",
         env!("CARGO_PKG_VERSION"),

@@ -502,3 +502,69 @@ fn every_option_is_a_long_command_line_flag() {
         assert!(parse_command_line(argv).is_ok(), "--{}", spec.name);
     }
 }
+
+/// The shipped example documents every implemented option, and its lines
+/// (commented out) all parse when uncommented, except the mutually
+/// exclusive ones that are shown as alternatives.
+#[test]
+fn example_config_documents_every_implemented_option() {
+    let text = include_str!("../../turnserver.conf.example");
+    for spec in OPTIONS {
+        let mentioned = text
+            .lines()
+            .any(|l| l.trim_start_matches('#').split(['=', ' ']).next() == Some(spec.name));
+        match spec.support {
+            Support::Yes => assert!(
+                mentioned,
+                "turnserver.conf.example does not document {}",
+                spec.name
+            ),
+            Support::Inherent(_) => assert!(
+                text.contains(spec.name),
+                "{} not listed as accepted",
+                spec.name
+            ),
+            _ => {}
+        }
+    }
+    // The file as shipped parses without warnings.
+    let (cfg, warnings) = file(text);
+    cfg.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // Each documented setting is valid on its own.
+    for line in text.lines() {
+        let Some(setting) = line.strip_prefix('#') else {
+            continue;
+        };
+        let Some((key, _)) = split_line(setting) else {
+            continue;
+        };
+        if options::find(key).is_some() && !setting.starts_with(' ') {
+            let (cfg, warnings) = file(setting);
+            assert!(cfg.is_ok(), "example line '{setting}': {:?}", cfg.err());
+            // Warnings about the combination (lt-cred-mech without users)
+            // are expected for a line on its own; unknown or unimplemented
+            // keys are not.
+            assert!(
+                !warnings
+                    .iter()
+                    .any(|w| w.contains("unknown option") || w.contains("not implemented")),
+                "example line '{setting}': {warnings:?}"
+            );
+        }
+    }
+}
+
+/// The configurations in config/ parse without warnings.
+#[test]
+fn shipped_configs_parse_cleanly() {
+    for (name, text) in [
+        ("demo.conf", include_str!("../../config/demo.conf")),
+        ("rest-api.conf", include_str!("../../config/rest-api.conf")),
+        ("tls.conf", include_str!("../../config/tls.conf")),
+    ] {
+        let (cfg, warnings) = file(text);
+        assert!(cfg.is_ok(), "{name}: {:?}", cfg.err());
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+    }
+}

@@ -161,12 +161,18 @@ impl Server {
         }
         let conf_path = dir.path("turnserver.conf");
         std::fs::write(&conf_path, conf).unwrap();
+        let mut args = vec!["-c".to_string(), conf_path.display().to_string()];
+        args.extend(opts.args);
+        Server::launch(args, port, tls_port, dir)
+    }
+
+    /// Runs the binary with exactly `args` and waits until it answers a
+    /// Binding request on 127.0.0.1:`port`.
+    pub fn launch(args: Vec<String>, port: u16, tls_port: u16, dir: TempDir) -> Server {
         let log = dir.path("server.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
-            .arg("-c")
-            .arg(&conf_path)
-            .args(&opts.args)
+            .args(&args)
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
