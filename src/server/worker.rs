@@ -41,8 +41,12 @@ const MAX_DATAGRAM: usize = 65536;
 /// relayed data to it is dropped (a client that stops reading cannot grow
 /// server memory without bound).
 const MAX_QUEUED: usize = 512 * 1024;
-/// Largest frame on a stream: a STUN message or padded ChannelData, bytes.
-const MAX_FRAME: usize = 4 + 65535 + 3;
+/// Largest frame on a stream: a STUN message (20-byte header plus a 16-bit
+/// length), bytes; padded ChannelData is at most 4 + 65536.
+const MAX_FRAME: usize = 20 + 65535;
+/// Datagrams a socket task handles before yielding, so one busy socket
+/// cannot starve the worker's other sockets.
+const BATCH: usize = 64;
 /// Time allowed for a new TCP/TLS connection to send its first byte and
 /// finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -310,8 +314,12 @@ async fn udp_listener(worker: Handle, link: u32, sock: Rc<UdpSocket>, local: Soc
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        // Drain everything queued before waiting again.
-        loop {
+        // Drain what is queued, up to a batch, before waiting again.
+        for i in 0.. {
+            if i == BATCH {
+                tokio::task::yield_now().await;
+                break;
+            }
             let (n, from) = match sock.try_recv_from(&mut buf) {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -356,8 +364,14 @@ async fn relay_task(worker: Handle, id: AllocationId, sock: Weak<UdpSocket>) {
         if !matches!(ready, Some(Ok(()))) {
             return;
         }
-        let Some(sock) = sock.upgrade() else { return };
-        loop {
+        let Some(strong) = sock.upgrade() else { return };
+        let mut yield_now = false;
+        for i in 0.. {
+            if i == BATCH {
+                yield_now = true;
+                break;
+            }
+            let sock = &strong;
             let mut guard = worker.borrow_mut();
             let w = &mut *guard;
             let (n, from) =
@@ -377,6 +391,10 @@ async fn relay_task(worker: Handle, id: AllocationId, sock: Weak<UdpSocket>) {
                 continue;
             };
             w.deliver(&d, &w.peer_buf[d.range.clone()]);
+        }
+        drop(strong);
+        if yield_now {
+            tokio::task::yield_now().await;
         }
     }
 }

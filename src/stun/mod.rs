@@ -135,9 +135,10 @@ impl std::error::Error for DecodeError {}
 #[derive(Debug, Clone, Copy, Default)]
 struct RawAttr {
     typ: u16,
-    /// Offset of the value (after the attribute header) within the message.
-    start: u16,
     len: u16,
+    /// Offset of the value (after the attribute header) within the message;
+    /// a message on a stream may be 65,552 bytes, so 16 bits are not enough.
+    start: u32,
 }
 
 /// A parsed STUN message borrowing its bytes.
@@ -152,9 +153,9 @@ pub struct Message<'a> {
     attrs: [RawAttr; MAX_ATTRIBUTES],
     n_attrs: u8,
     /// Offset of the MESSAGE-INTEGRITY attribute header, if present.
-    integrity_at: Option<u16>,
+    integrity_at: Option<u32>,
     /// Offset of the FINGERPRINT attribute header, if present.
-    fingerprint_at: Option<u16>,
+    fingerprint_at: Option<u32>,
 }
 
 impl fmt::Debug for Message<'_> {
@@ -223,13 +224,13 @@ impl<'a> Message<'a> {
                 if alen != 4 {
                     return Err(DecodeError::BadFingerprintPosition);
                 }
-                msg.fingerprint_at = Some(pos as u16);
+                msg.fingerprint_at = Some(pos as u32);
             } else if msg.integrity_at.is_none() {
                 if typ == attr::MESSAGE_INTEGRITY {
                     if alen != 20 {
                         return Err(DecodeError::BadIntegrityLength);
                     }
-                    msg.integrity_at = Some(pos as u16);
+                    msg.integrity_at = Some(pos as u32);
                 }
                 let n = usize::from(msg.n_attrs);
                 if n == MAX_ATTRIBUTES {
@@ -237,8 +238,8 @@ impl<'a> Message<'a> {
                 }
                 msg.attrs[n] = RawAttr {
                     typ,
-                    start: (pos + 4) as u16,
                     len: alen as u16,
+                    start: (pos + 4) as u32,
                 };
                 msg.n_attrs += 1;
             }
@@ -277,7 +278,7 @@ impl<'a> Message<'a> {
             .map(move |a| {
                 (
                     a.typ,
-                    &raw[usize::from(a.start)..usize::from(a.start) + usize::from(a.len)],
+                    &raw[(a.start as usize)..(a.start as usize) + usize::from(a.len)],
                 )
             })
     }
@@ -287,7 +288,7 @@ impl<'a> Message<'a> {
         self.attrs[..usize::from(self.n_attrs)]
             .iter()
             .find(|a| a.typ == typ)
-            .map(|a| &self.raw[usize::from(a.start)..usize::from(a.start) + usize::from(a.len)])
+            .map(|a| &self.raw[(a.start as usize)..(a.start as usize) + usize::from(a.len)])
     }
 
     /// The byte range within [`Message::as_bytes`] of the first attribute of
@@ -296,7 +297,7 @@ impl<'a> Message<'a> {
         self.attrs[..usize::from(self.n_attrs)]
             .iter()
             .find(|a| a.typ == typ)
-            .map(|a| usize::from(a.start)..usize::from(a.start) + usize::from(a.len))
+            .map(|a| (a.start as usize)..(a.start as usize) + usize::from(a.len))
     }
 
     /// Whether an attribute of type `typ` is present.
@@ -350,7 +351,7 @@ impl<'a> Message<'a> {
         match self.fingerprint_at {
             None => true,
             Some(at) => {
-                let at = usize::from(at);
+                let at = at as usize;
                 let got = u32::from_be_bytes(
                     self.raw[at + 4..at + 8].try_into().expect("checked length"),
                 );
@@ -365,7 +366,7 @@ impl<'a> Message<'a> {
         let Some(at) = self.integrity_at else {
             return false;
         };
-        let at = usize::from(at);
+        let at = at as usize;
         let mac = integrity_mac(key, &self.raw[..at], at + 24 - HEADER_LEN);
         mac.verify_slice(&self.raw[at + 4..at + 24]).is_ok()
     }
@@ -432,7 +433,12 @@ impl<'b> MessageWriter<'b> {
     }
 
     fn set_length(&mut self) {
-        let len = (self.buf.len() - self.start - HEADER_LEN) as u16;
+        let len = self.buf.len() - self.start - HEADER_LEN;
+        debug_assert!(
+            len <= usize::from(u16::MAX),
+            "STUN message body of {len} bytes"
+        );
+        let len = len as u16;
         self.buf[self.start + 2..self.start + 4].copy_from_slice(&len.to_be_bytes());
     }
 

@@ -199,7 +199,7 @@ fn rfc5769_bit_flips_are_rejected() {
         let fp_type_at = Message::parse(&raw)
             .unwrap()
             .fingerprint_at
-            .map(usize::from);
+            .map(|a| a as usize);
         for byte in 0..raw.len() {
             // Changing FINGERPRINT's *type* turns it into an unknown attribute
             // after MESSAGE-INTEGRITY, which RFC 8489 §14.5 says to ignore: the
@@ -345,4 +345,17 @@ fn unknown_required_attributes_listed_once() {
     let mut u = [0u16; 16];
     let n = m.unknown_required(&mut u);
     assert_eq!(&u[..n], &[attr::CHANGE_REQUEST, 0x7ABC]);
+}
+
+#[test]
+fn largest_stream_message_parses() {
+    // 20 + 65532 bytes: offsets beyond 65535 must not wrap.
+    let mut out = Vec::new();
+    let mut w = MessageWriter::new(&mut out, method::BINDING, Class::Request, &[1; 12]);
+    w.attr(attr::SOFTWARE, &vec![b'a'; 65500]);
+    w.attr(attr::USERNAME, b"tail-user");
+    let n = out.len();
+    assert!(n > 65535, "{n}");
+    let m = Message::parse(&out).unwrap();
+    assert_eq!(m.text(attr::USERNAME), Some(Ok("tail-user")));
 }
