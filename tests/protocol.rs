@@ -351,3 +351,98 @@ fn hostile_bytes_do_not_disturb_other_clients() {
     let m = Message::parse(&r.raw).unwrap();
     assert_eq!(m.class(), Class::Success);
 }
+
+#[test]
+fn ipv6_clients_and_relays() {
+    let s = Server::start(Options::new(&format!(
+        "{ALICE}listening-ip=::1\nallow-loopback-peers\n"
+    )));
+    let v6_server: SocketAddr = format!("[::1]:{}", s.port).parse().unwrap();
+    let peer = UdpSocket::bind("[::1]:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    // Binding over IPv6.
+    let mut c = Client::new(v6_server);
+    let r = c.transact(&binding_request([1; 12]));
+    assert_eq!(
+        r.msg()
+            .xor_address(attr::XOR_MAPPED_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        c.sock.local_addr().unwrap()
+    );
+
+    // An IPv6 relay requested over IPv6.
+    let r = c.allocate_with(
+        &[(attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])],
+        "alice",
+        "pw",
+    );
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relayed.ip(), "::1".parse::<std::net::IpAddr>().unwrap());
+    // Data indication carrying an IPv6 XOR-PEER-ADDRESS.
+    assert!(
+        c.signed_peer(method::CREATE_PERMISSION, &[], peer_addr, "alice", "pw")
+            .is_success()
+    );
+    peer.send_to(b"v6 hello", relayed).unwrap();
+    let mut buf = [0u8; 200];
+    let (n, _) = c.sock.recv_from(&mut buf).unwrap();
+    let m = Message::parse(&buf[..n]).unwrap();
+    assert_eq!(
+        m.xor_address(attr::XOR_PEER_ADDRESS).unwrap().unwrap(),
+        peer_addr
+    );
+    assert_eq!(m.get(attr::DATA), Some(&b"v6 hello"[..]));
+    // ChannelData both ways.
+    let bind = [(attr::CHANNEL_NUMBER, vec![0x40, 0x06, 0, 0])];
+    assert!(
+        c.signed_peer(method::CHANNEL_BIND, &bind, peer_addr, "alice", "pw")
+            .is_success()
+    );
+    c.sock
+        .send_to(&[0x40, 0x06, 0, 2, b'o', b'k', 0, 0], v6_server)
+        .unwrap();
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"ok"[..], relayed));
+    // An IPv4 peer on an IPv6 relay: 443.
+    let v4_peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    assert_eq!(
+        c.signed_peer(method::CREATE_PERMISSION, &[], v4_peer, "alice", "pw")
+            .code(),
+        Some(443)
+    );
+
+    // Without REQUESTED-ADDRESS-FAMILY, an IPv6 client gets an IPv4 relay
+    // (RFC 8656's default), on a listening address of that family.
+    let mut d = Client::new(v6_server);
+    let r = d.allocate("alice", "pw");
+    assert!(r.is_success(), "{:?}", r.code());
+    assert!(
+        r.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+            .is_ipv4()
+    );
+    // An IPv4 client may ask for an IPv6 relay.
+    let mut e = Client::new(s.udp_addr());
+    let r = e.allocate_with(
+        &[(attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])],
+        "alice",
+        "pw",
+    );
+    assert!(
+        r.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+            .is_ipv6()
+    );
+}

@@ -292,3 +292,18 @@ fn rest_api_secret() {
         );
     }
 }
+
+#[test]
+fn ipv6_relays_client_to_client() {
+    let s = Server::start(Options::new(&format!("{USERS}listening-ip=::1\n")));
+    let p = s.port.to_string();
+    uclient(
+        &s,
+        &[
+            "-y", "-x", "-u", "test", "-w", "secret", "-p", &p, "-m", "4", "-n", "50", "-l", "170",
+            "-z", "5",
+        ],
+        200,
+    );
+    assert!(s.log_text().contains("relayed=[::1]:"), "{}", s.log_text());
+}

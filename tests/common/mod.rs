@@ -304,7 +304,12 @@ impl Response {
 
 impl Client {
     pub fn new(server: SocketAddr) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let sock = UdpSocket::bind(local).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         Client {
@@ -371,6 +376,49 @@ impl Client {
     /// An Allocate for UDP with credentials, doing the 401 round trip first.
     pub fn allocate(&mut self, user: &str, pw: &str) -> Response {
         let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+        let req = self.request(method::ALLOCATE, &attrs, None);
+        let challenge = self.transact(&req);
+        assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
+        self.realm = challenge
+            .msg()
+            .text(attr::REALM)
+            .unwrap()
+            .unwrap()
+            .to_string();
+        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
+        self.transact(&req)
+    }
+
+    /// A signed request carrying XOR-PEER-ADDRESS `peer` (encoded with the
+    /// request's transaction ID, which IPv6 addresses need) after `attrs`.
+    pub fn signed_peer(
+        &mut self,
+        m: u16,
+        attrs: &[(u16, Vec<u8>)],
+        peer: SocketAddr,
+        user: &str,
+        pw: &str,
+    ) -> Response {
+        let tid = self.next_tid();
+        let mut out = Vec::new();
+        let mut w = MessageWriter::new(&mut out, m, Class::Request, &tid);
+        for (t, v) in attrs {
+            w.attr(*t, v);
+        }
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::USERNAME, user.as_bytes())
+            .attr(attr::REALM, self.realm.as_bytes())
+            .attr(attr::NONCE, &self.nonce)
+            .integrity(&long_term_key(user, &self.realm, pw))
+            .fingerprint();
+        self.transact(&out)
+    }
+
+    /// An Allocate with extra attributes (after a 401 round trip).
+    pub fn allocate_with(&mut self, extra: &[(u16, Vec<u8>)], user: &str, pw: &str) -> Response {
+        let mut attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+        attrs.extend_from_slice(extra);
         let req = self.request(method::ALLOCATE, &attrs, None);
         let challenge = self.transact(&req);
         assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
