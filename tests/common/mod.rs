@@ -189,6 +189,11 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
+        if std::fs::read_to_string(self.dir.path("turnserver.conf"))
+            .is_ok_and(|c| c.lines().any(|l| l == "no-udp"))
+        {
+            return self.wait_ready_tcp();
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100)))
@@ -213,6 +218,27 @@ impl Server {
                 "turnserver did not answer:\n{}",
                 self.log_text()
             );
+        }
+    }
+
+    fn wait_ready_tcp(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "turnserver exited with {status} before it was ready:\n{}",
+                    self.log_text()
+                );
+            }
+            if TcpStream::connect(self.udp_addr()).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "turnserver did not listen:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -637,5 +663,62 @@ impl<S: Read + Write> StreamClient<S> {
     pub fn signed(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], user: &str, pw: &str) -> Response {
         let req = self.request(m, attrs, Some((user, pw)));
         self.transact(&req)
+    }
+}
+
+/// A network namespace of the test's own with a veth pair, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates namespace `name` with loopback up and `va` (address `ip/24`)
+    /// and its veth peer `vb` up. Needs root and iproute2.
+    pub fn new(tag: &str, ip: &str) -> NetNs {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test creates a network namespace and must run as root"
+        );
+        require_tool("ip", "apt-get install iproute2");
+        let name = format!("ts{tag}{}", std::process::id());
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run(&["netns", "add", &name]);
+        let ns = NetNs { name: name.clone() };
+        run(&["-n", &name, "link", "set", "lo", "up"]);
+        run(&[
+            "-n", &name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
+        ]);
+        run(&["-n", &name, "addr", "add", &format!("{ip}/24"), "dev", "va"]);
+        run(&["-n", &name, "link", "set", "va", "up"]);
+        run(&["-n", &name, "link", "set", "vb", "up"]);
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (network
+    /// namespaces are per thread), so sockets it opens live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
