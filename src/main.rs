@@ -186,6 +186,8 @@ fn run(cfg: Config) -> Result<(), String> {
     core.external_ips = cfg.external_ips.clone();
     core.default_family = cfg.default_family;
     core.allow_udp_relay = !cfg.no_udp_relay;
+    core.mobility = cfg.mobility;
+    core.ticket_key = rand::random();
 
     let bound = server::bind(&plan).map_err(|e| e.to_string())?;
     for a in &plan.udp {

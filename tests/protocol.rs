@@ -446,3 +446,66 @@ fn ipv6_clients_and_relays() {
             .is_ipv6()
     );
 }
+
+#[test]
+fn mobility_moves_an_allocation_across_addresses_and_workers() {
+    let s = Server::start(Options::new(&format!(
+        "{ALICE}allow-loopback-peers\nmobility\nrelay-threads=4\n"
+    )));
+    let (peer, peer_addr) = peer_socket();
+    let mut c = Client::new(s.udp_addr());
+    let r = c.allocate_with(&[(attr::MOBILITY_TICKET, vec![])], "alice", "pw");
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    let mut ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
+    assert!(
+        c.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4001, peer_addr),
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+    let mut buf = [0u8; 100];
+    for i in 0..8u8 {
+        // The client's address changes: a new socket refreshes with the ticket.
+        let mut next = Client::new(s.udp_addr());
+        next.realm = c.realm.clone();
+        next.nonce = c.nonce.clone();
+        let r = next.signed(
+            method::REFRESH,
+            &[(attr::MOBILITY_TICKET, ticket.clone())],
+            "alice",
+            "pw",
+        );
+        assert!(r.is_success(), "move {i}: {:?}\n{}", r.code(), s.log_text());
+        ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
+        // Relaying follows the client, with the same relayed address and channel.
+        peer.send_to(&[i], relayed).unwrap();
+        let (n, _) = next
+            .sock
+            .recv_from(&mut buf)
+            .expect("peer data reaches the new address");
+        assert_eq!(&buf[..n], &[0x40, 0x01, 0, 1, i]);
+        next.sock
+            .send_to(&[0x40, 0x01, 0, 1, i, 0, 0, 0], s.udp_addr())
+            .unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&[i][..], relayed));
+        // The old address no longer reaches the allocation.
+        let r = c.signed(method::REFRESH, &[], "alice", "pw");
+        assert_eq!(r.code(), Some(437), "move {i}");
+        c = next;
+    }
+    let log = s.log_text();
+    assert!(
+        log.contains("allocation moved to another worker (mobility)"),
+        "{log}"
+    );
+    assert!(!log.contains("allocation deleted"), "{log}");
+}

@@ -307,3 +307,17 @@ fn ipv6_relays_client_to_client() {
     );
     assert!(s.log_text().contains("relayed=[::1]:"), "{}", s.log_text());
 }
+
+#[test]
+fn mobility_client() {
+    let s = Server::start(Options::new(&format!("{USERS}mobility\n")));
+    let p = s.port.to_string();
+    uclient(
+        &s,
+        &[
+            "-M", "-y", "-c", "-u", "test", "-w", "secret", "-p", &p, "-m", "2", "-n", "50", "-l",
+            "170", "-z", "5",
+        ],
+        100,
+    );
+}

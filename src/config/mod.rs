@@ -134,6 +134,8 @@ pub struct Config {
     pub relay_threads: Option<usize>,
     pub default_family: DefaultFamily,
     pub no_udp_relay: bool,
+    /// RFC 8016 mobility tickets.
+    pub mobility: bool,
     pub allow_loopback_peers: bool,
     pub no_multicast_peers: bool,
     pub denied_peer_ips: Vec<IpRange>,
@@ -189,6 +191,7 @@ impl Default for Config {
             relay_threads: None,
             default_family: DefaultFamily::Ipv4,
             no_udp_relay: false,
+            mobility: false,
             allow_loopback_peers: false,
             no_multicast_peers: false,
             denied_peer_ips: Vec::new(),
@@ -760,6 +763,7 @@ impl Config {
                 }
             }
             "no-udp-relay" => self.no_udp_relay = flag()?,
+            "mobility" => self.mobility = flag()?,
             "allow-loopback-peers" => self.allow_loopback_peers = flag()?,
             "no-multicast-peers" => self.no_multicast_peers = flag()?,
             "denied-peer-ip" | "allowed-peer-ip" => {

@@ -93,9 +93,20 @@ pub fn start(
     bound: Bound,
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let n = bound.per_worker.len();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let mailboxes = Arc::new(senders);
     let mut threads = Vec::new();
-    for (i, sockets) in bound.per_worker.into_iter().enumerate() {
-        threads.push(worker::spawn(i, sockets, shared.clone())?);
+    for ((i, sockets), inbox) in bound.per_worker.into_iter().enumerate().zip(receivers) {
+        threads.push(worker::spawn(
+            i,
+            sockets,
+            shared.clone(),
+            mailboxes.clone(),
+            inbox,
+        )?);
     }
     info!("{} worker threads running", threads.len());
     Ok(threads)

@@ -23,14 +23,16 @@ use std::time::{Duration, Instant, SystemTime};
 use slab::Slab;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use super::ports::PortPool;
 use super::relay::{Opened, Opener, Reservations};
 use crate::stun::channel::{self, HEADROOM, TAILROOM};
-use crate::turn::{self, AllocationId, ClientAction, Delivery, Event, FiveTuple, Transport};
+use crate::turn::{
+    self, AllocationId, ClientAction, Delivery, Event, FiveTuple, MovedAllocation, Transport,
+};
 
 /// Links at or above this value are stream connections; below, UDP listener
 /// indexes.
@@ -101,8 +103,10 @@ impl Conn {
 }
 
 struct Worker {
+    index: usize,
     core: turn::Server,
     shared: Arc<Shared>,
+    mailboxes: Mailboxes,
     udp: Vec<Rc<UdpSocket>>,
     conns: Slab<Rc<Conn>>,
     relays: HashMap<AllocationId, Relay>,
@@ -189,18 +193,108 @@ impl Worker {
 
     /// Sends framed peer data to the client.
     fn deliver(&self, d: &Delivery, bytes: &[u8]) {
-        if d.link < STREAM_LINK {
-            if let Some(s) = self.udp.get(d.link as usize) {
-                send_udp(s, bytes, d.client.client);
+        self.send_to_client(d.link, &d.client, bytes);
+    }
+
+    /// Sends a message to the client on `ft`, reached through `link`.
+    fn send_to_client(&self, link: u32, ft: &FiveTuple, bytes: &[u8]) {
+        if link < STREAM_LINK {
+            if let Some(s) = self.udp.get(link as usize) {
+                send_udp(s, bytes, ft.client);
             }
-        } else if let Some(c) = self.conns.get((d.link - STREAM_LINK) as usize) {
+        } else if let Some(c) = self.conns.get((link - STREAM_LINK) as usize) {
             // The slot may have been reused by another connection.
-            if c.five_tuple == d.client {
+            if c.five_tuple == *ft {
                 c.send(bytes);
             }
         }
     }
+
+    /// Carries out what the core decided about client message `data`.
+    fn dispatch(&mut self, action: ClientAction, ft: &FiveTuple, link: u32, data: &[u8]) {
+        match action {
+            ClientAction::None => {}
+            ClientAction::Reply => self.send_to_client(link, ft, &self.out),
+            ClientAction::Relay {
+                allocation,
+                peer,
+                payload,
+            } => self.relay_to_peer(allocation, peer, &data[payload]),
+            ClientAction::Migrate {
+                owner,
+                allocation,
+                username,
+            } => {
+                let mail = Mail::Export {
+                    allocation,
+                    username,
+                    five_tuple: *ft,
+                    link,
+                    request: data.to_vec(),
+                    to: self.index,
+                };
+                let sent = self
+                    .mailboxes
+                    .get(usize::from(owner))
+                    .is_some_and(|m| m.send(mail).is_ok());
+                if !sent {
+                    // A ticket naming a worker that does not exist (an older
+                    // process with more workers issued it).
+                    let action = self.core.answer_error(data, 404, &mut self.out);
+                    self.dispatch(action, ft, link, data);
+                }
+            }
+        }
+    }
+
+    /// Removes an allocation's relay socket from this worker's event loop
+    /// for another worker to adopt.
+    fn take_relay_socket(&mut self, id: AllocationId) -> Option<std::net::UdpSocket> {
+        let r = self.relays.remove(&id)?;
+        r.task.abort();
+        // The relay task holds only a weak reference.
+        Rc::try_unwrap(r.socket).ok()?.into_std().ok()
+    }
+
+    /// Registers a relay socket for allocation `id`.
+    fn adopt_relay_socket(
+        &mut self,
+        me: &Handle,
+        id: AllocationId,
+        socket: std::net::UdpSocket,
+        addr: SocketAddr,
+    ) {
+        self.opened.push(Opened { id, socket, addr });
+        self.register_relays(me);
+    }
 }
+
+/// Messages between workers (RFC 8016 mobility moves an allocation to the
+/// worker that receives its client's new 5-tuple).
+pub enum Mail {
+    /// Hand `allocation` over to worker `to`, for its client now on
+    /// `five_tuple` (connection `link` there); `request` is the Refresh to
+    /// replay once it arrives.
+    Export {
+        allocation: AllocationId,
+        username: String,
+        five_tuple: FiveTuple,
+        link: u32,
+        request: Vec<u8>,
+        to: usize,
+    },
+    /// The answer to `Export`: the allocation and its relay socket, or the
+    /// error code to answer the request with.
+    Imported {
+        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), u16>,
+        five_tuple: FiveTuple,
+        link: u32,
+        request: Vec<u8>,
+    },
+}
+
+/// The mailboxes of every worker, indexed by worker.
+pub type Mailboxes = Arc<Vec<mpsc::UnboundedSender<Mail>>>;
 
 /// Sends one datagram with a direct non-blocking `sendto`.
 ///
@@ -218,6 +312,8 @@ pub fn spawn(
     index: usize,
     sockets: Sockets,
     shared: Arc<Shared>,
+    mailboxes: Mailboxes,
+    inbox: mpsc::UnboundedReceiver<Mail>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
@@ -233,7 +329,7 @@ pub fn spawn(
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(index, sockets, shared));
+            local.block_on(&rt, run(index, sockets, shared, mailboxes, inbox));
         })
 }
 
@@ -244,10 +340,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(index: usize, sockets: Sockets, shared: Arc<Shared>) {
+async fn run(
+    index: usize,
+    sockets: Sockets,
+    shared: Arc<Shared>,
+    mailboxes: Mailboxes,
+    inbox: mpsc::UnboundedReceiver<Mail>,
+) {
     let now = Instant::now();
     let seed = rand::random::<u64>() ^ index as u64;
-    let core = turn::Server::new(shared.core.clone(), now, unix_now(), seed);
+    let core = turn::Server::new(shared.core.clone(), index as u16, now, unix_now(), seed);
     let mut udp = Vec::new();
     let mut udp_addrs = Vec::new();
     for (s, addr) in sockets.udp {
@@ -260,8 +362,10 @@ async fn run(index: usize, sockets: Sockets, shared: Arc<Shared>) {
         }
     }
     let worker: Handle = Rc::new(RefCell::new(Worker {
+        index,
         core,
         shared: shared.clone(),
+        mailboxes,
         udp: udp.clone(),
         conns: Slab::new(),
         relays: HashMap::new(),
@@ -283,7 +387,72 @@ async fn run(index: usize, sockets: Sockets, shared: Arc<Shared>) {
             ),
         }
     }
+    tokio::task::spawn_local(mailbox(worker.clone(), inbox));
     timer(worker).await;
+}
+
+/// Serves messages from other workers.
+async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
+    while let Some(mail) = inbox.recv().await {
+        let mut w = worker.borrow_mut();
+        match mail {
+            Mail::Export {
+                allocation,
+                username,
+                five_tuple,
+                link,
+                request,
+                to,
+            } => {
+                let result = match w.core.export(allocation, &username, &five_tuple, link) {
+                    Ok(moved) => match w.take_relay_socket(allocation) {
+                        Some(socket) => Ok((Box::new(moved), socket)),
+                        None => {
+                            error!("allocation {} has no relay socket to move", moved.relayed());
+                            w.shared.pool.release(moved.relayed().port());
+                            Err(500)
+                        }
+                    },
+                    Err(code) => Err(code),
+                };
+                let reply = Mail::Imported {
+                    result,
+                    five_tuple,
+                    link,
+                    request,
+                };
+                if let Some(m) = w.mailboxes.get(to) {
+                    let _ = m.send(reply);
+                }
+            }
+            Mail::Imported {
+                result,
+                five_tuple,
+                link,
+                request,
+            } => match result {
+                Ok((moved, socket)) => {
+                    let relayed = moved.relayed();
+                    match w.core.import(*moved) {
+                        Some(id) => w.adopt_relay_socket(&worker, id, socket, relayed),
+                        None => {
+                            drop(socket);
+                            w.shared.pool.release(relayed.port());
+                        }
+                    }
+                    // Replay the Refresh: it now finds the allocation here.
+                    let action =
+                        w.client_message(&worker, Instant::now(), &five_tuple, link, &request);
+                    w.dispatch(action, &five_tuple, link, &request);
+                }
+                Err(code) => {
+                    let w = &mut *w;
+                    let action = w.core.answer_error(&request, code, &mut w.out);
+                    w.dispatch(action, &five_tuple, link, &request);
+                }
+            },
+        }
+    }
 }
 
 /// Drives the core's timers once a second.
@@ -335,15 +504,8 @@ async fn udp_listener(worker: Handle, link: u32, sock: Rc<UdpSocket>, local: Soc
             };
             let mut w = worker.borrow_mut();
             let data = &buf[..n];
-            match w.client_message(&worker, Instant::now(), &ft, link, data) {
-                ClientAction::None => {}
-                ClientAction::Reply => send_udp(&sock, &w.out, from),
-                ClientAction::Relay {
-                    allocation,
-                    peer,
-                    payload,
-                } => w.relay_to_peer(allocation, peer, &data[payload]),
-            }
+            let action = w.client_message(&worker, Instant::now(), &ft, link, data);
+            w.dispatch(action, &ft, link, data);
         }
     }
 }
@@ -510,15 +672,8 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
                 }
                 let data = &buf[start..start + len];
                 let mut w = worker.borrow_mut();
-                match w.client_message(&worker, Instant::now(), &ft, link, data) {
-                    ClientAction::None => {}
-                    ClientAction::Reply => conn.send(&w.out),
-                    ClientAction::Relay {
-                        allocation,
-                        peer,
-                        payload,
-                    } => w.relay_to_peer(allocation, peer, &data[payload]),
-                }
+                let action = w.client_message(&worker, Instant::now(), &ft, link, data);
+                w.dispatch(action, &ft, link, data);
                 drop(w);
                 start += len;
             }

@@ -23,6 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use slab::Slab;
 use tracing::{debug, info, trace};
 
@@ -157,6 +159,12 @@ pub struct Config {
     /// Grant UDP relays (`no-udp-relay` turns this off: every Allocate
     /// gets 442).
     pub allow_udp_relay: bool,
+    /// RFC 8016 mobility (`mobility`): allocations asked for with an empty
+    /// MOBILITY-TICKET get a ticket, and a Refresh carrying it from another
+    /// 5-tuple moves the allocation there. Off: MOBILITY-TICKET gets 405.
+    pub mobility: bool,
+    /// Key authenticating mobility tickets; shared by every worker.
+    pub ticket_key: [u8; 32],
 }
 
 impl Config {
@@ -177,6 +185,8 @@ impl Config {
             default_family: DefaultFamily::Ipv4,
             rfc5766_channels: true,
             allow_udp_relay: true,
+            mobility: false,
+            ticket_key: [0; 32],
         }
     }
 }
@@ -244,6 +254,17 @@ pub enum ClientAction {
         allocation: AllocationId,
         peer: SocketAddr,
         payload: Range<usize>,
+    },
+    /// An authenticated Refresh carries a mobility ticket for an allocation
+    /// owned by worker `owner` (RFC 8016). The driver asks that worker to
+    /// [`Server::export`] it for `username`, [`Server::import`]s it here, and
+    /// hands the same request to [`Server::handle_client`] again, which then
+    /// refreshes it on its new 5-tuple. If the export fails, answer the
+    /// request with [`Server::answer_error`] and the code it returned.
+    Migrate {
+        owner: u16,
+        allocation: AllocationId,
+        username: String,
     },
 }
 
@@ -315,6 +336,8 @@ struct Channel {
 #[derive(Debug)]
 struct Allocation {
     id: AllocationId,
+    /// Created with an empty MOBILITY-TICKET: may move to another 5-tuple.
+    mobile: bool,
     five_tuple: FiveTuple,
     link: u32,
     relayed: SocketAddr,
@@ -367,6 +390,14 @@ impl Allocation {
     }
 }
 
+fn ticket_tag(key: &[u8; 32], data: &[u8]) -> [u8; 10] {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(key).expect("any key length");
+    mac.update(data);
+    let out = mac.finalize().into_bytes();
+    out[..10].try_into().expect("SHA-1 output is 20 bytes")
+}
+
 /// Result of authenticating a request.
 enum Authed<'m> {
     /// Authenticated (or auth disabled: no key, empty username).
@@ -381,6 +412,8 @@ const fn reason(code: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
+        404 => "Allocation Not Found",
+        405 => "Mobility Forbidden",
         420 => "Unknown Attribute",
         437 => "Allocation Mismatch",
         438 => "Stale Nonce",
@@ -405,13 +438,40 @@ pub struct Server {
     wall: (Instant, u64),
     rng: u64,
     relay_rr: usize,
+    /// This core's worker index, written into mobility tickets.
+    worker: u16,
 }
 
+/// An allocation on its way to another worker (RFC 8016 mobility): its
+/// whole state, already re-keyed to the client's new 5-tuple.
+#[derive(Debug)]
+pub struct MovedAllocation {
+    allocation: Allocation,
+}
+
+impl MovedAllocation {
+    /// Its relayed transport address (the relay socket travels with it).
+    pub fn relayed(&self) -> SocketAddr {
+        self.allocation.relayed
+    }
+}
+
+/// Length of a mobility ticket, characters: unpadded base64url of 20 bytes
+/// (worker, index, generation and a 10-byte tag). coturn's clients keep at
+/// most 32 characters of a ticket.
+const TICKET_LEN: usize = 27;
+
 impl Server {
-    /// A core with no allocations. `now` and `unix_now` (UNIX seconds) anchor
-    /// the wall clock; `seed` seeds the generator for Data indication
-    /// transaction IDs (any value).
-    pub fn new(cfg: std::sync::Arc<Config>, now: Instant, unix_now: u64, seed: u64) -> Self {
+    /// A core with no allocations for worker `worker`. `now` and `unix_now`
+    /// (UNIX seconds) anchor the wall clock; `seed` seeds the generator for
+    /// Data indication transaction IDs (any value).
+    pub fn new(
+        cfg: std::sync::Arc<Config>,
+        worker: u16,
+        now: Instant,
+        unix_now: u64,
+        seed: u64,
+    ) -> Self {
         Server {
             cfg,
             allocations: Slab::new(),
@@ -421,6 +481,7 @@ impl Server {
             wall: (now, unix_now),
             rng: seed | 1,
             relay_rr: 0,
+            worker,
         }
     }
 
@@ -676,7 +737,7 @@ impl Server {
         };
         let action = match m {
             method::ALLOCATE => self.allocate(now, ft, link, msg, out, relays, key, username),
-            method::REFRESH => self.refresh(now, ft, msg, out, key),
+            method::REFRESH => self.refresh(now, ft, link, msg, out, key, username),
             method::CREATE_PERMISSION => self.create_permission(now, ft, msg, out, key),
             _ => self.channel_bind(now, ft, msg, out, key),
         };
@@ -826,6 +887,9 @@ impl Server {
         if let Some(t) = &a.reservation_token {
             w.attr(attr::RESERVATION_TOKEN, t);
         }
+        if a.mobile {
+            w.attr(attr::MOBILITY_TICKET, &self.ticket(a.id));
+        }
         w.xor_address(attr::XOR_MAPPED_ADDRESS, a.five_tuple.client);
         self.seal(&mut w, req, a.key.as_ref());
         ClientAction::Reply
@@ -899,6 +963,12 @@ impl Server {
             .lifetime(requested_lifetime)
             .max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
         let dont_fragment = msg.has(attr::DONT_FRAGMENT);
+        let mobile = match msg.get(attr::MOBILITY_TICKET) {
+            None => false,
+            Some(_) if !self.cfg.mobility => return self.error(out, msg, 405, k),
+            Some(t) if !t.is_empty() => return self.error(out, msg, 400, k),
+            Some(_) => true,
+        };
 
         let (ip, port) = if let Some(t) = token {
             // The driver knows the reserved socket's address; the IP here is
@@ -942,6 +1012,7 @@ impl Server {
         let reservation_token = opened.reservation;
         let allocation = Allocation {
             id,
+            mobile,
             five_tuple: *ft,
             link,
             relayed: opened.addr,
@@ -972,17 +1043,50 @@ impl Server {
         self.allocate_success(now, out, msg, a)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn refresh(
         &mut self,
         now: Instant,
         ft: &FiveTuple,
+        link: u32,
         msg: &Message<'_>,
         out: &mut Vec<u8>,
         key: Option<Key>,
+        username: &str,
     ) -> ClientAction {
         let k = key.as_ref();
-        let Some(&id) = self.by_five_tuple.get(ft) else {
-            return self.error(out, msg, 437, k);
+        let ticket = msg.get(attr::MOBILITY_TICKET);
+        if ticket.is_some() && !self.cfg.mobility {
+            return self.error(out, msg, 405, k);
+        }
+        let id = match (self.by_five_tuple.get(ft), ticket) {
+            (Some(&id), _) => id,
+            (None, None) => return self.error(out, msg, 437, k),
+            // A mobile client arriving from a new 5-tuple (RFC 8016 §3.2).
+            (None, Some(t)) => {
+                let Some((owner, id)) = self.parse_ticket(t) else {
+                    return self.error(out, msg, 404, k);
+                };
+                if owner != self.worker {
+                    return ClientAction::Migrate {
+                        owner,
+                        allocation: id,
+                        username: username.to_string(),
+                    };
+                }
+                match self.take(id, username) {
+                    Ok(mut a) => {
+                        info!(from = %a.five_tuple, to = %ft, user = username, relayed = %a.relayed, "allocation moved (mobility)");
+                        a.five_tuple = *ft;
+                        a.link = link;
+                        self.by_five_tuple.insert(*ft, id);
+                        let index = self.allocations.insert(a);
+                        debug_assert_eq!(index, id.index as usize);
+                        id
+                    }
+                    Err(code) => return self.error(out, msg, code, k),
+                }
+            }
         };
         let relay_family = match self.get(id) {
             Some(a) => Family::of(a.relayed.ip()),
@@ -1017,10 +1121,118 @@ impl Server {
         } else if let Some(a) = self.get_mut(id) {
             a.expires = now + Duration::from_secs(u64::from(lifetime));
         }
+        let ticket = self.get(id).filter(|a| a.mobile).map(|a| self.ticket(a.id));
         let mut w = self.response(out, msg, Class::Success);
         w.attr_u32(attr::LIFETIME, lifetime);
+        if let Some(t) = &ticket {
+            w.attr(attr::MOBILITY_TICKET, t);
+        }
         self.seal(&mut w, msg, k);
         ClientAction::Reply
+    }
+
+    /// The mobility ticket for allocation `id` on this worker: base64url of
+    /// worker, index, generation and a 10-byte HMAC-SHA1 tag over them
+    /// (printable and short, as clients such as turnutils_uclient keep it in a
+    /// 33-byte string).
+    fn ticket(&self, id: AllocationId) -> [u8; TICKET_LEN] {
+        let mut raw = [0u8; 20];
+        raw[..2].copy_from_slice(&self.worker.to_be_bytes());
+        raw[2..6].copy_from_slice(&id.index.to_be_bytes());
+        raw[6..10].copy_from_slice(&id.generation.to_be_bytes());
+        let tag = ticket_tag(&self.cfg.ticket_key, &raw[..10]);
+        raw[10..].copy_from_slice(&tag);
+        let mut out = [0u8; TICKET_LEN];
+        let n = URL_SAFE_NO_PAD
+            .encode_slice(raw, &mut out)
+            .expect("20 bytes encode to 27 characters");
+        debug_assert_eq!(n, TICKET_LEN);
+        out
+    }
+
+    /// Decodes and authenticates a ticket into (worker, allocation).
+    fn parse_ticket(&self, t: &[u8]) -> Option<(u16, AllocationId)> {
+        if t.len() != TICKET_LEN {
+            return None;
+        }
+        let mut raw = [0u8; 21];
+        if URL_SAFE_NO_PAD.decode_slice(t, &mut raw).ok()? != 20 {
+            return None;
+        }
+        let tag = ticket_tag(&self.cfg.ticket_key, &raw[..10]);
+        let diff = tag
+            .iter()
+            .zip(&raw[10..])
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return None;
+        }
+        let worker = u16::from_be_bytes([raw[0], raw[1]]);
+        let index = u32::from_be_bytes(raw[2..6].try_into().ok()?);
+        let generation = u32::from_be_bytes(raw[6..10].try_into().ok()?);
+        Some((worker, AllocationId { index, generation }))
+    }
+
+    /// Removes a mobile allocation for `username` from the tables, for a
+    /// move. Errors: 404 when it is gone or not mobile, 441 for another user.
+    fn take(&mut self, id: AllocationId, username: &str) -> Result<Allocation, u16> {
+        let a = self.get(id).ok_or(404u16)?;
+        if !a.mobile {
+            return Err(404);
+        }
+        if *a.username != *username {
+            return Err(441);
+        }
+        let a = self.allocations.remove(id.index as usize);
+        self.by_five_tuple.remove(&a.five_tuple);
+        Ok(a)
+    }
+
+    /// Hands allocation `id` to another worker for its client's new
+    /// 5-tuple `to` (connection token `link` there). The caller moves the
+    /// relay socket with it; no [`Event::AllocationClosed`] is emitted.
+    /// Errors: 404 (gone, or created without mobility) or 441 (another user).
+    pub fn export(
+        &mut self,
+        id: AllocationId,
+        username: &str,
+        to: &FiveTuple,
+        link: u32,
+    ) -> Result<MovedAllocation, u16> {
+        let mut a = self.take(id, username)?;
+        info!(from = %a.five_tuple, to = %to, user = username, relayed = %a.relayed, "allocation moved to another worker (mobility)");
+        a.five_tuple = *to;
+        a.link = link;
+        Ok(MovedAllocation { allocation: a })
+    }
+
+    /// Adopts an allocation exported by another worker; returns its id here,
+    /// for registering its relay socket. `None` (and the allocation is
+    /// deleted) when its new 5-tuple meanwhile got an allocation of its own.
+    pub fn import(&mut self, moved: MovedAllocation) -> Option<AllocationId> {
+        let mut a = moved.allocation;
+        if self.by_five_tuple.contains_key(&a.five_tuple) {
+            info!(five_tuple = %a.five_tuple, user = &*a.username, relayed = %a.relayed, reason = "5-tuple already has an allocation", "allocation deleted");
+            return None;
+        }
+        let id = AllocationId {
+            index: self.allocations.vacant_key() as u32,
+            generation: self.next_generation,
+        };
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        a.id = id;
+        self.by_five_tuple.insert(a.five_tuple, id);
+        self.allocations.insert(a);
+        Some(id)
+    }
+
+    /// Answers request `data` (as received) with error `code`, for requests
+    /// the driver could not complete (a failed mobility move).
+    pub fn answer_error(&self, data: &[u8], code: u16, out: &mut Vec<u8>) -> ClientAction {
+        match Message::parse(data) {
+            Ok(msg) => self.error(out, &msg, code, None),
+            Err(_) => ClientAction::None,
+        }
     }
 
     /// Decodes and vets a XOR-PEER-ADDRESS value for an allocation relaying

@@ -159,7 +159,7 @@ impl Harness {
     fn new(cfg: Config) -> Self {
         let t0 = Instant::now();
         Harness {
-            server: Server::new(Arc::new(cfg), t0, UNIX0, 42),
+            server: Server::new(Arc::new(cfg), 0, t0, UNIX0, 42),
             relays: FakeRelays::default(),
             t0,
             now: t0,
@@ -942,4 +942,159 @@ fn unsupported_method_is_400() {
 fn wall_clock_follows_the_monotonic_clock() {
     let h = Harness::new(users_config());
     assert_eq!(h.server.unix(h.t0 + Duration::from_secs(90)), UNIX0 + 90);
+}
+
+fn mobile_config() -> Config {
+    let mut cfg = users_config();
+    cfg.mobility = true;
+    cfg.ticket_key = [9; 32];
+    cfg
+}
+
+fn allocate_mobile(h: &mut Harness, ft: &FiveTuple) -> Vec<u8> {
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::MOBILITY_TICKET, b"");
+    let resp = h.ask_authed(ft, &r, "alice", "alicepw");
+    assert!(resp.ok(), "{:?}", resp.code());
+    let ticket = resp
+        .msg()
+        .get(attr::MOBILITY_TICKET)
+        .expect("ticket")
+        .to_vec();
+    assert_eq!(ticket.len(), 27);
+    assert!(
+        ticket
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'),
+        "printable ticket"
+    );
+    ticket
+}
+
+#[test]
+fn mobility_off_answers_405() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::MOBILITY_TICKET, b"");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(405));
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::MOBILITY_TICKET, &[b'A'; 27]);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(405));
+}
+
+#[test]
+fn mobility_ticket_moves_the_allocation_to_a_new_five_tuple() {
+    let mut h = Harness::new(mobile_config());
+    let ft = udp("203.0.113.5:40000");
+    // A non-empty ticket in an Allocate is malformed.
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::MOBILITY_TICKET, b"x");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
+    let ticket = allocate_mobile(&mut h, &ft);
+    let id = h.server.allocation_for(&ft).unwrap();
+    let bind = h
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+        .peer("198.51.100.1:5000");
+    assert!(h.ask_authed(&ft, &bind, "alice", "alicepw").ok());
+
+    // The client's address changes: Refresh with the ticket from the new one.
+    let moved_to = udp("198.51.100.200:1234");
+    let r = h.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
+    let resp = h.ask_authed(&moved_to, &r, "alice", "alicepw");
+    assert!(resp.ok(), "{:?}", resp.code());
+    assert!(resp.msg().has(attr::MOBILITY_TICKET));
+    assert_eq!(h.server.allocation_for(&ft), None);
+    assert_eq!(h.server.allocation_for(&moved_to), Some(id));
+    // Peer data follows the client; its channel came along.
+    let (d, bytes) = h.peer_data(id, "198.51.100.1:5000", b"x").unwrap();
+    assert_eq!(d.client, moved_to);
+    assert_eq!(bytes, vec![0x40, 0x01, 0, 1, b'x']);
+    assert!(matches!(
+        h.send(&moved_to, &[0x40, 0x01, 0, 1, b'y']),
+        ClientAction::Relay { .. }
+    ));
+    assert_eq!(
+        h.send(&ft, &[0x40, 0x01, 0, 1, b'y']),
+        ClientAction::None,
+        "old 5-tuple is gone"
+    );
+    assert!(h.events().is_empty(), "a move is not a deletion");
+
+    // Another user cannot take it; a forged or foreign ticket finds nothing.
+    let elsewhere = udp("198.51.100.201:1");
+    let r = h.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
+    assert_eq!(
+        h.ask_authed(&elsewhere, &r, "bob", "bobpw").code(),
+        Some(441)
+    );
+    let mut forged = ticket.clone();
+    forged[20] = if forged[20] == b'A' { b'B' } else { b'A' };
+    let r = h.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &forged);
+    assert_eq!(
+        h.ask_authed(&elsewhere, &r, "alice", "alicepw").code(),
+        Some(404)
+    );
+    // A plain allocation has no ticket to be found by.
+    let plain = udp("203.0.113.9:1");
+    assert!(h.allocate(&plain, "alice", "alicepw").ok());
+    assert_eq!(h.server.allocation_count(), 2);
+}
+
+#[test]
+fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
+    let cfg = Arc::new(mobile_config());
+    let mut a = Harness::new(mobile_config());
+    a.server = Server::new(cfg.clone(), 0, a.now, UNIX0, 1);
+    let mut b = Harness::new(mobile_config());
+    b.server = Server::new(cfg, 1, b.now, UNIX0, 2);
+    let ft = udp("203.0.113.5:40000");
+    let ticket = allocate_mobile(&mut a, &ft);
+    let id = a.server.allocation_for(&ft).unwrap();
+
+    let moved_to = udp("198.51.100.200:1234");
+    let r = b.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
+    let challenge = b.ask(&moved_to, &r.build(None));
+    let request = r.build(Some(("alice", "alicepw", &challenge.nonce())));
+    let action = b.send(&moved_to, &request);
+    assert_eq!(
+        action,
+        ClientAction::Migrate {
+            owner: 0,
+            allocation: id,
+            username: "alice".into()
+        }
+    );
+    // The owner refuses another user, then hands it over.
+    assert_eq!(a.server.export(id, "bob", &moved_to, 3).err(), Some(441));
+    let moved = a.server.export(id, "alice", &moved_to, 3).unwrap();
+    assert_eq!(moved.relayed(), "192.0.2.10:50000".parse().unwrap());
+    assert_eq!(a.server.allocation_count(), 0);
+    assert!(
+        a.events().is_empty(),
+        "the relay socket moves, it is not closed"
+    );
+    assert_eq!(a.server.export(id, "alice", &moved_to, 3).err(), Some(404));
+    let new_id = b.server.import(moved).unwrap();
+    assert_eq!(b.server.allocation_for(&moved_to), Some(new_id));
+    // Replaying the request refreshes it in its new home.
+    let resp = b.ask(&moved_to, &request);
+    assert!(resp.ok());
+    assert!(resp.msg().has(attr::MOBILITY_TICKET));
+    // A failed move is answered with the owner's code.
+    let mut out = Vec::new();
+    assert_eq!(
+        b.server.answer_error(&request, 404, &mut out),
+        ClientAction::Reply
+    );
+    assert_eq!(Resp { raw: out }.code(), Some(404));
 }
