@@ -290,3 +290,36 @@ impl Drop for KillOnDrop {
         );
     }
 }
+
+#[test]
+fn alt_listening_port_and_verbose_request_lines() {
+    let alt = free_ports(1);
+    let s = Server::start(Options::new(&format!(
+        "lt-cred-mech\nrealm=r\nuser=alice:pw\nalt-listening-port={alt}\nverbose\n"
+    )));
+    let alt_addr: SocketAddr = format!("127.0.0.1:{alt}").parse().unwrap();
+    assert!(
+        Client::new(alt_addr)
+            .transact(&binding_request([1; 12]))
+            .is_success()
+    );
+    assert!(
+        StreamClient::tcp(alt_addr)
+            .transact(&binding_request([2; 12]))
+            .is_success()
+    );
+    assert!(Client::new(alt_addr).allocate("alice", "pw").is_success());
+    let log = s.log_text();
+    assert!(
+        log.contains(&format!("listening on udp 127.0.0.1:{alt}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("Allocate request: success"),
+        "-v logs each request:\n{log}"
+    );
+    assert!(
+        !log.contains("Binding"),
+        "Binding requests are never logged:\n{log}"
+    );
+}
