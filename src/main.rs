@@ -154,22 +154,13 @@ fn run(cfg: Config) -> Result<(), String> {
     if cfg.auth_kind() != AuthKind::None && cfg.realm.is_none() {
         warn!("realm is not set; using '{realm}'");
     }
-    let policy = cfg.peer_policy();
-    info!(
-        "peer policy: loopback {}, unspecified denied, multicast {}, {} denied range(s), {} allowed range(s)",
-        if policy.allow_loopback {
-            "ALLOWED"
-        } else {
-            "denied"
-        },
-        if policy.deny_multicast {
-            "denied"
-        } else {
-            "allowed"
-        },
-        policy.denied.len(),
-        policy.allowed.len()
-    );
+    let own_relay_ips = if cfg.relay_ips.is_empty() {
+        listening_ips.clone()
+    } else {
+        cfg.relay_ips.clone()
+    };
+    let policy = cfg.peer_policy(own_relay_ips);
+    info!("{}", policy.describe());
 
     let stale = (cfg.stale_nonce > 0).then_some(cfg.stale_nonce);
     let mut core = turn::Config::new(auth, NonceIssuer::new(rand::random(), stale));

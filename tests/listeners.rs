@@ -222,7 +222,16 @@ fn denied_and_allowed_peer_lists() {
     );
     assert_eq!(code(&mut c, "127.0.0.6:9"), None);
     assert_eq!(code(&mut c, "224.0.0.1:9"), Some(403), "multicast");
-    assert_eq!(code(&mut c, "198.51.100.1:9"), None, "not listed");
+    assert_eq!(
+        code(&mut c, "93.184.216.34:9"),
+        None,
+        "global and not listed"
+    );
+    assert_eq!(
+        code(&mut c, "198.51.100.1:9"),
+        Some(403),
+        "documentation range"
+    );
 }
 
 #[test]

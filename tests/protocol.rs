@@ -264,17 +264,24 @@ fn allocation_errors() {
 #[test]
 fn loopback_peers_are_forbidden_by_default() {
     let s = Server::start(Options::new(ALICE));
+    let (listener, listener_addr) = peer_socket();
+    listener
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut c = Client::new(s.udp_addr());
     assert!(c.allocate("alice", "pw").is_success());
-    for peer in ["127.0.0.1:5000", "0.0.0.0:5000"] {
-        let p: SocketAddr = peer.parse().unwrap();
-        let r = c.signed(
+    let permit = |c: &mut Client, p: SocketAddr| {
+        c.signed(
             method::CREATE_PERMISSION,
             &[(attr::XOR_PEER_ADDRESS, xor_peer(p, &[0; 12]))],
             "alice",
             "pw",
-        );
-        assert_eq!(r.code(), Some(403), "{peer}");
+        )
+        .code()
+    };
+    for peer in ["127.0.0.2:5000", "0.0.0.0:5000", "127.255.0.1:1"] {
+        let p: SocketAddr = peer.parse().unwrap();
+        assert_eq!(permit(&mut c, p), Some(403), "{peer}");
         let r = c.signed(
             method::CHANNEL_BIND,
             &channel_bind_attrs(0x4000, p),
@@ -283,6 +290,25 @@ fn loopback_peers_are_forbidden_by_default() {
         );
         assert_eq!(r.code(), Some(403), "{peer}");
     }
+    // 127.0.0.1 is this server's relay address: other clients' relays are
+    // reachable there, but no other port (here a UDP service of the test).
+    assert_eq!(permit(&mut c, listener_addr), None);
+    let r = c.signed(
+        method::CHANNEL_BIND,
+        &channel_bind_attrs(0x4000, listener_addr),
+        "alice",
+        "pw",
+    );
+    assert_eq!(r.code(), Some(403));
+    let mut send = Vec::new();
+    MessageWriter::new(&mut send, method::SEND, Class::Indication, &[5; 12])
+        .xor_address(attr::XOR_PEER_ADDRESS, listener_addr)
+        .attr(attr::DATA, b"must not arrive");
+    c.sock.send_to(&send, s.udp_addr()).unwrap();
+    assert!(
+        listener.recv_from(&mut [0u8; 100]).is_err(),
+        "a byte reached a non-relay port"
+    );
 }
 
 #[test]

@@ -137,7 +137,7 @@ pub struct Config {
     /// RFC 8016 mobility tickets.
     pub mobility: bool,
     pub allow_loopback_peers: bool,
-    pub no_multicast_peers: bool,
+    pub allow_private_peers: bool,
     pub denied_peer_ips: Vec<IpRange>,
     pub allowed_peer_ips: Vec<IpRange>,
     pub lt_cred_mech: bool,
@@ -193,7 +193,7 @@ impl Default for Config {
             no_udp_relay: false,
             mobility: false,
             allow_loopback_peers: false,
-            no_multicast_peers: false,
+            allow_private_peers: false,
             denied_peer_ips: Vec::new(),
             allowed_peer_ips: Vec::new(),
             lt_cred_mech: false,
@@ -765,7 +765,7 @@ impl Config {
             "no-udp-relay" => self.no_udp_relay = flag()?,
             "mobility" => self.mobility = flag()?,
             "allow-loopback-peers" => self.allow_loopback_peers = flag()?,
-            "no-multicast-peers" => self.no_multicast_peers = flag()?,
+            "allow-private-peers" => self.allow_private_peers = flag()?,
             "denied-peer-ip" | "allowed-peer-ip" => {
                 let v = need()?;
                 let r: IpRange = v
@@ -966,17 +966,20 @@ impl Config {
         }
     }
 
-    /// The peer address policy.
+    /// The peer address policy; `own_relay_ips` are the addresses relays
+    /// are bound to (`relay-ip`, or the listening addresses).
     ///
     /// Unlike coturn, the private half of `external-ip=public/private` is
     /// not added to the allowed list: relaying does not need it, and it would
     /// open the server's own private address to every client.
-    pub fn peer_policy(&self) -> PeerPolicy {
+    pub fn peer_policy(&self, own_relay_ips: Vec<IpAddr>) -> PeerPolicy {
         PeerPolicy {
             allow_loopback: self.allow_loopback_peers,
-            deny_multicast: self.no_multicast_peers,
+            allow_private: self.allow_private_peers,
             allowed: self.allowed_peer_ips.clone(),
             denied: self.denied_peer_ips.clone(),
+            own_relay_ips,
+            relay_ports: (self.min_port, self.max_port),
         }
     }
 }

@@ -113,8 +113,9 @@ pub const OPTIONS: &[Spec] = &[
     opt("udp-gso", None, Flag, false, NotYet, "Use UDP GSO."),
     // Peer access
     opt("allow-loopback-peers", None, Flag, false, Yes, "Allow relaying to loopback peers (127.0.0.0/8, ::1). Default: denied."),
+    opt("allow-private-peers", None, Flag, false, Yes, "Allow relaying to private peers (RFC 1918, 100.64/10, fc00::/7), as coturn 4.6.1 did. Default: denied."),
     opt("no-loopback-peers", None, Flag, false, Inherent("loopback peers are denied by default"), "Legacy: deny loopback peers."),
-    opt("no-multicast-peers", None, Flag, false, Yes, "Deny multicast and broadcast peers."),
+    opt("no-multicast-peers", None, Flag, false, Inherent("multicast and broadcast peers are always denied"), "Deny multicast and broadcast peers."),
     opt("denied-peer-ip", None, Value, true, Yes, "Deny peers in this IP, range a-b or CIDR; repeatable."),
     opt("allowed-peer-ip", None, Value, true, Yes, "Allow peers in this IP, range a-b or CIDR; wins over denials; repeatable."),
     // Authentication
@@ -283,7 +284,6 @@ mod tests {
             "stale-nonce",
             "cert",
             "pkey",
-            "no-multicast-peers",
             "verbose",
             "Verbose",
             "log-file",
@@ -297,7 +297,12 @@ mod tests {
             assert_eq!(find(name).unwrap().support, Support::Yes, "{name}");
         }
         // Accepted, and already our behaviour.
-        for name in ["no-loopback-peers", "no-cli", "cli-password"] {
+        for name in [
+            "no-loopback-peers",
+            "no-multicast-peers",
+            "no-cli",
+            "cli-password",
+        ] {
             assert!(
                 matches!(find(name).unwrap().support, Support::Inherent(_)),
                 "{name}"

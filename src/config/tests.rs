@@ -125,7 +125,7 @@ mobility
         }]
     );
     assert_eq!((cfg.min_port, cfg.max_port), (49160, 49200));
-    assert!(cfg.fingerprint && cfg.lt_cred_mech && cfg.no_multicast_peers);
+    assert!(cfg.fingerprint && cfg.lt_cred_mech);
     assert!(!cfg.allow_loopback_peers);
     assert_eq!(cfg.realm.as_deref(), Some("example.org"));
     assert_eq!(cfg.users.len(), 2);
@@ -481,13 +481,18 @@ fn search_path_matches_coturn() {
 #[test]
 fn peer_policy_from_config() {
     let cfg = ok(
-        "allow-loopback-peers\nno-multicast-peers\ndenied-peer-ip=10.0.0.0/8\nallowed-peer-ip=10.1.1.1",
+        "allow-loopback-peers\nno-multicast-peers\ndenied-peer-ip=8.8.0.0/16\nallowed-peer-ip=10.1.1.1\nmin-port=50000\nmax-port=50010",
     );
-    let p = cfg.peer_policy();
+    let p = cfg.peer_policy(vec!["192.168.0.5".parse().unwrap()]);
     assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
     assert!(p.check("224.0.0.1".parse().unwrap()).is_err());
     assert!(p.check("10.2.2.2".parse().unwrap()).is_err());
     assert!(p.check("10.1.1.1".parse().unwrap()).is_ok());
+    assert!(p.check("8.8.8.8".parse().unwrap()).is_err());
+    assert!(p.check_addr("192.168.0.5:50005".parse().unwrap()).is_ok());
+    assert!(p.check_addr("192.168.0.5:22".parse().unwrap()).is_err());
+    let p = ok("allow-private-peers").peer_policy(vec![]);
+    assert!(p.check("10.2.2.2".parse().unwrap()).is_ok());
 }
 
 #[test]

@@ -622,7 +622,7 @@ impl Server {
             trace!(five_tuple = %ft, "Send indication without XOR-PEER-ADDRESS or DATA dropped");
             return ClientAction::None;
         };
-        if self.cfg.policy.check(peer.ip()).is_err() {
+        if self.cfg.policy.check_addr(peer).is_err() {
             trace!(five_tuple = %ft, %peer, "Send indication to a forbidden peer dropped");
             return ClientAction::None;
         }
@@ -1237,19 +1237,27 @@ impl Server {
 
     /// Decodes and vets a XOR-PEER-ADDRESS value for an allocation relaying
     /// on `relay_family`; `Err(code)` is the error to answer.
+    /// `with_port`: the request relays to this exact transport address
+    /// (ChannelBind), not to the whole IP (CreatePermission).
     fn vet_peer(
         &self,
         value: &[u8],
         tid: &[u8; 12],
         relay_family: Family,
         ft: &FiveTuple,
+        with_port: bool,
     ) -> Result<SocketAddr, u16> {
         let peer =
             attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, tid).map_err(|_| 400u16)?;
         if Family::of(peer.ip()) != relay_family {
             return Err(443);
         }
-        if let Err(why) = self.cfg.policy.check(peer.ip()) {
+        let verdict = if with_port {
+            self.cfg.policy.check_addr(peer)
+        } else {
+            self.cfg.policy.check(peer.ip())
+        };
+        if let Err(why) = verdict {
             info!(five_tuple = %ft, peer = %peer, "403: peer refused: {why}");
             return Err(403);
         }
@@ -1275,7 +1283,7 @@ impl Server {
             [None; crate::stun::MAX_ATTRIBUTES];
         let mut n = 0;
         for value in msg.get_all(attr::XOR_PEER_ADDRESS) {
-            match self.vet_peer(value, msg.transaction_id(), relay_family, ft) {
+            match self.vet_peer(value, msg.transaction_id(), relay_family, ft, false) {
                 Ok(peer) => {
                     peers[n] = Some(peer.ip());
                     n += 1;
@@ -1331,7 +1339,7 @@ impl Server {
         let Some(value) = msg.get(attr::XOR_PEER_ADDRESS) else {
             return self.error(out, msg, 400, k);
         };
-        let peer = match self.vet_peer(value, msg.transaction_id(), relay_family, ft) {
+        let peer = match self.vet_peer(value, msg.transaction_id(), relay_family, ft, true) {
             Ok(p) => p,
             Err(code) => return self.error(out, msg, code, k),
         };

@@ -235,10 +235,6 @@ impl Harness {
     }
 }
 
-fn public_peers(cfg: &mut Config) {
-    cfg.policy.allow_loopback = false;
-}
-
 #[test]
 fn binding_answers_xor_mapped_address() {
     let mut h = Harness::new(users_config());
@@ -483,7 +479,7 @@ fn address_family_selection() {
     let mut cfg = users_config();
     cfg.relay_ips = vec![
         "2001:db8::10".parse().unwrap(),
-        "198.51.100.10".parse().unwrap(),
+        "93.184.216.10".parse().unwrap(),
     ];
     let mut h = Harness::new(cfg);
     let r = h
@@ -496,14 +492,14 @@ fn address_family_selection() {
         "2001:db8::10".parse::<IpAddr>().unwrap()
     );
     // An IPv4 peer on an IPv6 relay is a family mismatch.
-    let r = h.req(method::CREATE_PERMISSION).peer("198.51.100.99:1000");
+    let r = h.req(method::CREATE_PERMISSION).peer("93.184.216.99:1000");
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(443));
     // Default family is IPv4, from relay-ip.
     let ft2 = udp("203.0.113.5:40001");
     let resp = h.allocate(&ft2, "bob", "bobpw");
     assert_eq!(
         resp.xor(attr::XOR_RELAYED_ADDRESS).ip(),
-        "198.51.100.10".parse::<IpAddr>().unwrap()
+        "93.184.216.10".parse::<IpAddr>().unwrap()
     );
     // Refresh asking for the other family: 443.
     let r = h
@@ -516,7 +512,7 @@ fn address_family_selection() {
 fn external_ip_is_advertised() {
     let mut cfg = users_config();
     cfg.external_ips = vec![ExternalIp {
-        public: "198.51.100.77".parse().unwrap(),
+        public: "93.184.216.77".parse().unwrap(),
         private: Some("192.0.2.10".parse().unwrap()),
     }];
     let mut h = Harness::new(cfg);
@@ -524,19 +520,19 @@ fn external_ip_is_advertised() {
     let resp = h.allocate(&ft, "alice", "alicepw");
     assert_eq!(
         resp.xor(attr::XOR_RELAYED_ADDRESS),
-        "198.51.100.77:50000".parse().unwrap()
+        "93.184.216.77:50000".parse().unwrap()
     );
 
     let mut cfg = users_config();
     cfg.external_ips = vec![ExternalIp {
-        public: "198.51.100.78".parse().unwrap(),
+        public: "93.184.216.78".parse().unwrap(),
         private: None,
     }];
     let mut h = Harness::new(cfg);
     let resp = h.allocate(&ft, "alice", "alicepw");
     assert_eq!(
         resp.xor(attr::XOR_RELAYED_ADDRESS),
-        "198.51.100.78:50000".parse().unwrap()
+        "93.184.216.78:50000".parse().unwrap()
     );
 }
 
@@ -604,24 +600,22 @@ fn requests_on_another_users_allocation_get_441() {
 
 #[test]
 fn permissions_gate_peer_traffic_and_expire() {
-    let mut cfg = users_config();
-    public_peers(&mut cfg);
-    let mut h = Harness::new(cfg);
+    let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
     assert!(h.allocate(&ft, "alice", "alicepw").ok());
     let id = h.server.allocation_for(&ft).unwrap();
     assert!(
-        h.peer_data(id, "198.51.100.1:7000", b"hi").is_none(),
+        h.peer_data(id, "93.184.216.1:7000", b"hi").is_none(),
         "no permission yet"
     );
 
     let r = h
         .req(method::CREATE_PERMISSION)
-        .peer("198.51.100.1:1")
-        .peer("198.51.100.2:1");
+        .peer("93.184.216.1:1")
+        .peer("93.184.216.2:1");
     assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
     // Any port of a permitted IP may send; the client gets a Data indication.
-    let (d, bytes) = h.peer_data(id, "198.51.100.1:7000", b"hello").unwrap();
+    let (d, bytes) = h.peer_data(id, "93.184.216.1:7000", b"hello").unwrap();
     assert_eq!(d.client, ft);
     assert_eq!(d.link, 7);
     let m = Message::parse(&bytes).unwrap();
@@ -629,15 +623,15 @@ fn permissions_gate_peer_traffic_and_expire() {
     assert_eq!(m.get(attr::DATA), Some(&b"hello"[..]));
     assert_eq!(
         m.xor_address(attr::XOR_PEER_ADDRESS),
-        Some(Ok("198.51.100.1:7000".parse().unwrap()))
+        Some(Ok("93.184.216.1:7000".parse().unwrap()))
     );
-    assert!(h.peer_data(id, "198.51.100.2:9", b"x").is_some());
-    assert!(h.peer_data(id, "198.51.100.3:9", b"x").is_none());
+    assert!(h.peer_data(id, "93.184.216.2:9", b"x").is_some());
+    assert!(h.peer_data(id, "93.184.216.3:9", b"x").is_none());
 
     // Send indication to a permitted peer is relayed, others are dropped.
     let send = h
         .req(method::SEND)
-        .peer("198.51.100.1:7000")
+        .peer("93.184.216.1:7000")
         .attr(attr::DATA, b"out");
     let mut raw = send.build(None);
     let t = message_type(method::SEND, Class::Indication).to_be_bytes();
@@ -649,24 +643,24 @@ fn permissions_gate_peer_traffic_and_expire() {
             payload,
         } => {
             assert_eq!(allocation, id);
-            assert_eq!(peer, "198.51.100.1:7000".parse().unwrap());
+            assert_eq!(peer, "93.184.216.1:7000".parse().unwrap());
             assert_eq!(&raw[payload], b"out");
         }
         other => panic!("expected relay, got {other:?}"),
     }
     let send = h
         .req(method::SEND)
-        .peer("198.51.100.9:7000")
+        .peer("93.184.216.9:7000")
         .attr(attr::DATA, b"out");
     let mut raw = send.build(None);
     raw[..2].copy_from_slice(&t);
     assert_eq!(h.send(&ft, &raw), ClientAction::None);
 
     h.advance(299);
-    assert!(h.peer_data(id, "198.51.100.1:7000", b"x").is_some());
+    assert!(h.peer_data(id, "93.184.216.1:7000", b"x").is_some());
     h.advance(1);
     assert!(
-        h.peer_data(id, "198.51.100.1:7000", b"x").is_none(),
+        h.peer_data(id, "93.184.216.1:7000", b"x").is_none(),
         "permission expired at 300 s"
     );
     let traffic = h.server.traffic(id).unwrap();
@@ -704,11 +698,11 @@ fn loopback_and_unspecified_peers_are_403() {
     // One bad address in a multi-address CreatePermission installs nothing.
     let r = h
         .req(method::CREATE_PERMISSION)
-        .peer("198.51.100.1:1")
+        .peer("93.184.216.1:1")
         .peer("127.0.0.1:1");
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(403));
     let id = h.server.allocation_for(&ft).unwrap();
-    assert!(h.peer_data(id, "198.51.100.1:1", b"x").is_none());
+    assert!(h.peer_data(id, "93.184.216.1:1", b"x").is_none());
 }
 
 #[test]
@@ -731,7 +725,7 @@ fn channels_bind_relay_and_expire() {
             .peer(peer);
         h.ask_authed(&ft, &r, "alice", "alicepw")
     };
-    assert!(bind(&mut h, 0x4001, "198.51.100.1:5000").ok());
+    assert!(bind(&mut h, 0x4001, "93.184.216.1:5000").ok());
     // ChannelData from the client goes to the bound peer.
     let cd = [0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0];
     match h.send(&ft, &cd) {
@@ -741,7 +735,7 @@ fn channels_bind_relay_and_expire() {
             payload,
         } => {
             assert_eq!(allocation, id);
-            assert_eq!(peer, "198.51.100.1:5000".parse().unwrap());
+            assert_eq!(peer, "93.184.216.1:5000".parse().unwrap());
             assert_eq!(&cd[payload], b"abc");
         }
         other => panic!("{other:?}"),
@@ -749,47 +743,47 @@ fn channels_bind_relay_and_expire() {
     // Unbound channel: dropped.
     assert_eq!(h.send(&ft, &[0x40, 0x02, 0, 1, b'x']), ClientAction::None);
     // Peer data from the bound peer comes back as ChannelData (no padding on UDP).
-    let (_, bytes) = h.peer_data(id, "198.51.100.1:5000", b"xyz").unwrap();
+    let (_, bytes) = h.peer_data(id, "93.184.216.1:5000", b"xyz").unwrap();
     assert_eq!(bytes, vec![0x40, 0x01, 0, 3, b'x', b'y', b'z']);
     // Another port of the same IP has a permission but no channel: Data indication.
-    let (_, bytes) = h.peer_data(id, "198.51.100.1:5001", b"xyz").unwrap();
+    let (_, bytes) = h.peer_data(id, "93.184.216.1:5001", b"xyz").unwrap();
     assert!(Message::parse(&bytes).is_ok());
 
     // Rebinding rules.
     assert_eq!(
-        bind(&mut h, 0x4001, "198.51.100.2:5000").code(),
+        bind(&mut h, 0x4001, "93.184.216.2:5000").code(),
         Some(400),
         "number bound to another peer"
     );
     assert_eq!(
-        bind(&mut h, 0x4002, "198.51.100.1:5000").code(),
+        bind(&mut h, 0x4002, "93.184.216.1:5000").code(),
         Some(400),
         "peer bound to another number"
     );
     assert_eq!(
-        bind(&mut h, 0x3FFF, "198.51.100.2:5000").code(),
+        bind(&mut h, 0x3FFF, "93.184.216.2:5000").code(),
         Some(400),
         "below 0x4000"
     );
     assert_eq!(
-        bind(&mut h, 0x8000, "198.51.100.2:5000").code(),
+        bind(&mut h, 0x8000, "93.184.216.2:5000").code(),
         Some(400),
         "above 0x7FFF"
     );
     assert!(
-        bind(&mut h, 0x7FFE, "198.51.100.3:5000").ok(),
+        bind(&mut h, 0x7FFE, "93.184.216.3:5000").ok(),
         "RFC 5766 range accepted"
     );
     // Refreshing the same binding is fine.
     h.advance(500);
-    assert!(bind(&mut h, 0x4001, "198.51.100.1:5000").ok());
+    assert!(bind(&mut h, 0x4001, "93.184.216.1:5000").ok());
     h.advance(599);
     assert!(
         matches!(h.send(&ft, &cd), ClientAction::Relay { .. }),
         "channel alive at 599 s"
     );
     // The permission the binding installed lasts 300 s unless refreshed.
-    assert!(h.peer_data(id, "198.51.100.1:5000", b"x").is_none());
+    assert!(h.peer_data(id, "93.184.216.1:5000", b"x").is_none());
     h.advance(1);
     assert_eq!(
         h.send(&ft, &cd),
@@ -797,10 +791,10 @@ fn channels_bind_relay_and_expire() {
         "channel expired at 600 s after refresh"
     );
     // Within 5 minutes of expiry the number cannot go to another peer ...
-    assert_eq!(bind(&mut h, 0x4001, "198.51.100.9:5000").code(), Some(400));
+    assert_eq!(bind(&mut h, 0x4001, "93.184.216.9:5000").code(), Some(400));
     // ... but can be re-established for the same one, and is free after the guard.
     h.advance(300);
-    assert!(bind(&mut h, 0x4001, "198.51.100.9:5000").ok());
+    assert!(bind(&mut h, 0x4001, "93.184.216.9:5000").ok());
 }
 
 #[test]
@@ -813,7 +807,7 @@ fn rfc8656_channel_range_when_rfc5766_is_off() {
     let r = h
         .req(method::CHANNEL_BIND)
         .attr(attr::CHANNEL_NUMBER, &[0x50, 0x00, 0, 0])
-        .peer("198.51.100.1:5000");
+        .peer("93.184.216.1:5000");
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
 }
 
@@ -829,9 +823,9 @@ fn stream_clients_get_padded_channel_data() {
     let r = h
         .req(method::CHANNEL_BIND)
         .attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
-        .peer("198.51.100.1:5000");
+        .peer("93.184.216.1:5000");
     assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
-    let (_, bytes) = h.peer_data(id, "198.51.100.1:5000", b"xyzzy").unwrap();
+    let (_, bytes) = h.peer_data(id, "93.184.216.1:5000", b"xyzzy").unwrap();
     assert_eq!(
         bytes,
         vec![0x40, 0x00, 0, 5, b'x', b'y', b'z', b'z', b'y', 0, 0, 0]
@@ -1004,11 +998,11 @@ fn mobility_ticket_moves_the_allocation_to_a_new_five_tuple() {
     let bind = h
         .req(method::CHANNEL_BIND)
         .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
-        .peer("198.51.100.1:5000");
+        .peer("93.184.216.1:5000");
     assert!(h.ask_authed(&ft, &bind, "alice", "alicepw").ok());
 
     // The client's address changes: Refresh with the ticket from the new one.
-    let moved_to = udp("198.51.100.200:1234");
+    let moved_to = udp("93.184.216.200:1234");
     let r = h.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
     let resp = h.ask_authed(&moved_to, &r, "alice", "alicepw");
     assert!(resp.ok(), "{:?}", resp.code());
@@ -1016,7 +1010,7 @@ fn mobility_ticket_moves_the_allocation_to_a_new_five_tuple() {
     assert_eq!(h.server.allocation_for(&ft), None);
     assert_eq!(h.server.allocation_for(&moved_to), Some(id));
     // Peer data follows the client; its channel came along.
-    let (d, bytes) = h.peer_data(id, "198.51.100.1:5000", b"x").unwrap();
+    let (d, bytes) = h.peer_data(id, "93.184.216.1:5000", b"x").unwrap();
     assert_eq!(d.client, moved_to);
     assert_eq!(bytes, vec![0x40, 0x01, 0, 1, b'x']);
     assert!(matches!(
@@ -1031,7 +1025,7 @@ fn mobility_ticket_moves_the_allocation_to_a_new_five_tuple() {
     assert!(h.events().is_empty(), "a move is not a deletion");
 
     // Another user cannot take it; a forged or foreign ticket finds nothing.
-    let elsewhere = udp("198.51.100.201:1");
+    let elsewhere = udp("93.184.216.201:1");
     let r = h.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
     assert_eq!(
         h.ask_authed(&elsewhere, &r, "bob", "bobpw").code(),
@@ -1061,7 +1055,7 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
     let ticket = allocate_mobile(&mut a, &ft);
     let id = a.server.allocation_for(&ft).unwrap();
 
-    let moved_to = udp("198.51.100.200:1234");
+    let moved_to = udp("93.184.216.200:1234");
     let r = b.req(method::REFRESH).attr(attr::MOBILITY_TICKET, &ticket);
     let challenge = b.ask(&moved_to, &r.build(None));
     let request = r.build(Some(("alice", "alicepw", &challenge.nonce())));
