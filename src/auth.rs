@@ -65,6 +65,26 @@ pub fn rest_expiry(username: &str, separator: char) -> Option<u64> {
     }
 }
 
+/// The user part of a REST API username: `alice` from `<expiry>:alice` or
+/// `alice:<expiry>`; the whole username when it has no timestamp part or no
+/// user part. Quotas count per user, not per credential.
+pub fn rest_user(username: &str, separator: char) -> &str {
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some((first, rest)) = username.split_once(separator)
+        && numeric(first)
+        && !rest.is_empty()
+    {
+        return rest;
+    }
+    if let Some((rest, last)) = username.rsplit_once(separator)
+        && numeric(last)
+        && !rest.is_empty()
+    {
+        return rest;
+    }
+    username
+}
+
 /// A user entry from `user=name:password` or `user=name:0x<32 hex>`.
 #[derive(Clone)]
 pub struct StaticUser {
@@ -323,6 +343,11 @@ mod tests {
         assert_eq!(rest_expiry("", ':'), None);
         assert_eq!(rest_expiry("17x:alice", ':'), None);
         assert_eq!(rest_expiry("99999999999999999999999", ':'), None);
+        assert_eq!(rest_user("1700000000:alice", ':'), "alice");
+        assert_eq!(rest_user("alice:1700000000", ':'), "alice");
+        assert_eq!(rest_user("1700000000", ':'), "1700000000");
+        assert_eq!(rest_user("alice", ':'), "alice");
+        assert_eq!(rest_user("1700000000-bob", '-'), "bob");
     }
 
     #[test]

@@ -178,6 +178,12 @@ fn run(cfg: Config) -> Result<(), String> {
     core.default_family = cfg.default_family;
     core.allow_udp_relay = !cfg.no_udp_relay;
     core.mobility = cfg.mobility;
+    core.unauthenticated_rate =
+        (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
+    core.secure_stun = cfg.secure_stun;
+    core.no_stun = cfg.no_stun;
+    core.stun_only = cfg.stun_only;
+    core.limits = cfg.limits;
     core.ticket_key = rand::random();
 
     let bound = server::bind(&plan).map_err(|e| e.to_string())?;

@@ -137,7 +137,7 @@ fn a_busy_port_is_reported() {
 #[test]
 fn warnings_unknown_keys_and_unimplemented_options() {
     let mut s = Server::start(Options::new(
-        "no-such-key=1\nprometheus\nno-loopback-peers\nuser-quota=12\n",
+        "no-such-key=1\nprometheus\nno-loopback-peers\ncipher-list=DEFAULT\n",
     ));
     let log = s.log_text();
     assert!(
@@ -149,7 +149,7 @@ fn warnings_unknown_keys_and_unimplemented_options() {
         "{log}"
     );
     assert!(
-        log.contains("option 'user-quota' is not implemented yet"),
+        log.contains("option 'cipher-list' is not implemented yet"),
         "{log}"
     );
     assert!(

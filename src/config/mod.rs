@@ -136,6 +136,13 @@ pub struct Config {
     pub no_udp_relay: bool,
     /// RFC 8016 mobility tickets.
     pub mobility: bool,
+    /// Answers to unauthenticated requests per second per source; 0 = off.
+    pub unauthorized_ratelimit_rps: u32,
+    pub secure_stun: bool,
+    pub no_stun: bool,
+    pub stun_only: bool,
+    /// Quotas and bandwidth limits (0 = unlimited).
+    pub limits: crate::turn::quota::Limits,
     pub allow_loopback_peers: bool,
     pub allow_private_peers: bool,
     pub denied_peer_ips: Vec<IpRange>,
@@ -192,6 +199,11 @@ impl Default for Config {
             default_family: DefaultFamily::Ipv4,
             no_udp_relay: false,
             mobility: false,
+            unauthorized_ratelimit_rps: crate::turn::DEFAULT_UNAUTHENTICATED_RATE,
+            secure_stun: false,
+            no_stun: false,
+            stun_only: false,
+            limits: crate::turn::quota::Limits::default(),
             allow_loopback_peers: false,
             allow_private_peers: false,
             denied_peer_ips: Vec::new(),
@@ -542,6 +554,12 @@ fn ip(origin: &Origin, key: &str, v: &str) -> Result<IpAddr, ConfigError> {
         .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not an IP address")))
 }
 
+fn number<T: std::str::FromStr>(origin: &Origin, key: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))
+}
+
 fn seconds(origin: &Origin, key: &str, v: Option<&str>, default: u32) -> Result<u32, ConfigError> {
     match v {
         None => Ok(default),
@@ -764,6 +782,20 @@ impl Config {
             }
             "no-udp-relay" => self.no_udp_relay = flag()?,
             "mobility" => self.mobility = flag()?,
+            "unauthorized-ratelimit-rps" => {
+                let v = need()?;
+                self.unauthorized_ratelimit_rps = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
+            }
+            "user-quota" => self.limits.user_quota = number(origin, key, need()?)?,
+            "total-quota" => self.limits.total_quota = number(origin, key, need()?)?,
+            "max-bps" => self.limits.max_bps = number(origin, key, need()?)?,
+            "bps-capacity" => self.limits.bps_capacity = number(origin, key, need()?)?,
+            "secure-stun" => self.secure_stun = flag()?,
+            "no-stun" => self.no_stun = flag()?,
+            "stun-only" => self.stun_only = flag()?,
             "allow-loopback-peers" => self.allow_loopback_peers = flag()?,
             "allow-private-peers" => self.allow_private_peers = flag()?,
             "denied-peer-ip" | "allowed-peer-ip" => {
@@ -849,6 +881,18 @@ impl Config {
                     "min-port {} is greater than max-port {}",
                     self.min_port, self.max_port
                 ),
+            ));
+        }
+        if self.limits.bps_capacity > 0 && self.limits.max_bps == 0 {
+            return Err(self.error(
+                "bps-capacity",
+                "needs max-bps, the share each allocation takes",
+            ));
+        }
+        if self.no_stun && self.stun_only {
+            return Err(self.error(
+                "stun-only",
+                "cannot be combined with no-stun: nothing would be served",
             ));
         }
         if self.no_auth && self.lt_cred_mech {

@@ -227,7 +227,7 @@ fn optional_values() {
 #[test]
 fn unknown_and_unimplemented_keys_warn_with_file_and_line() {
     let (cfg, warnings) =
-        file("fingerprint\nno-such-option=1\ndh2066\nprometheus\nprometheus\nuser-quota=12\n");
+        file("fingerprint\nno-such-option=1\ndh2066\nprometheus\nprometheus\npidfile=/run/t.pid\n");
     assert!(cfg.is_ok());
     assert!(
         warnings.contains(
@@ -246,7 +246,7 @@ fn unknown_and_unimplemented_keys_warn_with_file_and_line() {
     assert!(
         prom[0].starts_with("/etc/turnserver.conf:4:") && prom[0].contains("not implemented yet")
     );
-    assert!(warnings.iter().any(|w| w.contains("'user-quota'")));
+    assert!(warnings.iter().any(|w| w.contains("'pidfile'")));
     // Accepted options this server already behaves like produce no warning.
     let (_, warnings) =
         file("no-loopback-peers\nno-cli\ncli-password=x\nno-tlsv1\nno-dtls\nprod\n");
@@ -329,6 +329,18 @@ fn bad_values_name_file_line_and_key() {
     assert_eq!(
         err("lt-cred-mech\nno-auth"),
         "/etc/turnserver.conf:2: no-auth: cannot be combined with lt-cred-mech"
+    );
+    assert_eq!(
+        err("bps-capacity=100000"),
+        "/etc/turnserver.conf:1: bps-capacity: needs max-bps, the share each allocation takes"
+    );
+    assert_eq!(
+        err("user-quota=many"),
+        "/etc/turnserver.conf:1: user-quota: 'many' is not a number"
+    );
+    assert_eq!(
+        err("no-stun\nstun-only"),
+        "/etc/turnserver.conf:2: stun-only: cannot be combined with no-stun: nothing would be served"
     );
     assert_eq!(
         err("listening-port=4000\ntls-listening-port=4000"),

@@ -467,6 +467,13 @@ async fn timer(worker: Handle) {
         let mut w = worker.borrow_mut();
         if ticks.is_multiple_of(60) {
             w.core.set_wall_clock(now, unix_now());
+            let suppressed = w.core.take_suppressed();
+            if suppressed > 0 {
+                info!(
+                    worker = w.index,
+                    "rate limit: {suppressed} answers to unauthenticated requests suppressed in the last minute"
+                );
+            }
         }
         w.core.handle_timeout(now);
         w.apply_events();

@@ -16,6 +16,7 @@
 //! [`Server::handle_peer`].
 
 pub mod policy;
+pub mod quota;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -38,6 +39,19 @@ pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
 /// How long a channel number and peer stay reserved after the binding
 /// expires, seconds (RFC 8656 §12).
 pub const CHANNEL_REBIND_GUARD: u64 = 300;
+/// Default cap on permissions per allocation (a WebRTC client needs one per
+/// remote candidate address).
+pub const DEFAULT_MAX_PERMISSIONS: usize = 64;
+/// Default cap on channel bindings per allocation.
+pub const DEFAULT_MAX_CHANNELS: usize = 64;
+
+/// Default limit on answers to unauthenticated requests per source address,
+/// per second.
+pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 20;
+/// Source addresses the rate limiter tracks at once per worker; more share
+/// slots (the newest wins), so memory stays fixed under spoofed floods.
+const RATE_SLOTS: usize = 4096;
+
 /// How long an EVEN-PORT reservation is held, seconds (RFC 8656 §7.2:
 /// "about 30 seconds"). The driver enforces it.
 pub const RESERVATION_LIFETIME: u64 = 30;
@@ -165,6 +179,25 @@ pub struct Config {
     pub mobility: bool,
     /// Key authenticating mobility tickets; shared by every worker.
     pub ticket_key: [u8; 32],
+    /// Answers to unauthenticated requests (401, 438, 400, 420, 441) per
+    /// second per source address, with a burst of five seconds' worth;
+    /// `None` = unlimited (`unauthorized-ratelimit-rps`). Each worker counts
+    /// its own clients.
+    pub unauthenticated_rate: Option<u32>,
+    /// Binding requires long-term credentials too (`secure-stun`).
+    pub secure_stun: bool,
+    /// Binding requests are ignored (`no-stun`).
+    pub no_stun: bool,
+    /// TURN requests are ignored: a STUN-only server (`stun-only`).
+    pub stun_only: bool,
+    /// Quotas and bandwidth limits.
+    pub limits: quota::Limits,
+    /// Counts shared by every worker (kept across configuration reloads).
+    pub usage: std::sync::Arc<quota::Usage>,
+    /// Permissions one allocation may hold at once; more get 508.
+    pub max_permissions: usize,
+    /// Channel bindings one allocation may hold at once; more get 508.
+    pub max_channels: usize,
 }
 
 impl Config {
@@ -187,6 +220,14 @@ impl Config {
             allow_udp_relay: true,
             mobility: false,
             ticket_key: [0; 32],
+            unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),
+            secure_stun: false,
+            no_stun: false,
+            stun_only: false,
+            limits: quota::Limits::default(),
+            usage: std::sync::Arc::new(quota::Usage::default()),
+            max_permissions: DEFAULT_MAX_PERMISSIONS,
+            max_channels: DEFAULT_MAX_CHANNELS,
         }
     }
 }
@@ -353,9 +394,38 @@ struct Allocation {
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
     traffic: Traffic,
+    /// What counts against quotas, to release when it ends.
+    claim: quota::Claim,
+    /// `max-bps` shaping, when configured at creation.
+    shaper: Option<Box<Shaper>>,
+}
+
+/// Per-allocation bandwidth limit, each direction on its own.
+#[derive(Debug)]
+struct Shaper {
+    /// Bytes per second.
+    rate: u64,
+    to_peer: quota::Bucket,
+    to_client: quota::Bucket,
 }
 
 impl Allocation {
+    /// Whether `bytes` may be relayed to the peer at `now` (`max-bps`).
+    fn admit_to_peer(&mut self, bytes: usize, now: Instant) -> bool {
+        match &mut self.shaper {
+            None => true,
+            Some(s) => s.to_peer.take(bytes as u64, s.rate, now),
+        }
+    }
+
+    /// Whether `bytes` may be relayed to the client at `now` (`max-bps`).
+    fn admit_to_client(&mut self, bytes: usize, now: Instant) -> bool {
+        match &mut self.shaper {
+            None => true,
+            Some(s) => s.to_client.take(bytes as u64, s.rate, now),
+        }
+    }
+
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions
             .iter()
@@ -440,6 +510,70 @@ pub struct Server {
     relay_rr: usize,
     /// This core's worker index, written into mobility tickets.
     worker: u16,
+    limiter: RateLimiter,
+}
+
+/// Token buckets per source address for answers to unauthenticated
+/// requests, in a fixed table indexed by a keyed hash.
+struct RateLimiter {
+    slots: Box<[RateSlot]>,
+    hasher: std::collections::hash_map::RandomState,
+    epoch: Instant,
+    /// Answers suppressed since the last [`Server::take_suppressed`].
+    suppressed: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RateSlot {
+    /// The canonical source address as a number (IPv4 mapped into IPv6).
+    key: u128,
+    /// Thousandths of an answer.
+    tokens: u32,
+    /// Milliseconds since the limiter's epoch at the last refill.
+    last_ms: u32,
+}
+
+impl RateLimiter {
+    fn new(now: Instant) -> Self {
+        RateLimiter {
+            slots: vec![RateSlot::default(); RATE_SLOTS].into_boxed_slice(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            // A second in the past, so no real timestamp is 0 (an empty slot).
+            epoch: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether `ip` may get another answer at `now` under `rate` per second.
+    fn admit(&mut self, ip: IpAddr, now: Instant, rate: u32) -> bool {
+        use std::hash::BuildHasher;
+        let key = match policy::canonical(ip) {
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        let burst = rate.saturating_mul(5).saturating_mul(1000);
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u32;
+        let slot = &mut self.slots[(self.hasher.hash_one(key) as usize) % RATE_SLOTS];
+        if slot.key != key || slot.last_ms == 0 {
+            *slot = RateSlot {
+                key,
+                tokens: burst,
+                last_ms: now_ms.max(1),
+            };
+        } else {
+            let elapsed = u64::from(now_ms.saturating_sub(slot.last_ms));
+            let refill = elapsed.saturating_mul(u64::from(rate));
+            slot.tokens = (u64::from(slot.tokens) + refill).min(u64::from(burst)) as u32;
+            slot.last_ms = now_ms.max(1);
+        }
+        if slot.tokens >= 1000 {
+            slot.tokens -= 1000;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 /// An allocation on its way to another worker (RFC 8016 mobility): its
@@ -482,6 +616,7 @@ impl Server {
             rng: seed | 1,
             relay_rr: 0,
             worker,
+            limiter: RateLimiter::new(now),
         }
     }
 
@@ -514,6 +649,24 @@ impl Server {
     /// Traffic counters of an allocation.
     pub fn traffic(&self, id: AllocationId) -> Option<Traffic> {
         self.get(id).map(|a| a.traffic)
+    }
+
+    /// Answers to unauthenticated requests suppressed by the rate limit
+    /// since the last call.
+    pub fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.limiter.suppressed)
+    }
+
+    /// Applies the unauthenticated-answer rate limit to the answer in
+    /// `out`: drops it (clearing `out`) when `ft`'s source is over its limit.
+    fn limit(&mut self, now: Instant, ft: &FiveTuple, out: &mut Vec<u8>) -> ClientAction {
+        match self.cfg.unauthenticated_rate {
+            Some(rate) if !self.limiter.admit(ft.client.ip(), now, rate) => {
+                out.clear();
+                ClientAction::None
+            }
+            _ => ClientAction::Reply,
+        }
     }
 
     /// The next event for the driver.
@@ -596,6 +749,9 @@ impl Server {
         let Some(peer) = a.peer_for_channel(number, now) else {
             return ClientAction::None;
         };
+        if !a.admit_to_peer(payload.len(), now) {
+            return ClientAction::None;
+        }
         a.traffic.to_peer_packets += 1;
         a.traffic.to_peer_bytes += payload.len() as u64;
         ClientAction::Relay {
@@ -631,6 +787,9 @@ impl Server {
         };
         if Family::of(peer.ip()) != Family::of(a.relayed.ip()) || !a.permitted(peer.ip(), now) {
             trace!(five_tuple = %ft, %peer, "Send indication without a permission dropped");
+            return ClientAction::None;
+        }
+        if !a.admit_to_peer(payload.len(), now) {
             return ClientAction::None;
         }
         a.traffic.to_peer_packets += 1;
@@ -715,26 +874,38 @@ impl Server {
                 .unknown_attributes(&unknown[..n]);
             self.seal(&mut w, msg, None);
             debug!(five_tuple = %ft, method = method::name(msg.method()), "420 for unknown attributes {:04x?}", &unknown[..n]);
-            return ClientAction::Reply;
+            return self.limit(now, ft, out);
         }
         let m = msg.method();
-        if m == method::BINDING {
+        let turn = matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        );
+        if (m == method::BINDING && self.cfg.no_stun) || (turn && self.cfg.stun_only) {
+            return ClientAction::None;
+        }
+        if m == method::BINDING && !self.cfg.secure_stun {
             let mut w = self.response(out, msg, Class::Success);
             w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
             self.seal(&mut w, msg, None);
             return ClientAction::Reply;
         }
-        if !matches!(
-            m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
-        ) {
+        if !turn && m != method::BINDING {
             debug!(five_tuple = %ft, "400 for unsupported method 0x{m:03x}");
-            return self.error(out, msg, 400, None);
+            self.error(out, msg, 400, None);
+            return self.limit(now, ft, out);
         }
         let (key, username) = match self.authenticate(now, ft, msg, out) {
             Authed::Ok { key, username } => (key, username),
-            Authed::Answered => return ClientAction::Reply,
+            Authed::Answered => return self.limit(now, ft, out),
         };
+        if m == method::BINDING {
+            // secure-stun: an authenticated Binding.
+            let mut w = self.response(out, msg, Class::Success);
+            w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+            self.seal(&mut w, msg, key.as_ref());
+            return ClientAction::Reply;
+        }
         let action = match m {
             method::ALLOCATE => self.allocate(now, ft, link, msg, out, relays, key, username),
             method::REFRESH => self.refresh(now, ft, link, msg, out, key, username),
@@ -994,6 +1165,19 @@ impl Server {
             index: self.allocations.vacant_key() as u32,
             generation: self.next_generation,
         };
+        let quota_user = match &self.cfg.auth.mechanism {
+            crate::auth::Mechanism::RestApi { separator, .. } => {
+                crate::auth::rest_user(username, *separator)
+            }
+            _ => username,
+        };
+        let claim = match self.cfg.usage.acquire(quota_user, &self.cfg.limits) {
+            Ok(c) => c,
+            Err(why) => {
+                info!(five_tuple = %ft, user = username, "486: {why}");
+                return self.error(out, msg, 486, k);
+            }
+        };
         let opened = match relays.open(
             id,
             &RelayRequest {
@@ -1004,6 +1188,7 @@ impl Server {
         ) {
             Ok(o) => o,
             Err(e) => {
+                self.cfg.usage.release(&claim);
                 info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
                 return self.error(out, msg, 508, k);
             }
@@ -1027,6 +1212,15 @@ impl Server {
             permissions: Vec::new(),
             channels: Vec::new(),
             traffic: Traffic::default(),
+            claim,
+            shaper: (self.cfg.limits.max_bps > 0).then(|| {
+                let rate = self.cfg.limits.max_bps;
+                Box::new(Shaper {
+                    rate,
+                    to_peer: quota::Bucket::new(rate, now),
+                    to_client: quota::Bucket::new(rate, now),
+                })
+            }),
         };
         info!(
             five_tuple = %ft,
@@ -1213,6 +1407,7 @@ impl Server {
         let mut a = moved.allocation;
         if self.by_five_tuple.contains_key(&a.five_tuple) {
             info!(five_tuple = %a.five_tuple, user = &*a.username, relayed = %a.relayed, reason = "5-tuple already has an allocation", "allocation deleted");
+            self.cfg.usage.release(&a.claim);
             return None;
         }
         let id = AllocationId {
@@ -1295,8 +1490,24 @@ impl Server {
             return self.error(out, msg, 400, k);
         }
         let expires = now + Duration::from_secs(u64::from(self.cfg.permission_lifetime));
+        let max = self.cfg.max_permissions;
         if let Some(a) = self.get_mut(id) {
             a.permissions.retain(|p| p.expires > now);
+            let mut new: [Option<IpAddr>; crate::stun::MAX_ATTRIBUTES] =
+                [None; crate::stun::MAX_ATTRIBUTES];
+            let mut added = 0;
+            for ip in peers[..n].iter().flatten() {
+                if !a.permissions.iter().any(|p| p.ip == *ip) && !new[..added].contains(&Some(*ip))
+                {
+                    new[added] = Some(*ip);
+                    added += 1;
+                }
+            }
+            if a.permissions.len() + added > max {
+                // RFC 8656 §9.2: the permission quota is exceeded.
+                info!(five_tuple = %ft, "508: more than {max} permissions");
+                return self.error(out, msg, 508, k);
+            }
             for ip in peers[..n].iter().flatten() {
                 a.add_permission(*ip, expires);
             }
@@ -1358,14 +1569,30 @@ impl Server {
         if conflict {
             return self.error(out, msg, 400, k);
         }
-        match a.channels.iter_mut().find(|c| c.number == number) {
-            Some(c) => c.expires = channel_expires,
-            None => a.channels.push(Channel {
-                number,
-                peer,
-                expires: channel_expires,
-            }),
+        let new_permission = !a.permissions.iter().any(|p| p.ip == peer.ip());
+        match a.channels.iter().position(|c| c.number == number) {
+            Some(i) => a.channels[i].expires = channel_expires,
+            None => {
+                let (max_channels, max_permissions) =
+                    (self.cfg.max_channels, self.cfg.max_permissions);
+                // Re-borrow after reading the limits.
+                let a = self.get_mut(id).expect("checked above");
+                if a.channels.len() >= max_channels
+                    || (new_permission && a.permissions.len() >= max_permissions)
+                {
+                    info!(five_tuple = %ft, "508: more than {max_channels} channels or {max_permissions} permissions");
+                    return self.error(out, msg, 508, k);
+                }
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    expires: channel_expires,
+                });
+            }
         }
+        let Some(a) = self.get_mut(id) else {
+            return self.error(out, msg, 437, k);
+        };
         a.add_permission(peer.ip(), permission_expires);
         let mut w = self.response(out, msg, Class::Success);
         self.seal(&mut w, msg, k);
@@ -1390,7 +1617,7 @@ impl Server {
     ) -> Option<Delivery> {
         let tid_seed = self.random();
         let a = self.get_mut(allocation)?;
-        if !a.permitted(peer.ip(), now) {
+        if !a.permitted(peer.ip(), now) || !a.admit_to_client(payload.len(), now) {
             return None;
         }
         let stream = a.five_tuple.transport.is_stream();
@@ -1456,6 +1683,7 @@ impl Server {
         let index = id.index as usize;
         let a = self.allocations.remove(index);
         self.by_five_tuple.remove(&a.five_tuple);
+        self.cfg.usage.release(&a.claim);
         let t = a.traffic;
         info!(
             five_tuple = %a.five_tuple,

@@ -1092,3 +1092,266 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
     );
     assert_eq!(Resp { raw: out }.code(), Some(404));
 }
+
+#[test]
+fn unauthenticated_answers_are_rate_limited_per_source() {
+    let mut cfg = users_config();
+    cfg.unauthenticated_rate = Some(2); // burst of 10
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    let same_ip_other_port = udp("203.0.113.5:40001");
+    let other = udp("203.0.113.6:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let raw = r.build(None);
+    let answered = (0..30)
+        .filter(|_| h.send(&ft, &raw) == ClientAction::Reply)
+        .count();
+    assert_eq!(answered, 10, "the burst, then silence");
+    assert_eq!(
+        h.send(&same_ip_other_port, &raw),
+        ClientAction::None,
+        "counted per address"
+    );
+    assert_eq!(
+        h.send(&other, &raw),
+        ClientAction::Reply,
+        "other sources unaffected"
+    );
+    // Unknown attributes and bad methods count too.
+    let bad = h.req(method::CONNECT).build(None);
+    assert_eq!(h.send(&ft, &bad), ClientAction::None);
+    assert_eq!(h.server.take_suppressed(), 22);
+    assert_eq!(h.server.take_suppressed(), 0);
+    // Binding is not limited.
+    let b = h.req(method::BINDING).build(None);
+    assert_eq!(h.send(&ft, &b), ClientAction::Reply);
+    // Two answers per second come back.
+    h.advance(1);
+    let answered = (0..10)
+        .filter(|_| h.send(&ft, &raw) == ClientAction::Reply)
+        .count();
+    assert_eq!(answered, 2);
+}
+
+#[test]
+fn authenticated_answers_are_not_limited() {
+    let mut cfg = users_config();
+    cfg.unauthenticated_rate = Some(1);
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let nonce = {
+        let r = h.req(method::REFRESH);
+        h.ask(&ft, &r.build(None)).nonce()
+    };
+    for _ in 0..50 {
+        let r = h.req(method::REFRESH);
+        assert!(
+            h.ask(&ft, &r.build(Some(("alice", "alicepw", &nonce))))
+                .ok()
+        );
+    }
+}
+
+#[test]
+fn secure_stun_no_stun_and_stun_only() {
+    let mut cfg = users_config();
+    cfg.secure_stun = true;
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    let r = h.req(method::BINDING);
+    let challenge = h.ask(&ft, &r.build(None));
+    assert_eq!(challenge.code(), Some(401));
+    let resp = h.ask(
+        &ft,
+        &r.build(Some(("alice", "alicepw", &challenge.nonce()))),
+    );
+    assert!(resp.ok());
+    assert_eq!(resp.xor(attr::XOR_MAPPED_ADDRESS), ft.client);
+    assert!(
+        resp.msg()
+            .verify_integrity(&long_term_key("alice", REALM, "alicepw"))
+    );
+
+    let mut cfg = users_config();
+    cfg.no_stun = true;
+    let mut h = Harness::new(cfg);
+    let r = h.req(method::BINDING);
+    assert_eq!(h.send(&ft, &r.build(None)), ClientAction::None);
+    assert!(
+        h.allocate(&ft, "alice", "alicepw").ok(),
+        "TURN still served"
+    );
+
+    let mut cfg = users_config();
+    cfg.stun_only = true;
+    let mut h = Harness::new(cfg);
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    assert_eq!(h.send(&ft, &r.build(None)), ClientAction::None);
+    let r = h.req(method::BINDING);
+    assert!(h.ask(&ft, &r.build(None)).ok());
+}
+
+#[test]
+fn quotas_answer_486_and_free_up_when_allocations_end() {
+    let mut cfg = users_config();
+    cfg.limits = quota::Limits {
+        user_quota: 2,
+        total_quota: 3,
+        ..quota::Limits::default()
+    };
+    let mut h = Harness::new(cfg);
+    let fts: Vec<FiveTuple> = (0..5)
+        .map(|i| udp(&format!("203.0.113.5:{}", 41000 + i)))
+        .collect();
+    assert!(h.allocate(&fts[0], "alice", "alicepw").ok());
+    assert!(h.allocate(&fts[1], "alice", "alicepw").ok());
+    assert_eq!(
+        h.allocate(&fts[2], "alice", "alicepw").code(),
+        Some(486),
+        "user-quota"
+    );
+    assert!(h.allocate(&fts[2], "bob", "bobpw").ok());
+    assert_eq!(
+        h.allocate(&fts[3], "bob", "bobpw").code(),
+        Some(486),
+        "total-quota"
+    );
+    assert_eq!(h.server.config().usage.allocations(), 3);
+    // Ending allocations frees quota: by Refresh 0, and by expiry.
+    let r = h.req(method::REFRESH).attr(attr::LIFETIME, &[0, 0, 0, 0]);
+    assert!(h.ask_authed(&fts[0], &r, "alice", "alicepw").ok());
+    assert!(h.allocate(&fts[3], "alice", "alicepw").ok());
+    h.advance(601);
+    assert_eq!(h.server.config().usage.allocations(), 0);
+    assert_eq!(h.server.config().usage.of_user("alice"), 0);
+    // A refused relay socket gives its quota back.
+    h.relays.fail = true;
+    assert_eq!(h.allocate(&fts[4], "alice", "alicepw").code(), Some(508));
+    assert_eq!(h.server.config().usage.allocations(), 0);
+}
+
+#[test]
+fn rest_api_quota_counts_the_user_not_the_credential() {
+    let auth = Authenticator {
+        realm: REALM.into(),
+        mechanism: Mechanism::RestApi {
+            secrets: vec![b"s".to_vec()],
+            separator: ':',
+        },
+    };
+    let mut cfg = Config::new(auth, NonceIssuer::new([1; 32], Some(600)));
+    cfg.limits.user_quota = 1;
+    let mut h = Harness::new(cfg);
+    let u1 = format!("{}:alice", UNIX0 + 100);
+    let u2 = format!("{}:alice", UNIX0 + 200);
+    let u3 = format!("{}:bob", UNIX0 + 200);
+    assert!(
+        h.allocate(&udp("203.0.113.5:1"), &u1, &rest_password(b"s", &u1))
+            .ok()
+    );
+    assert_eq!(
+        h.allocate(&udp("203.0.113.5:2"), &u2, &rest_password(b"s", &u2))
+            .code(),
+        Some(486)
+    );
+    assert!(
+        h.allocate(&udp("203.0.113.5:3"), &u3, &rest_password(b"s", &u3))
+            .ok()
+    );
+}
+
+#[test]
+fn bandwidth_capacity_and_max_bps() {
+    let mut cfg = users_config();
+    cfg.limits = quota::Limits {
+        max_bps: 1000,
+        bps_capacity: 2000,
+        ..quota::Limits::default()
+    };
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    assert!(
+        h.allocate(&udp("203.0.113.5:40001"), "alice", "alicepw")
+            .ok()
+    );
+    assert_eq!(
+        h.allocate(&udp("203.0.113.5:40002"), "alice", "alicepw")
+            .code(),
+        Some(486),
+        "capacity used up"
+    );
+    let id = h.server.allocation_for(&ft).unwrap();
+    let bind = h
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0])
+        .peer("93.184.216.1:5000");
+    assert!(h.ask_authed(&ft, &bind, "alice", "alicepw").ok());
+    // 1000 bytes per second each way: four 300-byte datagrams, then drops.
+    let mut cd = vec![0x40, 0x00, 0x01, 0x2C];
+    cd.extend([0u8; 300]);
+    let sent = (0..10)
+        .filter(|_| matches!(h.send(&ft, &cd), ClientAction::Relay { .. }))
+        .count();
+    assert_eq!(sent, 3);
+    let received = (0..10)
+        .filter(|_| h.peer_data(id, "93.184.216.1:5000", &[0u8; 300]).is_some())
+        .count();
+    assert_eq!(received, 3);
+    h.now += Duration::from_millis(300);
+    assert!(
+        matches!(h.send(&ft, &cd), ClientAction::Relay { .. }),
+        "refilled"
+    );
+}
+
+#[test]
+fn permission_and_channel_caps_answer_508() {
+    let mut cfg = users_config();
+    cfg.max_permissions = 3;
+    cfg.max_channels = 2;
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("93.184.216.1:1")
+        .peer("93.184.216.2:1");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    // Refreshing existing permissions is always fine.
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("93.184.216.1:1")
+        .peer("93.184.216.2:1");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("93.184.216.3:1")
+        .peer("93.184.216.4:1");
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(508));
+    let r = h.req(method::CREATE_PERMISSION).peer("93.184.216.3:1");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    let bind = |h: &mut Harness, n: u8, peer: &str| {
+        let r = h
+            .req(method::CHANNEL_BIND)
+            .attr(attr::CHANNEL_NUMBER, &[0x40, n, 0, 0])
+            .peer(peer);
+        h.ask_authed(&ft, &r, "alice", "alicepw").code()
+    };
+    assert_eq!(bind(&mut h, 1, "93.184.216.1:5"), None);
+    assert_eq!(bind(&mut h, 2, "93.184.216.2:5"), None);
+    assert_eq!(bind(&mut h, 3, "93.184.216.3:5"), Some(508), "channel cap");
+    assert_eq!(bind(&mut h, 1, "93.184.216.1:5"), None, "rebinding is fine");
+    // Expired permissions make room again.
+    h.advance(301);
+    let r = h
+        .req(method::CREATE_PERMISSION)
+        .peer("93.184.216.7:1")
+        .peer("93.184.216.8:1");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+}
