@@ -227,6 +227,8 @@ fn run(cfg: Config) -> Result<(), String> {
         pool: PortPool::new(cfg.min_port, cfg.max_port),
         reservations: Reservations::default(),
         relay_device: cfg.relay_device.clone(),
+        streams: server::StreamCount::new(cfg.max_stream_connections_per_ip),
+        idle_timeout: std::time::Duration::from_secs(u64::from(cfg.max_allocate_timeout)),
     });
     server::start(bound, shared).map_err(|e| format!("cannot start workers: {e}"))?;
     wait_for_signals();

@@ -143,6 +143,10 @@ pub struct Config {
     pub stun_only: bool,
     /// Quotas and bandwidth limits (0 = unlimited).
     pub limits: crate::turn::quota::Limits,
+    /// TCP/TLS connections per source address; 0 = unlimited.
+    pub max_stream_connections_per_ip: u32,
+    /// Seconds a stream connection may stay silent without an allocation.
+    pub max_allocate_timeout: u32,
     pub allow_loopback_peers: bool,
     pub allow_private_peers: bool,
     pub denied_peer_ips: Vec<IpRange>,
@@ -204,6 +208,8 @@ impl Default for Config {
             no_stun: false,
             stun_only: false,
             limits: crate::turn::quota::Limits::default(),
+            max_stream_connections_per_ip: 256,
+            max_allocate_timeout: 60,
             allow_loopback_peers: false,
             allow_private_peers: false,
             denied_peer_ips: Vec::new(),
@@ -790,6 +796,12 @@ impl Config {
                     .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
             }
             "user-quota" => self.limits.user_quota = number(origin, key, need()?)?,
+            "max-stream-connections-per-ip" => {
+                self.max_stream_connections_per_ip = number(origin, key, need()?)?
+            }
+            "max-allocate-timeout" => {
+                self.max_allocate_timeout = seconds(origin, key, value, 60)?.max(1)
+            }
             "total-quota" => self.limits.total_quota = number(origin, key, need()?)?,
             "max-bps" => self.limits.max_bps = number(origin, key, need()?)?,
             "bps-capacity" => self.limits.bps_capacity = number(origin, key, need()?)?,

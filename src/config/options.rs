@@ -89,6 +89,7 @@ pub const OPTIONS: &[Spec] = &[
     opt("aux-server", None, Value, true, NotYet, "Auxiliary listener ip:port."),
     opt("udp-self-balance", None, Flag, false, NotYet, "Balance UDP over aux servers with ALTERNATE-SERVER."),
     opt("tcp-proxy-port", None, Value, false, NotYet, "TCP listener expecting the PROXY protocol."),
+    opt("max-stream-connections-per-ip", None, Value, false, Yes, "TCP/TLS connections one source address may hold open; 0 = unlimited. Default: 256."),
     // Relay
     opt("relay-ip", Some('E'), Value, true, Yes, "Relay (allocation) IP address; repeatable. Default: the address the client connected to."),
     opt("relay-device", Some('i'), Value, false, Yes, "Bind relay sockets to this network interface."),
@@ -154,7 +155,7 @@ pub const OPTIONS: &[Spec] = &[
     opt("max-allocate-lifetime", None, Optional, false, Yes, "Cap on allocation lifetime, seconds. Default: 3600."),
     opt("channel-lifetime", None, Optional, false, Yes, "Channel binding lifetime, seconds. Default: 600."),
     opt("permission-lifetime", None, Optional, false, Yes, "Permission lifetime, seconds. Default: 300."),
-    opt("max-allocate-timeout", None, Value, false, Inherent("allocations complete in one request"), "Seconds to complete an allocation."),
+    opt("max-allocate-timeout", None, Value, false, Yes, "Seconds a TCP/TLS connection may stay silent without an allocation. Default: 60."),
     opt("mobility", None, Flag, false, Yes, "RFC 8016 mobility: clients may move their allocation to a new address."),
     opt("drain-min-allocations", None, Value, false, NotYet, "Drain mode threshold."),
     // STUN behaviour

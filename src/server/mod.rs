@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-pub use worker::Shared;
+pub use worker::{Shared, StreamCount};
 use worker::{Sockets, StreamListener};
 
 /// What to listen on.

@@ -52,6 +52,8 @@ const BATCH: usize = 64;
 /// Time allowed for a new TCP/TLS connection to send its first byte and
 /// finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to complete a frame once its first byte arrived (slowloris).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Process-wide state every worker reads.
 pub struct Shared {
@@ -61,6 +63,71 @@ pub struct Shared {
     pub pool: PortPool,
     pub reservations: Reservations,
     pub relay_device: Option<String>,
+    /// Open TCP/TLS connections per source address, across workers.
+    pub streams: StreamCount,
+    /// Silence after which a stream connection without an allocation is
+    /// closed (`max-allocate-timeout`).
+    pub idle_timeout: Duration,
+}
+
+/// Counts TCP/TLS connections per source address, capped at `limit`
+/// (0 = unlimited).
+#[derive(Debug, Default)]
+pub struct StreamCount {
+    pub limit: u32,
+    per_ip: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
+}
+
+impl StreamCount {
+    /// A counter with the given per-address limit.
+    pub fn new(limit: u32) -> Self {
+        StreamCount {
+            limit,
+            per_ip: Default::default(),
+        }
+    }
+
+    fn acquire(&self, ip: std::net::IpAddr) -> bool {
+        let mut m = self.per_ip.lock().expect("stream count lock");
+        let n = m.entry(ip).or_insert(0);
+        if self.limit > 0 && *n >= self.limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, ip: std::net::IpAddr) {
+        let mut m = self.per_ip.lock().expect("stream count lock");
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    /// Open connections from `ip`.
+    pub fn of(&self, ip: std::net::IpAddr) -> u32 {
+        self.per_ip
+            .lock()
+            .expect("stream count lock")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Releases a connection's place in [`StreamCount`] when it ends.
+struct StreamSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.shared.streams.release(self.ip);
+    }
 }
 
 /// A TCP listener (TLS is detected by the first byte on every one).
@@ -579,8 +646,24 @@ async fn tcp_listener(worker: Handle, listener: TcpListener, local: SocketAddr) 
                 continue;
             }
         };
+        let shared = worker.borrow().shared.clone();
+        if !shared.streams.acquire(peer.ip()) {
+            debug!(
+                "{peer} -> {local}: more than {} connections from this address; closing",
+                shared.streams.limit
+            );
+            continue;
+        }
+        let slot = StreamSlot {
+            shared,
+            ip: peer.ip(),
+        };
         let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(accept_stream(worker.clone(), stream, peer, local));
+        let worker = worker.clone();
+        tokio::task::spawn_local(async move {
+            accept_stream(worker, stream, peer, local).await;
+            drop(slot);
+        });
     }
 }
 
@@ -652,11 +735,36 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
 
     let reader = async {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut last_frame = Instant::now();
+        let mut partial_since: Option<Instant> = None;
         loop {
             if buf.capacity() - buf.len() < 2048 {
                 buf.reserve(4096);
             }
-            match rd.read_buf(&mut buf).await {
+            // A started frame must complete within FRAME_TIMEOUT; a
+            // connection without an allocation may not sit silent longer
+            // than the idle timeout.
+            let deadline = match partial_since {
+                Some(t) => Some((t + FRAME_TIMEOUT, "a frame was not completed in time")),
+                None if worker.borrow().core.allocation_for(&ft).is_none() => {
+                    let idle = worker.borrow().shared.idle_timeout;
+                    Some((last_frame + idle, "idle without an allocation"))
+                }
+                None => None,
+            };
+            let read = match deadline {
+                Some((at, why)) => {
+                    match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            debug!("{ft}: {why}; closing");
+                            return;
+                        }
+                    }
+                }
+                None => rd.read_buf(&mut buf).await,
+            };
+            match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -685,6 +793,16 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
                 start += len;
             }
             buf.drain(..start);
+            let now = Instant::now();
+            if start > 0 {
+                last_frame = now;
+                partial_since = None;
+            }
+            if buf.is_empty() {
+                partial_since = None;
+            } else if partial_since.is_none() {
+                partial_since = Some(now);
+            }
         }
     };
 

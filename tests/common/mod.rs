@@ -190,7 +190,7 @@ impl Server {
 
     fn wait_ready(&mut self) {
         if std::fs::read_to_string(self.dir.path("turnserver.conf"))
-            .is_ok_and(|c| c.lines().any(|l| l == "no-udp"))
+            .is_ok_and(|c| c.lines().any(|l| l == "no-udp" || l == "no-stun"))
         {
             return self.wait_ready_tcp();
         }
