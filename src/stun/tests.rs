@@ -359,3 +359,88 @@ fn largest_stream_message_parses() {
     let m = Message::parse(&out).unwrap();
     assert_eq!(m.text(attr::USERNAME), Some(Ok("tail-user")));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn attribute() -> impl Strategy<Value = (u16, Vec<u8>)> {
+        (any::<u16>(), prop::collection::vec(any::<u8>(), 0..80))
+            .prop_filter("integrity and fingerprint are added by the writer", |(t, _)| {
+                *t != attr::MESSAGE_INTEGRITY && *t != attr::FINGERPRINT
+            })
+    }
+
+    proptest! {
+        /// Whatever attributes a message carries, writing and parsing it
+        /// gives them back in order, and MESSAGE-INTEGRITY and FINGERPRINT
+        /// verify.
+        #[test]
+        fn messages_round_trip(
+            m in 0u16..0x1000,
+            class in 0u8..4,
+            tid in any::<[u8; 12]>(),
+            attrs in prop::collection::vec(attribute(), 0..MAX_ATTRIBUTES - 1),
+            key in prop::collection::vec(any::<u8>(), 1..40),
+            integrity in any::<bool>(),
+            fingerprint in any::<bool>(),
+        ) {
+            let class = [Class::Request, Class::Indication, Class::Success, Class::Error][usize::from(class)];
+            let mut out = Vec::new();
+            let mut w = MessageWriter::new(&mut out, m, class, &tid);
+            for (t, v) in &attrs {
+                w.attr(*t, v);
+            }
+            if integrity {
+                w.integrity(&key);
+            }
+            if fingerprint {
+                w.fingerprint();
+            }
+            let msg = Message::parse(&out).unwrap();
+            prop_assert_eq!(msg.method(), m);
+            prop_assert_eq!(msg.class(), class);
+            prop_assert_eq!(msg.transaction_id(), &tid);
+            let got: Vec<(u16, Vec<u8>)> = msg
+                .attributes()
+                .filter(|(t, _)| *t != attr::MESSAGE_INTEGRITY)
+                .map(|(t, v)| (t, v.to_vec()))
+                .collect();
+            prop_assert_eq!(&got, &attrs);
+            prop_assert!(msg.fingerprint_ok());
+            prop_assert_eq!(msg.has_fingerprint(), fingerprint);
+            prop_assert_eq!(msg.verify_integrity(&key), integrity);
+            if integrity {
+                let mut wrong = key.clone();
+                wrong[0] ^= 1;
+                prop_assert!(!msg.verify_integrity(&wrong));
+            }
+        }
+
+        /// Arbitrary bytes are an error or a message, never a panic, and
+        /// every accessor on a parsed message is safe.
+        #[test]
+        fn arbitrary_bytes_never_panic(mut bytes in prop::collection::vec(any::<u8>(), 0..600), looks_valid in any::<bool>()) {
+            if looks_valid && bytes.len() >= 20 {
+                bytes[0] &= 0x3F;
+                let len = ((bytes.len() - 20) & !3) as u16;
+                bytes[2..4].copy_from_slice(&len.to_be_bytes());
+                bytes[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+                bytes.truncate(20 + usize::from(len));
+            }
+            if let Ok(m) = Message::parse(&bytes) {
+                let _ = m.fingerprint_ok();
+                let _ = m.verify_integrity(b"k");
+                let mut u = [0u16; 16];
+                let _ = m.unknown_required(&mut u);
+                for (t, v) in m.attributes() {
+                    let _ = attr::decode_xor_address(t, v, m.transaction_id());
+                    let _ = attr::decode_error_code(v);
+                    let _ = attr::decode_text(t, v);
+                }
+            }
+            let _ = channel::parse_channel_data(&bytes);
+            let _ = channel::stream_frame(&bytes);
+        }
+    }
+}

@@ -17,6 +17,8 @@
 
 pub mod policy;
 pub mod quota;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod sim;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -667,6 +669,50 @@ impl Server {
             }
             _ => ClientAction::Reply,
         }
+    }
+
+    /// Checks the allocation table's internal consistency: every 5-tuple
+    /// maps to the allocation that holds it, permissions and channels are
+    /// unique and within their caps, and nothing expired survives a
+    /// [`Server::handle_timeout`] at `checked_at`. For tests and fuzzing.
+    pub fn check_invariants(&self, checked_at: Option<Instant>) -> Result<(), String> {
+        if self.by_five_tuple.len() != self.allocations.len() {
+            return Err(format!(
+                "{} 5-tuples for {} allocations",
+                self.by_five_tuple.len(),
+                self.allocations.len()
+            ));
+        }
+        for (ft, id) in &self.by_five_tuple {
+            let a = self.get(*id).ok_or_else(|| format!("{ft} maps to a missing allocation"))?;
+            if a.five_tuple != *ft {
+                return Err(format!("{ft} maps to the allocation of {}", a.five_tuple));
+            }
+        }
+        for (_, a) in self.allocations.iter() {
+            if a.permissions.len() > self.cfg.max_permissions || a.channels.len() > self.cfg.max_channels {
+                return Err(format!("{}: over a cap", a.five_tuple));
+            }
+            for (i, p) in a.permissions.iter().enumerate() {
+                if a.permissions[..i].iter().any(|q| q.ip == p.ip) {
+                    return Err(format!("{}: duplicate permission {}", a.five_tuple, p.ip));
+                }
+            }
+            for (i, c) in a.channels.iter().enumerate() {
+                if a.channels[..i].iter().any(|d| d.number == c.number || d.peer == c.peer) {
+                    return Err(format!("{}: channel {:#x} or {} bound twice", a.five_tuple, c.number, c.peer));
+                }
+                if !(MIN_CHANNEL..=MAX_CHANNEL_RFC5766).contains(&c.number) {
+                    return Err(format!("{}: channel number {:#x}", a.five_tuple, c.number));
+                }
+            }
+            if let Some(t) = checked_at
+                && a.expires <= t
+            {
+                return Err(format!("{}: expired allocation survived", a.five_tuple));
+            }
+        }
+        Ok(())
     }
 
     /// The next event for the driver.
