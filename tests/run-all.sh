@@ -28,7 +28,27 @@ echo "==> npm ci (tests/browser)"
 
 echo "==> cargo fmt --check"
 cargo fmt --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked
+
+# Bounded fuzzing of the codec, stream framing and the TURN core, from the
+# committed seeds (RUSTC_BOOTSTRAP lets cargo-fuzz use the stable
+# toolchain). FUZZ_SECONDS=0 skips it.
+FUZZ_SECONDS=${FUZZ_SECONDS:-45}
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    echo "==> cargo fuzz (${FUZZ_SECONDS} s per target)"
+    command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+    (
+        cd fuzz
+        export RUSTC_BOOTSTRAP=1
+        cargo fuzz build
+        for target in stun_parse stream_framing core_sequence; do
+            corpus=$(mktemp -d)
+            cargo fuzz run "$target" "$corpus" "seeds/$target" -- -max_total_time="$FUZZ_SECONDS"
+            rm -rf "$corpus"
+        done
+    )
+fi

@@ -365,10 +365,10 @@ mod properties {
     use proptest::prelude::*;
 
     fn attribute() -> impl Strategy<Value = (u16, Vec<u8>)> {
-        (any::<u16>(), prop::collection::vec(any::<u8>(), 0..80))
-            .prop_filter("integrity and fingerprint are added by the writer", |(t, _)| {
-                *t != attr::MESSAGE_INTEGRITY && *t != attr::FINGERPRINT
-            })
+        (any::<u16>(), prop::collection::vec(any::<u8>(), 0..80)).prop_filter(
+            "integrity and fingerprint are added by the writer",
+            |(t, _)| *t != attr::MESSAGE_INTEGRITY && *t != attr::FINGERPRINT,
+        )
     }
 
     proptest! {

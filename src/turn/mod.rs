@@ -684,13 +684,17 @@ impl Server {
             ));
         }
         for (ft, id) in &self.by_five_tuple {
-            let a = self.get(*id).ok_or_else(|| format!("{ft} maps to a missing allocation"))?;
+            let a = self
+                .get(*id)
+                .ok_or_else(|| format!("{ft} maps to a missing allocation"))?;
             if a.five_tuple != *ft {
                 return Err(format!("{ft} maps to the allocation of {}", a.five_tuple));
             }
         }
         for (_, a) in self.allocations.iter() {
-            if a.permissions.len() > self.cfg.max_permissions || a.channels.len() > self.cfg.max_channels {
+            if a.permissions.len() > self.cfg.max_permissions
+                || a.channels.len() > self.cfg.max_channels
+            {
                 return Err(format!("{}: over a cap", a.five_tuple));
             }
             for (i, p) in a.permissions.iter().enumerate() {
@@ -699,8 +703,14 @@ impl Server {
                 }
             }
             for (i, c) in a.channels.iter().enumerate() {
-                if a.channels[..i].iter().any(|d| d.number == c.number || d.peer == c.peer) {
-                    return Err(format!("{}: channel {:#x} or {} bound twice", a.five_tuple, c.number, c.peer));
+                if a.channels[..i]
+                    .iter()
+                    .any(|d| d.number == c.number || d.peer == c.peer)
+                {
+                    return Err(format!(
+                        "{}: channel {:#x} or {} bound twice",
+                        a.five_tuple, c.number, c.peer
+                    ));
                 }
                 if !(MIN_CHANNEL..=MAX_CHANNEL_RFC5766).contains(&c.number) {
                     return Err(format!("{}: channel number {:#x}", a.five_tuple, c.number));

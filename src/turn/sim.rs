@@ -16,12 +16,12 @@ use arbitrary::{Arbitrary, Unstructured};
 use super::policy::PeerPolicy;
 use super::quota::Limits;
 use super::{
-    AllocationId, ClientAction, Config, FiveTuple, OpenedRelay, PortRequest, RelayError, RelayProvider, RelayRequest,
-    Server, Transport,
+    AllocationId, ClientAction, Config, FiveTuple, OpenedRelay, PortRequest, RelayError,
+    RelayProvider, RelayRequest, Server, Transport,
 };
-use crate::auth::{long_term_key, Authenticator, Mechanism, NonceIssuer};
+use crate::auth::{Authenticator, Mechanism, NonceIssuer, long_term_key};
 use crate::stun::channel::{HEADROOM, TAILROOM};
-use crate::stun::{attr, method, Class, Message, MessageWriter};
+use crate::stun::{Class, Message, MessageWriter, attr, method};
 
 const REALM: &str = "sim";
 const CLIENTS: usize = 6;
@@ -30,7 +30,10 @@ const CLIENTS: usize = 6;
 #[derive(Arbitrary, Debug)]
 pub enum Op {
     /// Arbitrary bytes from a client.
-    Raw { who: u8, bytes: Vec<u8> },
+    Raw {
+        who: u8,
+        bytes: Vec<u8>,
+    },
     Allocate {
         who: u8,
         lifetime: Option<u32>,
@@ -41,18 +44,49 @@ pub enum Op {
         transport: u8,
         fingerprint: bool,
     },
-    Refresh { who: u8, lifetime: Option<u32>, family: Option<u8>, ticket: Option<u8> },
-    CreatePermission { who: u8, peers: Vec<u8> },
-    ChannelBind { who: u8, number: u16, peer: u8 },
-    Send { who: u8, peer: u8, len: u8 },
-    ChannelData { who: u8, number: u16, len: u8, padded: bool },
+    Refresh {
+        who: u8,
+        lifetime: Option<u32>,
+        family: Option<u8>,
+        ticket: Option<u8>,
+    },
+    CreatePermission {
+        who: u8,
+        peers: Vec<u8>,
+    },
+    ChannelBind {
+        who: u8,
+        number: u16,
+        peer: u8,
+    },
+    Send {
+        who: u8,
+        peer: u8,
+        len: u8,
+    },
+    ChannelData {
+        who: u8,
+        number: u16,
+        len: u8,
+        padded: bool,
+    },
     /// A datagram from a peer to one of the allocations.
-    Peer { pick: u8, peer: u8, len: u16 },
-    Advance { secs: u16 },
+    Peer {
+        pick: u8,
+        peer: u8,
+        len: u16,
+    },
+    Advance {
+        secs: u16,
+    },
     /// A stream client's connection closes.
-    Close { who: u8 },
+    Close {
+        who: u8,
+    },
     /// The relay provider runs out of ports for a while.
-    Exhaust { on: bool },
+    Exhaust {
+        on: bool,
+    },
 }
 
 /// Peers: global, forbidden, and the server's own relay address.
@@ -81,10 +115,16 @@ fn client(who: u8) -> (FiveTuple, u32) {
         _ => Transport::Tls,
     };
     let ft = FiveTuple {
-        client: format!("203.0.113.{}:{}", 1 + i % 2, 40000 + i).parse().expect("valid"),
-        server: if i == 5 { "[2001:db8::10]:3478" } else { "192.0.2.10:3478" }
+        client: format!("203.0.113.{}:{}", 1 + i % 2, 40000 + i)
             .parse()
             .expect("valid"),
+        server: if i == 5 {
+            "[2001:db8::10]:3478"
+        } else {
+            "192.0.2.10:3478"
+        }
+        .parse()
+        .expect("valid"),
         transport,
     };
     (ft, i as u32)
@@ -104,7 +144,10 @@ impl RelayProvider for Relays {
         }
         if let PortRequest::Reserved(t) = req.port {
             let addr = self.reserved.remove(&t).ok_or(RelayError::NoReservation)?;
-            return Ok(OpenedRelay { addr, reservation: None });
+            return Ok(OpenedRelay {
+                addr,
+                reservation: None,
+            });
         }
         self.next = self.next.wrapping_add(2);
         let port = 50000 + (self.next % 10000);
@@ -136,7 +179,10 @@ impl Sim {
     /// quotas so the script reaches their edges.
     pub fn new(auth: bool) -> Sim {
         let mechanism = if auth {
-            Mechanism::LongTerm(HashMap::from([("u".to_string(), long_term_key("u", REALM, "p"))]))
+            Mechanism::LongTerm(HashMap::from([(
+                "u".to_string(),
+                long_term_key("u", REALM, "p"),
+            )]))
         } else {
             Mechanism::None
         };
@@ -147,7 +193,10 @@ impl Sim {
             },
             NonceIssuer::new([3; 32], Some(600)),
         );
-        cfg.listening_ips = vec!["192.0.2.10".parse().expect("ip"), "2001:db8::10".parse().expect("ip")];
+        cfg.listening_ips = vec![
+            "192.0.2.10".parse().expect("ip"),
+            "2001:db8::10".parse().expect("ip"),
+        ];
         cfg.policy = PeerPolicy {
             own_relay_ips: cfg.listening_ips.clone(),
             relay_ports: (50000, 60000),
@@ -177,11 +226,14 @@ impl Sim {
     }
 
     fn send(&mut self, ft: &FiveTuple, link: u32, bytes: &[u8]) -> ClientAction {
-        let action = self
-            .server
-            .handle_client(self.now, ft, link, bytes, &mut self.out, &mut self.relays);
+        let action =
+            self.server
+                .handle_client(self.now, ft, link, bytes, &mut self.out, &mut self.relays);
         if let ClientAction::Relay { payload, .. } = &action {
-            assert!(payload.end <= bytes.len(), "payload range outside the message");
+            assert!(
+                payload.end <= bytes.len(),
+                "payload range outside the message"
+            );
         }
         while self.server.poll_event().is_some() {}
         action
@@ -189,7 +241,13 @@ impl Sim {
 
     /// Sends a request built by `build` (attributes before credentials),
     /// signing it and doing the 401/438 round trip when auth is on.
-    fn request(&mut self, who: u8, m: u16, fingerprint: bool, build: &dyn Fn(&mut MessageWriter<'_>)) {
+    fn request(
+        &mut self,
+        who: u8,
+        m: u16,
+        fingerprint: bool,
+        build: &dyn Fn(&mut MessageWriter<'_>),
+    ) {
         let (ft, link) = client(who);
         for _ in 0..2 {
             self.tid = self.tid.wrapping_add(1);
@@ -199,7 +257,11 @@ impl Sim {
             let mut w = MessageWriter::new(&mut raw, m, Class::Request, &tid);
             build(&mut w);
             if self.auth {
-                let nonce = self.nonces.get(&ft.client.ip()).cloned().unwrap_or_default();
+                let nonce = self
+                    .nonces
+                    .get(&ft.client.ip())
+                    .cloned()
+                    .unwrap_or_default();
                 w.attr(attr::USERNAME, b"u")
                     .attr(attr::REALM, REALM.as_bytes())
                     .attr(attr::NONCE, &nonce)
@@ -276,7 +338,11 @@ impl Sim {
                 family,
                 ticket,
             } => {
-                let ticket = ticket.and_then(|i| self.tickets.get(usize::from(i) % self.tickets.len().max(1)).cloned());
+                let ticket = ticket.and_then(|i| {
+                    self.tickets
+                        .get(usize::from(i) % self.tickets.len().max(1))
+                        .cloned()
+                });
                 self.request(*who, method::REFRESH, false, &|w| {
                     if let Some(l) = lifetime {
                         w.attr_u32(attr::LIFETIME, *l % 7200);
@@ -297,12 +363,19 @@ impl Sim {
                     }
                 });
             }
-            Op::ChannelBind { who, number, peer: p } => {
+            Op::ChannelBind {
+                who,
+                number,
+                peer: p,
+            } => {
                 let number = 0x3FF0 + number % 0x20 + if number % 3 == 0 { 0x3000 } else { 0 };
                 let p = peer(*p);
                 self.request(*who, method::CHANNEL_BIND, true, &|w| {
-                    w.attr(attr::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0])
-                        .xor_address(attr::XOR_PEER_ADDRESS, p);
+                    w.attr(
+                        attr::CHANNEL_NUMBER,
+                        &[(number >> 8) as u8, number as u8, 0, 0],
+                    )
+                    .xor_address(attr::XOR_PEER_ADDRESS, p);
                 });
             }
             Op::Send { who, peer: p, len } => {
@@ -333,14 +406,23 @@ impl Sim {
                 if let Some(id) = self.server.allocation_for(&ft) {
                     let len = usize::from(*len % 1500);
                     let mut buf = vec![0u8; HEADROOM + len + TAILROOM];
-                    if let Some(d) = self.server.handle_peer(self.now, id, peer(*p), &mut buf, HEADROOM..HEADROOM + len) {
+                    if let Some(d) = self.server.handle_peer(
+                        self.now,
+                        id,
+                        peer(*p),
+                        &mut buf,
+                        HEADROOM..HEADROOM + len,
+                    ) {
                         assert_eq!(d.client, ft);
                         let framed = &buf[d.range.clone()];
                         if framed[0] >> 6 == 0 {
                             let m = Message::parse(framed).expect("a Data indication parses");
                             assert_eq!(m.get(attr::DATA).map(<[u8]>::len), Some(len));
                         } else {
-                            assert_eq!(usize::from(u16::from_be_bytes([framed[2], framed[3]])), len);
+                            assert_eq!(
+                                usize::from(u16::from_be_bytes([framed[2], framed[3]])),
+                                len
+                            );
                         }
                     }
                 }
@@ -365,7 +447,10 @@ impl Sim {
         self.server.check_invariants(Some(self.now))?;
         let counted = self.server.config().usage.allocations() as usize;
         if counted != self.server.allocation_count() {
-            return Err(format!("usage counts {counted}, table holds {}", self.server.allocation_count()));
+            return Err(format!(
+                "usage counts {counted}, table holds {}",
+                self.server.allocation_count()
+            ));
         }
         Ok(())
     }
@@ -381,7 +466,8 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     while !u.is_empty() && steps < 256 {
         let Ok(op) = u.arbitrary::<Op>() else { break };
         sim.apply(&op);
-        sim.check().map_err(|e| format!("after step {steps} ({op:?}): {e}"))?;
+        sim.check()
+            .map_err(|e| format!("after step {steps} ({op:?}): {e}"))?;
         steps += 1;
     }
     Ok(())
@@ -410,20 +496,65 @@ mod tests {
     fn a_scripted_session_reaches_deep_states() {
         let mut sim = Sim::new(true);
         let ops = [
-            Op::Allocate { who: 0, lifetime: None, even_port: Some(true), use_token: false, family: None, mobile: true, transport: 1, fingerprint: true },
-            Op::Allocate { who: 3, lifetime: Some(900), even_port: None, use_token: true, family: None, mobile: false, transport: 1, fingerprint: false },
-            Op::CreatePermission { who: 0, peers: vec![0, 1] },
-            Op::ChannelBind { who: 0, number: 1, peer: 0 },
-            Op::ChannelData { who: 0, number: 0, len: 10, padded: false },
-            Op::Peer { pick: 0, peer: 0, len: 100 },
-            Op::Refresh { who: 4, lifetime: None, family: None, ticket: Some(0) },
+            Op::Allocate {
+                who: 0,
+                lifetime: None,
+                even_port: Some(true),
+                use_token: false,
+                family: None,
+                mobile: true,
+                transport: 1,
+                fingerprint: true,
+            },
+            Op::Allocate {
+                who: 3,
+                lifetime: Some(900),
+                even_port: None,
+                use_token: true,
+                family: None,
+                mobile: false,
+                transport: 1,
+                fingerprint: false,
+            },
+            Op::CreatePermission {
+                who: 0,
+                peers: vec![0, 1],
+            },
+            Op::ChannelBind {
+                who: 0,
+                number: 1,
+                peer: 0,
+            },
+            Op::ChannelData {
+                who: 0,
+                number: 0,
+                len: 10,
+                padded: false,
+            },
+            Op::Peer {
+                pick: 0,
+                peer: 0,
+                len: 100,
+            },
+            Op::Refresh {
+                who: 4,
+                lifetime: None,
+                family: None,
+                ticket: Some(0),
+            },
         ];
         for op in &ops {
             sim.apply(op);
             sim.check().unwrap();
         }
         assert_eq!(sim.server.allocation_count(), 2);
-        assert!(sim.server.allocation_for(&client(4).0).is_some(), "moved by its ticket");
-        assert!(sim.server.allocation_for(&client(3).0).is_some(), "claimed the reservation");
+        assert!(
+            sim.server.allocation_for(&client(4).0).is_some(),
+            "moved by its ticket"
+        );
+        assert!(
+            sim.server.allocation_for(&client(3).0).is_some(),
+            "claimed the reservation"
+        );
     }
 }
