@@ -167,3 +167,18 @@ fn secure_stun_no_stun_stun_only() {
             .is_success()
     );
 }
+
+#[test]
+fn default_configuration_limits_unauthenticated_answers() {
+    let s = Server::start(Options::new(USERS));
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let start = Instant::now();
+    let answers = flood(&attacker, s.udp_addr(), 1000);
+    let elapsed = start.elapsed().as_secs_f64();
+    // Burst of 100 (five seconds at 20 per second), then 20 per second.
+    let most = 100 + (elapsed * 20.0).ceil() as usize + 1;
+    assert!(
+        (90..=most).contains(&answers),
+        "{answers} answers to 1000 requests in {elapsed:.2} s"
+    );
+}
