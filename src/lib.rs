@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod server;
 pub mod stun;
 pub mod turn;

@@ -147,6 +147,27 @@ pub struct Config {
     pub max_stream_connections_per_ip: u32,
     /// Seconds a stream connection may stay silent without an allocation.
     pub max_allocate_timeout: u32,
+    /// Serve metrics over HTTP.
+    pub prometheus: bool,
+    pub prometheus_address: IpAddr,
+    pub prometheus_port: u16,
+    pub prometheus_path: String,
+    pub prometheus_username_labels: bool,
+    /// `None` = no pid file.
+    pub pidfile: Option<PathBuf>,
+    pub proc_user: Option<String>,
+    pub proc_group: Option<String>,
+    /// Log to syslog too.
+    pub syslog: bool,
+    pub syslog_facility: Option<String>,
+    /// `log-level`; overrides `verbose`/`Verbose`.
+    pub log_level: Option<tracing::Level>,
+    /// `alternate-server`.
+    pub alternate_servers: Vec<std::net::SocketAddr>,
+    /// `tls-alternate-server`.
+    pub tls_alternate_servers: Vec<std::net::SocketAddr>,
+    /// Seconds SIGTERM waits for allocations to end.
+    pub drain_timeout: u32,
     pub allow_loopback_peers: bool,
     pub allow_private_peers: bool,
     pub denied_peer_ips: Vec<IpRange>,
@@ -210,6 +231,20 @@ impl Default for Config {
             limits: crate::turn::quota::Limits::default(),
             max_stream_connections_per_ip: 256,
             max_allocate_timeout: 60,
+            prometheus: false,
+            prometheus_address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            prometheus_port: 9641,
+            prometheus_path: "/metrics".to_string(),
+            prometheus_username_labels: false,
+            pidfile: None,
+            proc_user: None,
+            proc_group: None,
+            syslog: false,
+            syslog_facility: None,
+            log_level: None,
+            alternate_servers: Vec::new(),
+            tls_alternate_servers: Vec::new(),
+            drain_timeout: 30,
             allow_loopback_peers: false,
             allow_private_peers: false,
             denied_peer_ips: Vec::new(),
@@ -261,6 +296,8 @@ pub struct Loaded {
 pub enum Invocation {
     /// Run the server.
     Run(Box<Loaded>),
+    /// `--check-config`: validate and print the effective configuration.
+    CheckConfig(Box<Loaded>),
     /// Print the version and exit.
     Version,
 }
@@ -397,6 +434,12 @@ pub fn command() -> clap::Command {
                 .long("version")
                 .action(ArgAction::SetTrue)
                 .help("Print the version and exit"),
+        )
+        .arg(
+            A::new("check-config")
+                .long("check-config")
+                .action(ArgAction::SetTrue)
+                .help("Check the configuration (including certificates), print the effective settings with secrets masked, and exit; non-zero on error"),
         );
     for spec in OPTIONS {
         let mut a = A::new(spec.name).long(spec.name).action(ArgAction::Append);
@@ -440,6 +483,7 @@ pub struct CommandLine {
     pub config_file: Option<String>,
     pub no_config: bool,
     pub version: bool,
+    pub check_config: bool,
 }
 
 /// Parses the command line (`args` includes the program name). Errors and
@@ -454,6 +498,7 @@ where
         config_file: m.get_one::<String>("config-file").cloned(),
         no_config: m.get_flag("no-config"),
         version: m.get_flag("version"),
+        check_config: m.get_flag("check-config"),
         entries: Vec::new(),
     };
     for spec in OPTIONS {
@@ -532,7 +577,11 @@ where
             .map_err(LoadError::Config)?;
     config.config_file = config_file;
     config.resolve_paths();
-    Ok(Invocation::Run(Box::new(Loaded { config, warnings })))
+    let loaded = Box::new(Loaded { config, warnings });
+    if cl.check_config {
+        return Ok(Invocation::CheckConfig(loaded));
+    }
+    Ok(Invocation::Run(loaded))
 }
 
 /// Why [`load`] failed.
@@ -558,6 +607,55 @@ fn ip(origin: &Origin, key: &str, v: &str) -> Result<IpAddr, ConfigError> {
     let t = v.trim().trim_start_matches('[').trim_end_matches(']');
     t.parse()
         .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not an IP address")))
+}
+
+/// Lines of [`Config::render`].
+struct Lines(Vec<String>);
+
+impl Lines {
+    fn kv(&mut self, key: &str, value: &dyn fmt::Display) {
+        self.0.push(format!("{key}={value}"));
+    }
+
+    fn comment(&mut self, line: String) {
+        self.0.push(line);
+    }
+}
+
+/// Parses `ip`, `ip:port`, `[ipv6]` or `[ipv6]:port`.
+pub fn parse_host_port(v: &str, default_port: u16) -> Option<std::net::SocketAddr> {
+    let v = v.trim();
+    if let Ok(a) = v.parse::<std::net::SocketAddr>() {
+        return Some(a);
+    }
+    if let Ok(ip) = v
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Some(std::net::SocketAddr::new(ip, default_port));
+    }
+    None
+}
+
+/// The syslog facility named `LOG_DAEMON`, `LOG_LOCAL3`, `daemon`, ...
+pub fn syslog_facility(name: &str) -> Option<libc::c_int> {
+    let n = name.trim().to_ascii_uppercase();
+    let n = n.strip_prefix("LOG_").unwrap_or(&n);
+    Some(match n {
+        "DAEMON" => libc::LOG_DAEMON,
+        "USER" => libc::LOG_USER,
+        "AUTH" => libc::LOG_AUTH,
+        "LOCAL0" => libc::LOG_LOCAL0,
+        "LOCAL1" => libc::LOG_LOCAL1,
+        "LOCAL2" => libc::LOG_LOCAL2,
+        "LOCAL3" => libc::LOG_LOCAL3,
+        "LOCAL4" => libc::LOG_LOCAL4,
+        "LOCAL5" => libc::LOG_LOCAL5,
+        "LOCAL6" => libc::LOG_LOCAL6,
+        "LOCAL7" => libc::LOG_LOCAL7,
+        _ => return None,
+    })
 }
 
 fn number<T: std::str::FromStr>(origin: &Origin, key: &str, v: &str) -> Result<T, ConfigError> {
@@ -802,6 +900,76 @@ impl Config {
             "max-allocate-timeout" => {
                 self.max_allocate_timeout = seconds(origin, key, value, 60)?.max(1)
             }
+            "prometheus" => self.prometheus = flag()?,
+            "prometheus-address" => self.prometheus_address = ip(origin, key, need()?)?,
+            "prometheus-port" => self.prometheus_port = port(origin, key, need()?)?,
+            "prometheus-path" => {
+                let v = need()?;
+                if !v.starts_with('/') {
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        format!("'{v}' does not start with /"),
+                    ));
+                }
+                self.prometheus_path = v.to_string();
+            }
+            "prometheus-username-labels" => self.prometheus_username_labels = flag()?,
+            "pidfile" => self.pidfile = value.filter(|v| !v.trim().is_empty()).map(PathBuf::from),
+            "proc-user" => self.proc_user = Some(need()?.to_string()),
+            "proc-group" => self.proc_group = Some(need()?.to_string()),
+            "syslog" => self.syslog = flag()?,
+            "syslog-facility" => {
+                let v = need()?;
+                if syslog_facility(v).is_none() {
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        format!(
+                            "'{v}' is not a syslog facility (LOG_DAEMON, LOG_USER, LOG_LOCAL0 ... LOG_LOCAL7)"
+                        ),
+                    ));
+                }
+                self.syslog_facility = Some(v.to_string());
+            }
+            "log-level" => {
+                let v = need()?;
+                self.log_level = Some(match v.trim().to_ascii_lowercase().as_str() {
+                    "error" => tracing::Level::ERROR,
+                    "warn" | "warning" => tracing::Level::WARN,
+                    "info" => tracing::Level::INFO,
+                    "debug" => tracing::Level::DEBUG,
+                    "trace" => tracing::Level::TRACE,
+                    _ => {
+                        return Err(ConfigError::new(
+                            origin,
+                            key,
+                            format!("'{v}' is not error, warn, info, debug or trace"),
+                        ));
+                    }
+                });
+            }
+            "alternate-server" | "tls-alternate-server" => {
+                let v = need()?;
+                let default_port = if key == "alternate-server" {
+                    3478
+                } else {
+                    5349
+                };
+                let addr = parse_host_port(v, default_port).ok_or_else(|| {
+                    ConfigError::new(
+                        origin,
+                        key,
+                        format!("'{v}' is not ip[:port] or [ipv6]:port"),
+                    )
+                })?;
+                if key == "alternate-server" {
+                    self.alternate_servers.push(addr);
+                } else {
+                    self.tls_alternate_servers.push(addr);
+                }
+            }
+            "drain-timeout" => self.drain_timeout = number(origin, key, need()?)?,
             "total-quota" => self.limits.total_quota = number(origin, key, need()?)?,
             "max-bps" => self.limits.max_bps = number(origin, key, need()?)?,
             "bps-capacity" => self.limits.bps_capacity = number(origin, key, need()?)?,
@@ -855,9 +1023,7 @@ impl Config {
                 self.log_file = match v {
                     "stdout" | "-" => None,
                     "syslog" => {
-                        warnings.push(format!(
-                            "{origin}: log-file=syslog is not implemented yet; logging to stdout"
-                        ));
+                        self.syslog = true;
                         None
                     }
                     path => Some(PathBuf::from(path)),
@@ -966,6 +1132,178 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// The effective configuration in `turnserver.conf` syntax, one line per
+    /// setting, with passwords, keys and secrets masked.
+    pub fn render(&self) -> String {
+        let mut l = Lines(Vec::new());
+        let onoff = |b: bool| if b { "on" } else { "off" };
+        for ip in &self.listening_ips {
+            l.kv("listening-ip", ip);
+        }
+        l.kv("listening-port", &self.listening_port);
+        l.kv("tls-listening-port", &self.tls_listening_port);
+        l.kv("alt-listening-port", &self.alt_listening_port.unwrap_or(0));
+        l.kv(
+            "alt-tls-listening-port",
+            &self.alt_tls_listening_port.unwrap_or(0),
+        );
+        if let Some(d) = &self.listening_device {
+            l.kv("listening-device", d);
+        }
+        l.kv("no-udp", &onoff(self.no_udp));
+        l.kv("no-tcp", &onoff(self.no_tcp));
+        l.kv("no-tls", &onoff(self.no_tls));
+        l.kv(
+            "max-stream-connections-per-ip",
+            &self.max_stream_connections_per_ip,
+        );
+        l.kv("max-allocate-timeout", &self.max_allocate_timeout);
+        for ip in &self.relay_ips {
+            l.kv("relay-ip", ip);
+        }
+        if let Some(d) = &self.relay_device {
+            l.kv("relay-device", d);
+        }
+        for e in &self.external_ips {
+            match e.private {
+                Some(p) => l.kv("external-ip", &format!("{}/{p}", e.public)),
+                None => l.kv("external-ip", &e.public),
+            }
+        }
+        l.kv("min-port", &self.min_port);
+        l.kv("max-port", &self.max_port);
+        match self.relay_threads {
+            Some(n) => l.kv("relay-threads", &n),
+            None => l.comment("# relay-threads: one per CPU".to_string()),
+        }
+        l.kv(
+            "allocation-default-address-family",
+            &match self.default_family {
+                DefaultFamily::Ipv4 => "ipv4",
+                DefaultFamily::Ipv6 => "ipv6",
+                DefaultFamily::Keep => "keep",
+            },
+        );
+        l.kv("no-udp-relay", &onoff(self.no_udp_relay));
+        l.kv("allow-loopback-peers", &onoff(self.allow_loopback_peers));
+        l.kv("allow-private-peers", &onoff(self.allow_private_peers));
+        for r in &self.allowed_peer_ips {
+            l.kv("allowed-peer-ip", r);
+        }
+        for r in &self.denied_peer_ips {
+            l.kv("denied-peer-ip", r);
+        }
+        l.comment(format!(
+            "# authentication: {}",
+            match self.auth_kind() {
+                AuthKind::None => "NONE (anyone may allocate)",
+                AuthKind::LongTerm => "long-term credentials",
+                AuthKind::RestApi => "TURN REST API",
+            }
+        ));
+        l.kv("lt-cred-mech", &onoff(self.lt_cred_mech));
+        l.kv("no-auth", &onoff(self.no_auth));
+        for u in &self.users {
+            match u.secret {
+                UserSecret::Password(_) => l.kv("user", &format!("{}:******", u.name)),
+                UserSecret::Key(_) => l.kv("user", &format!("{}:0x******", u.name)),
+            }
+        }
+        l.kv("use-auth-secret", &onoff(self.use_auth_secret));
+        for _ in &self.static_auth_secrets {
+            l.kv("static-auth-secret", &"******");
+        }
+        l.kv("rest-api-separator", &self.rest_api_separator);
+        match &self.realm {
+            Some(r) => l.kv("realm", r),
+            None => l.comment("# realm: server-name, else the host name".to_string()),
+        }
+        if let Some(s) = &self.server_name {
+            l.kv("server-name", s);
+        }
+        l.kv("stale-nonce", &self.stale_nonce);
+        l.kv("max-allocate-lifetime", &self.max_allocate_lifetime);
+        l.kv("channel-lifetime", &self.channel_lifetime);
+        l.kv("permission-lifetime", &self.permission_lifetime);
+        l.kv("user-quota", &self.limits.user_quota);
+        l.kv("total-quota", &self.limits.total_quota);
+        l.kv("max-bps", &self.limits.max_bps);
+        l.kv("bps-capacity", &self.limits.bps_capacity);
+        l.kv("mobility", &onoff(self.mobility));
+        l.kv(
+            "unauthorized-ratelimit-rps",
+            &self.unauthorized_ratelimit_rps,
+        );
+        l.kv("secure-stun", &onoff(self.secure_stun));
+        l.kv("no-stun", &onoff(self.no_stun));
+        l.kv("stun-only", &onoff(self.stun_only));
+        l.kv("fingerprint", &onoff(self.fingerprint));
+        l.kv("software-attribute", &onoff(self.software_attribute));
+        for a in &self.alternate_servers {
+            l.kv("alternate-server", a);
+        }
+        for a in &self.tls_alternate_servers {
+            l.kv("tls-alternate-server", a);
+        }
+        if let Some(c) = &self.cert {
+            l.kv("cert", &c.display());
+        }
+        if let Some(k) = &self.pkey {
+            l.kv("pkey", &k.display());
+        }
+        l.kv("no-tlsv1_2", &onoff(self.no_tlsv1_2));
+        l.kv(
+            "log-file",
+            &self
+                .log_file
+                .as_ref()
+                .map_or("stdout".to_string(), |p| p.display().to_string()),
+        );
+        l.kv("no-stdout-log", &onoff(self.no_stdout_log));
+        l.kv("syslog", &onoff(self.syslog));
+        if let Some(f) = &self.syslog_facility {
+            l.kv("syslog-facility", f);
+        }
+        match self.log_level {
+            Some(lv) => l.kv("log-level", &lv.to_string().to_ascii_lowercase()),
+            None => l.kv(
+                "verbose",
+                &["off", "on (-v)", "on (-V)"][usize::from(self.verbose.min(2))],
+            ),
+        }
+        l.kv("daemon", &onoff(self.daemon));
+        l.kv(
+            "pidfile",
+            &self
+                .pidfile
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string()),
+        );
+        if let Some(u) = &self.proc_user {
+            l.kv("proc-user", u);
+        }
+        if let Some(g) = &self.proc_group {
+            l.kv("proc-group", g);
+        }
+        l.kv("drain-timeout", &self.drain_timeout);
+        l.kv("prometheus", &onoff(self.prometheus));
+        if self.prometheus {
+            l.kv("prometheus-address", &self.prometheus_address);
+            l.kv("prometheus-port", &self.prometheus_port);
+            l.kv("prometheus-path", &self.prometheus_path);
+            l.kv(
+                "prometheus-username-labels",
+                &onoff(self.prometheus_username_labels),
+            );
+        }
+        let mut out = String::new();
+        for line in l.0 {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
     }
 
     /// Which credential mechanism is configured (coturn's rules: a

@@ -227,7 +227,7 @@ fn optional_values() {
 #[test]
 fn unknown_and_unimplemented_keys_warn_with_file_and_line() {
     let (cfg, warnings) =
-        file("fingerprint\nno-such-option=1\ndh2066\nprometheus\nprometheus\npidfile=/run/t.pid\n");
+        file("fingerprint\nno-such-option=1\ndh2066\nweb-admin\nweb-admin\ncipher-list=ALL\n");
     assert!(cfg.is_ok());
     assert!(
         warnings.contains(
@@ -240,13 +240,13 @@ fn unknown_and_unimplemented_keys_warn_with_file_and_line() {
     );
     let prom: Vec<_> = warnings
         .iter()
-        .filter(|w| w.contains("'prometheus'"))
+        .filter(|w| w.contains("'web-admin'"))
         .collect();
     assert_eq!(prom.len(), 1, "one warning per option: {warnings:?}");
     assert!(
         prom[0].starts_with("/etc/turnserver.conf:4:") && prom[0].contains("not implemented yet")
     );
-    assert!(warnings.iter().any(|w| w.contains("'pidfile'")));
+    assert!(warnings.iter().any(|w| w.contains("'cipher-list'")));
     // Accepted options this server already behaves like produce no warning.
     let (_, warnings) =
         file("no-loopback-peers\nno-cli\ncli-password=x\nno-tlsv1\nno-dtls\nprod\n");

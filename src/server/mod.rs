@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-pub use worker::{Shared, StreamCount};
+pub use worker::{Shared, StreamCount, Telemetry, WorkerReport};
 use worker::{Sockets, StreamListener};
 
 /// What to listen on.
@@ -88,28 +88,62 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
     Ok(Bound { per_worker })
 }
 
+/// The running workers, for the control plane (reload, drain, metrics).
+pub struct Server {
+    mailboxes: worker::Mailboxes,
+    pub shared: Arc<Shared>,
+}
+
+impl Server {
+    fn broadcast(&self, mail: impl Fn() -> worker::Mail) {
+        for m in self.mailboxes.iter() {
+            let _ = m.send(mail());
+        }
+    }
+
+    /// Hands a reloaded core configuration to every worker; it applies to
+    /// new requests, while existing allocations keep their state.
+    pub fn set_config(&self, cfg: Arc<crate::turn::Config>) {
+        self.broadcast(|| worker::Mail::Config(cfg.clone()));
+    }
+
+    /// Starts or stops draining on every worker.
+    pub fn set_draining(&self, on: bool) {
+        self.broadcast(|| worker::Mail::Drain(on));
+    }
+
+    /// Swaps the TLS certificate for new connections.
+    pub fn set_tls(&self, tls: Option<tokio_rustls::TlsAcceptor>) {
+        self.shared.tls.store(tls.map(Arc::new));
+    }
+
+    /// Live allocations on the whole server.
+    pub fn allocations(&self) -> u32 {
+        self.shared.core.usage.allocations()
+    }
+}
+
 /// Starts one thread per worker. They run until the process exits.
-pub fn start(
-    bound: Bound,
-    shared: Arc<Shared>,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+pub fn start(bound: Bound, shared: Arc<Shared>) -> std::io::Result<Server> {
     let n = bound.per_worker.len();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
     let mailboxes = Arc::new(senders);
-    let mut threads = Vec::new();
+    let mut threads = 0;
     for ((i, sockets), inbox) in bound.per_worker.into_iter().enumerate().zip(receivers) {
-        threads.push(worker::spawn(
-            i,
-            sockets,
-            shared.clone(),
-            mailboxes.clone(),
-            inbox,
-        )?);
+        worker::spawn(i, sockets, shared.clone(), mailboxes.clone(), inbox)?;
+        threads += 1;
     }
-    info!("{} worker threads running", threads.len());
-    Ok(threads)
+    info!("{threads} worker threads running");
+    Ok(Server { mailboxes, shared })
+}
+
+impl Bound {
+    /// Number of workers the sockets were bound for.
+    pub fn workers(&self) -> usize {
+        self.per_worker.len()
+    }
 }
 
 /// Expands configured listening IPs: none means every local address, and

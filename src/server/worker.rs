@@ -17,6 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,24 +58,57 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Process-wide state every worker reads.
 pub struct Shared {
+    /// The core configuration at start; reloads reach the workers by mail.
     pub core: Arc<turn::Config>,
-    /// TLS for `tls` listeners, and for TLS detected on plain TCP ports.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS for `tls` listeners, and for TLS detected on plain TCP ports;
+    /// swapped when certificates are reloaded.
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     pub pool: PortPool,
     pub reservations: Reservations,
     pub relay_device: Option<String>,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
-    /// Silence after which a stream connection without an allocation is
-    /// closed (`max-allocate-timeout`).
-    pub idle_timeout: Duration,
+    /// Seconds of silence after which a stream connection without an
+    /// allocation is closed (`max-allocate-timeout`).
+    pub idle_timeout_secs: AtomicU64,
+    /// What workers report for metrics, one slot each.
+    pub telemetry: Telemetry,
+}
+
+/// What one worker reports, refreshed every second.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub stats: turn::Stats,
+    pub gauges: turn::Gauges,
+    /// TLS handshakes completed and failed (including timeouts).
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+}
+
+/// Reports of every worker.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub workers: Vec<std::sync::Mutex<WorkerReport>>,
+    /// Count allocations per user in the reports
+    /// (`prometheus-username-labels`).
+    pub per_user: AtomicBool,
+}
+
+impl Telemetry {
+    /// Slots for `n` workers.
+    pub fn new(n: usize) -> Self {
+        Telemetry {
+            workers: (0..n).map(|_| Default::default()).collect(),
+            per_user: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Counts TCP/TLS connections per source address, capped at `limit`
-/// (0 = unlimited).
+/// (0 = unlimited; changed by reloads).
 #[derive(Debug, Default)]
 pub struct StreamCount {
-    pub limit: u32,
+    pub limit: AtomicU32,
     per_ip: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
 }
 
@@ -82,15 +116,16 @@ impl StreamCount {
     /// A counter with the given per-address limit.
     pub fn new(limit: u32) -> Self {
         StreamCount {
-            limit,
+            limit: AtomicU32::new(limit),
             per_ip: Default::default(),
         }
     }
 
     fn acquire(&self, ip: std::net::IpAddr) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
         let mut m = self.per_ip.lock().expect("stream count lock");
         let n = m.entry(ip).or_insert(0);
-        if self.limit > 0 && *n >= self.limit {
+        if limit > 0 && *n >= limit {
             return false;
         }
         *n += 1;
@@ -171,6 +206,8 @@ impl Conn {
 
 struct Worker {
     index: usize,
+    tls_handshakes: u64,
+    tls_failures: u64,
     core: turn::Server,
     shared: Arc<Shared>,
     mailboxes: Mailboxes,
@@ -314,6 +351,18 @@ impl Worker {
         }
     }
 
+    /// Publishes this worker's counters and gauges for metrics.
+    fn report(&self) {
+        let per_user = self.shared.telemetry.per_user.load(Ordering::Relaxed);
+        if let Some(slot) = self.shared.telemetry.workers.get(self.index) {
+            let mut r = slot.lock().expect("telemetry lock");
+            r.stats = self.core.stats().clone();
+            r.gauges = self.core.gauges(per_user);
+            r.tls_handshakes = self.tls_handshakes;
+            r.tls_failures = self.tls_failures;
+        }
+    }
+
     /// Removes an allocation's relay socket from this worker's event loop
     /// for another worker to adopt.
     fn take_relay_socket(&mut self, id: AllocationId) -> Option<std::net::UdpSocket> {
@@ -358,6 +407,10 @@ pub enum Mail {
         link: u32,
         request: Vec<u8>,
     },
+    /// A reloaded configuration for new requests.
+    Config(Arc<turn::Config>),
+    /// Start or stop draining.
+    Drain(bool),
 }
 
 /// The mailboxes of every worker, indexed by worker.
@@ -430,6 +483,8 @@ async fn run(
     }
     let worker: Handle = Rc::new(RefCell::new(Worker {
         index,
+        tls_handshakes: 0,
+        tls_failures: 0,
         core,
         shared: shared.clone(),
         mailboxes,
@@ -518,6 +573,11 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                     w.dispatch(action, &five_tuple, link, &request);
                 }
             },
+            Mail::Config(cfg) => {
+                w.core.set_config(cfg);
+                w.report();
+            }
+            Mail::Drain(on) => w.core.set_draining(on),
         }
     }
 }
@@ -546,6 +606,7 @@ async fn timer(worker: Handle) {
         w.apply_events();
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
+        w.report();
     }
 }
 
@@ -650,7 +711,7 @@ async fn tcp_listener(worker: Handle, listener: TcpListener, local: SocketAddr) 
         if !shared.streams.acquire(peer.ip()) {
             debug!(
                 "{peer} -> {local}: more than {} connections from this address; closing",
-                shared.streams.limit
+                shared.streams.limit.load(Ordering::Relaxed)
             );
             continue;
         }
@@ -670,7 +731,7 @@ async fn tcp_listener(worker: Handle, listener: TcpListener, local: SocketAddr) 
 /// Decides TLS or plain TCP by the first byte (0x16 is a TLS handshake
 /// record), as coturn does on both of its ports, then serves the connection.
 async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
-    let acceptor = worker.borrow().shared.tls.clone();
+    let acceptor = worker.borrow().shared.tls.load_full();
     let mut first = [0u8; 1];
     let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
         Ok(Ok(1)) => first[0] == 0x16,
@@ -698,9 +759,18 @@ async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, loca
         return;
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => serve_stream(worker, tls, ft).await,
-        Ok(Err(e)) => info!("TLS handshake from {peer} on {local} failed: {e}"),
-        Err(_) => info!("TLS handshake from {peer} on {local} timed out"),
+        Ok(Ok(tls)) => {
+            worker.borrow_mut().tls_handshakes += 1;
+            serve_stream(worker, tls, ft).await
+        }
+        Ok(Err(e)) => {
+            worker.borrow_mut().tls_failures += 1;
+            info!("TLS handshake from {peer} on {local} failed: {e}")
+        }
+        Err(_) => {
+            worker.borrow_mut().tls_failures += 1;
+            info!("TLS handshake from {peer} on {local} timed out")
+        }
     }
 }
 
@@ -747,7 +817,13 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
             let deadline = match partial_since {
                 Some(t) => Some((t + FRAME_TIMEOUT, "a frame was not completed in time")),
                 None if worker.borrow().core.allocation_for(&ft).is_none() => {
-                    let idle = worker.borrow().shared.idle_timeout;
+                    let idle = Duration::from_secs(
+                        worker
+                            .borrow()
+                            .shared
+                            .idle_timeout_secs
+                            .load(Ordering::Relaxed),
+                    );
                     Some((last_frame + idle, "idle without an allocation"))
                 }
                 None => None,

@@ -200,6 +200,12 @@ pub struct Config {
     pub max_permissions: usize,
     /// Channel bindings one allocation may hold at once; more get 508.
     pub max_channels: usize,
+    /// `alternate-server`: redirect every Allocate over UDP/TCP with 300
+    /// Try Alternate, round-robin among servers of the client's family
+    /// (coturn's redirection mode).
+    pub alternate_servers: Vec<SocketAddr>,
+    /// `tls-alternate-server`: the same for clients over TLS.
+    pub tls_alternate_servers: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -230,6 +236,8 @@ impl Config {
             usage: std::sync::Arc::new(quota::Usage::default()),
             max_permissions: DEFAULT_MAX_PERMISSIONS,
             max_channels: DEFAULT_MAX_CHANNELS,
+            alternate_servers: Vec::new(),
+            tls_alternate_servers: Vec::new(),
         }
     }
 }
@@ -333,6 +341,73 @@ pub enum CloseReason {
     ConnectionClosed,
 }
 
+impl CloseReason {
+    /// Every reason, in the order of [`Stats::ended`].
+    pub const ALL: [CloseReason; 3] = [
+        CloseReason::Deleted,
+        CloseReason::Expired,
+        CloseReason::ConnectionClosed,
+    ];
+
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Deleted => "deleted",
+            CloseReason::Expired => "expired",
+            CloseReason::ConnectionClosed => "connection_closed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a request's credentials were refused, for metrics: the
+/// [`crate::auth::AuthFailure`] kinds and stale or foreign nonces.
+pub const AUTH_FAILURE_LABELS: [&str; 5] = [
+    "unknown_user",
+    "expired",
+    "bad_rest_username",
+    "bad_integrity",
+    "stale_nonce",
+];
+
+/// Monotonic counters the core keeps for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub allocations_created: u64,
+    /// Indexed like [`CloseReason::ALL`].
+    pub ended: [u64; 3],
+    /// Indexed like [`AUTH_FAILURE_LABELS`].
+    pub auth_failures: [u64; 5],
+    /// Answers dropped by the unauthenticated-answer rate limit.
+    pub rate_limited: u64,
+    /// Allocations refused by a quota or capacity (486).
+    pub quota_refusals: u64,
+    /// Allocations refused for lack of a relay port (508).
+    pub no_port_refusals: u64,
+    /// Requests refused for a forbidden peer (403).
+    pub forbidden_peers: u64,
+    /// Allocates redirected with 300 (alternate-server or drain).
+    pub redirected: u64,
+    /// Traffic of allocations that have ended here.
+    pub closed_traffic: Traffic,
+}
+
+/// Live state the core reports for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Allocations by client transport: UDP, TCP, TLS.
+    pub allocations: [u64; 3],
+    pub permissions: u64,
+    pub channels: u64,
+    /// Traffic of live allocations.
+    pub live_traffic: Traffic,
+    /// Allocations per user (the user part of REST usernames), when asked.
+    pub users: Vec<(Box<str>, u32)>,
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -361,6 +436,16 @@ pub struct Traffic {
     pub to_peer_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
+}
+
+impl Traffic {
+    /// Adds another allocation's counters.
+    pub fn add(&mut self, o: &Traffic) {
+        self.to_peer_packets += o.to_peer_packets;
+        self.to_peer_bytes += o.to_peer_bytes;
+        self.to_client_packets += o.to_client_packets;
+        self.to_client_bytes += o.to_client_bytes;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -513,6 +598,10 @@ pub struct Server {
     /// This core's worker index, written into mobility tickets.
     worker: u16,
     limiter: RateLimiter,
+    stats: Stats,
+    /// Draining: new allocations are refused (508) or redirected (300).
+    draining: bool,
+    alternate_rr: usize,
 }
 
 /// Token buckets per source address for answers to unauthenticated
@@ -619,6 +708,9 @@ impl Server {
             relay_rr: 0,
             worker,
             limiter: RateLimiter::new(now),
+            stats: Stats::default(),
+            draining: false,
+            alternate_rr: 0,
         }
     }
 
@@ -653,6 +745,46 @@ impl Server {
         self.get(id).map(|a| a.traffic)
     }
 
+    /// Starts or stops draining: while draining, new allocations get 300
+    /// Try Alternate (when alternate servers are configured) or 508, and
+    /// existing ones carry on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether the core is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Live gauges; with `per_user`, allocations are counted per user.
+    pub fn gauges(&self, per_user: bool) -> Gauges {
+        let mut g = Gauges::default();
+        let mut users: HashMap<&str, u32> = HashMap::new();
+        for (_, a) in self.allocations.iter() {
+            g.allocations[a.five_tuple.transport as usize] += 1;
+            g.permissions += a.permissions.len() as u64;
+            g.channels += a.channels.len() as u64;
+            g.live_traffic.add(&a.traffic);
+            if per_user {
+                let user = match &self.cfg.auth.mechanism {
+                    crate::auth::Mechanism::RestApi { separator, .. } => {
+                        crate::auth::rest_user(&a.username, *separator)
+                    }
+                    _ => &a.username,
+                };
+                *users.entry(user).or_insert(0) += 1;
+            }
+        }
+        g.users = users.into_iter().map(|(u, n)| (u.into(), n)).collect();
+        g
+    }
+
     /// Answers to unauthenticated requests suppressed by the rate limit
     /// since the last call.
     pub fn take_suppressed(&mut self) -> u64 {
@@ -664,6 +796,7 @@ impl Server {
     fn limit(&mut self, now: Instant, ft: &FiveTuple, out: &mut Vec<u8>) -> ClientAction {
         match self.cfg.unauthenticated_rate {
             Some(rate) if !self.limiter.admit(ft.client.ip(), now, rate) => {
+                self.stats.rate_limited += 1;
                 out.clear();
                 ClientAction::None
             }
@@ -984,7 +1117,7 @@ impl Server {
 
     /// RFC 8489 §9.2.4 for long-term credentials.
     fn authenticate<'m>(
-        &self,
+        &mut self,
         now: Instant,
         ft: &FiveTuple,
         msg: &Message<'m>,
@@ -1011,6 +1144,7 @@ impl Server {
         match self.cfg.nonces.check(nonce, self.unix(now), ft.client.ip()) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
+                self.stats.auth_failures[4] += 1;
                 self.challenge(now, out, ft, msg, 438);
                 return Authed::Answered;
             }
@@ -1039,6 +1173,7 @@ impl Server {
                 username,
             },
             Err(why) => {
+                self.stats.auth_failures[why as usize] += 1;
                 info!(five_tuple = %ft, user = username, method = method::name(msg.method()), "401: {why}");
                 self.challenge(now, out, ft, msg, 401);
                 Authed::Answered
@@ -1142,6 +1277,32 @@ impl Server {
             }
             return self.error(out, msg, 437, k);
         }
+        let alternates = if ft.transport == Transport::Tls {
+            &self.cfg.tls_alternate_servers
+        } else {
+            &self.cfg.alternate_servers
+        };
+        let same_family: Vec<SocketAddr> = alternates
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == ft.client.is_ipv4())
+            .collect();
+        if !same_family.is_empty() {
+            // Redirection (coturn's alternate-server), and how a draining
+            // server hands new clients to its peers.
+            self.alternate_rr = self.alternate_rr.wrapping_add(1);
+            let alt = same_family[self.alternate_rr % same_family.len()];
+            self.stats.redirected += 1;
+            let mut w = self.response(out, msg, Class::Error);
+            w.error_code(300, reason(300))
+                .address(attr::ALTERNATE_SERVER, alt);
+            self.seal(&mut w, msg, k);
+            return ClientAction::Reply;
+        }
+        if self.draining {
+            info!(five_tuple = %ft, user = username, "508: draining");
+            return self.error(out, msg, 508, k);
+        }
         let transport = match msg
             .get(attr::REQUESTED_TRANSPORT)
             .map(attr::decode_requested_transport)
@@ -1230,6 +1391,7 @@ impl Server {
         let claim = match self.cfg.usage.acquire(quota_user, &self.cfg.limits) {
             Ok(c) => c,
             Err(why) => {
+                self.stats.quota_refusals += 1;
                 info!(five_tuple = %ft, user = username, "486: {why}");
                 return self.error(out, msg, 486, k);
             }
@@ -1244,6 +1406,7 @@ impl Server {
         ) {
             Ok(o) => o,
             Err(e) => {
+                self.stats.no_port_refusals += 1;
                 self.cfg.usage.release(&claim);
                 info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
                 return self.error(out, msg, 508, k);
@@ -1278,6 +1441,7 @@ impl Server {
                 })
             }),
         };
+        self.stats.allocations_created += 1;
         info!(
             five_tuple = %ft,
             user = username,
@@ -1491,7 +1655,7 @@ impl Server {
     /// `with_port`: the request relays to this exact transport address
     /// (ChannelBind), not to the whole IP (CreatePermission).
     fn vet_peer(
-        &self,
+        &mut self,
         value: &[u8],
         tid: &[u8; 12],
         relay_family: Family,
@@ -1509,6 +1673,7 @@ impl Server {
             self.cfg.policy.check(peer.ip())
         };
         if let Err(why) = verdict {
+            self.stats.forbidden_peers += 1;
             info!(five_tuple = %ft, peer = %peer, "403: peer refused: {why}");
             return Err(403);
         }
@@ -1740,6 +1905,8 @@ impl Server {
         let a = self.allocations.remove(index);
         self.by_five_tuple.remove(&a.five_tuple);
         self.cfg.usage.release(&a.claim);
+        self.stats.ended[reason.index()] += 1;
+        self.stats.closed_traffic.add(&a.traffic);
         let t = a.traffic;
         info!(
             five_tuple = %a.five_tuple,

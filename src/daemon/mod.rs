@@ -1,0 +1,644 @@
+//! The daemon's life: start-up, reload, drain and stop, signals, systemd
+//! notification and metrics. `main` is all the binary runs.
+//!
+//! Start-up reads and checks the configuration and certificates, binds every
+//! listener, then (optionally) detaches, writes the pid file, drops
+//! privileges, starts the workers and tells systemd it is ready. Then the
+//! main thread waits for signals:
+//!
+//! - SIGHUP re-reads the configuration file and certificates and reopens
+//!   the log file; a bad configuration is refused and the old one stays.
+//! - SIGUSR2 reloads only the certificates.
+//! - SIGUSR1 drains: new allocations are refused (508, or 300 with
+//!   `alternate-server`), existing ones carry on, health checks fail.
+//! - SIGTERM or SIGINT drains and exits once allocations are gone or
+//!   `drain-timeout` passes; a second one exits at once.
+
+pub mod logging;
+pub mod metrics;
+pub mod process;
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+use tracing::{error, info, warn};
+
+use crate::auth::NonceIssuer;
+use crate::config::{self, AuthKind, Config, Invocation, LoadError};
+use crate::server::{
+    self, Plan, Server, Shared, StreamCount, Telemetry, ports::PortPool, relay::Reservations,
+};
+use crate::turn::{self, quota::Usage};
+
+/// What stays fixed across reloads.
+struct Fixed {
+    listening_ips: Vec<IpAddr>,
+    nonce_secret: [u8; 32],
+    ticket_key: [u8; 32],
+    usage: Arc<Usage>,
+    hostname: String,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "turnserver".to_string())
+}
+
+/// Tells systemd, when it is listening (NOTIFY_SOCKET).
+fn notify(states: &[NotifyState]) {
+    let _ = sd_notify::notify(states);
+}
+
+/// Loads the TLS certificate when TLS is on. Errors name the config line.
+fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    match (&cfg.cert, &cfg.pkey, cfg.no_tls) {
+        (_, _, true) => Ok(None),
+        (Some(cert), Some(key), false) => {
+            let sc = server::tls::load(cert, key, cfg.no_tlsv1_2)
+                .map_err(|m| cfg.error("cert", m).to_string())?;
+            Ok(Some(tokio_rustls::TlsAcceptor::from(sc)))
+        }
+        (Some(_), None, false) => Err(cfg.error("cert", "is set but pkey is not").to_string()),
+        (None, Some(_), false) => Err(cfg.error("pkey", "is set but cert is not").to_string()),
+        (None, None, false) => Ok(None),
+    }
+}
+
+/// The core configuration for `cfg`.
+fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
+    let realm = cfg.effective_realm(&fixed.hostname);
+    let own_relay_ips = if cfg.relay_ips.is_empty() {
+        fixed.listening_ips.clone()
+    } else {
+        cfg.relay_ips.clone()
+    };
+    let stale = (cfg.stale_nonce > 0).then_some(cfg.stale_nonce);
+    let mut core = turn::Config::new(
+        cfg.authenticator(&realm),
+        NonceIssuer::new(fixed.nonce_secret, stale),
+    );
+    core.fingerprint = cfg.fingerprint;
+    core.software = cfg
+        .software_attribute
+        .then(|| format!("turnserver {}", env!("CARGO_PKG_VERSION")));
+    core.max_allocation_lifetime = cfg.max_allocate_lifetime;
+    core.permission_lifetime = cfg.permission_lifetime;
+    core.channel_lifetime = cfg.channel_lifetime;
+    core.policy = cfg.peer_policy(own_relay_ips);
+    core.relay_ips = cfg.relay_ips.clone();
+    core.listening_ips = fixed.listening_ips.clone();
+    core.external_ips = cfg.external_ips.clone();
+    core.default_family = cfg.default_family;
+    core.allow_udp_relay = !cfg.no_udp_relay;
+    core.mobility = cfg.mobility;
+    core.ticket_key = fixed.ticket_key;
+    core.unauthenticated_rate =
+        (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
+    core.secure_stun = cfg.secure_stun;
+    core.no_stun = cfg.no_stun;
+    core.stun_only = cfg.stun_only;
+    core.limits = cfg.limits;
+    core.usage = fixed.usage.clone();
+    core.alternate_servers = cfg.alternate_servers.clone();
+    core.tls_alternate_servers = cfg.tls_alternate_servers.clone();
+    core
+}
+
+/// Logs what the configuration means for clients.
+fn describe(cfg: &Config, core: &turn::Config) {
+    let realm = &core.auth.realm;
+    match cfg.auth_kind() {
+        AuthKind::None => warn!(
+            "NO AUTHENTICATION: any client can allocate relays on this server. \
+             Set lt-cred-mech with user=name:password, or use-auth-secret with static-auth-secret."
+        ),
+        AuthKind::LongTerm => info!(
+            "authentication: long-term credentials, realm '{realm}', {} user(s)",
+            cfg.users.len()
+        ),
+        AuthKind::RestApi => info!(
+            "authentication: TURN REST API, realm '{realm}', {} secret(s), separator '{}'",
+            cfg.static_auth_secrets.len(),
+            cfg.rest_api_separator
+        ),
+    }
+    if cfg.auth_kind() != AuthKind::None && cfg.realm.is_none() {
+        warn!("realm is not set; using '{realm}'");
+    }
+    info!("{}", core.policy.describe());
+}
+
+/// Settings that only a restart applies, changed between `old` and `new`.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("listening-ip", old.listening_ips != new.listening_ips);
+    check("listening-port", old.listening_port != new.listening_port);
+    check(
+        "tls-listening-port",
+        old.tls_listening_port != new.tls_listening_port,
+    );
+    check(
+        "alt-listening-port",
+        old.alt_listening_port != new.alt_listening_port,
+    );
+    check(
+        "alt-tls-listening-port",
+        old.alt_tls_listening_port != new.alt_tls_listening_port,
+    );
+    check(
+        "listening-device",
+        old.listening_device != new.listening_device,
+    );
+    check("relay-device", old.relay_device != new.relay_device);
+    check("no-udp", old.no_udp != new.no_udp);
+    check("no-tcp", old.no_tcp != new.no_tcp);
+    let tls_on = |c: &Config| !c.no_tls && c.cert.is_some() && c.pkey.is_some();
+    check(
+        "no-tls/cert/pkey (TLS listeners)",
+        tls_on(old) != tls_on(new),
+    );
+    check(
+        "min-port/max-port",
+        (old.min_port, old.max_port) != (new.min_port, new.max_port),
+    );
+    check("relay-threads", old.relay_threads != new.relay_threads);
+    check("daemon", old.daemon != new.daemon);
+    check("pidfile", old.pidfile != new.pidfile);
+    check(
+        "proc-user/proc-group",
+        (&old.proc_user, &old.proc_group) != (&new.proc_user, &new.proc_group),
+    );
+    check(
+        "prometheus settings",
+        (
+            old.prometheus,
+            old.prometheus_address,
+            old.prometheus_port,
+            &old.prometheus_path,
+        ) != (
+            new.prometheus,
+            new.prometheus_address,
+            new.prometheus_port,
+            &new.prometheus_path,
+        ),
+    );
+    check(
+        "syslog/no-stdout-log",
+        (old.syslog, &old.syslog_facility, old.no_stdout_log)
+            != (new.syslog, &new.syslog_facility, new.no_stdout_log),
+    );
+    changed
+}
+
+fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
+    let workers = cfg
+        .relay_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut plain = vec![cfg.listening_port];
+    plain.extend(cfg.alt_listening_port);
+    let mut secure = vec![cfg.tls_listening_port];
+    secure.extend(cfg.alt_tls_listening_port);
+    let mut plan = Plan {
+        udp: Vec::new(),
+        tcp: Vec::new(),
+        workers,
+        listening_device: cfg.listening_device.clone(),
+    };
+    for &ip in ips {
+        for &port in &plain {
+            let a = SocketAddr::new(ip, port);
+            if !cfg.no_udp {
+                plan.udp.push(a);
+            }
+            if !cfg.no_tcp {
+                plan.tcp.push((a, false));
+            }
+        }
+        if tls {
+            for &port in &secure {
+                plan.tcp.push((SocketAddr::new(ip, port), true));
+            }
+        }
+    }
+    plan
+}
+
+/// The daemon's entry point.
+pub fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let loaded = match config::load(args.clone()) {
+        Ok(Invocation::Run(l)) => l,
+        Ok(Invocation::CheckConfig(l)) => return check_config(*l),
+        Ok(Invocation::Version) => {
+            println!("turnserver {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(LoadError::Usage(e)) => e.exit(),
+        Err(LoadError::Config(e)) => {
+            eprintln!("turnserver: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = loaded.config;
+    let logging = match logging::Logging::init(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("turnserver: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A panic is a bug. Log it and abort, so the service manager restarts the
+    // whole server instead of leaving one worker's clients on a dead thread.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        error!("internal error, exiting: {info}");
+        default_hook(info);
+        std::process::abort();
+    }));
+    info!(
+        "turnserver {} starting; configuration: {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.config_file
+            .as_ref()
+            .map_or("none".to_string(), |p| p.display().to_string())
+    );
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
+    match run(cfg, args, logging) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("turnserver: {e}");
+            notify(&[NotifyState::Status(&format!("failed: {e}"))]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: everything start-up checks before binding, then the
+/// effective configuration.
+fn check_config(loaded: config::Loaded) -> ExitCode {
+    let cfg = loaded.config;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let checks = || -> Result<(), String> {
+        tls_acceptor(&cfg)?;
+        process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
+        Ok(())
+    };
+    if let Err(e) = checks() {
+        eprintln!("turnserver: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "# effective configuration of turnserver {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        cfg.config_file
+            .as_ref()
+            .map_or("no configuration file".to_string(), |p| p
+                .display()
+                .to_string())
+    );
+    print!("{}", cfg.render());
+    eprintln!("configuration OK");
+    ExitCode::SUCCESS
+}
+
+/// The running daemon, as the signal loop sees it.
+struct Daemon {
+    args: Vec<OsString>,
+    cfg: Config,
+    fixed: Fixed,
+    server: Server,
+    logging: logging::Logging,
+    draining: Arc<AtomicBool>,
+    /// Set by the first SIGTERM/SIGINT: exit once allocations are gone or at
+    /// this time.
+    stopping: Option<Instant>,
+    exit_now: bool,
+}
+
+impl Daemon {
+    fn status(&self) {
+        let state = match (
+            self.stopping.is_some(),
+            self.draining.load(Ordering::Relaxed),
+        ) {
+            (true, _) => "stopping",
+            (false, true) => "draining",
+            (false, false) => "serving",
+        };
+        notify(&[NotifyState::Status(&format!(
+            "{state}; {} allocations",
+            self.server.allocations()
+        ))]);
+    }
+
+    /// SIGHUP (`full`) or SIGUSR2 (certificates only).
+    fn reload(&mut self, full: bool) {
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(t) = NotifyState::monotonic_usec_now() {
+            states.push(t);
+        }
+        notify(&states);
+        let what = if full {
+            "configuration"
+        } else {
+            "certificates"
+        };
+        match self.try_reload(full) {
+            Ok(()) => info!("{what} reloaded"),
+            Err(e) => error!("{what} not reloaded, the previous one stays in force: {e}"),
+        }
+        notify(&[NotifyState::Ready]);
+        self.status();
+    }
+
+    fn try_reload(&mut self, full: bool) -> Result<(), String> {
+        if !full {
+            let tls = tls_acceptor(&self.cfg)?;
+            if tls.is_some() {
+                self.server.set_tls(tls);
+            }
+            return Ok(());
+        }
+        // logrotate moved the file: reopen it whatever else happens.
+        if let Err(e) = self.logging.reopen(self.cfg.log_file.as_deref()) {
+            error!("{e}");
+        }
+        let loaded = match config::load(self.args.clone()) {
+            Ok(Invocation::Run(l)) | Ok(Invocation::CheckConfig(l)) => *l,
+            Ok(Invocation::Version) => return Ok(()),
+            Err(LoadError::Usage(e)) => return Err(e.to_string()),
+            Err(LoadError::Config(e)) => return Err(e.to_string()),
+        };
+        let new = loaded.config;
+        let tls = tls_acceptor(&new)?;
+        for w in &loaded.warnings {
+            warn!("{w}");
+        }
+        let restart = restart_only_changes(&self.cfg, &new);
+        if !restart.is_empty() {
+            warn!(
+                "changed settings that need a restart to take effect: {}",
+                restart.join(", ")
+            );
+        }
+        let core = core_config(&new, &self.fixed);
+        describe(&new, &core);
+        self.server.set_config(Arc::new(core));
+        if tls.is_some() {
+            self.server.set_tls(tls);
+        }
+        let shared = &self.server.shared;
+        shared
+            .streams
+            .limit
+            .store(new.max_stream_connections_per_ip, Ordering::Relaxed);
+        shared
+            .idle_timeout_secs
+            .store(u64::from(new.max_allocate_timeout), Ordering::Relaxed);
+        shared
+            .telemetry
+            .per_user
+            .store(new.prometheus_username_labels, Ordering::Relaxed);
+        self.logging.set_level(logging::level_for(&new));
+        if new.log_file != self.cfg.log_file
+            && let Err(e) = self.logging.reopen(new.log_file.as_deref())
+        {
+            error!("{e}");
+        }
+        self.cfg = new;
+        Ok(())
+    }
+
+    /// SIGUSR1: drain without exiting.
+    fn drain(&mut self) {
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            info!(
+                "SIGUSR1: draining: new allocations are refused, {} existing ones carry on",
+                self.server.allocations()
+            );
+            self.server.set_draining(true);
+        }
+        self.status();
+    }
+
+    /// SIGTERM / SIGINT.
+    fn stop(&mut self, signal: &str) {
+        if self.stopping.is_some() {
+            info!("{signal} again: exiting now");
+            self.exit_now = true;
+            return;
+        }
+        let timeout = Duration::from_secs(u64::from(self.cfg.drain_timeout));
+        let n = self.server.allocations();
+        info!(
+            "{signal}: shutting down; waiting up to {}s for {n} allocations to end",
+            timeout.as_secs()
+        );
+        notify(&[NotifyState::Stopping]);
+        self.stopping = Some(Instant::now() + timeout);
+        self.draining.store(true, Ordering::Relaxed);
+        self.server.set_draining(true);
+        self.status();
+    }
+
+    fn should_exit(&self) -> bool {
+        self.exit_now
+            || self.stopping.is_some_and(|deadline| {
+                self.server.allocations() == 0 || Instant::now() >= deadline
+            })
+    }
+}
+
+fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<(), String> {
+    let tls = tls_acceptor(&cfg)?;
+    if tls.is_none() && !cfg.no_tls {
+        info!("no cert/pkey configured: TLS listeners are off");
+    }
+    let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
+    let local =
+        server::net::local_addresses().map_err(|e| format!("cannot list local addresses: {e}"))?;
+    let listening_ips = server::expand_listening_ips(&cfg.listening_ips, &local);
+    if listening_ips.is_empty() {
+        return Err("no address to listen on".to_string());
+    }
+    let plan = listener_plan(&cfg, &listening_ips, tls.is_some());
+    if plan.udp.is_empty() && plan.tcp.is_empty() {
+        return Err("every listener is turned off (no-udp, no-tcp, no TLS)".to_string());
+    }
+    let fixed = Fixed {
+        listening_ips: listening_ips.clone(),
+        nonce_secret: rand::random(),
+        ticket_key: rand::random(),
+        usage: Arc::new(Usage::default()),
+        hostname: hostname(),
+    };
+    let core = core_config(&cfg, &fixed);
+    describe(&cfg, &core);
+
+    let bound = server::bind(&plan).map_err(|e| e.to_string())?;
+    for a in &plan.udp {
+        info!("listening on udp {a}");
+    }
+    for (a, is_tls) in &plan.tcp {
+        info!("listening on {} {a}", if *is_tls { "tls" } else { "tcp" });
+    }
+    info!(
+        "relay ports {}-{} on {}",
+        cfg.min_port,
+        cfg.max_port,
+        if cfg.relay_ips.is_empty() {
+            "the address each client connects to".to_string()
+        } else {
+            cfg.relay_ips
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    for e in &cfg.external_ips {
+        match e.private {
+            Some(p) => info!("advertising {} for relays on {p}", e.public),
+            None => info!("advertising {} for every relay of its family", e.public),
+        }
+    }
+    let metrics_listener = if cfg.prometheus {
+        let addr = SocketAddr::new(cfg.prometheus_address, cfg.prometheus_port);
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        info!("metrics on http://{addr}{}", cfg.prometheus_path);
+        Some(l)
+    } else {
+        None
+    };
+
+    if cfg.daemon {
+        if cfg.log_file.is_none() && !cfg.syslog {
+            warn!("daemon mode without log-file or syslog: log lines are discarded");
+        }
+        nix::unistd::daemon(true, false).map_err(|e| format!("cannot daemonize: {e}"))?;
+    }
+    let _pidfile = match &cfg.pidfile {
+        Some(p) => Some(process::PidFile::create(p)?),
+        None => None,
+    };
+    process::drop_privileges(identity)?;
+    if let Some(uid) = identity.uid {
+        info!("running as user {uid}");
+    }
+
+    let workers = bound.workers();
+    let shared = Arc::new(Shared {
+        core: Arc::new(core),
+        tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
+        pool: PortPool::new(cfg.min_port, cfg.max_port),
+        reservations: Reservations::default(),
+        relay_device: cfg.relay_device.clone(),
+        streams: StreamCount::new(cfg.max_stream_connections_per_ip),
+        idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
+        telemetry: Telemetry::new(workers),
+    });
+    shared
+        .telemetry
+        .per_user
+        .store(cfg.prometheus_username_labels, Ordering::Relaxed);
+    let server =
+        server::start(bound, shared.clone()).map_err(|e| format!("cannot start workers: {e}"))?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let mut daemon = Daemon {
+        args,
+        cfg,
+        fixed,
+        server,
+        logging,
+        draining: draining.clone(),
+        stopping: None,
+        exit_now: false,
+    };
+    notify(&[NotifyState::Ready]);
+    daemon.status();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the control loop: {e}"))?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Some(l) = metrics_listener {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    let registry = Arc::new(metrics::registry(metrics::TurnCollector {
+                        shared: shared.clone(),
+                        draining: draining.clone(),
+                        per_user: daemon.cfg.prometheus_username_labels,
+                    }));
+                    tokio::spawn(metrics::serve(
+                        l,
+                        registry,
+                        daemon.cfg.prometheus_path.clone(),
+                        draining.clone(),
+                    ));
+                }
+                Err(e) => error!("metrics listener: {e}"),
+            }
+        }
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1), Ok(mut usr2)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        let watchdog = sd_notify::watchdog_enabled();
+        let period = watchdog.map_or(Duration::from_secs(1), |w| {
+            (w / 2).min(Duration::from_secs(1))
+        });
+        let mut tick = tokio::time::interval(period);
+        let mut last_status = Instant::now();
+        loop {
+            tokio::select! {
+                _ = term.recv() => daemon.stop("SIGTERM"),
+                _ = int.recv() => daemon.stop("SIGINT"),
+                _ = hup.recv() => daemon.reload(true),
+                _ = usr2.recv() => daemon.reload(false),
+                _ = usr1.recv() => daemon.drain(),
+                _ = tick.tick() => {
+                    if watchdog.is_some() {
+                        notify(&[NotifyState::Watchdog]);
+                    }
+                    if last_status.elapsed() >= Duration::from_secs(10) {
+                        daemon.status();
+                        last_status = Instant::now();
+                    }
+                }
+            }
+            if daemon.should_exit() {
+                break;
+            }
+        }
+        info!("exiting with {} allocations", daemon.server.allocations());
+    });
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Process housekeeping: pid file and privilege dropping.
+
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+/// A pid file, removed when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id to `path`.
+    pub fn create(path: &Path) -> Result<PidFile, String> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Resolved `proc-user` / `proc-group`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: Option<Uid>,
+    pub gid: Option<Gid>,
+}
+
+/// Looks up `proc-user` and `proc-group` (names or numbers). A user without
+/// a group runs with the user's primary group.
+pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, String> {
+    let user = match user {
+        None => None,
+        Some(u) => Some(match u.parse::<u32>() {
+            Ok(n) => User::from_uid(Uid::from_raw(n))
+                .map_err(|e| format!("proc-user {u}: {e}"))?
+                .ok_or_else(|| format!("proc-user: no user with id {u}"))?,
+            Err(_) => User::from_name(u)
+                .map_err(|e| format!("proc-user {u}: {e}"))?
+                .ok_or_else(|| format!("proc-user: no user named '{u}'"))?,
+        }),
+    };
+    let gid = match group {
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(n) => Gid::from_raw(n),
+            Err(_) => {
+                Group::from_name(g)
+                    .map_err(|e| format!("proc-group {g}: {e}"))?
+                    .ok_or_else(|| format!("proc-group: no group named '{g}'"))?
+                    .gid
+            }
+        }),
+        None => user.as_ref().map(|u| u.gid),
+    };
+    Ok(Identity {
+        uid: user.map(|u| u.uid),
+        gid,
+    })
+}
+
+/// Switches to `id` for good: supplementary groups, group, then user. Call
+/// after every port is bound and every key read, before any thread starts.
+pub fn drop_privileges(id: Identity) -> Result<(), String> {
+    if let Some(gid) = id.gid
+        && gid != nix::unistd::getegid()
+    {
+        nix::unistd::setgroups(&[gid])
+            .map_err(|e| format!("cannot drop supplementary groups: {e}"))?;
+        nix::unistd::setgid(gid).map_err(|e| format!("cannot switch to group {gid}: {e}"))?;
+    }
+    if let Some(uid) = id.uid
+        && uid != nix::unistd::geteuid()
+    {
+        nix::unistd::setuid(uid).map_err(|e| format!("cannot switch to user {uid}: {e}"))?;
+        // Make sure there is no way back.
+        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() && !uid.is_root() {
+            return Err("privileges could be regained after dropping them".to_string());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_and_numbers() {
+        let root = resolve(Some("root"), None).unwrap();
+        assert_eq!(root.uid, Some(Uid::from_raw(0)));
+        assert_eq!(root.gid, Some(Gid::from_raw(0)));
+        assert_eq!(resolve(Some("0"), Some("0")).unwrap(), root);
+        assert!(
+            resolve(Some("no-such-user-here"), None)
+                .unwrap_err()
+                .contains("no user named")
+        );
+        assert!(
+            resolve(None, Some("no-such-group-here"))
+                .unwrap_err()
+                .contains("no group named")
+        );
+        assert_eq!(
+            resolve(None, None).unwrap(),
+            Identity {
+                uid: None,
+                gid: None
+            }
+        );
+    }
+
+    #[test]
+    fn pid_file_is_written_and_removed() {
+        let path = std::env::temp_dir().join(format!("turnserver-pid-{}", std::process::id()));
+        let pid = PidFile::create(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().trim(),
+            std::process::id().to_string()
+        );
+        drop(pid);
+        assert!(!path.exists());
+    }
+}
