@@ -106,6 +106,8 @@ pub struct Server {
     pub tls_port: u16,
     pub log: PathBuf,
     pub dir: TempDir,
+    /// The generated part of the config file (ports, TLS files).
+    preamble: String,
 }
 
 /// How to start a server.
@@ -115,6 +117,8 @@ pub struct Options {
     /// Extra command-line arguments.
     pub args: Vec<String>,
     pub tls: bool,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -123,6 +127,7 @@ impl Options {
             config: config.to_string(),
             args: Vec::new(),
             tls: false,
+            env: Vec::new(),
         }
     }
 
@@ -135,6 +140,11 @@ impl Options {
         self.args.push(a.to_string());
         self
     }
+
+    pub fn env(mut self, k: &str, v: &str) -> Options {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
 }
 
 impl Server {
@@ -145,34 +155,75 @@ impl Server {
         let base = free_ports(2);
         let (port, tls_port) = (base, base + 1);
         let (min, max) = relay_range(300);
-        let mut conf = format!(
-            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\n{}\n",
-            opts.config
+        let mut preamble = format!(
+            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\n"
         );
         if opts.tls {
             let (cert, key) = write_test_cert(&dir);
-            conf.push_str(&format!(
+            preamble.push_str(&format!(
                 "cert={}\npkey={}\n",
                 cert.display(),
                 key.display()
             ));
         } else {
-            conf.push_str("no-tls\n");
+            preamble.push_str("no-tls\n");
         }
         let conf_path = dir.path("turnserver.conf");
-        std::fs::write(&conf_path, conf).unwrap();
+        std::fs::write(&conf_path, format!("{preamble}{}\n", opts.config)).unwrap();
         let mut args = vec!["-c".to_string(), conf_path.display().to_string()];
         args.extend(opts.args);
-        Server::launch(args, port, tls_port, dir)
+        let mut s = Server::launch_env(args, port, tls_port, dir, &opts.env);
+        s.preamble = preamble;
+        s
+    }
+
+    /// Rewrites the config file: the same ports and TLS files, then `config`.
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(
+            self.dir.path("turnserver.conf"),
+            format!("{}{config}\n", self.preamble),
+        )
+        .unwrap();
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Runs the binary with exactly `args` and waits until it answers a
     /// Binding request on 127.0.0.1:`port`.
     pub fn launch(args: Vec<String>, port: u16, tls_port: u16, dir: TempDir) -> Server {
+        Server::launch_env(args, port, tls_port, dir, &[])
+    }
+
+    fn launch_env(
+        args: Vec<String>,
+        port: u16,
+        tls_port: u16,
+        dir: TempDir,
+        env: &[(String, String)],
+    ) -> Server {
         let log = dir.path("server.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
@@ -183,6 +234,7 @@ impl Server {
             tls_port,
             log,
             dir,
+            preamble: String::new(),
         };
         s.wait_ready();
         s
@@ -515,6 +567,38 @@ impl Drop for Background {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `line_start` (a metric name with labels) in a
+/// metrics exposition.
+pub fn metric(body: &str, line_start: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Connects over TCP, sends `bytes` and reads one STUN frame back.
