@@ -219,6 +219,7 @@ fn systemd_notifications_follow_the_lifecycle() {
         .args(["-n", "-L", "127.0.0.1", "-p", &port.to_string(), "--no-tls"])
         .args([format!("--min-port={min}"), format!("--max-port={max}")])
         .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
@@ -248,6 +249,8 @@ fn systemd_notifications_follow_the_lifecycle() {
     ]
     .concat();
     assert!(got.iter().any(|m| m.contains("STATUS=serving")), "{got:?}");
+    // WatchdogSec=1s: pings at least every half second.
+    notifications(&sock, "WATCHDOG=1", Duration::from_secs(3));
 
     nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
     let reload = notifications(&sock, "READY=1", Duration::from_secs(5));

@@ -625,7 +625,9 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
                 _ = usr2.recv() => daemon.reload(false),
                 _ = usr1.recv() => daemon.drain(),
                 _ = tick.tick() => {
-                    if watchdog.is_some() {
+                    // Only while every worker's event loop is alive: a stuck
+                    // worker gets the whole service restarted.
+                    if watchdog.is_some() && shared.telemetry.all_alive(Duration::from_secs(5)) {
                         notify(&[NotifyState::Watchdog]);
                     }
                     if last_status.elapsed() >= Duration::from_secs(10) {

@@ -83,6 +83,8 @@ pub struct WorkerReport {
     /// TLS handshakes completed and failed (including timeouts).
     pub tls_handshakes: u64,
     pub tls_failures: u64,
+    /// When the worker last reported: a heartbeat for the watchdog.
+    pub updated: Option<Instant>,
 }
 
 /// Reports of every worker.
@@ -95,6 +97,16 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Whether every worker reported within `within` (its event loop runs).
+    pub fn all_alive(&self, within: Duration) -> bool {
+        self.workers.iter().all(|w| {
+            w.lock()
+                .expect("telemetry lock")
+                .updated
+                .is_some_and(|t| t.elapsed() <= within)
+        })
+    }
+
     /// Slots for `n` workers.
     pub fn new(n: usize) -> Self {
         Telemetry {
@@ -360,6 +372,7 @@ impl Worker {
             r.gauges = self.core.gauges(per_user);
             r.tls_handshakes = self.tls_handshakes;
             r.tls_failures = self.tls_failures;
+            r.updated = Some(Instant::now());
         }
     }
 
