@@ -140,8 +140,11 @@ fn warnings_unknown_keys_and_unimplemented_options() {
         "no-such-key=1\nweb-admin\nno-loopback-peers\ncipher-list=DEFAULT\n",
     ));
     let log = s.log_text();
+    let line = s.config_line(1);
     assert!(
-        log.contains("turnserver.conf:6: unknown option 'no-such-key' ignored"),
+        log.contains(&format!(
+            "turnserver.conf:{line}: unknown option 'no-such-key' ignored"
+        )),
         "{log}"
     );
     assert!(

@@ -1,27 +1,55 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (Debian's coturn for
-# turnutils_uclient/turnutils_peer, Debian's chromium, playwright-core from
-# npm), then runs formatting, lint and every test.
+# The test command: installs what the tests need (coturn's client tools
+# turnutils_uclient/turnutils_peer/turnutils_stunclient, Debian's chromium,
+# playwright-core from npm, cargo-deb), then runs formatting, lint, every
+# test, the Debian package test (tests/package.sh) and bounded fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
+apt_install() {
+    echo "==> apt-get install $*"
+    if [ -z "${apt_updated:-}" ]; then
+        as_root apt-get update -q
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+# coturn's package would own /usr/bin/turnserver and /etc/turnserver.conf,
+# which are ours (the .deb conflicts with it). The tests only need its client
+# tools: unpack them from the package into /opt/coturn-tools instead.
+if dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q 'ok installed'; then
+    echo "==> removing Debian's coturn (it owns /usr/bin/turnserver)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get remove -y -q coturn
+fi
+COTURN_TOOLS=/opt/coturn-tools
+if [ ! -x "$COTURN_TOOLS/usr/bin/turnutils_uclient" ] ||
+    ! "$COTURN_TOOLS/usr/bin/turnutils_stunclient" 2>&1 | grep -q Usage; then
+    # The tools' shared libraries (see ldd), then the package itself.
+    apt_install libevent-core-2.1-7 libevent-extra-2.1-7 libssl3
+    download=$(mktemp -d)
+    chmod 755 "$download"
+    if getent passwd _apt >/dev/null; then as_root chown _apt "$download"; fi
+    (cd "$download" && as_root apt-get download -q coturn)
+    as_root dpkg-deb -x "$download"/coturn_*.deb "$download/root"
+    as_root install -d "$COTURN_TOOLS/usr/bin"
+    for tool in turnutils_uclient turnutils_peer turnutils_stunclient; do
+        as_root install -m 755 "$download/root/usr/bin/$tool" "$COTURN_TOOLS/usr/bin/"
+    done
+    as_root rm -rf "$download"
+fi
+export PATH="$COTURN_TOOLS/usr/bin:$PATH"
 
 missing=()
-command -v turnutils_uclient >/dev/null 2>&1 || missing+=(coturn)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> installing ${missing[*]}"
-    as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    apt_install "${missing[@]}"
 fi
-# The tests only need coturn's client tools; its own daemon must not hold
-# ports or relay ranges while they run.
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    as_root systemctl disable --now coturn >/dev/null 2>&1 || true
-fi
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
 
 echo "==> npm ci (tests/browser)"
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
@@ -33,6 +61,8 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked
+echo "==> Debian package (tests/package.sh)"
+as_root env "PATH=$PATH" ./tests/package.sh
 
 # Bounded fuzzing of the codec, stream framing and the TURN core, from the
 # committed seeds (RUSTC_BOOTSTRAP lets cargo-fuzz use the stable

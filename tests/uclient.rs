@@ -1,5 +1,5 @@
 //! Interoperability with coturn's own test client, `turnutils_uclient`
-//! (Debian package `coturn`), against the real binary on loopback: every
+//! (from Debian's `coturn`, unpacked by tests/run-all.sh), against the real binary on loopback: every
 //! run must deliver every packet.
 
 mod common;
@@ -15,7 +15,10 @@ const USERS: &str =
 /// Runs uclient with `args` (server address last) and checks its report:
 /// every message sent came back, and at least `min_msgs` were sent.
 fn uclient(server: &Server, args: &[&str], min_msgs: u64) -> String {
-    let bin = require_tool("turnutils_uclient", "apt-get install coturn");
+    let bin = require_tool(
+        "turnutils_uclient",
+        "coturn's client tools, unpacked by tests/run-all.sh",
+    );
     let mut cmd = Command::new(bin);
     cmd.args(args).arg("127.0.0.1");
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(90));
@@ -54,7 +57,10 @@ fn uclient(server: &Server, args: &[&str], min_msgs: u64) -> String {
 }
 
 fn peer() -> (Background, u16) {
-    let bin = require_tool("turnutils_peer", "apt-get install coturn");
+    let bin = require_tool(
+        "turnutils_peer",
+        "coturn's client tools, unpacked by tests/run-all.sh",
+    );
     // turnutils_peer binds port and port + 1.
     let port = free_ports(2);
     let child = Command::new(bin)

@@ -75,10 +75,16 @@ fn rand_range(lo: u16, hi: u16) -> u16 {
     lo + (x % u32::from(hi - lo)) as u16
 }
 
-/// Fails loudly when a tool the test needs is missing.
+/// Where tests/run-all.sh unpacks coturn's client tools (turnutils_*),
+/// without installing coturn's package, which would own
+/// /usr/bin/turnserver.
+pub const COTURN_TOOLS: &str = "/opt/coturn-tools/usr/bin";
+
+/// Finds a tool on PATH or in [`COTURN_TOOLS`]; fails loudly when missing.
 pub fn require_tool(name: &str, package_hint: &str) -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
+            .chain([PathBuf::from(COTURN_TOOLS)])
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     });
@@ -148,6 +154,12 @@ impl Options {
 }
 
 impl Server {
+    /// The line number in the config file of line `n` (from 1) of the
+    /// test's own `Options::config`, after the generated preamble.
+    pub fn config_line(&self, n: usize) -> usize {
+        self.preamble.lines().count() + n
+    }
+
     /// Starts the binary on 127.0.0.1 with free ports and waits until it
     /// answers a Binding request.
     pub fn start(opts: Options) -> Server {
