@@ -107,6 +107,7 @@ check "/usr/bin/turnserver comes from the package" \
 check "/etc/turnserver.conf is a conffile" \
     sh -c "dpkg-query -W -f='\${Conffiles}' turnserver | grep -q '/etc/turnserver.conf '"
 check "turnserver --version" sh -c '/usr/bin/turnserver --version | grep -q "^turnserver "'
+check "turnbench, the load generator, is installed" sh -c '/usr/bin/turnbench --version | grep -q "^turnbench "'
 
 # The system user, its directories, and who may read the secrets.
 check "system user turnserver exists" getent passwd turnserver
@@ -248,6 +249,7 @@ DEBIAN_FRONTEND=noninteractive apt-get purge -y -q turnserver >"$work/purge.log"
     fail "apt-get purge turnserver"
 }
 check "/usr/bin/turnserver removed" test ! -e /usr/bin/turnserver
+check "/usr/bin/turnbench removed" test ! -e /usr/bin/turnbench
 check "/etc/turnserver.conf removed on purge" test ! -e /etc/turnserver.conf
 check "unit removed" test ! -e "$unit"
 check "boot symlink removed" test ! -L /etc/systemd/system/multi-user.target.wants/turnserver.service

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (coturn's client tools
-# turnutils_uclient/turnutils_peer/turnutils_stunclient, Debian's chromium,
-# playwright-core from npm, cargo-deb), then runs formatting, lint, every
-# test, the Debian package test (tests/package.sh) and bounded fuzzing.
+# turnutils_uclient/turnutils_peer/turnutils_stunclient and its daemon in
+# /opt/coturn, Debian's chromium, playwright-core from npm, cargo-deb), then
+# runs formatting, lint, every test, the Debian package test
+# (tests/package.sh) and bounded fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +43,9 @@ if [ ! -x "$COTURN_TOOLS/usr/bin/turnutils_uclient" ] ||
     as_root rm -rf "$download"
 fi
 export PATH="$COTURN_TOOLS/usr/bin:$PATH"
+# coturn's daemon, for turnbench's interoperability test and the comparison
+# benchmark: unpacked into /opt/coturn, never on PATH.
+./benches/setup-coturn.sh
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -132,6 +132,10 @@ pub struct Config {
     pub max_port: u16,
     /// `relay-threads`; `None` = one per CPU.
     pub relay_threads: Option<usize>,
+    /// `sock-buf-size`: SO_RCVBUF/SO_SNDBUF of UDP listener and relay
+    /// sockets, bytes; `None` = 4 MiB for listeners, the kernel default for
+    /// relays.
+    pub sock_buf_size: Option<usize>,
     pub default_family: DefaultFamily,
     pub no_udp_relay: bool,
     /// RFC 8016 mobility tickets.
@@ -221,6 +225,7 @@ impl Default for Config {
             min_port: 49152,
             max_port: 65535,
             relay_threads: None,
+            sock_buf_size: None,
             default_family: DefaultFamily::Ipv4,
             no_udp_relay: false,
             mobility: false,
@@ -850,6 +855,17 @@ impl Config {
             }
             "min-port" => self.min_port = port(origin, key, need()?)?,
             "max-port" => self.max_port = port(origin, key, need()?)?,
+            "sock-buf-size" => {
+                let v: usize = number(origin, key, need()?)?;
+                if !(4096..=1 << 30).contains(&v) {
+                    return Err(ConfigError::new(
+                        origin,
+                        key,
+                        format!("{v} bytes is outside 4096..1073741824"),
+                    ));
+                }
+                self.sock_buf_size = Some(v);
+            }
             "relay-threads" => {
                 let v = need()?;
                 let n: usize = v
@@ -1177,6 +1193,12 @@ impl Config {
         match self.relay_threads {
             Some(n) => l.kv("relay-threads", &n),
             None => l.comment("# relay-threads: one per CPU".to_string()),
+        }
+        match self.sock_buf_size {
+            Some(n) => l.kv("sock-buf-size", &n),
+            None => l.comment(
+                "# sock-buf-size: 4 MiB for listeners, the kernel default for relays".to_string(),
+            ),
         }
         l.kv(
             "allocation-default-address-family",

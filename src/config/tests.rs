@@ -105,6 +105,7 @@ verbose
 log-file=stdout
 server-name=turn.example.org
 relay-threads=4
+sock-buf-size=1048576
 mobility
 "#);
     assert_eq!(cfg.listening_port, 3478);
@@ -137,6 +138,7 @@ mobility
     assert_eq!(cfg.verbose, 1);
     assert_eq!(cfg.log_file, None);
     assert_eq!(cfg.relay_threads, Some(4));
+    assert_eq!(cfg.sock_buf_size, Some(1 << 20));
     assert_eq!(cfg.auth_kind(), AuthKind::LongTerm);
     let auth = cfg.authenticator("example.org");
     match auth.mechanism {
@@ -321,6 +323,14 @@ fn bad_values_name_file_line_and_key() {
     assert_eq!(
         err("relay-threads=lots"),
         "/etc/turnserver.conf:1: relay-threads: 'lots' is not a number"
+    );
+    assert_eq!(
+        err("sock-buf-size=100"),
+        "/etc/turnserver.conf:1: sock-buf-size: 100 bytes is outside 4096..1073741824"
+    );
+    assert_eq!(
+        err("sock-buf-size=big"),
+        "/etc/turnserver.conf:1: sock-buf-size: 'big' is not a number"
     );
     assert_eq!(
         err("allocation-default-address-family=ipx"),

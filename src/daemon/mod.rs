@@ -175,6 +175,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (old.min_port, old.max_port) != (new.min_port, new.max_port),
     );
     check("relay-threads", old.relay_threads != new.relay_threads);
+    check("sock-buf-size", old.sock_buf_size != new.sock_buf_size);
     check("daemon", old.daemon != new.daemon);
     check("pidfile", old.pidfile != new.pidfile);
     check(
@@ -216,6 +217,7 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
         tcp: Vec::new(),
         workers,
         listening_device: cfg.listening_device.clone(),
+        sock_buf_size: cfg.sock_buf_size,
     };
     for &ip in ips {
         for &port in &plain {
@@ -467,19 +469,30 @@ impl Daemon {
     }
 }
 
-fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<(), String> {
-    let tls = tls_acceptor(&cfg)?;
+/// The data path of a configuration, with every listener bound but no
+/// worker running yet: [`run`] starts it after daemonizing and dropping
+/// privileges; tests can start it in their own process with
+/// [`server::start`].
+pub struct Prepared {
+    pub bound: server::Bound,
+    pub shared: Arc<Shared>,
+    fixed: Fixed,
+}
+
+/// Reads the certificates, works out the listeners, binds them and builds
+/// the state every worker shares. Errors name what could not be done.
+pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
+    let tls = tls_acceptor(cfg)?;
     if tls.is_none() && !cfg.no_tls {
         info!("no cert/pkey configured: TLS listeners are off");
     }
-    let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
     let local =
         server::net::local_addresses().map_err(|e| format!("cannot list local addresses: {e}"))?;
     let listening_ips = server::expand_listening_ips(&cfg.listening_ips, &local);
     if listening_ips.is_empty() {
         return Err("no address to listen on".to_string());
     }
-    let plan = listener_plan(&cfg, &listening_ips, tls.is_some());
+    let plan = listener_plan(cfg, &listening_ips, tls.is_some());
     if plan.udp.is_empty() && plan.tcp.is_empty() {
         return Err("every listener is turned off (no-udp, no-tcp, no TLS)".to_string());
     }
@@ -490,8 +503,8 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         usage: Arc::new(Usage::default()),
         hostname: hostname(),
     };
-    let core = core_config(&cfg, &fixed);
-    describe(&cfg, &core);
+    let core = core_config(cfg, &fixed);
+    describe(cfg, &core);
 
     let bound = server::bind(&plan).map_err(|e| e.to_string())?;
     for a in &plan.udp {
@@ -520,6 +533,36 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
             None => info!("advertising {} for every relay of its family", e.public),
         }
     }
+    let workers = bound.workers();
+    let shared = Arc::new(Shared {
+        core: Arc::new(core),
+        tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
+        pool: PortPool::new(cfg.min_port, cfg.max_port),
+        reservations: Reservations::default(),
+        relay_device: cfg.relay_device.clone(),
+        relay_buffer: cfg.sock_buf_size,
+        streams: StreamCount::new(cfg.max_stream_connections_per_ip),
+        idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
+        telemetry: Telemetry::new(workers),
+    });
+    shared
+        .telemetry
+        .per_user
+        .store(cfg.prometheus_username_labels, Ordering::Relaxed);
+    Ok(Prepared {
+        bound,
+        shared,
+        fixed,
+    })
+}
+
+fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<(), String> {
+    let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
+    let Prepared {
+        bound,
+        shared,
+        fixed,
+    } = prepare(&cfg)?;
     let metrics_listener = if cfg.prometheus {
         let addr = SocketAddr::new(cfg.prometheus_address, cfg.prometheus_port);
         let l = std::net::TcpListener::bind(addr)
@@ -546,21 +589,6 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         info!("running as user {uid}");
     }
 
-    let workers = bound.workers();
-    let shared = Arc::new(Shared {
-        core: Arc::new(core),
-        tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
-        pool: PortPool::new(cfg.min_port, cfg.max_port),
-        reservations: Reservations::default(),
-        relay_device: cfg.relay_device.clone(),
-        streams: StreamCount::new(cfg.max_stream_connections_per_ip),
-        idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
-        telemetry: Telemetry::new(workers),
-    });
-    shared
-        .telemetry
-        .per_user
-        .store(cfg.prometheus_username_labels, Ordering::Relaxed);
     let server =
         server::start(bound, shared.clone()).map_err(|e| format!("cannot start workers: {e}"))?;
     let draining = Arc::new(AtomicBool::new(false));

@@ -5,6 +5,7 @@
 //! port that cannot be bound is an error before anything runs; [`start`]
 //! then runs the workers.
 
+pub mod batch;
 pub mod net;
 pub mod ports;
 pub mod relay;
@@ -31,6 +32,9 @@ pub struct Plan {
     /// Number of worker threads (each binds every listener with SO_REUSEPORT).
     pub workers: usize,
     pub listening_device: Option<String>,
+    /// SO_RCVBUF/SO_SNDBUF for UDP listeners, bytes (`None`:
+    /// [`net::LISTENER_BUFFER`]).
+    pub sock_buf_size: Option<usize>,
 }
 
 /// A listener that could not be bound.
@@ -68,7 +72,8 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
             tcp: Vec::new(),
         };
         for &addr in &plan.udp {
-            let sock = net::udp_listener(addr, device).map_err(|error| BindError {
+            let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
+            let sock = net::udp_listener(addr, device, buffer).map_err(|error| BindError {
                 addr,
                 transport: "udp",
                 error,
@@ -207,6 +212,7 @@ mod tests {
             tcp: vec![],
             workers: 1,
             listening_device: None,
+            sock_buf_size: None,
         };
         let err = bind(&plan)
             .err()

@@ -98,6 +98,8 @@ pub struct Opener<'a> {
     pub pool: &'a PortPool,
     pub reservations: &'a Reservations,
     pub device: Option<&'a str>,
+    /// Socket buffer size for relay sockets (`sock-buf-size`), bytes.
+    pub buffer: Option<usize>,
     pub now: Instant,
     /// Sockets opened during the call.
     pub opened: &'a mut Vec<Opened>,
@@ -105,7 +107,7 @@ pub struct Opener<'a> {
 
 impl Opener<'_> {
     fn bind(&self, ip: IpAddr, port: u16, df: bool) -> io::Result<std::net::UdpSocket> {
-        net::relay_socket(SocketAddr::new(ip, port), self.device, df)
+        net::relay_socket(SocketAddr::new(ip, port), self.device, df, self.buffer)
     }
 
     fn bind_from_pool(
@@ -198,6 +200,7 @@ mod tests {
             pool,
             reservations: res,
             device: None,
+            buffer: None,
             now,
             opened,
         }

@@ -8,32 +8,40 @@
 //! the worker's tasks through `Rc<RefCell<Worker>>`; no borrow is held across
 //! an `.await`.
 //!
+//! The UDP data path does not go through a task per socket: the UDP
+//! listeners and every relay socket sit in one epoll set of the worker's
+//! own (level-triggered), which tokio watches as a single descriptor. One
+//! task takes each round of ready sockets, reads them with `recvmmsg`, lets
+//! the core decide, sends to peers directly and to UDP clients with
+//! `sendmmsg`, framing peer data in the buffer it was received into. A
+//! relay socket costs its descriptor and a slot in a vector, nothing else.
+//!
 //! The driver moves bytes only: every decision is the core's
 //! ([`crate::turn::Server`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::rc::{Rc, Weak};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use slab::Slab;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use super::batch::{BATCH, RecvBatch, SendQueue};
 use super::ports::PortPool;
 use super::relay::{Opened, Opener, Reservations};
 use crate::stun::channel::{self, HEADROOM, TAILROOM};
-use crate::turn::{
-    self, AllocationId, ClientAction, Delivery, Event, FiveTuple, MovedAllocation, Transport,
-};
+use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
 
 /// Links at or above this value are stream connections; below, UDP listener
 /// indexes.
@@ -47,9 +55,11 @@ const MAX_QUEUED: usize = 512 * 1024;
 /// Largest frame on a stream: a STUN message (20-byte header plus a 16-bit
 /// length), bytes; padded ChannelData is at most 4 + 65536.
 const MAX_FRAME: usize = 20 + 65535;
-/// Datagrams a socket task handles before yielding, so one busy socket
-/// cannot starve the worker's other sockets.
-const BATCH: usize = 64;
+/// Epoll tokens at or above this value are relay sockets (token minus this
+/// is the allocation's slot); below, UDP listener indexes.
+const RELAY_TOKEN: u64 = 1 << 32;
+/// Ready sockets taken per round of the UDP data path.
+const EVENTS: usize = 256;
 /// Time allowed for a new TCP/TLS connection to send its first byte and
 /// finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +76,8 @@ pub struct Shared {
     pub pool: PortPool,
     pub reservations: Reservations,
     pub relay_device: Option<String>,
+    /// `sock-buf-size` for relay sockets, bytes.
+    pub relay_buffer: Option<usize>,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
     /// Seconds of silence after which a stream connection without an
@@ -189,9 +201,19 @@ pub struct Sockets {
     pub tcp: Vec<StreamListener>,
 }
 
+/// An allocation's relay socket, in the slot of its allocation id.
 struct Relay {
-    socket: Rc<UdpSocket>,
-    task: JoinHandle<()>,
+    id: AllocationId,
+    socket: UdpSocket,
+}
+
+/// The worker's epoll set for its UDP sockets, as tokio sees it.
+struct EpollSet(Epoll);
+
+impl AsRawFd for EpollSet {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
 }
 
 /// A client's stream connection: its 5-tuple and outgoing byte queue.
@@ -223,14 +245,37 @@ struct Worker {
     core: turn::Server,
     shared: Arc<Shared>,
     mailboxes: Mailboxes,
-    udp: Vec<Rc<UdpSocket>>,
+    /// UDP listener sockets and their addresses, indexed by link.
+    udp: Vec<(UdpSocket, SocketAddr)>,
     conns: Slab<Rc<Conn>>,
-    relays: HashMap<AllocationId, Relay>,
+    /// Relay sockets, indexed by allocation slot.
+    relays: Vec<Option<Relay>>,
+    epoll: Rc<AsyncFd<EpollSet>>,
     opened: Vec<Opened>,
     /// Reply buffer for the core.
     out: Vec<u8>,
-    /// Receive buffer for peer datagrams, with room for framing around them.
-    peer_buf: Box<[u8]>,
+}
+
+/// Buffers of the UDP data path, reused for every packet.
+struct UdpIo {
+    events: Vec<EpollEvent>,
+    /// Datagrams from clients.
+    client: RecvBatch,
+    /// Datagrams from peers, with room to frame them in place.
+    peer: RecvBatch,
+    /// Framed peer datagrams waiting to go to UDP clients.
+    to_clients: SendQueue,
+}
+
+impl UdpIo {
+    fn new() -> Self {
+        UdpIo {
+            events: vec![EpollEvent::empty(); EVENTS],
+            client: RecvBatch::new(0, MAX_DATAGRAM, 0),
+            peer: RecvBatch::new(HEADROOM, MAX_DATAGRAM, TAILROOM),
+            to_clients: SendQueue::new(),
+        }
+    }
 }
 
 type Handle = Rc<RefCell<Worker>>;
@@ -240,7 +285,6 @@ impl Worker {
     /// opened and applies its events.
     fn client_message(
         &mut self,
-        me: &Handle,
         now: Instant,
         ft: &FiveTuple,
         link: u32,
@@ -257,42 +301,56 @@ impl Worker {
             pool: &shared.pool,
             reservations: &shared.reservations,
             device: shared.relay_device.as_deref(),
+            buffer: shared.relay_buffer,
             now,
             opened,
         };
         let action = core.handle_client(now, ft, link, data, out, &mut opener);
-        self.register_relays(me);
+        self.register_relays();
         self.apply_events();
         action
     }
 
-    fn register_relays(&mut self, me: &Handle) {
+    /// Adds the relay sockets the core just opened to the epoll set.
+    fn register_relays(&mut self) {
         for o in std::mem::take(&mut self.opened) {
-            match UdpSocket::from_std(o.socket) {
-                Ok(s) => {
-                    let s = Rc::new(s);
-                    let task =
-                        tokio::task::spawn_local(relay_task(me.clone(), o.id, Rc::downgrade(&s)));
-                    self.relays.insert(o.id, Relay { socket: s, task });
-                }
-                Err(e) => {
-                    error!("cannot register relay socket {}: {e}", o.addr);
-                    self.shared.pool.release(o.addr.port());
-                }
+            let slot = o.id.slot();
+            let token = RELAY_TOKEN + slot as u64;
+            let added = self.epoll.get_ref().0.add(
+                o.socket.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token),
+            );
+            if let Err(e) = added {
+                error!("cannot register relay socket {}: {e}", o.addr);
+                self.shared.pool.release(o.addr.port());
+                continue;
             }
+            if self.relays.len() <= slot {
+                self.relays.resize_with(slot + 1, || None);
+            }
+            self.relays[slot] = Some(Relay {
+                id: o.id,
+                socket: o.socket,
+            });
         }
+    }
+
+    /// The relay socket of allocation `id`.
+    fn relay(&self, id: AllocationId) -> Option<&Relay> {
+        self.relays
+            .get(id.slot())
+            .and_then(Option::as_ref)
+            .filter(|r| r.id == id)
     }
 
     fn apply_events(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::AllocationClosed { id, relayed } => {
-                    if let Some(r) = self.relays.remove(&id) {
-                        r.task.abort();
-                        // The only strong reference: the socket closes here,
-                        // before its port goes back to the pool.
-                        debug_assert_eq!(Rc::strong_count(&r.socket), 1);
-                        drop(r.socket);
+                    if self.relay(id).is_some() {
+                        // Closing the socket takes it out of the epoll set;
+                        // it closes before its port goes back to the pool.
+                        drop(self.relays[id.slot()].take());
                     }
                     self.shared.pool.release(relayed.port());
                 }
@@ -302,20 +360,15 @@ impl Worker {
 
     /// Sends `data[payload]` from an allocation's relay socket to a peer.
     fn relay_to_peer(&self, id: AllocationId, peer: SocketAddr, bytes: &[u8]) {
-        if let Some(r) = self.relays.get(&id) {
+        if let Some(r) = self.relay(id) {
             send_udp(&r.socket, bytes, peer);
         }
-    }
-
-    /// Sends framed peer data to the client.
-    fn deliver(&self, d: &Delivery, bytes: &[u8]) {
-        self.send_to_client(d.link, &d.client, bytes);
     }
 
     /// Sends a message to the client on `ft`, reached through `link`.
     fn send_to_client(&self, link: u32, ft: &FiveTuple, bytes: &[u8]) {
         if link < STREAM_LINK {
-            if let Some(s) = self.udp.get(link as usize) {
+            if let Some((s, _)) = self.udp.get(link as usize) {
                 send_udp(s, bytes, ft.client);
             }
         } else if let Some(c) = self.conns.get((link - STREAM_LINK) as usize) {
@@ -378,23 +431,111 @@ impl Worker {
 
     /// Removes an allocation's relay socket from this worker's event loop
     /// for another worker to adopt.
-    fn take_relay_socket(&mut self, id: AllocationId) -> Option<std::net::UdpSocket> {
-        let r = self.relays.remove(&id)?;
-        r.task.abort();
-        // The relay task holds only a weak reference.
-        Rc::try_unwrap(r.socket).ok()?.into_std().ok()
+    fn take_relay_socket(&mut self, id: AllocationId) -> Option<UdpSocket> {
+        self.relay(id)?;
+        let r = self.relays[id.slot()].take()?;
+        let _ = self.epoll.get_ref().0.delete(r.socket.as_fd());
+        Some(r.socket)
     }
 
     /// Registers a relay socket for allocation `id`.
-    fn adopt_relay_socket(
-        &mut self,
-        me: &Handle,
-        id: AllocationId,
-        socket: std::net::UdpSocket,
-        addr: SocketAddr,
-    ) {
+    fn adopt_relay_socket(&mut self, id: AllocationId, socket: UdpSocket, addr: SocketAddr) {
         self.opened.push(Opened { id, socket, addr });
-        self.register_relays(me);
+        self.register_relays();
+    }
+
+    /// One round of the UDP data path: reads every ready listener and relay
+    /// socket once (a batch each), handles the datagrams, and sends what
+    /// goes to UDP clients in batches. Returns true when every socket was
+    /// drained, so the epoll set's readiness may be cleared.
+    fn udp_round(&mut self, io: &mut UdpIo) -> bool {
+        let ready = match self
+            .epoll
+            .get_ref()
+            .0
+            .wait(&mut io.events, EpollTimeout::ZERO)
+        {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => return false,
+            Err(e) => {
+                error!("epoll_wait: {e}");
+                return true;
+            }
+        };
+        let now = Instant::now();
+        let mut drained = ready < io.events.len();
+        // Peer batch slots holding datagrams not yet sent on.
+        let mut used = 0;
+        for k in 0..ready {
+            let token = io.events[k].data();
+            if token < RELAY_TOKEN {
+                let link = token as usize;
+                let Some((sock, local)) = self.udp.get(link) else {
+                    continue;
+                };
+                let local = *local;
+                let got = io.client.recv(sock.as_fd(), 0, BATCH).unwrap_or_else(|e| {
+                    debug!("UDP listener {local}: {e}");
+                    0
+                });
+                drained &= got < BATCH;
+                for i in 0..got {
+                    let (range, from) = io.client.datagram(i);
+                    let Some(from) = from else { continue };
+                    let ft = FiveTuple {
+                        client: from,
+                        server: local,
+                        transport: Transport::Udp,
+                    };
+                    let data = &io.client.buf(i)[range];
+                    let action = self.client_message(now, &ft, link as u32, data);
+                    self.dispatch(action, &ft, link as u32, data);
+                }
+            } else {
+                if used == BATCH {
+                    self.flush_to_clients(io);
+                    used = 0;
+                }
+                let slot = (token - RELAY_TOKEN) as usize;
+                let Some(Some(relay)) = self.relays.get(slot) else {
+                    continue;
+                };
+                let id = relay.id;
+                // ICMP errors (port unreachable) surface as errors here.
+                let got = io
+                    .peer
+                    .recv(relay.socket.as_fd(), used, BATCH - used)
+                    .unwrap_or(0);
+                drained &= got < BATCH - used;
+                for i in used..used + got {
+                    let (range, from) = io.peer.datagram(i);
+                    let Some(from) = from else { continue };
+                    let Some(d) = self
+                        .core
+                        .handle_peer(now, id, from, io.peer.buf_mut(i), range)
+                    else {
+                        continue;
+                    };
+                    if d.link < STREAM_LINK {
+                        io.to_clients
+                            .push(i, d.range, d.client.client, d.link as usize);
+                    } else {
+                        self.send_to_client(d.link, &d.client, &io.peer.buf(i)[d.range]);
+                    }
+                }
+                used += got;
+            }
+        }
+        self.flush_to_clients(io);
+        drained
+    }
+
+    /// Sends the framed peer datagrams queued for UDP clients.
+    fn flush_to_clients(&self, io: &mut UdpIo) {
+        if !io.to_clients.is_empty() {
+            io.to_clients
+                .flush(&io.peer, |link| self.udp.get(link).map(|(s, _)| s.as_fd()));
+        }
     }
 }
 
@@ -431,13 +572,11 @@ pub type Mailboxes = Arc<Vec<mpsc::UnboundedSender<Mail>>>;
 
 /// Sends one datagram with a direct non-blocking `sendto`.
 ///
-/// tokio's `try_send_to` refuses to try until the reactor has seen the
-/// socket writable, which loses the first datagrams on a relay socket opened
-/// a moment ago. A UDP send on a non-blocking socket needs no readiness: it
-/// either queues the datagram or fails with a full buffer, and then the
-/// datagram is dropped as the network would drop it.
+/// A UDP send on a non-blocking socket needs no readiness: it either queues
+/// the datagram or fails with a full buffer, and then the datagram is
+/// dropped as the network would drop it.
 fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    let _ = socket2::SockRef::from(sock).send_to(bytes, &to.into());
+    let _ = sock.send_to(bytes, to);
 }
 
 /// Starts worker `index` on its own thread.
@@ -483,17 +622,13 @@ async fn run(
     let now = Instant::now();
     let seed = rand::random::<u64>() ^ index as u64;
     let core = turn::Server::new(shared.core.clone(), index as u16, now, unix_now(), seed);
-    let mut udp = Vec::new();
-    let mut udp_addrs = Vec::new();
-    for (s, addr) in sockets.udp {
-        match UdpSocket::from_std(s) {
-            Ok(s) => {
-                udp.push(Rc::new(s));
-                udp_addrs.push(addr);
-            }
-            Err(e) => error!("worker {index}: cannot register UDP listener {addr}: {e}"),
+    let epoll = match udp_epoll(&sockets.udp) {
+        Ok(e) => Rc::new(e),
+        Err(e) => {
+            error!("worker {index}: cannot set up the UDP event loop: {e}");
+            std::process::exit(1);
         }
-    }
+    };
     let worker: Handle = Rc::new(RefCell::new(Worker {
         index,
         tls_handshakes: 0,
@@ -501,16 +636,14 @@ async fn run(
         core,
         shared: shared.clone(),
         mailboxes,
-        udp: udp.clone(),
+        udp: sockets.udp,
         conns: Slab::new(),
-        relays: HashMap::new(),
+        relays: Vec::new(),
+        epoll: epoll.clone(),
         opened: Vec::new(),
         out: Vec::with_capacity(1500),
-        peer_buf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
     }));
-    for (i, (sock, addr)) in udp.into_iter().zip(udp_addrs).enumerate() {
-        tokio::task::spawn_local(udp_listener(worker.clone(), i as u32, sock, addr));
-    }
+    tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
         match TcpListener::from_std(l.socket) {
             Ok(s) => {
@@ -524,6 +657,43 @@ async fn run(
     }
     tokio::task::spawn_local(mailbox(worker.clone(), inbox));
     timer(worker).await;
+}
+
+/// An epoll set holding the UDP listeners (token = index), watched by
+/// tokio as one descriptor.
+fn udp_epoll(listeners: &[(UdpSocket, SocketAddr)]) -> io::Result<AsyncFd<EpollSet>> {
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    for (i, (s, _)) in listeners.iter().enumerate() {
+        epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+    }
+    // SAFETY: EpollSet owns the epoll descriptor and never replaces or
+    // closes it while the AsyncFd holds it.
+    unsafe { AsyncFd::register_with_interest(EpollSet(epoll), Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+/// The UDP data path: a round of ready sockets whenever the epoll set is
+/// readable. Readiness is cleared only when a round drained every socket;
+/// otherwise the task yields (so streams and timers run) and goes again.
+async fn udp_loop(worker: Handle, epoll: Rc<AsyncFd<EpollSet>>) {
+    let mut io = UdpIo::new();
+    loop {
+        let mut guard = match epoll.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("UDP event loop: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let drained = worker.borrow_mut().udp_round(&mut io);
+        if drained {
+            guard.clear_ready();
+        } else {
+            drop(guard);
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// Serves messages from other workers.
@@ -569,15 +739,14 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 Ok((moved, socket)) => {
                     let relayed = moved.relayed();
                     match w.core.import(*moved) {
-                        Some(id) => w.adopt_relay_socket(&worker, id, socket, relayed),
+                        Some(id) => w.adopt_relay_socket(id, socket, relayed),
                         None => {
                             drop(socket);
                             w.shared.pool.release(relayed.port());
                         }
                     }
                     // Replay the Refresh: it now finds the allocation here.
-                    let action =
-                        w.client_message(&worker, Instant::now(), &five_tuple, link, &request);
+                    let action = w.client_message(Instant::now(), &five_tuple, link, &request);
                     w.dispatch(action, &five_tuple, link, &request);
                 }
                 Err(code) => {
@@ -620,92 +789,6 @@ async fn timer(worker: Handle) {
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
         w.report();
-    }
-}
-
-async fn udp_listener(worker: Handle, link: u32, sock: Rc<UdpSocket>, local: SocketAddr) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        if let Err(e) = sock.readable().await {
-            error!("UDP listener {local}: {e}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        // Drain what is queued, up to a batch, before waiting again.
-        for i in 0.. {
-            if i == BATCH {
-                tokio::task::yield_now().await;
-                break;
-            }
-            let (n, from) = match sock.try_recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    debug!("UDP listener {local}: {e}");
-                    continue;
-                }
-            };
-            let ft = FiveTuple {
-                client: from,
-                server: local,
-                transport: Transport::Udp,
-            };
-            let mut w = worker.borrow_mut();
-            let data = &buf[..n];
-            let action = w.client_message(&worker, Instant::now(), &ft, link, data);
-            w.dispatch(action, &ft, link, data);
-        }
-    }
-}
-
-/// Receives peer datagrams on one relay socket.
-///
-/// The task holds only a weak reference and waits with `poll_recv_ready`,
-/// so the worker's relay table owns the socket alone: removing the entry
-/// closes it at once and its port can be reused by the very next Allocate,
-/// on any worker. The task itself is aborted at the same moment.
-async fn relay_task(worker: Handle, id: AllocationId, sock: Weak<UdpSocket>) {
-    loop {
-        let ready = std::future::poll_fn(|cx| match sock.upgrade() {
-            Some(s) => s.poll_recv_ready(cx).map(Some),
-            None => Poll::Ready(None),
-        })
-        .await;
-        if !matches!(ready, Some(Ok(()))) {
-            return;
-        }
-        let Some(strong) = sock.upgrade() else { return };
-        let mut yield_now = false;
-        for i in 0.. {
-            if i == BATCH {
-                yield_now = true;
-                break;
-            }
-            let sock = &strong;
-            let mut guard = worker.borrow_mut();
-            let w = &mut *guard;
-            let (n, from) =
-                match sock.try_recv_from(&mut w.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // ICMP errors (port unreachable) surface here; keep reading.
-                    Err(_) => continue,
-                };
-            let Some(d) = w.core.handle_peer(
-                Instant::now(),
-                id,
-                from,
-                &mut w.peer_buf,
-                HEADROOM..HEADROOM + n,
-            ) else {
-                continue;
-            };
-            w.deliver(&d, &w.peer_buf[d.range.clone()]);
-        }
-        drop(strong);
-        if yield_now {
-            tokio::task::yield_now().await;
-        }
     }
 }
 
@@ -876,7 +959,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
                 }
                 let data = &buf[start..start + len];
                 let mut w = worker.borrow_mut();
-                let action = w.client_message(&worker, Instant::now(), &ft, link, data);
+                let action = w.client_message(Instant::now(), &ft, link, data);
                 w.dispatch(action, &ft, link, data);
                 drop(w);
                 start += len;

@@ -107,6 +107,16 @@ pub struct AllocationId {
     generation: u32,
 }
 
+impl AllocationId {
+    /// The allocation's slot in its [`Server`]'s table: small and dense, so
+    /// a driver can index its own per-allocation tables with it. A slot is
+    /// reused once its allocation ends; compare whole ids to tell the
+    /// allocations apart.
+    pub fn slot(&self) -> usize {
+        self.index as usize
+    }
+}
+
 /// Address family of a relayed transport address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {

@@ -1,0 +1,677 @@
+//! turnserver against coturn and the kernel floor, under the same turnbench
+//! load: `cargo bench --bench compare`.
+//!
+//! Runs, one after the other on 127.0.0.1 with free ports:
+//! - turnserver (this build) and, when found, Debian's coturn
+//!   (`COTURN_BIN`, else `/opt/coturn/usr/bin/turnserver` as put there by
+//!   `benches/setup-coturn.sh`, else `/usr/bin/turnserver` if that is
+//!   coturn), each from a fresh start with the same coturn-style config;
+//! - the kernel floor: `turnbench forward`, a bare UDP forwarder doing one
+//!   `recv` and one `send` per packet, with a socket per client.
+//!
+//! and measures, with `turnbench echo` as the peer:
+//! - server CPU (user + system, from /proc) per relayed packet at fixed
+//!   offered loads, and p99 round-trip latency there;
+//! - the most relayed packets per second with less than 0.1 % loss (a ramp
+//!   of 3-second runs);
+//! - resident memory added by 10,000 idle allocations, and the allocation
+//!   rate while creating them (401, Allocate, ChannelBind each).
+//!
+//! Prints the machine, every measurement and a summary table in Markdown
+//! (the format of BENCHMARKS.md), and writes the raw numbers to
+//! `target/compare.json`. The load generator, the echo peer and the server
+//! share the machine's cores, as they would on a small VM; the server's CPU
+//! is counted alone.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
+const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
+
+/// Offered loads for the CPU comparison, round trips per second (each is
+/// two relayed packets).
+const LOADS: [f64; 3] = [10_000.0, 40_000.0, 80_000.0];
+/// The load the summary table quotes for CPU and latency.
+const HEADLINE_LOAD: f64 = 40_000.0;
+/// Flows for the traffic runs.
+const FLOWS: usize = 100;
+/// Idle allocations for the memory measurement.
+const IDLE_ALLOCATIONS: usize = 10_000;
+/// Seconds per fixed-load run.
+const LOAD_SECONDS: f64 = 8.0;
+/// Seconds per step of the throughput ramp.
+const RAMP_SECONDS: f64 = 3.0;
+/// Loss that ends the ramp.
+const MAX_LOSS_PERCENT: f64 = 0.1;
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU seconds used so far (all threads).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .unwrap_or_else(|e| panic!("{} is gone: {e}", self.name));
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks / hz
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+/// `n` consecutive ports free for UDP and TCP on 127.0.0.1.
+fn free_ports(n: u16) -> u16 {
+    for attempt in 0..1000u32 {
+        let base = 20_000 + ((std::process::id() * 7919 + attempt * 104_729) % 11_000) as u16;
+        let ok = (base..base + n).all(|p| {
+            UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        });
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+/// Waits until a STUN Binding request to `addr` is answered.
+fn wait_for_stun(addr: SocketAddr, name: &str) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut req = Vec::new();
+    turnserver::stun::MessageWriter::new(
+        &mut req,
+        turnserver::stun::method::BINDING,
+        turnserver::stun::Class::Request,
+        &[9; 12],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(&req, addr);
+        if sock.recv(&mut buf).is_ok() {
+            return;
+        }
+    }
+    panic!("{name} does not answer STUN on {addr}");
+}
+
+/// A server under test.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    bin: PathBuf,
+    /// Extra command-line arguments.
+    args: Vec<String>,
+}
+
+/// The coturn binary to compare with, if any.
+fn find_coturn() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("COTURN_BIN").map(PathBuf::from),
+        Some(PathBuf::from("/opt/coturn/usr/bin/turnserver")),
+        Some(PathBuf::from("/usr/bin/turnserver")),
+    ];
+    candidates.into_iter().flatten().find(|p| {
+        p.is_file()
+            && Command::new(p).arg("--version").output().is_ok_and(|o| {
+                let v = String::from_utf8_lossy(&o.stdout);
+                // turnserver prints "turnserver X.Y.Z"; coturn only the
+                // version number.
+                !v.starts_with("turnserver") && v.trim().starts_with(|c: char| c.is_ascii_digit())
+            })
+    })
+}
+
+fn version_of(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+struct Env {
+    dir: PathBuf,
+    echo: SocketAddr,
+}
+
+/// Starts `target` fresh with the shared config on a free port.
+fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
+    let port = free_ports(2);
+    // The default relay range: client sockets are on another address.
+    let relay_base = 49_152;
+    let config = format!(
+        "# the same coturn-style configuration for every server\n\
+         listening-ip=127.0.0.1\n\
+         listening-port={port}\n\
+         tls-listening-port={}\n\
+         min-port={relay_base}\n\
+         max-port=65535\n\
+         lt-cred-mech\n\
+         user=bench:bench-password\n\
+         realm=bench.test\n\
+         allow-loopback-peers\n\
+         no-tls\n\
+         no-dtls\n\
+         no-cli\n\
+         simple-log\n\
+         log-file={}/{}.log\n",
+        port + 1,
+        env.dir.display(),
+        t.name,
+    );
+    let conf = env.dir.join(format!("{}.conf", t.name));
+    std::fs::write(&conf, config).unwrap();
+    let out = std::fs::File::create(env.dir.join(format!("{}.out", t.name))).unwrap();
+    let child = Command::new(&t.bin)
+        .arg("-c")
+        .arg(&conf)
+        .args(&t.args)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", t.bin.display()));
+    let p = Proc {
+        child,
+        name: t.name.to_string(),
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_stun(addr, t.name);
+    (p, addr)
+}
+
+/// Runs turnbench with `args`, returning its JSON report.
+fn turnbench(args: &[String]) -> Value {
+    let out = Command::new(TURNBENCH)
+        .arg("run")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run turnbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "turnbench {args:?}: {e}\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Clients bind this address, so their ports never collide with the relay
+/// ports servers bind on 127.0.0.1.
+const CLIENT_IP: &str = "127.0.0.2";
+
+fn load_args(server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64, secs: f64) -> Vec<String> {
+    let mut a = vec![server.to_string(), "--bind".into(), CLIENT_IP.into()];
+    if raw {
+        a.push("--raw".into());
+    } else {
+        a.extend(
+            ["-u", "bench", "-w", "bench-password", "--peer"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        a.push(echo.to_string());
+    }
+    a.extend([
+        "-n".into(),
+        FLOWS.to_string(),
+        "-r".into(),
+        rate.to_string(),
+        "-d".into(),
+        secs.to_string(),
+    ]);
+    a
+}
+
+/// CPU per relayed packet and latency at one offered load.
+fn fixed_load(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
+    let before = p.cpu_seconds();
+    let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
+    let cpu = p.cpu_seconds() - before;
+    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    json!({
+        "offered_round_trips_per_second": rate,
+        "cpu_seconds": cpu,
+        "relayed_packets": relayed,
+        "cpu_us_per_relayed_packet": if relayed > 0.0 { cpu * 1e6 / relayed } else { f64::NAN },
+        "loss_percent": r["loss_percent"],
+        "rtt_us": r["rtt_us"],
+    })
+}
+
+/// The highest load relayed with less than 0.1 % loss.
+fn ramp(server: SocketAddr, echo: SocketAddr, raw: bool) -> Value {
+    let mut rate = 40_000.0;
+    let mut best: Option<Value> = None;
+    let mut steps = Vec::new();
+    for _ in 0..20 {
+        let r = turnbench(&load_args(server, echo, raw, rate, RAMP_SECONDS));
+        let loss = r["loss_percent"].as_f64().unwrap();
+        let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
+        steps.push(json!({"offered": rate, "relayed_per_second": relayed, "loss_percent": loss}));
+        eprintln!("    ramp: offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %");
+        if loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        best = Some(json!({"offered": rate, "relayed_per_second": relayed}));
+        rate *= 1.15;
+    }
+    json!({"best": best, "steps": steps})
+}
+
+/// Memory added by idle allocations, and the allocation rate creating them.
+fn idle_allocations(p: &Proc, server: SocketAddr, echo: SocketAddr) -> Value {
+    // Warm up code paths and allocator arenas with a few allocations first.
+    turnbench(&[
+        server.to_string(),
+        "--bind".into(),
+        CLIENT_IP.into(),
+        "-u".into(),
+        "bench".into(),
+        "-w".into(),
+        "bench-password".into(),
+        "--peer".into(),
+        echo.to_string(),
+        "-n".into(),
+        "100".into(),
+        "-d".into(),
+        "0".into(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = p.rss_kib();
+    let mut child = Command::new(TURNBENCH)
+        .args([
+            "run",
+            &server.to_string(),
+            "--bind",
+            CLIENT_IP,
+            "-u",
+            "bench",
+            "-w",
+            "bench-password",
+            "--peer",
+            &echo.to_string(),
+            "-n",
+            &IDLE_ALLOCATIONS.to_string(),
+            "-d",
+            "0",
+            "--hold",
+            "3",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("turnbench");
+    let stderr = child.stderr.take().unwrap();
+    let mut during = None;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.contains("allocations ready") {
+            std::thread::sleep(Duration::from_millis(1500));
+            during = Some(p.rss_kib());
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).expect("turnbench JSON");
+    let during = during.expect("turnbench never reported its allocations ready");
+    json!({
+        "allocations": r["allocations_ok"],
+        "rss_before_kib": before,
+        "rss_with_allocations_kib": during,
+        "added_kib": during.saturating_sub(before),
+        "added_kib_per_10000": (during.saturating_sub(before)) as f64
+            * 10_000.0 / r["allocations_ok"].as_f64().unwrap().max(1.0),
+        "allocation_rate": r["allocation_rate"],
+        "setup_errors": r["setup_errors"],
+    })
+}
+
+fn measure_server(env: &Env, t: &Target) -> Value {
+    eprintln!("==> {} ({})", t.name, t.bin.display());
+    let (p, addr) = start_server(env, t);
+    eprintln!("  idle allocations");
+    let memory = idle_allocations(&p, addr, env.echo);
+    drop(p);
+    let (p, addr) = start_server(env, t);
+    let mut loads = Vec::new();
+    for rate in LOADS {
+        eprintln!("  fixed load {rate:.0} round trips/s");
+        loads.push(fixed_load(&p, addr, env.echo, false, rate));
+    }
+    drop(p);
+    let (_p, addr) = start_server(env, t);
+    eprintln!("  throughput ramp");
+    let max = ramp(addr, env.echo, false);
+    json!({"name": t.name, "version": version_of(&t.bin), "memory": memory, "loads": loads, "max": max})
+}
+
+fn measure_floor(env: &Env) -> Value {
+    eprintln!("==> kernel floor (turnbench forward)");
+    let port = free_ports(1);
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Command::new(TURNBENCH)
+        .args([
+            "forward",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &env.echo.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnbench forward");
+    let p = Proc {
+        child,
+        name: "forward".into(),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut loads = Vec::new();
+    for rate in LOADS {
+        eprintln!("  fixed load {rate:.0} round trips/s");
+        loads.push(fixed_load(&p, listen, env.echo, true, rate));
+    }
+    eprintln!("  throughput ramp");
+    let max = ramp(listen, env.echo, true);
+    json!({"name": "kernel floor", "loads": loads, "max": max})
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PRETTY_NAME=")
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), {mem} RAM, {os}, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn cpu_at(r: &Value, rate: f64) -> f64 {
+    r["loads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate))
+        .and_then(|l| l["cpu_us_per_relayed_packet"].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+fn p99_at(r: &Value, rate: f64) -> f64 {
+    r["loads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate))
+        .and_then(|l| l["rtt_us"]["p99"].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+fn max_pps(r: &Value) -> f64 {
+    r["max"]["best"]["relayed_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+fn report(
+    machine: &str,
+    ours: &Value,
+    single: &Value,
+    coturn: Option<&Value>,
+    floor: &Value,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Machine: {machine}\n");
+    let _ = writeln!(
+        s,
+        "turnserver {}; coturn {}; load: turnbench, {FLOWS} UDP allocations, ChannelData, 170-byte payloads, echo peer `turnbench echo`, all on 127.0.0.1.\n",
+        ours["version"].as_str().unwrap_or("?"),
+        coturn.map_or("not found (run benches/setup-coturn.sh)".to_string(), |c| c
+            ["version"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string()),
+    );
+    let _ = writeln!(
+        s,
+        "Server CPU per relayed packet (µs; user + system) and p99 round trip (µs):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| offered round trips/s | relayed packets/s | turnserver | turnserver, 1 thread | coturn | kernel floor | turnserver p99 | coturn p99 | floor p99 |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for rate in LOADS {
+        let _ = writeln!(
+            s,
+            "| {rate:.0} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {} | {:.0} |",
+            rate * 2.0,
+            cpu_at(ours, rate),
+            cpu_at(single, rate),
+            coturn.map_or("-".into(), |c| format!("{:.2}", cpu_at(c, rate))),
+            cpu_at(floor, rate),
+            p99_at(ours, rate),
+            coturn.map_or("-".into(), |c| format!("{:.0}", p99_at(c, rate))),
+            p99_at(floor, rate),
+        );
+    }
+    let _ = writeln!(s);
+    let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", a / b));
+    let yes = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "not met",
+        None => "-",
+    };
+    let c = coturn;
+    let o_cpu = cpu_at(ours, HEADLINE_LOAD);
+    let c_cpu = c.map(|c| cpu_at(c, HEADLINE_LOAD));
+    let f_cpu = cpu_at(floor, HEADLINE_LOAD);
+    let o_max = max_pps(ours);
+    let c_max = c.map(max_pps);
+    let o_mem = ours["memory"]["added_kib_per_10000"].as_f64().unwrap() / 1024.0;
+    let c_mem = c.map(|c| c["memory"]["added_kib_per_10000"].as_f64().unwrap() / 1024.0);
+    let o_rate = ours["memory"]["allocation_rate"].as_f64().unwrap();
+    let c_rate = c.map(|c| c["memory"]["allocation_rate"].as_f64().unwrap());
+    let o_p99 = p99_at(ours, HEADLINE_LOAD);
+    let c_p99 = c.map(|c| p99_at(c, HEADLINE_LOAD));
+    let _ = writeln!(
+        s,
+        "| metric | turnserver | coturn | turnserver / coturn | goal | |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| server CPU per relayed packet at {:.0} relayed/s (µs) | {o_cpu:.2} | {} | {} | ≤ 0.6 | {} |",
+        HEADLINE_LOAD * 2.0,
+        c_cpu.map_or("-".into(), |v| format!("{v:.2}")),
+        ratio(o_cpu, c_cpu),
+        yes(c_cpu.map(|c| o_cpu / c <= 0.6)),
+    );
+    let _ = writeln!(
+        s,
+        "| same, against the kernel floor ({f_cpu:.2} µs) | {o_cpu:.2} | | {:.2} (to floor) | ≤ 1.2 | {} |",
+        o_cpu / f_cpu,
+        yes(Some(o_cpu / f_cpu <= 1.2)),
+    );
+    let _ = writeln!(
+        s,
+        "| max relayed packets/s with < 0.1 % loss | {o_max:.0} | {} | {} | ≥ 2 | {} |",
+        c_max.map_or("-".into(), |v| format!("{v:.0}")),
+        ratio(o_max, c_max),
+        yes(c_max.map(|c| o_max / c >= 2.0)),
+    );
+    let _ = writeln!(
+        s,
+        "| resident memory added by 10,000 idle allocations (MiB) | {o_mem:.1} | {} | {} | ≤ 0.25 | {} |",
+        c_mem.map_or("-".into(), |v| format!("{v:.1}")),
+        ratio(o_mem, c_mem),
+        yes(c_mem.map(|c| o_mem / c <= 0.25)),
+    );
+    let _ = writeln!(
+        s,
+        "| allocation rate (401, Allocate, ChannelBind per second) | {o_rate:.0} | {} | {} | ≥ 2 | {} |",
+        c_rate.map_or("-".into(), |v| format!("{v:.0}")),
+        ratio(o_rate, c_rate),
+        yes(c_rate.map(|c| o_rate / c >= 2.0)),
+    );
+    let _ = writeln!(
+        s,
+        "| p99 round trip at {:.0} relayed/s (µs) | {o_p99:.0} | {} | {} | ≤ 1 | {} |",
+        HEADLINE_LOAD * 2.0,
+        c_p99.map_or("-".into(), |v| format!("{v:.0}")),
+        ratio(o_p99, c_p99),
+        yes(c_p99.map(|c| o_p99 <= c)),
+    );
+    let _ = writeln!(
+        s,
+        "\nMax relayed packets/s with < 0.1 % loss: kernel floor {:.0}, turnserver with relay-threads=1 {:.0}.",
+        max_pps(floor),
+        max_pps(single),
+    );
+    let _ = writeln!(
+        s,
+        "turnserver with relay-threads=1: {:.1} MiB per 10,000 idle allocations, {:.0} allocations/s.",
+        single["memory"]["added_kib_per_10000"].as_f64().unwrap() / 1024.0,
+        single["memory"]["allocation_rate"].as_f64().unwrap(),
+    );
+    s
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    // One socket per allocation, here and in the servers started from here.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let dir = std::env::temp_dir().join(format!("turnserver-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let echo_port = free_ports(1);
+    let echo: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
+    let _echo = Proc {
+        child: Command::new(TURNBENCH)
+            .args(["echo", "--listen", &echo.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnbench echo"),
+        name: "echo".into(),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let env = Env {
+        dir: dir.clone(),
+        echo,
+    };
+
+    let ours = measure_server(
+        &env,
+        &Target {
+            name: "turnserver",
+            bin: TURNSERVER.into(),
+            // Every benchmark client comes from 127.0.0.1: lift the
+            // per-address limit on unauthenticated answers (401s).
+            args: vec!["--unauthorized-ratelimit-rps=0".into()],
+        },
+    );
+    // The same, with one worker thread: what the data path costs when it
+    // does not wake two threads for the same load.
+    let single = measure_server(
+        &env,
+        &Target {
+            name: "turnserver-1-thread",
+            bin: TURNSERVER.into(),
+            args: vec![
+                "--unauthorized-ratelimit-rps=0".into(),
+                "--relay-threads=1".into(),
+            ],
+        },
+    );
+    let coturn = find_coturn().map(|bin| {
+        measure_server(
+            &env,
+            &Target {
+                name: "coturn",
+                bin,
+                args: Vec::new(),
+            },
+        )
+    });
+    if coturn.is_none() {
+        eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
+    }
+    let floor = measure_floor(&env);
+    let machine = machine();
+    let all = json!({
+        "machine": machine,
+        "turnserver": ours,
+        "turnserver_1_thread": single,
+        "coturn": coturn,
+        "floor": floor,
+    });
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/compare.json");
+    let _ = std::fs::write(&target, serde_json::to_string_pretty(&all).unwrap());
+    println!(
+        "{}",
+        report(&machine, &ours, &single, coturn.as_ref(), &floor)
+    );
+    eprintln!("raw numbers: {}", target.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
