@@ -31,7 +31,7 @@ work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -q turnserver >/dev/null 2>&1 || true
     rm -rf "$work"
 }
