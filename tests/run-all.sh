@@ -28,7 +28,7 @@ if dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q 'ok installed'; the
 fi
 COTURN_TOOLS=/opt/coturn-tools
 if [ ! -x "$COTURN_TOOLS/usr/bin/turnutils_uclient" ] ||
-    ! "$COTURN_TOOLS/usr/bin/turnutils_stunclient" 2>&1 | grep -q Usage; then
+    ! { "$COTURN_TOOLS/usr/bin/turnutils_stunclient" 2>&1 || true; } | grep -q Usage; then
     # The tools' shared libraries (see ldd), then the package itself.
     apt_install libevent-core-2.1-7 libevent-extra-2.1-7 libssl3
     download=$(mktemp -d)
