@@ -32,6 +32,24 @@ pub struct RecvBatch {
     hdrs: [libc::mmsghdr; BATCH],
 }
 
+/// Points one `mmsghdr` at an address and a single buffer, with no
+/// control data.
+fn set_header(
+    h: &mut libc::mmsghdr,
+    name: *mut libc::c_void,
+    namelen: libc::socklen_t,
+    iov: &mut libc::iovec,
+) {
+    h.msg_hdr.msg_name = name;
+    h.msg_hdr.msg_namelen = namelen;
+    h.msg_hdr.msg_iov = iov;
+    h.msg_hdr.msg_iovlen = 1;
+    h.msg_hdr.msg_control = std::ptr::null_mut();
+    h.msg_hdr.msg_controllen = 0;
+    h.msg_hdr.msg_flags = 0;
+    h.msg_len = 0;
+}
+
 /// Reads an IPv4 or IPv6 socket address the kernel wrote.
 fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
@@ -113,15 +131,12 @@ impl RecvBatch {
                 iov_len: self.capacity,
             };
             self.addrs[i].ss_family = 0;
-            let h = &mut self.hdrs[k];
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-            h.msg_hdr.msg_iov = &mut self.iovs[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            set_header(
+                &mut self.hdrs[k],
+                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast(),
+                std::mem::size_of::<libc::sockaddr_storage>() as u32,
+                &mut self.iovs[k],
+            );
         }
         // SAFETY: hdrs[..max] point at live iovecs and address storage owned
         // by self, each iovec at a live buffer of at least `capacity` bytes;
@@ -252,15 +267,13 @@ impl SendQueue {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
             };
-            let h = &mut self.hdrs[k];
-            h.msg_hdr.msg_name = q.to.as_ptr() as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = q.to.len();
-            h.msg_hdr.msg_iov = &mut self.iovs[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            // The kernel only reads the address of a datagram it sends.
+            set_header(
+                &mut self.hdrs[k],
+                q.to.as_ptr() as *mut libc::c_void,
+                q.to.len(),
+                &mut self.iovs[k],
+            );
         }
         let mut sent = 0;
         while sent < n {

@@ -398,6 +398,18 @@ struct Ready {
 /// A connection with its allocation: credentials and relayed address.
 type Allocated = (Conn, Option<Auth>, SocketAddr);
 
+impl Ready {
+    fn new(id: usize, conn: Conn, auth: Option<Auth>) -> Ready {
+        let (link, rest) = conn.into_parts();
+        Ready {
+            id,
+            link,
+            rest,
+            auth,
+        }
+    }
+}
+
 /// Connects and allocates for flow `id` (no permission yet).
 async fn allocate(plan: &Plan, id: usize) -> Result<Allocated, String> {
     let mut conn = Conn::connect(
@@ -446,18 +458,7 @@ async fn setup(
         let mut ready = Vec::new();
         for &id in ids {
             match Conn::connect(plan.server, plan.bind, Transport::Udp, None, id as u32).await {
-                Ok(c) => {
-                    let (link, rest) = c.into_parts();
-                    ready.push((
-                        Ready {
-                            id,
-                            link,
-                            rest,
-                            auth: None,
-                        },
-                        plan.server,
-                    ));
-                }
+                Ok(c) => ready.push((Ready::new(id, c, None), plan.server)),
                 Err(e) => count_error(errors, format!("connect: {e}")),
             }
         }
@@ -500,16 +501,7 @@ async fn setup(
             .zip(done)
             .filter_map(|(&id, d)| {
                 let (conn, auth, _) = d?;
-                let (link, rest) = conn.into_parts();
-                Some((
-                    Ready {
-                        id,
-                        link,
-                        rest,
-                        auth,
-                    },
-                    peer,
-                ))
+                Some((Ready::new(id, conn, auth), peer))
             })
             .collect();
     }
@@ -535,16 +527,7 @@ async fn setup(
             (a_id, a_conn, a_auth, b_relayed),
             (b_id, b_conn, b_auth, a_relayed),
         ] {
-            let (link, rest) = conn.into_parts();
-            ready.push((
-                Ready {
-                    id,
-                    link,
-                    rest,
-                    auth,
-                },
-                peer,
-            ));
+            ready.push((Ready::new(id, conn, auth), peer));
         }
     }
     ready
