@@ -11,7 +11,8 @@
 //!
 //! and measures, with `turnbench echo` as the peer:
 //! - server CPU (user + system, from /proc) per relayed packet at fixed
-//!   offered loads, and p99 round-trip latency there;
+//!   offered loads, and p99 round-trip latency there (the median of five
+//!   runs each, `COMPARE_REPEATS` to change);
 //! - the most relayed packets per second with less than 0.1 % loss (a ramp
 //!   of 3-second runs);
 //! - resident memory added by 10,000 idle allocations, and the allocation
@@ -45,7 +46,10 @@ const FLOWS: usize = 100;
 /// Idle allocations for the memory measurement.
 const IDLE_ALLOCATIONS: usize = 10_000;
 /// Seconds per fixed-load run.
-const LOAD_SECONDS: f64 = 8.0;
+const LOAD_SECONDS: f64 = 5.0;
+/// Runs per fixed load; the tables quote the median run (by CPU) and the
+/// median p99. `COMPARE_REPEATS` overrides it.
+const REPEATS: usize = 5;
 /// Seconds per step of the throughput ramp.
 const RAMP_SECONDS: f64 = 3.0;
 /// Loss that ends the ramp.
@@ -262,19 +266,72 @@ fn load_args(server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64, secs: f
     a
 }
 
-/// CPU per relayed packet and latency at one offered load.
+/// Runs per fixed load: `COMPARE_REPEATS`, else `REPEATS`.
+fn repeats() -> usize {
+    std::env::var("COMPARE_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(REPEATS)
+}
+
+/// The median of `v` (the lower middle for an even count); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// CPU per relayed packet and latency at one offered load: `repeats()`
+/// back-to-back runs against the same server, summarised by their medians,
+/// with every run kept under "runs".
 fn fixed_load(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
-    let before = p.cpu_seconds();
-    let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
-    let cpu = p.cpu_seconds() - before;
-    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..repeats() {
+        let before = p.cpu_seconds();
+        let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
+        let cpu = p.cpu_seconds() - before;
+        let relayed =
+            r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+        let us = if relayed > 0.0 {
+            cpu * 1e6 / relayed
+        } else {
+            f64::NAN
+        };
+        eprintln!(
+            "    {us:.2} µs/relayed packet, p99 {:.0} µs, loss {:.3} %",
+            r["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN),
+            r["loss_percent"].as_f64().unwrap_or(f64::NAN),
+        );
+        runs.push(json!({
+            "cpu_seconds": cpu,
+            "relayed_packets": relayed,
+            "cpu_us_per_relayed_packet": us,
+            "loss_percent": r["loss_percent"],
+            "rtt_us": r["rtt_us"],
+        }));
+    }
+    let field =
+        |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
+    let cpus = field(&|r| r["cpu_us_per_relayed_packet"].as_f64());
+    let (lo, hi) = cpus
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
+            (lo.min(c), hi.max(c))
+        });
     json!({
         "offered_round_trips_per_second": rate,
-        "cpu_seconds": cpu,
-        "relayed_packets": relayed,
-        "cpu_us_per_relayed_packet": if relayed > 0.0 { cpu * 1e6 / relayed } else { f64::NAN },
-        "loss_percent": r["loss_percent"],
-        "rtt_us": r["rtt_us"],
+        "cpu_us_per_relayed_packet": median(cpus),
+        "cpu_us_min": lo,
+        "cpu_us_max": hi,
+        "loss_percent": median(field(&|r| r["loss_percent"].as_f64())),
+        "rtt_us": {
+            "p50": median(field(&|r| r["rtt_us"]["p50"].as_f64())),
+            "p99": median(field(&|r| r["rtt_us"]["p99"].as_f64())),
+            "p999": median(field(&|r| r["rtt_us"]["p999"].as_f64())),
+        },
+        "runs": runs,
     })
 }
 
@@ -453,6 +510,24 @@ fn cpu_at(r: &Value, rate: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// "median (min–max)" of the CPU runs at `rate`.
+fn cpu_cell(r: &Value, rate: f64) -> String {
+    let load = r["loads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate));
+    match load {
+        Some(l) => format!(
+            "{:.2} ({:.2}–{:.2})",
+            l["cpu_us_per_relayed_packet"].as_f64().unwrap_or(f64::NAN),
+            l["cpu_us_min"].as_f64().unwrap_or(f64::NAN),
+            l["cpu_us_max"].as_f64().unwrap_or(f64::NAN),
+        ),
+        None => "-".into(),
+    }
+}
+
 fn p99_at(r: &Value, rate: f64) -> f64 {
     r["loads"]
         .as_array()
@@ -490,7 +565,8 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "Server CPU per relayed packet (µs; user + system) and p99 round trip (µs):\n"
+        "Server CPU per relayed packet (µs; user + system; median and range of {} runs of {LOAD_SECONDS} s) and median p99 round trip (µs):\n",
+        repeats()
     );
     let _ = writeln!(
         s,
@@ -500,12 +576,12 @@ fn report(
     for rate in LOADS {
         let _ = writeln!(
             s,
-            "| {rate:.0} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {} | {:.0} |",
+            "| {rate:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {:.0} |",
             rate * 2.0,
-            cpu_at(ours, rate),
-            cpu_at(single, rate),
-            coturn.map_or("-".into(), |c| format!("{:.2}", cpu_at(c, rate))),
-            cpu_at(floor, rate),
+            cpu_cell(ours, rate),
+            cpu_cell(single, rate),
+            coturn.map_or("-".into(), |c| cpu_cell(c, rate)),
+            cpu_cell(floor, rate),
             p99_at(ours, rate),
             coturn.map_or("-".into(), |c| format!("{:.0}", p99_at(c, rate))),
             p99_at(floor, rate),
