@@ -1,9 +1,10 @@
 //! turnserver against coturn and the kernel floor, under the same turnbench
 //! load: `cargo bench --bench compare`.
 //!
-//! Runs, one after the other on 127.0.0.1 with free ports:
-//! - turnserver (this build) and, when found, Debian's coturn
-//!   (`COTURN_BIN`, else `/opt/coturn/usr/bin/turnserver` as put there by
+//! Runs, on 127.0.0.1 with free ports:
+//! - turnserver (this build), with its default workers and with one, and,
+//!   when found, Debian's coturn (`COTURN_BIN`, else
+//!   `/opt/coturn/usr/bin/turnserver` as put there by
 //!   `benches/setup-coturn.sh`, else `/usr/bin/turnserver` if that is
 //!   coturn), each from a fresh start with the same coturn-style config;
 //! - the kernel floor: `turnbench forward`, a bare UDP forwarder doing one
@@ -11,10 +12,11 @@
 //!
 //! and measures, with `turnbench echo` as the peer:
 //! - server CPU (user + system, from /proc) per relayed packet at fixed
-//!   offered loads, and p99 round-trip latency there (the median of five
-//!   runs each, `COMPARE_REPEATS` to change);
-//! - the most relayed packets per second with less than 0.1 % loss (a ramp
-//!   of 3-second runs);
+//!   offered loads, and p99 round-trip latency there: every server runs at
+//!   once and the runs are interleaved, one server at a time, five rounds
+//!   per load (`COMPARE_REPEATS` to change); the tables quote medians;
+//! - the most relayed packets per second with less than 0.1 % loss: the
+//!   median of three ramps of 3-second runs, interleaved the same way;
 //! - resident memory added by 10,000 idle allocations, and the allocation
 //!   rate while creating them (401, Allocate, ChannelBind each).
 //!
@@ -50,6 +52,8 @@ const LOAD_SECONDS: f64 = 5.0;
 /// Runs per fixed load; the tables quote the median run (by CPU) and the
 /// median p99. `COMPARE_REPEATS` overrides it.
 const REPEATS: usize = 5;
+/// Throughput ramps per server; the result is the median.
+const RAMPS: usize = 3;
 /// Seconds per step of the throughput ramp.
 const RAMP_SECONDS: f64 = 3.0;
 /// Loss that ends the ramp.
@@ -283,35 +287,36 @@ fn median(mut v: Vec<f64>) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// CPU per relayed packet and latency at one offered load: `repeats()`
-/// back-to-back runs against the same server, summarised by their medians,
-/// with every run kept under "runs".
-fn fixed_load(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
-    let mut runs = Vec::new();
-    for _ in 0..repeats() {
-        let before = p.cpu_seconds();
-        let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
-        let cpu = p.cpu_seconds() - before;
-        let relayed =
-            r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
-        let us = if relayed > 0.0 {
-            cpu * 1e6 / relayed
-        } else {
-            f64::NAN
-        };
-        eprintln!(
-            "    {us:.2} µs/relayed packet, p99 {:.0} µs, loss {:.3} %",
-            r["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN),
-            r["loss_percent"].as_f64().unwrap_or(f64::NAN),
-        );
-        runs.push(json!({
-            "cpu_seconds": cpu,
-            "relayed_packets": relayed,
-            "cpu_us_per_relayed_packet": us,
-            "loss_percent": r["loss_percent"],
-            "rtt_us": r["rtt_us"],
-        }));
-    }
+/// One fixed-load run: the server's CPU per relayed packet and the
+/// latency and loss turnbench saw.
+fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
+    let before = p.cpu_seconds();
+    let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
+    let cpu = p.cpu_seconds() - before;
+    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    let us = if relayed > 0.0 {
+        cpu * 1e6 / relayed
+    } else {
+        f64::NAN
+    };
+    eprintln!(
+        "    {:<20} {us:.2} µs/relayed packet, p99 {:.0} µs, loss {:.3} %",
+        p.name,
+        r["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN),
+        r["loss_percent"].as_f64().unwrap_or(f64::NAN),
+    );
+    json!({
+        "cpu_seconds": cpu,
+        "relayed_packets": relayed,
+        "cpu_us_per_relayed_packet": us,
+        "loss_percent": r["loss_percent"],
+        "rtt_us": r["rtt_us"],
+    })
+}
+
+/// The runs at one offered load summarised by their medians (CPU with its
+/// range), with every run kept under "runs".
+fn summarise(rate: f64, runs: Vec<Value>) -> Value {
     let field =
         |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
     let cpus = field(&|r| r["cpu_us_per_relayed_packet"].as_f64());
@@ -335,24 +340,102 @@ fn fixed_load(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f
     })
 }
 
-/// The highest load relayed with less than 0.1 % loss.
-fn ramp(server: SocketAddr, echo: SocketAddr, raw: bool) -> Value {
-    let mut rate = 40_000.0;
-    let mut best: Option<Value> = None;
-    let mut steps = Vec::new();
-    for _ in 0..20 {
-        let r = turnbench(&load_args(server, echo, raw, rate, RAMP_SECONDS));
-        let loss = r["loss_percent"].as_f64().unwrap();
-        let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
-        steps.push(json!({"offered": rate, "relayed_per_second": relayed, "loss_percent": loss}));
-        eprintln!("    ramp: offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %");
-        if loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0 {
-            break;
+/// A server under fixed load: its process, where to send, and whether it
+/// is the plain forwarder (no TURN).
+struct Loaded {
+    proc: Proc,
+    addr: SocketAddr,
+    raw: bool,
+}
+
+/// The fixed loads, interleaved: every server runs at once (idle while
+/// another is measured), and each of the `repeats()` rounds at each load
+/// measures every server in turn, starting with a different one each round.
+/// Slow drift of the machine (other tenants, frequency) then reaches every
+/// server alike instead of whichever happened to run during it. Returns the
+/// summarised loads of each server, in the order given.
+fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
+    let n = servers.len();
+    let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
+    for rate in LOADS {
+        eprintln!("==> fixed load {rate:.0} round trips/s");
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n];
+        for round in 0..repeats() {
+            for k in 0..n {
+                let i = (round + k) % n;
+                let s = &servers[i];
+                runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, rate));
+            }
         }
-        best = Some(json!({"offered": rate, "relayed_per_second": relayed}));
-        rate *= 1.15;
+        for (i, r) in runs.into_iter().enumerate() {
+            out[i].push(summarise(rate, r));
+        }
     }
-    json!({"best": best, "steps": steps})
+    out
+}
+
+/// The throughput ramps, interleaved like [`fixed_loads`]: `RAMPS` times,
+/// the offered load starts at 40,000 round trips/s and grows by 15 % a
+/// step, each step running every server still in the ramp in turn, until a
+/// server loses 0.1 % or more (or turnbench itself drops). A server's best
+/// in a ramp is the last step it passed; its result is the median of its
+/// bests, with every step kept.
+fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
+    let n = servers.len();
+    let mut bests: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut steps: Vec<Vec<Value>> = vec![Vec::new(); n];
+    for round in 0..RAMPS {
+        eprintln!("==> throughput ramp {}/{RAMPS}", round + 1);
+        let mut best: Vec<f64> = vec![0.0; n];
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut rate = 40_000.0;
+        for step in 0..20 {
+            if active.is_empty() {
+                break;
+            }
+            let mut failed = Vec::new();
+            for k in 0..active.len() {
+                let i = active[(step + k) % active.len()];
+                let s = &servers[i];
+                let r = turnbench(&load_args(s.addr, echo, s.raw, rate, RAMP_SECONDS));
+                let loss = r["loss_percent"].as_f64().unwrap();
+                let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
+                eprintln!(
+                    "    {:<20} offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %",
+                    s.proc.name
+                );
+                steps[i].push(json!({
+                    "ramp": round,
+                    "offered": rate,
+                    "relayed_per_second": relayed,
+                    "loss_percent": loss,
+                }));
+                if loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0 {
+                    failed.push(i);
+                } else {
+                    best[i] = relayed;
+                }
+            }
+            active.retain(|i| !failed.contains(i));
+            rate *= 1.15;
+        }
+        for i in 0..n {
+            bests[i].push(best[i]);
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let lo = bests[i].iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = bests[i].iter().copied().fold(0.0, f64::max);
+            json!({
+                "relayed_per_second": median(bests[i].clone()),
+                "min": lo,
+                "max": hi,
+                "bests": bests[i],
+                "steps": steps[i],
+            })
+        })
+        .collect()
 }
 
 /// Memory added by idle allocations, and the allocation rate creating them.
@@ -422,27 +505,19 @@ fn idle_allocations(p: &Proc, server: SocketAddr, echo: SocketAddr) -> Value {
     })
 }
 
+/// Memory and allocation rate, on a fresh start of `t`; the fixed loads
+/// and the ramps are measured apart, all servers together ([`fixed_loads`],
+/// [`ramps`]).
 fn measure_server(env: &Env, t: &Target) -> Value {
     eprintln!("==> {} ({})", t.name, t.bin.display());
     let (p, addr) = start_server(env, t);
     eprintln!("  idle allocations");
     let memory = idle_allocations(&p, addr, env.echo);
-    drop(p);
-    let (p, addr) = start_server(env, t);
-    let mut loads = Vec::new();
-    for rate in LOADS {
-        eprintln!("  fixed load {rate:.0} round trips/s");
-        loads.push(fixed_load(&p, addr, env.echo, false, rate));
-    }
-    drop(p);
-    let (_p, addr) = start_server(env, t);
-    eprintln!("  throughput ramp");
-    let max = ramp(addr, env.echo, false);
-    json!({"name": t.name, "version": version_of(&t.bin), "memory": memory, "loads": loads, "max": max})
+    json!({"name": t.name, "version": version_of(&t.bin), "memory": memory})
 }
 
-fn measure_floor(env: &Env) -> Value {
-    eprintln!("==> kernel floor (turnbench forward)");
+/// Starts the kernel floor, `turnbench forward`, towards the echo peer.
+fn start_floor(env: &Env) -> (Proc, SocketAddr) {
     let port = free_ports(1);
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new(TURNBENCH)
@@ -457,19 +532,14 @@ fn measure_floor(env: &Env) -> Value {
         .stderr(Stdio::null())
         .spawn()
         .expect("turnbench forward");
-    let p = Proc {
-        child,
-        name: "forward".into(),
-    };
     std::thread::sleep(Duration::from_millis(300));
-    let mut loads = Vec::new();
-    for rate in LOADS {
-        eprintln!("  fixed load {rate:.0} round trips/s");
-        loads.push(fixed_load(&p, listen, env.echo, true, rate));
-    }
-    eprintln!("  throughput ramp");
-    let max = ramp(listen, env.echo, true);
-    json!({"name": "kernel floor", "loads": loads, "max": max})
+    (
+        Proc {
+            child,
+            name: "kernel floor".into(),
+        },
+        listen,
+    )
 }
 
 fn machine() -> String {
@@ -539,9 +609,7 @@ fn p99_at(r: &Value, rate: f64) -> f64 {
 }
 
 fn max_pps(r: &Value) -> f64 {
-    r["max"]["best"]["relayed_per_second"]
-        .as_f64()
-        .unwrap_or(f64::NAN)
+    r["max"]["relayed_per_second"].as_f64().unwrap_or(f64::NAN)
 }
 
 fn report(
@@ -654,11 +722,21 @@ fn report(
         ratio(o_p99, c_p99),
         yes(c_p99.map(|c| o_p99 <= c)),
     );
+    let range = |r: &Value| {
+        format!(
+            "{:.0} ({:.0}–{:.0})",
+            max_pps(r),
+            r["max"]["min"].as_f64().unwrap_or(f64::NAN),
+            r["max"]["max"].as_f64().unwrap_or(f64::NAN),
+        )
+    };
     let _ = writeln!(
         s,
-        "\nMax relayed packets/s with < 0.1 % loss: kernel floor {:.0}, turnserver with relay-threads=1 {:.0}.",
-        max_pps(floor),
-        max_pps(single),
+        "\nMax relayed packets/s with < 0.1 % loss, median (range) of {RAMPS} ramps: turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        range(ours),
+        range(single),
+        c.map_or("-".into(), range),
+        range(floor),
     );
     let _ = writeln!(
         s,
@@ -697,43 +775,74 @@ fn main() {
         echo,
     };
 
-    let ours = measure_server(
-        &env,
-        &Target {
-            name: "turnserver",
-            bin: TURNSERVER.into(),
-            // Every benchmark client comes from 127.0.0.1: lift the
-            // per-address limit on unauthenticated answers (401s).
-            args: vec!["--unauthorized-ratelimit-rps=0".into()],
-        },
-    );
+    let ours_t = Target {
+        name: "turnserver",
+        bin: TURNSERVER.into(),
+        // Every benchmark client comes from 127.0.0.1: lift the
+        // per-address limit on unauthenticated answers (401s).
+        args: vec!["--unauthorized-ratelimit-rps=0".into()],
+    };
     // The same, with one worker thread: what the data path costs when it
     // does not wake two threads for the same load.
-    let single = measure_server(
-        &env,
-        &Target {
-            name: "turnserver-1-thread",
-            bin: TURNSERVER.into(),
-            args: vec![
-                "--unauthorized-ratelimit-rps=0".into(),
-                "--relay-threads=1".into(),
-            ],
-        },
-    );
-    let coturn = find_coturn().map(|bin| {
-        measure_server(
-            &env,
-            &Target {
-                name: "coturn",
-                bin,
-                args: Vec::new(),
-            },
-        )
+    let single_t = Target {
+        name: "turnserver-1-thread",
+        bin: TURNSERVER.into(),
+        args: vec![
+            "--unauthorized-ratelimit-rps=0".into(),
+            "--relay-threads=1".into(),
+        ],
+    };
+    let coturn_t = find_coturn().map(|bin| Target {
+        name: "coturn",
+        bin,
+        args: Vec::new(),
     });
-    if coturn.is_none() {
+    if coturn_t.is_none() {
         eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
     }
-    let floor = measure_floor(&env);
+    let mut ours = measure_server(&env, &ours_t);
+    let mut single = measure_server(&env, &single_t);
+    let mut coturn = coturn_t.as_ref().map(|t| measure_server(&env, t));
+    let mut floor = json!({"name": "kernel floor"});
+
+    // Fixed loads, then the ramps: every server from a fresh start, all
+    // running at once, measured one at a time in turn.
+    let mut servers = Vec::new();
+    for t in [Some(&ours_t), Some(&single_t), coturn_t.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let (proc, addr) = start_server(&env, t);
+        servers.push(Loaded {
+            proc,
+            addr,
+            raw: false,
+        });
+    }
+    let (proc, addr) = start_floor(&env);
+    servers.push(Loaded {
+        proc,
+        addr,
+        raw: true,
+    });
+    let loads = fixed_loads(&servers, echo);
+    let maxima = ramps(&servers, echo);
+    drop(servers);
+    let mut results = loads.into_iter().zip(maxima);
+    for r in [
+        Some(&mut ours),
+        Some(&mut single),
+        coturn.as_mut(),
+        Some(&mut floor),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let (loads, max) = results.next().unwrap();
+        r["loads"] = loads.into();
+        r["max"] = max;
+    }
+
     let machine = machine();
     let all = json!({
         "machine": machine,
