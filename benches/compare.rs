@@ -287,6 +287,14 @@ fn median(mut v: Vec<f64>) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The smallest and largest of `v` (infinities when empty).
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 /// One fixed-load run: the server's CPU per relayed packet and the
 /// latency and loss turnbench saw.
 fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
@@ -320,11 +328,7 @@ fn summarise(rate: f64, runs: Vec<Value>) -> Value {
     let field =
         |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
     let cpus = field(&|r| r["cpu_us_per_relayed_packet"].as_f64());
-    let (lo, hi) = cpus
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
-            (lo.min(c), hi.max(c))
-        });
+    let (lo, hi) = min_max(&cpus);
     json!({
         "offered_round_trips_per_second": rate,
         "cpu_us_per_relayed_packet": median(cpus),
@@ -425,8 +429,7 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
     }
     (0..n)
         .map(|i| {
-            let lo = bests[i].iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = bests[i].iter().copied().fold(0.0, f64::max);
+            let (lo, hi) = min_max(&bests[i]);
             json!({
                 "relayed_per_second": median(bests[i].clone()),
                 "min": lo,
@@ -570,24 +573,24 @@ fn machine() -> String {
     )
 }
 
-fn cpu_at(r: &Value, rate: f64) -> f64 {
+/// A server's summarised fixed load at `rate`, if it was measured.
+fn load_at(r: &Value, rate: f64) -> Option<&Value> {
     r["loads"]
         .as_array()
         .unwrap()
         .iter()
         .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate))
+}
+
+fn cpu_at(r: &Value, rate: f64) -> f64 {
+    load_at(r, rate)
         .and_then(|l| l["cpu_us_per_relayed_packet"].as_f64())
         .unwrap_or(f64::NAN)
 }
 
 /// "median (min–max)" of the CPU runs at `rate`.
 fn cpu_cell(r: &Value, rate: f64) -> String {
-    let load = r["loads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate));
-    match load {
+    match load_at(r, rate) {
         Some(l) => format!(
             "{:.2} ({:.2}–{:.2})",
             l["cpu_us_per_relayed_packet"].as_f64().unwrap_or(f64::NAN),
@@ -599,11 +602,7 @@ fn cpu_cell(r: &Value, rate: f64) -> String {
 }
 
 fn p99_at(r: &Value, rate: f64) -> f64 {
-    r["loads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate))
+    load_at(r, rate)
         .and_then(|l| l["rtt_us"]["p99"].as_f64())
         .unwrap_or(f64::NAN)
 }
