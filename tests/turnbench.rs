@@ -305,6 +305,78 @@ fn kernel_floor_forwarder() {
     assert_clean(&r, 5, 2);
 }
 
+/// Runs `turnbench run --raw` at 10,000 packets/s from one flow against a
+/// plain UDP socket for one second, and returns the sizes of the bursts the
+/// packets arrived in: packets less than 40 µs apart by their kernel receive
+/// timestamps (SO_TIMESTAMPNS) belong to one burst.
+fn arrival_bursts(step_us: &'static str) -> Vec<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+    use std::os::fd::AsRawFd;
+
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    setsockopt(&sink, sockopt::ReceiveTimestampns, &true).unwrap();
+    setsockopt(&sink, sockopt::RcvBuf, &(4 << 20)).unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let target = sink.local_addr().unwrap().to_string();
+    let generator = std::thread::spawn(move || {
+        turnbench(&[
+            "run", &target, "--raw", "-n", "1", "-r", "10000", "--step", step_us, "-d", "1",
+        ])
+    });
+    let mut stamps: Vec<Duration> = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let Ok(msg) = recvmsg::<()>(
+            sink.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        ) else {
+            break; // quiet for 500 ms: the run is over
+        };
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmTimestampns(t) = c {
+                stamps.push(Duration::from(t));
+            }
+        }
+    }
+    let (ok, out, err) = generator.join().unwrap();
+    // Nothing answers, so turnbench reports the loss, but it must have run.
+    assert!(out.contains("sent every"), "{ok} {out} {err}");
+    assert!(stamps.len() > 5_000, "{} packets arrived", stamps.len());
+    let mut bursts = vec![1];
+    for w in stamps.windows(2) {
+        if w[1].saturating_sub(w[0]) < Duration::from_micros(40) {
+            *bursts.last_mut().unwrap() += 1;
+        } else {
+            bursts.push(1);
+        }
+    }
+    bursts
+}
+
+/// The median of `v`.
+fn median(mut v: Vec<usize>) -> usize {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+fn pacing_step_spreads_packets() {
+    // Default pacing: every millisecond the 10 packets due leave together.
+    let bursts = arrival_bursts("1000");
+    assert!(median(bursts.clone()) >= 4, "bursts {bursts:?}");
+    // --step 100: one packet every 100 µs.
+    let bursts = arrival_bursts("100");
+    assert!(median(bursts.clone()) <= 2, "bursts {bursts:?}");
+    // Steps outside 20 µs..1 s are refused.
+    let (ok, _, err) = turnbench(&["run", "127.0.0.1:9", "--raw", "--step", "5"]);
+    assert!(!ok && err.contains("--step"), "{err}");
+}
+
 /// Where benches/setup-coturn.sh puts Debian's coturn (tests/run-all.sh runs
 /// it); never on PATH, so `turnserver` stays ours.
 const COTURN: &str = "/opt/coturn/usr/bin/turnserver";

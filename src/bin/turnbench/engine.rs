@@ -16,6 +16,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use nix::sys::timer::{Expiration, TimerSetTimeFlags};
+use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UdpSocket;
 use tokio::sync::{Barrier, Notify, Semaphore};
@@ -55,6 +57,8 @@ pub struct Plan {
     pub rate: f64,
     /// Packets in flight per sender when `rate` is 0.
     pub window: u32,
+    /// Pacing step: the packets due are sent together once per step.
+    pub step: Duration,
     pub duration: Duration,
     pub hold: Duration,
     pub threads: usize,
@@ -598,21 +602,37 @@ async fn stream_writer(out: Rc<StreamOut>, mut wr: WriteHalf<BoxIo>) {
     }
 }
 
-/// Offers `rate` packets per second across `senders` until `sending` ends.
-async fn pace(local: Rc<Local>, senders: Vec<Rc<Flow>>, rate: f64, duration: Duration) {
+/// Offers `rate` packets per second across `senders` for `duration`: every
+/// `step` (a timerfd, so steps shorter than tokio's 1 ms timer work) it sends
+/// the packets that have come due since the last step, round robin.
+async fn pace(
+    local: Rc<Local>,
+    senders: Vec<Rc<Flow>>,
+    rate: f64,
+    step: Duration,
+    duration: Duration,
+) {
     if senders.is_empty() {
         tokio::time::sleep(duration).await;
         return;
     }
+    let ticker = match Ticker::new(step) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("turnbench: pacing timer: {e}");
+            return;
+        }
+    };
     let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut issued: u64 = 0;
     let mut next = 0usize;
     // Never catch up more than 10 ms of backlog at once.
     let max_burst = ((rate / 100.0) as u64).max(1);
     loop {
-        tick.tick().await;
+        if let Err(e) = ticker.tick().await {
+            eprintln!("turnbench: pacing timer: {e}");
+            return;
+        }
         let elapsed = start.elapsed();
         if elapsed >= duration {
             return;
@@ -625,6 +645,45 @@ async fn pace(local: Rc<Local>, senders: Vec<Rc<Flow>>, rate: f64, duration: Dur
             senders[next].send_next(&local);
             next = (next + 1) % senders.len();
             issued += 1;
+        }
+    }
+}
+
+/// A periodic timerfd watched by tokio: microsecond steps, which tokio's
+/// own timer (1 ms granularity) cannot give.
+struct Ticker(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Ticker {
+    fn new(step: Duration) -> io::Result<Ticker> {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        fd.set(
+            Expiration::Interval(step.into()),
+            TimerSetTimeFlags::empty(),
+        )?;
+        let fd = std::os::fd::OwnedFd::from(fd);
+        // SAFETY: the OwnedFd is moved in and owned by the AsyncFd, which
+        // never replaces or closes it while registered.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(Ticker(fd))
+    }
+
+    /// Waits for the next expiry (or returns at once if some are pending).
+    async fn tick(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let mut count = [0u8; 8];
+            match nix::unistd::read(self.0.get_ref(), &mut count) {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }
@@ -789,7 +848,7 @@ async fn thread_main(plan: Arc<Plan>, t: usize, barrier: Arc<Barrier>) -> Thread
         local.measuring.set(true);
         if plan.rate > 0.0 {
             let share = plan.rate * senders.len() as f64 / plan.senders().max(1) as f64;
-            pace(local.clone(), senders, share, plan.duration).await;
+            pace(local.clone(), senders, share, plan.step, plan.duration).await;
         } else {
             windowed(local.clone(), senders, plan.window, plan.duration).await;
         }

@@ -88,6 +88,11 @@ struct RunArgs {
     /// Packets in flight per sender with --rate 0.
     #[arg(long, default_value_t = 8)]
     window: u32,
+    /// Pacing step with --rate, microseconds: the packets due are sent
+    /// together once per step. 1000 sends 1 ms bursts; smaller steps spread
+    /// the packets out, closer to many independent clients.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(20..=1_000_000))]
+    step: u64,
     /// Seconds of traffic; 0 only sets up and tears down.
     #[arg(short, long, default_value_t = 10.0)]
     duration: f64,
@@ -171,6 +176,8 @@ struct Report {
     setup_errors: BTreeMap<String, u64>,
     /// Packets per second asked for (null when windowed).
     offered_rate: Option<f64>,
+    /// Pacing step, microseconds (null when windowed).
+    step_us: Option<u64>,
     duration_seconds: f64,
     sent: u64,
     received: u64,
@@ -386,6 +393,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         size: args.size,
         rate: args.rate,
         window: args.window.max(1),
+        step: Duration::from_micros(args.step),
         duration: Duration::from_secs_f64(args.duration.max(0.0)),
         hold: Duration::from_secs_f64(args.hold.max(0.0)),
         threads,
@@ -467,6 +475,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         },
         setup_errors,
         offered_rate: (args.rate > 0.0).then_some(args.rate),
+        step_us: (args.rate > 0.0).then_some(args.step),
         duration_seconds: duration,
         sent,
         received,
@@ -534,7 +543,11 @@ fn print_text(r: &Report) {
     }
     if r.duration_seconds > 0.0 {
         match r.offered_rate {
-            Some(rate) => println!("offered: {rate:.0} packets/s for {} s", r.duration_seconds),
+            Some(rate) => println!(
+                "offered: {rate:.0} packets/s for {} s, sent every {} µs",
+                r.duration_seconds,
+                r.step_us.unwrap_or_default()
+            ),
             None => println!(
                 "offered: windowed (saturating) for {} s",
                 r.duration_seconds
