@@ -14,7 +14,9 @@
 //! - server CPU (user + system, from /proc) per relayed packet at fixed
 //!   offered loads, and p99 round-trip latency there: every server runs at
 //!   once and the runs are interleaved, one server at a time, five rounds
-//!   per load (`COMPARE_REPEATS` to change); the tables quote medians;
+//!   per load (`COMPARE_REPEATS` to change); the tables quote medians. The
+//!   loads come in turnbench's default 1 ms bursts, then, at two light
+//!   loads, spread out every 100 µs (`--step 100`);
 //! - the most relayed packets per second with less than 0.1 % loss: the
 //!   median of three ramps of 3-second runs, interleaved the same way;
 //! - resident memory added by 10,000 idle allocations, and the allocation
@@ -38,11 +40,48 @@ use serde_json::{Value, json};
 const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
 const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
 
-/// Offered loads for the CPU comparison, round trips per second (each is
-/// two relayed packets).
-const LOADS: [f64; 3] = [10_000.0, 40_000.0, 80_000.0];
+/// An offered load: round trips per second (each is two relayed packets),
+/// sent in bursts every `step_us` microseconds (turnbench `--step`).
+#[derive(Clone, Copy)]
+struct Load {
+    rate: f64,
+    step_us: u64,
+}
+
+/// turnbench's default pacing: the packets due are sent every millisecond.
+const BURST_STEP_US: u64 = 1000;
+/// Spread pacing: a few packets every 100 µs, closer to many independent
+/// clients (and costlier for every server: fewer packets per wake-up).
+const SPREAD_STEP_US: u64 = 100;
+/// Offered loads for the CPU comparison, in 1 ms bursts.
+const LOADS: [Load; 3] = [
+    Load {
+        rate: 10_000.0,
+        step_us: BURST_STEP_US,
+    },
+    Load {
+        rate: 40_000.0,
+        step_us: BURST_STEP_US,
+    },
+    Load {
+        rate: 80_000.0,
+        step_us: BURST_STEP_US,
+    },
+];
+/// The same comparison with spread pacing, at loads that leave the load
+/// generator (which then wakes ten times as often) some of the machine.
+const SPREAD_LOADS: [Load; 2] = [
+    Load {
+        rate: 10_000.0,
+        step_us: SPREAD_STEP_US,
+    },
+    Load {
+        rate: 20_000.0,
+        step_us: SPREAD_STEP_US,
+    },
+];
 /// The load the summary table quotes for CPU and latency.
-const HEADLINE_LOAD: f64 = 40_000.0;
+const HEADLINE_LOAD: Load = LOADS[1];
 /// Flows for the traffic runs.
 const FLOWS: usize = 100;
 /// Idle allocations for the memory measurement.
@@ -247,7 +286,13 @@ fn turnbench(args: &[String]) -> Value {
 /// ports servers bind on 127.0.0.1.
 const CLIENT_IP: &str = "127.0.0.2";
 
-fn load_args(server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64, secs: f64) -> Vec<String> {
+fn load_args(
+    server: SocketAddr,
+    echo: SocketAddr,
+    raw: bool,
+    load: Load,
+    secs: f64,
+) -> Vec<String> {
     let mut a = vec![server.to_string(), "--bind".into(), CLIENT_IP.into()];
     if raw {
         a.push("--raw".into());
@@ -263,7 +308,9 @@ fn load_args(server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64, secs: f
         "-n".into(),
         FLOWS.to_string(),
         "-r".into(),
-        rate.to_string(),
+        load.rate.to_string(),
+        "--step".into(),
+        load.step_us.to_string(),
         "-d".into(),
         secs.to_string(),
     ]);
@@ -297,9 +344,9 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 
 /// One fixed-load run: the server's CPU per relayed packet and the
 /// latency and loss turnbench saw.
-fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f64) -> Value {
+fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, load: Load) -> Value {
     let before = p.cpu_seconds();
-    let r = turnbench(&load_args(server, echo, raw, rate, LOAD_SECONDS));
+    let r = turnbench(&load_args(server, echo, raw, load, LOAD_SECONDS));
     let cpu = p.cpu_seconds() - before;
     let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
     let us = if relayed > 0.0 {
@@ -324,13 +371,14 @@ fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, rate: f6
 
 /// The runs at one offered load summarised by their medians (CPU with its
 /// range), with every run kept under "runs".
-fn summarise(rate: f64, runs: Vec<Value>) -> Value {
+fn summarise(load: Load, runs: Vec<Value>) -> Value {
     let field =
         |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
     let cpus = field(&|r| r["cpu_us_per_relayed_packet"].as_f64());
     let (lo, hi) = min_max(&cpus);
     json!({
-        "offered_round_trips_per_second": rate,
+        "offered_round_trips_per_second": load.rate,
+        "step_us": load.step_us,
         "cpu_us_per_relayed_packet": median(cpus),
         "cpu_us_min": lo,
         "cpu_us_max": hi,
@@ -361,18 +409,21 @@ struct Loaded {
 fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
     let n = servers.len();
     let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
-    for rate in LOADS {
-        eprintln!("==> fixed load {rate:.0} round trips/s");
+    for load in LOADS.into_iter().chain(SPREAD_LOADS) {
+        eprintln!(
+            "==> fixed load {:.0} round trips/s, sent every {} µs",
+            load.rate, load.step_us
+        );
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n];
         for round in 0..repeats() {
             for k in 0..n {
                 let i = (round + k) % n;
                 let s = &servers[i];
-                runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, rate));
+                runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, load));
             }
         }
         for (i, r) in runs.into_iter().enumerate() {
-            out[i].push(summarise(rate, r));
+            out[i].push(summarise(load, r));
         }
     }
     out
@@ -401,7 +452,11 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
             for k in 0..active.len() {
                 let i = active[(step + k) % active.len()];
                 let s = &servers[i];
-                let r = turnbench(&load_args(s.addr, echo, s.raw, rate, RAMP_SECONDS));
+                let load = Load {
+                    rate,
+                    step_us: BURST_STEP_US,
+                };
+                let r = turnbench(&load_args(s.addr, echo, s.raw, load, RAMP_SECONDS));
                 let loss = r["loss_percent"].as_f64().unwrap();
                 let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
                 eprintln!(
@@ -573,24 +628,23 @@ fn machine() -> String {
     )
 }
 
-/// A server's summarised fixed load at `rate`, if it was measured.
-fn load_at(r: &Value, rate: f64) -> Option<&Value> {
-    r["loads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["offered_round_trips_per_second"].as_f64() == Some(rate))
+/// A server's summarised fixed `load`, if it was measured.
+fn load_at(r: &Value, load: Load) -> Option<&Value> {
+    r["loads"].as_array().unwrap().iter().find(|l| {
+        l["offered_round_trips_per_second"].as_f64() == Some(load.rate)
+            && l["step_us"].as_u64() == Some(load.step_us)
+    })
 }
 
-fn cpu_at(r: &Value, rate: f64) -> f64 {
-    load_at(r, rate)
+fn cpu_at(r: &Value, load: Load) -> f64 {
+    load_at(r, load)
         .and_then(|l| l["cpu_us_per_relayed_packet"].as_f64())
         .unwrap_or(f64::NAN)
 }
 
-/// "median (min–max)" of the CPU runs at `rate`.
-fn cpu_cell(r: &Value, rate: f64) -> String {
-    match load_at(r, rate) {
+/// "median (min–max)" of the CPU runs at `load`.
+fn cpu_cell(r: &Value, load: Load) -> String {
+    match load_at(r, load) {
         Some(l) => format!(
             "{:.2} ({:.2}–{:.2})",
             l["cpu_us_per_relayed_packet"].as_f64().unwrap_or(f64::NAN),
@@ -601,8 +655,8 @@ fn cpu_cell(r: &Value, rate: f64) -> String {
     }
 }
 
-fn p99_at(r: &Value, rate: f64) -> f64 {
-    load_at(r, rate)
+fn p99_at(r: &Value, load: Load) -> f64 {
+    load_at(r, load)
         .and_then(|l| l["rtt_us"]["p99"].as_f64())
         .unwrap_or(f64::NAN)
 }
@@ -630,31 +684,44 @@ fn report(
             .unwrap_or("?")
             .to_string()),
     );
-    let _ = writeln!(
-        s,
-        "Server CPU per relayed packet (µs; user + system; median and range of {} runs of {LOAD_SECONDS} s) and median p99 round trip (µs):\n",
-        repeats()
-    );
-    let _ = writeln!(
-        s,
-        "| offered round trips/s | relayed packets/s | turnserver | turnserver, 1 thread | coturn | kernel floor | turnserver p99 | coturn p99 | floor p99 |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-    for rate in LOADS {
+    let table = |s: &mut String, loads: &[Load], how: &str| {
         let _ = writeln!(
             s,
-            "| {rate:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {:.0} |",
-            rate * 2.0,
-            cpu_cell(ours, rate),
-            cpu_cell(single, rate),
-            coturn.map_or("-".into(), |c| cpu_cell(c, rate)),
-            cpu_cell(floor, rate),
-            p99_at(ours, rate),
-            coturn.map_or("-".into(), |c| format!("{:.0}", p99_at(c, rate))),
-            p99_at(floor, rate),
+            "Server CPU per relayed packet (µs; user + system; median and range of {} runs of {LOAD_SECONDS} s) and median p99 round trip (µs), {how}:\n",
+            repeats()
         );
-    }
-    let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "| offered round trips/s | relayed packets/s | turnserver | turnserver, 1 thread | coturn | kernel floor | turnserver p99 | coturn p99 | floor p99 |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for &load in loads {
+            let _ = writeln!(
+                s,
+                "| {:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {:.0} |",
+                load.rate,
+                load.rate * 2.0,
+                cpu_cell(ours, load),
+                cpu_cell(single, load),
+                coturn.map_or("-".into(), |c| cpu_cell(c, load)),
+                cpu_cell(floor, load),
+                p99_at(ours, load),
+                coturn.map_or("-".into(), |c| format!("{:.0}", p99_at(c, load))),
+                p99_at(floor, load),
+            );
+        }
+        let _ = writeln!(s);
+    };
+    table(
+        &mut s,
+        &LOADS,
+        &format!("packets sent in bursts every {BURST_STEP_US} µs"),
+    );
+    table(
+        &mut s,
+        &SPREAD_LOADS,
+        &format!("packets spread out, sent every {SPREAD_STEP_US} µs"),
+    );
     let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", a / b));
     let yes = |ok: Option<bool>| match ok {
         Some(true) => "met",
@@ -681,7 +748,7 @@ fn report(
     let _ = writeln!(
         s,
         "| server CPU per relayed packet at {:.0} relayed/s (µs) | {o_cpu:.2} | {} | {} | ≤ 0.6 | {} |",
-        HEADLINE_LOAD * 2.0,
+        HEADLINE_LOAD.rate * 2.0,
         c_cpu.map_or("-".into(), |v| format!("{v:.2}")),
         ratio(o_cpu, c_cpu),
         yes(c_cpu.map(|c| o_cpu / c <= 0.6)),
@@ -716,7 +783,7 @@ fn report(
     let _ = writeln!(
         s,
         "| p99 round trip at {:.0} relayed/s (µs) | {o_p99:.0} | {} | {} | ≤ 1 | {} |",
-        HEADLINE_LOAD * 2.0,
+        HEADLINE_LOAD.rate * 2.0,
         c_p99.map_or("-".into(), |v| format!("{v:.0}")),
         ratio(o_p99, c_p99),
         yes(c_p99.map(|c| o_p99 <= c)),
