@@ -48,6 +48,24 @@ struct Load {
     step_us: u64,
 }
 
+impl Load {
+    /// `rate` in turnbench's default 1 ms bursts.
+    const fn burst(rate: f64) -> Load {
+        Load {
+            rate,
+            step_us: BURST_STEP_US,
+        }
+    }
+
+    /// `rate` spread out, a few packets every 100 µs.
+    const fn spread(rate: f64) -> Load {
+        Load {
+            rate,
+            step_us: SPREAD_STEP_US,
+        }
+    }
+}
+
 /// turnbench's default pacing: the packets due are sent every millisecond.
 const BURST_STEP_US: u64 = 1000;
 /// Spread pacing: a few packets every 100 µs, closer to many independent
@@ -55,31 +73,13 @@ const BURST_STEP_US: u64 = 1000;
 const SPREAD_STEP_US: u64 = 100;
 /// Offered loads for the CPU comparison, in 1 ms bursts.
 const LOADS: [Load; 3] = [
-    Load {
-        rate: 10_000.0,
-        step_us: BURST_STEP_US,
-    },
-    Load {
-        rate: 40_000.0,
-        step_us: BURST_STEP_US,
-    },
-    Load {
-        rate: 80_000.0,
-        step_us: BURST_STEP_US,
-    },
+    Load::burst(10_000.0),
+    Load::burst(40_000.0),
+    Load::burst(80_000.0),
 ];
 /// The same comparison with spread pacing, at loads that leave the load
 /// generator (which then wakes ten times as often) some of the machine.
-const SPREAD_LOADS: [Load; 2] = [
-    Load {
-        rate: 10_000.0,
-        step_us: SPREAD_STEP_US,
-    },
-    Load {
-        rate: 20_000.0,
-        step_us: SPREAD_STEP_US,
-    },
-];
+const SPREAD_LOADS: [Load; 2] = [Load::spread(10_000.0), Load::spread(20_000.0)];
 /// The load the summary table quotes for CPU and latency.
 const HEADLINE_LOAD: Load = LOADS[1];
 /// Flows for the traffic runs.
@@ -452,11 +452,13 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
             for k in 0..active.len() {
                 let i = active[(step + k) % active.len()];
                 let s = &servers[i];
-                let load = Load {
-                    rate,
-                    step_us: BURST_STEP_US,
-                };
-                let r = turnbench(&load_args(s.addr, echo, s.raw, load, RAMP_SECONDS));
+                let r = turnbench(&load_args(
+                    s.addr,
+                    echo,
+                    s.raw,
+                    Load::burst(rate),
+                    RAMP_SECONDS,
+                ));
                 let loss = r["loss_percent"].as_f64().unwrap();
                 let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
                 eprintln!(
