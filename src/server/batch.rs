@@ -3,8 +3,8 @@
 //!
 //! Buffers are allocated once per worker and reused for every packet; the
 //! system call arguments (`mmsghdr`, `iovec`, addresses) live in fixed
-//! arrays filled right before each call, so nothing here allocates per
-//! packet.
+//! arrays (set up once for receiving, filled right before each call for
+//! sending), so nothing here allocates per packet.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,14 +23,32 @@ pub const BATCH: usize = 32;
 /// `tailroom` spare bytes after the largest possible datagram, so the core
 /// can frame it in place (ChannelData or a Data indication around it).
 pub struct RecvBatch {
-    bufs: Vec<Box<[u8]>>,
+    /// The slots' buffers, each `size` bytes, owned by the batch (from
+    /// `Box<[u8]>`, freed on drop). Kept as raw pointers because the
+    /// kernel writes through copies of them in `args`: every reference to
+    /// a buffer is derived from these, for no longer than a `&self` or
+    /// `&mut self` borrow.
+    bufs: [*mut u8; BATCH],
+    size: usize,
     headroom: usize,
-    capacity: usize,
     lens: [usize; BATCH],
+    /// The `recvmmsg` arguments, one header per slot, pointing at the
+    /// slot's buffer and address storage. Set up once: a call changes only
+    /// the address lengths of the headers it fills, which are put back
+    /// right after it. Boxed, like the buffers, so the pointers stay valid
+    /// when the batch moves.
+    args: Box<RecvArgs>,
+}
+
+/// What `recvmmsg` reads and writes, for every slot of a [`RecvBatch`].
+struct RecvArgs {
     addrs: [libc::sockaddr_storage; BATCH],
     iovs: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
 }
+
+/// Size of the address storage of a [`RecvBatch`] slot, bytes.
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
 
 /// Points one `mmsghdr` at an address and a single buffer, with no
 /// control data.
@@ -84,19 +102,33 @@ impl RecvBatch {
     /// spare room before and after. Large buffers cost address space only:
     /// pages are touched as far as datagrams reach.
     pub fn new(headroom: usize, capacity: usize, tailroom: usize) -> Self {
+        let size = headroom + capacity + tailroom;
+        let bufs: [*mut u8; BATCH] =
+            std::array::from_fn(|_| Box::into_raw(vec![0u8; size].into_boxed_slice()).cast::<u8>());
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs
+        // for which all zero bytes (null pointers, zero lengths) are valid
+        // values; the loop below points them at the buffers.
+        let mut args: Box<RecvArgs> = Box::new(unsafe { std::mem::zeroed() });
+        let RecvArgs { addrs, iovs, hdrs } = &mut *args;
+        for i in 0..BATCH {
+            iovs[i] = libc::iovec {
+                // SAFETY: headroom < size, within the buffer.
+                iov_base: unsafe { bufs[i].add(headroom) }.cast(),
+                iov_len: capacity,
+            };
+            set_header(
+                &mut hdrs[i],
+                (&mut addrs[i] as *mut libc::sockaddr_storage).cast(),
+                ADDR_LEN,
+                &mut iovs[i],
+            );
+        }
         RecvBatch {
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; headroom + capacity + tailroom].into_boxed_slice())
-                .collect(),
+            bufs,
+            size,
             headroom,
-            capacity,
             lens: [0; BATCH],
-            // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C
-            // structs for which all zero bytes (null pointers, zero lengths)
-            // are valid values; they are filled in before every system call.
-            addrs: unsafe { std::mem::zeroed() },
-            iovs: unsafe { std::mem::zeroed() },
-            hdrs: unsafe { std::mem::zeroed() },
+            args,
         }
     }
 
@@ -124,27 +156,15 @@ impl RecvBatch {
         if max == 0 {
             return Ok(0);
         }
-        for k in 0..max {
-            let i = first + k;
-            self.iovs[k] = libc::iovec {
-                iov_base: self.bufs[i][self.headroom..].as_mut_ptr().cast(),
-                iov_len: self.capacity,
-            };
-            self.addrs[i].ss_family = 0;
-            set_header(
-                &mut self.hdrs[k],
-                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast(),
-                std::mem::size_of::<libc::sockaddr_storage>() as u32,
-                &mut self.iovs[k],
-            );
-        }
-        // SAFETY: hdrs[..max] point at live iovecs and address storage owned
-        // by self, each iovec at a live buffer of at least `capacity` bytes;
-        // nothing else touches them during the call.
+        let args = &mut *self.args;
+        // SAFETY: hdrs[first..first + max] point at address storage and
+        // iovecs in `args`, each iovec at a live buffer of `self.bufs` of
+        // at least its length; all are heap allocations owned by self, and
+        // `&mut self` means no reference to them lives during the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd.as_raw_fd(),
-                self.hdrs.as_mut_ptr(),
+                args.hdrs[first..].as_mut_ptr(),
                 max as libc::c_uint,
                 flags,
                 std::ptr::null_mut(),
@@ -159,8 +179,14 @@ impl RecvBatch {
             };
         }
         let n = n as usize;
-        for k in 0..n {
-            self.lens[first + k] = self.hdrs[k].msg_len as usize;
+        for i in first..first + n {
+            let h = &mut args.hdrs[i];
+            self.lens[i] = h.msg_len as usize;
+            if h.msg_hdr.msg_namelen == 0 {
+                // No source address: do not report the previous one.
+                args.addrs[i].ss_family = 0;
+            }
+            h.msg_hdr.msg_namelen = ADDR_LEN;
         }
         Ok(n)
     }
@@ -169,18 +195,32 @@ impl RecvBatch {
     pub fn datagram(&self, i: usize) -> (Range<usize>, Option<SocketAddr>) {
         (
             self.headroom..self.headroom + self.lens[i],
-            socket_addr(&self.addrs[i]),
+            socket_addr(&self.args.addrs[i]),
         )
     }
 
     /// Slot `i`'s whole buffer (headroom, datagram, tailroom).
     pub fn buf(&self, i: usize) -> &[u8] {
-        &self.bufs[i]
+        // SAFETY: bufs[i] is a live allocation of `size` bytes owned by
+        // self; the kernel writes to it only during `recv_with`, which
+        // takes `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.bufs[i], self.size) }
     }
 
     /// Slot `i`'s whole buffer, for framing in place.
     pub fn buf_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.bufs[i]
+        // SAFETY: as in `buf`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.bufs[i], self.size) }
+    }
+}
+
+impl Drop for RecvBatch {
+    fn drop(&mut self) {
+        for &b in &self.bufs {
+            // SAFETY: each pointer came from Box::into_raw of a boxed slice
+            // of `size` bytes and is freed once, here.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(b, self.size)) });
+        }
     }
 }
 
@@ -262,7 +302,7 @@ impl SendQueue {
         let n = end - start;
         for k in 0..n {
             let q = &self.queued[start + k];
-            let bytes = &data.bufs[q.slot][q.range.clone()];
+            let bytes = &data.buf(q.slot)[q.range.clone()];
             self.iovs[k] = libc::iovec {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
@@ -349,5 +389,34 @@ mod tests {
         assert_eq!(&buf[..10], &[0u8; 10]);
         assert_eq!(c.recv(&mut buf).unwrap(), 6);
         assert_eq!(&buf[..6], b"from c");
+    }
+
+    /// The headers are set up once: a slot that took an IPv4 datagram (a
+    /// 16-byte address) must take a whole IPv6 address (28 bytes) next.
+    #[test]
+    fn slots_are_reused_across_address_families() {
+        let v4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let v6 = UdpSocket::bind("[::1]:0").unwrap();
+        let from4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from6 = UdpSocket::bind("[::1]:0").unwrap();
+        v4.set_nonblocking(true).unwrap();
+        v6.set_nonblocking(true).unwrap();
+        let mut batch = RecvBatch::new(0, 1500, 0);
+        for round in 0..3u8 {
+            from4
+                .send_to(&[round; 4], v4.local_addr().unwrap())
+                .unwrap();
+            from6
+                .send_to(&[round; 6], v6.local_addr().unwrap())
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            for (sock, from, len) in [(&v4, &from4, 4), (&v6, &from6, 6)] {
+                assert_eq!(batch.recv(sock.as_fd(), 0, BATCH).unwrap(), 1);
+                let (r, addr) = batch.datagram(0);
+                assert_eq!(r, 0..len);
+                assert_eq!(&batch.buf(0)[r], &vec![round; len][..]);
+                assert_eq!(addr, Some(from.local_addr().unwrap()), "round {round}");
+            }
+        }
     }
 }
