@@ -20,7 +20,12 @@
 //! - the most relayed packets per second with less than 0.1 % loss: the
 //!   median of three ramps of 3-second runs, interleaved the same way;
 //! - resident memory added by 10,000 idle allocations, and the allocation
-//!   rate while creating them (401, Allocate, ChannelBind each).
+//!   rate while creating them (401, Allocate, ChannelBind each);
+//! - when valgrind is installed, user-space instructions per relayed packet
+//!   at a light load, counted by callgrind on each server (and the floor)
+//!   in turn: the part of the cost that is the server's own code, in a
+//!   figure that for one thread repeats to within 1 % where CPU time moves
+//!   by ±10 % (with more threads, by how packets fall into wake-ups).
 //!
 //! Prints the machine, every measurement and a summary table in Markdown
 //! (the format of BENCHMARKS.md), and writes the raw numbers to
@@ -97,6 +102,11 @@ const RAMPS: usize = 3;
 const RAMP_SECONDS: f64 = 3.0;
 /// Loss that ends the ramp.
 const MAX_LOSS_PERCENT: f64 = 0.1;
+/// Load for the instruction counts: light enough for a server under
+/// valgrind (tens of times slower) to keep up.
+const INSTRUCTION_LOAD: Load = Load::burst(2_000.0);
+/// Seconds of traffic for the instruction counts.
+const INSTRUCTION_SECONDS: f64 = 5.0;
 
 /// A child process killed on drop.
 struct Proc {
@@ -187,6 +197,21 @@ struct Target {
     bin: PathBuf,
     /// Extra command-line arguments.
     args: Vec<String>,
+    /// A command to run the server under (valgrind), with its arguments;
+    /// empty to run it directly.
+    wrap: Vec<String>,
+}
+
+/// `Command` for `bin` under `wrap` (see [`Target::wrap`]).
+fn wrapped(wrap: &[String], bin: &Path) -> Command {
+    match wrap.split_first() {
+        Some((tool, args)) => {
+            let mut c = Command::new(tool);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
 }
 
 /// The coturn binary to compare with, if any.
@@ -248,7 +273,7 @@ fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
     let conf = env.dir.join(format!("{}.conf", t.name));
     std::fs::write(&conf, config).unwrap();
     let out = std::fs::File::create(env.dir.join(format!("{}.out", t.name))).unwrap();
-    let child = Command::new(&t.bin)
+    let child = wrapped(&t.wrap, &t.bin)
         .arg("-c")
         .arg(&conf)
         .args(&t.args)
@@ -576,11 +601,115 @@ fn measure_server(env: &Env, t: &Target) -> Value {
     json!({"name": t.name, "version": version_of(&t.bin), "memory": memory})
 }
 
-/// Starts the kernel floor, `turnbench forward`, towards the echo peer.
-fn start_floor(env: &Env) -> (Proc, SocketAddr) {
+/// Whether valgrind and callgrind_control are installed.
+fn have_callgrind() -> bool {
+    ["valgrind", "callgrind_control"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Runs `callgrind_control ACTION PID` (`-z` zeroes the counters, `-d`
+/// dumps them to a file).
+fn callgrind_control(p: &Proc, action: &str) {
+    let out = Command::new("callgrind_control")
+        .arg(action)
+        .arg(p.pid().to_string())
+        .output()
+        .expect("callgrind_control");
+    assert!(
+        out.status.success(),
+        "callgrind_control {action} {}: {}",
+        p.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Instructions counted since the last zeroing: dumps them (the `n`th dump
+/// of the process, written to `out.n`) and reads the dump's summary line.
+fn callgrind_dump(p: &Proc, out: &Path, n: usize) -> f64 {
+    callgrind_control(p, "-d");
+    let file = PathBuf::from(format!("{}.{n}", out.display()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let summary = std::fs::read_to_string(&file).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("summary:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let Some(v) = summary {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no callgrind dump from {} in {}",
+            p.name,
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// User-space instructions per relayed packet, counted by callgrind on a
+/// fresh start of a server (`start` gets the valgrind wrapper): after a
+/// warm-up, the instructions of a run at [`INSTRUCTION_LOAD`] minus those
+/// of setting up and tearing down the same allocations without traffic.
+/// Single-threaded, this barely moves from run to run; it leaves out the
+/// kernel, where most of every server's time goes.
+fn instructions(
+    env: &Env,
+    name: &str,
+    raw: bool,
+    start: impl FnOnce(&[String]) -> (Proc, SocketAddr),
+) -> Value {
+    eprintln!("==> {name} under callgrind");
+    let out = env
+        .dir
+        .join(format!("{}.callgrind", name.replace(' ', "-")));
+    let wrap = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".to_string(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    let (p, addr) = start(&wrap);
+    turnbench(&load_args(addr, env.echo, raw, Load::burst(500.0), 1.0));
+    callgrind_control(&p, "-z");
+    turnbench(&load_args(addr, env.echo, raw, INSTRUCTION_LOAD, 0.0));
+    let setup = callgrind_dump(&p, &out, 1);
+    callgrind_control(&p, "-z");
+    let r = turnbench(&load_args(
+        addr,
+        env.echo,
+        raw,
+        INSTRUCTION_LOAD,
+        INSTRUCTION_SECONDS,
+    ));
+    let run = callgrind_dump(&p, &out, 2);
+    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    let per_packet = (run - setup) / relayed.max(1.0);
+    eprintln!(
+        "    {per_packet:.0} instructions/relayed packet ({relayed:.0} packets, loss {:.3} %)",
+        r["loss_percent"].as_f64().unwrap_or(f64::NAN)
+    );
+    json!({
+        "offered_round_trips_per_second": INSTRUCTION_LOAD.rate,
+        "seconds": INSTRUCTION_SECONDS,
+        "setup_instructions": setup,
+        "run_instructions": run,
+        "relayed_packets": relayed,
+        "loss_percent": r["loss_percent"],
+        "per_relayed_packet": per_packet,
+    })
+}
+
+/// Starts the kernel floor, `turnbench forward`, towards the echo peer
+/// (under `wrap`, see [`Target::wrap`]).
+fn start_floor(env: &Env, wrap: &[String]) -> (Proc, SocketAddr) {
     let port = free_ports(1);
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = Command::new(TURNBENCH)
+    let child = wrapped(wrap, Path::new(TURNBENCH))
         .args([
             "forward",
             "--listen",
@@ -592,7 +721,12 @@ fn start_floor(env: &Env) -> (Proc, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .expect("turnbench forward");
-    std::thread::sleep(Duration::from_millis(300));
+    // Under valgrind it takes a few seconds to start listening.
+    std::thread::sleep(Duration::from_millis(if wrap.is_empty() {
+        300
+    } else {
+        5000
+    }));
     (
         Proc {
             child,
@@ -812,6 +946,20 @@ fn report(
         single["memory"]["added_kib_per_10000"].as_f64().unwrap() / 1024.0,
         single["memory"]["allocation_rate"].as_f64().unwrap(),
     );
+    let instr = |r: &Value| {
+        r["instructions"]["per_relayed_packet"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.0}"))
+    };
+    let _ = writeln!(
+        s,
+        "User-space instructions per relayed packet (valgrind's callgrind, {FLOWS} allocations at {:.0} round trips/s for {INSTRUCTION_SECONDS} s, setup subtracted; the kernel's share is not counted): turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        INSTRUCTION_LOAD.rate,
+        instr(ours),
+        instr(single),
+        c.map_or("-".into(), instr),
+        instr(floor),
+    );
     s
 }
 
@@ -849,6 +997,7 @@ fn main() {
         // Every benchmark client comes from 127.0.0.1: lift the
         // per-address limit on unauthenticated answers (401s).
         args: vec!["--unauthorized-ratelimit-rps=0".into()],
+        wrap: Vec::new(),
     };
     // The same, with one worker thread: what the data path costs when it
     // does not wake two threads for the same load.
@@ -859,11 +1008,13 @@ fn main() {
             "--unauthorized-ratelimit-rps=0".into(),
             "--relay-threads=1".into(),
         ],
+        wrap: Vec::new(),
     };
     let coturn_t = find_coturn().map(|bin| Target {
         name: "coturn",
         bin,
         args: Vec::new(),
+        wrap: Vec::new(),
     });
     if coturn_t.is_none() {
         eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
@@ -887,7 +1038,7 @@ fn main() {
             raw: false,
         });
     }
-    let (proc, addr) = start_floor(&env);
+    let (proc, addr) = start_floor(&env, &[]);
     servers.push(Loaded {
         proc,
         addr,
@@ -909,6 +1060,28 @@ fn main() {
         let (loads, max) = results.next().unwrap();
         r["loads"] = loads.into();
         r["max"] = max;
+    }
+
+    if have_callgrind() {
+        for (r, t) in [
+            (Some(&mut ours), Some(&ours_t)),
+            (Some(&mut single), Some(&single_t)),
+            (coturn.as_mut(), coturn_t.as_ref()),
+        ] {
+            if let (Some(r), Some(t)) = (r, t) {
+                r["instructions"] = instructions(&env, t.name, false, |wrap| {
+                    let t = Target {
+                        wrap: wrap.to_vec(),
+                        ..t.clone()
+                    };
+                    start_server(&env, &t)
+                });
+            }
+        }
+        floor["instructions"] =
+            instructions(&env, "kernel floor", true, |wrap| start_floor(&env, wrap));
+    } else {
+        eprintln!("valgrind not found (Debian package valgrind): no instruction counts");
     }
 
     let machine = machine();
