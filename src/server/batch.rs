@@ -112,7 +112,8 @@ impl RecvBatch {
         let RecvArgs { addrs, iovs, hdrs } = &mut *args;
         for i in 0..BATCH {
             iovs[i] = libc::iovec {
-                // SAFETY: headroom < size, within the buffer.
+                // SAFETY: headroom <= size: within the buffer (or one past
+                // its end when it has no room for data).
                 iov_base: unsafe { bufs[i].add(headroom) }.cast(),
                 iov_len: capacity,
             };
