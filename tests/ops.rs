@@ -407,6 +407,17 @@ fn metrics_match_the_traffic() {
     assert_eq!(m("turn_auth_failures_total{reason=\"bad_integrity\"}"), 1.0);
     assert_eq!(m("turn_relay_ports{state=\"in_use\"}"), 1.0);
     assert_eq!(m("turn_draining"), 0.0);
+    // Per worker: both threads report CPU time, and the allocation is on
+    // exactly one of them.
+    let cpu: Vec<f64> = (0..2)
+        .map(|w| m(&format!("turn_worker_cpu_seconds_total{{worker=\"{w}\"}}")))
+        .collect();
+    assert!(cpu.iter().all(|&c| c > 0.0), "{cpu:?}");
+    let on: Vec<f64> = (0..2)
+        .map(|w| m(&format!("turn_worker_allocations{{worker=\"{w}\"}}")))
+        .collect();
+    assert_eq!(on.iter().sum::<f64>(), 1.0, "{on:?}");
+    assert!(metric(&body, "turn_worker_allocations{worker=\"2\"}").is_none());
     assert!(m("process_open_fds") > 0.0);
     assert!(m("process_resident_memory_bytes") > 0.0);
     // An ended allocation moves to the ended counter, traffic stays counted.

@@ -252,6 +252,31 @@ impl Collector for TurnCollector {
                 ("redirected", sum(&|r| r.stats.redirected)),
             ],
         )?;
+        // Per worker thread: what says one core is saturated while another
+        // idles, which the process total cannot.
+        let workers: Vec<String> = (0..reports.len()).map(|i| i.to_string()).collect();
+        let c = ConstCounter::new(0.0f64);
+        let mut m = e.encode_descriptor(
+            "turn_worker_cpu_seconds",
+            "CPU time of each worker thread (user + system), seconds; a worker using close to one second per second is saturated",
+            None,
+            c.metric_type(),
+        )?;
+        for (w, r) in workers.iter().zip(&reports) {
+            ConstCounter::new(r.cpu_seconds).encode(m.encode_family(&[("worker", w.as_str())])?)?;
+        }
+        let per_worker: Vec<(&str, i64)> = workers
+            .iter()
+            .zip(&reports)
+            .map(|(w, r)| (w.as_str(), r.gauges.allocations.iter().sum::<u64>() as i64))
+            .collect();
+        gauges(
+            e,
+            "turn_worker_allocations",
+            "Live allocations on each worker thread (all transports)",
+            "worker",
+            &per_worker,
+        )?;
         gauge(
             e,
             "turn_draining",

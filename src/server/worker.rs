@@ -96,6 +96,8 @@ pub struct WorkerReport {
     /// TLS handshakes completed and failed (including timeouts).
     pub tls_handshakes: u64,
     pub tls_failures: u64,
+    /// CPU time the worker's thread has used (user + system), seconds.
+    pub cpu_seconds: f64,
     /// When the worker last reported: a heartbeat for the watchdog.
     pub updated: Option<Instant>,
 }
@@ -426,6 +428,7 @@ impl Worker {
             r.gauges = self.core.gauges(per_user);
             r.tls_handshakes = self.tls_handshakes;
             r.tls_failures = self.tls_failures;
+            r.cpu_seconds = thread_cpu_seconds();
             r.updated = Some(Instant::now());
         }
     }
@@ -604,6 +607,13 @@ pub fn spawn(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, run(index, sockets, shared, mailboxes, inbox));
         })
+}
+
+/// CPU time of the calling thread (user + system), seconds; 0 if the clock
+/// cannot be read.
+fn thread_cpu_seconds() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
 }
 
 fn unix_now() -> u64 {
