@@ -24,8 +24,8 @@
 //! - when valgrind is installed, user-space instructions per relayed packet
 //!   at a light load, counted by callgrind on each server (and the floor)
 //!   in turn: the part of the cost that is the server's own code, in a
-//!   figure that for one thread repeats to within 1 % where CPU time moves
-//!   by ±10 % (with more threads, by how packets fall into wake-ups).
+//!   figure that moves by about ±8 % from run to run (with how many packets
+//!   each wake-up finds) where CPU time moves by ±10 % and more.
 //!
 //! Prints the machine, every measurement and a summary table in Markdown
 //! (the format of BENCHMARKS.md), and writes the raw numbers to
@@ -656,8 +656,9 @@ fn callgrind_dump(p: &Proc, out: &Path, n: usize) -> f64 {
 /// fresh start of a server (`start` gets the valgrind wrapper): after a
 /// warm-up, the instructions of a run at [`INSTRUCTION_LOAD`] minus those
 /// of setting up and tearing down the same allocations without traffic.
-/// Single-threaded, this barely moves from run to run; it leaves out the
-/// kernel, where most of every server's time goes.
+/// It is steadier than CPU time, not exact (it moves with how many packets
+/// each wake-up finds), and it leaves out the kernel, where most of every
+/// server's time goes.
 fn instructions(
     env: &Env,
     name: &str,
