@@ -367,13 +367,19 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         })
 }
 
+/// Packets the server relayed in a turnbench run: round trips received
+/// times the relayed packets each took.
+fn relayed_packets(r: &Value) -> f64 {
+    r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap()
+}
+
 /// One fixed-load run: the server's CPU per relayed packet and the
 /// latency and loss turnbench saw.
 fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, load: Load) -> Value {
     let before = p.cpu_seconds();
     let r = turnbench(&load_args(server, echo, raw, load, LOAD_SECONDS));
     let cpu = p.cpu_seconds() - before;
-    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    let relayed = relayed_packets(&r);
     let us = if relayed > 0.0 {
         cpu * 1e6 / relayed
     } else {
@@ -688,7 +694,7 @@ fn instructions(
         INSTRUCTION_SECONDS,
     ));
     let run = callgrind_dump(&p, &out, 2);
-    let relayed = r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap();
+    let relayed = relayed_packets(&r);
     let per_packet = (run - setup) / relayed.max(1.0);
     eprintln!(
         "    {per_packet:.0} instructions/relayed packet ({relayed:.0} packets, loss {:.3} %)",

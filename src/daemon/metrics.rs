@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
@@ -54,14 +54,14 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn counters(
+fn counters<N: EncodeCounterValue + Copy + Default>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     label: &str,
-    values: &[(&str, u64)],
+    values: &[(&str, N)],
 ) -> std::fmt::Result {
-    let c = ConstCounter::new(0u64);
+    let c = ConstCounter::new(N::default());
     let mut m = e.encode_descriptor(name, help, None, c.metric_type())?;
     for (l, v) in values {
         ConstCounter::new(*v).encode(m.encode_family(&[(label, *l)])?)?;
@@ -255,16 +255,18 @@ impl Collector for TurnCollector {
         // Per worker thread: what says one core is saturated while another
         // idles, which the process total cannot.
         let workers: Vec<String> = (0..reports.len()).map(|i| i.to_string()).collect();
-        let c = ConstCounter::new(0.0f64);
-        let mut m = e.encode_descriptor(
+        let cpu: Vec<(&str, f64)> = workers
+            .iter()
+            .zip(&reports)
+            .map(|(w, r)| (w.as_str(), r.cpu_seconds))
+            .collect();
+        counters(
+            e,
             "turn_worker_cpu_seconds",
             "CPU time of each worker thread (user + system), seconds; a worker using close to one second per second is saturated",
-            None,
-            c.metric_type(),
+            "worker",
+            &cpu,
         )?;
-        for (w, r) in workers.iter().zip(&reports) {
-            ConstCounter::new(r.cpu_seconds).encode(m.encode_family(&[("worker", w.as_str())])?)?;
-        }
         let per_worker: Vec<(&str, i64)> = workers
             .iter()
             .zip(&reports)
