@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::{
     Client, Frame, Options, Server, StreamClient, binding_request, relay_range, tls_connect,
-    xor_peer,
+    tls_over, xor_peer,
 };
 use turnserver::stun::{Class, Message, MessageWriter, attr, method};
 
@@ -192,6 +192,96 @@ fn channels_relay_both_ways_over_tcp_with_padding() {
         log.contains("to_peer_packets=2 to_peer_bytes=5 to_client_packets=1 to_client_bytes=3"),
         "{log}"
     );
+}
+
+/// A TCP stream whose every read stays within one TLS record, so that the
+/// TLS client on top of it returns one record's plaintext per read, as
+/// OpenSSL's `SSL_read` does for coturn's `turnutils_uclient`.
+struct OneRecordPerRead {
+    tcp: TcpStream,
+    record: Vec<u8>,
+    at: usize,
+}
+
+impl Read for OneRecordPerRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.record.len() {
+            let mut hdr = [0u8; 5];
+            self.tcp.read_exact(&mut hdr)?;
+            let len = usize::from(u16::from_be_bytes([hdr[3], hdr[4]]));
+            self.record = hdr.to_vec();
+            self.record.resize(5 + len, 0);
+            self.tcp.read_exact(&mut self.record[5..])?;
+            self.at = 0;
+        }
+        let n = buf.len().min(self.record.len() - self.at);
+        buf[..n].copy_from_slice(&self.record[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl Write for OneRecordPerRead {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+#[test]
+fn tls_puts_each_frame_in_a_record_of_its_own() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")).tls());
+    let (peer, peer_addr) = peer_socket();
+    let tcp = TcpStream::connect(("127.0.0.1", s.tls_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let sock = OneRecordPerRead {
+        tcp,
+        record: Vec::new(),
+        at: 0,
+    };
+    let mut t = StreamClient::new(tls_over(sock, &s.dir.path("cert.pem")));
+    let r = t.allocate("alice", "pw");
+    assert!(r.is_success());
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4001, peer_addr),
+            "alice",
+            "pw"
+        )
+        .is_success()
+    );
+    // A burst from the peer: the server reads it in batches and queues many
+    // frames for the connection at once. Sizes vary so padding is covered.
+    const BURST: usize = 64;
+    for i in 0..BURST {
+        let mut payload = vec![(i % 251) as u8; 97 + i % 4];
+        payload[0] = i as u8;
+        peer.send_to(&payload, relayed).unwrap();
+    }
+    // Every read returns one record's plaintext: it must be one whole
+    // ChannelData frame, padding included, and the frames must come in order.
+    let mut buf = vec![0u8; 70000];
+    for i in 0..BURST {
+        let n = t.stream.read(&mut buf).unwrap();
+        assert!(n >= 4, "record {i}: {n} bytes");
+        let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+        assert_eq!(&buf[..2], &[0x40, 0x01], "record {i}");
+        assert_eq!(len, 97 + i % 4, "record {i}");
+        assert_eq!(
+            n,
+            4 + ((len + 3) & !3),
+            "record {i} holds {n} bytes, not one frame of {len}"
+        );
+        assert_eq!(buf[4], i as u8, "record {i} is out of order");
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, Server, StreamClient, binding_request, xor_peer};
+use common::{Client, Options, Server, StreamClient, binding_request, tls_over, xor_peer};
 use turnserver::stun::{attr, method};
 
 const USERS: &str = "lt-cred-mech\nrealm=r\nuser=alice:pw\n";
@@ -148,13 +148,34 @@ fn maximum_size_frames_are_handled() {
 
 #[test]
 fn a_client_that_stops_reading_cannot_grow_server_memory() {
-    let mut s = Server::start(Options::new(&format!("{USERS}allow-loopback-peers\n")));
-    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut t = StreamClient::tcp(s.udp_addr());
-    // A small receive buffer so the kernel holds little on our side.
-    socket2::SockRef::from(&t.stream)
+    let s = Server::start(Options::new(&format!("{USERS}allow-loopback-peers\n")));
+    let tcp = stalled_socket(s.udp_addr());
+    stalled_client_is_bounded(s, StreamClient::new(tcp));
+}
+
+#[test]
+fn a_tls_client_that_stops_reading_cannot_grow_server_memory() {
+    let s = Server::start(Options::new(&format!("{USERS}allow-loopback-peers\n")).tls());
+    let tcp = stalled_socket(SocketAddr::from(([127, 0, 0, 1], s.tls_port)));
+    let tls = tls_over(tcp, &s.dir.path("cert.pem"));
+    stalled_client_is_bounded(s, StreamClient::new(tls));
+}
+
+/// A connection to `addr` with a small receive buffer, so the kernel holds
+/// little on the client's side once it stops reading.
+fn stalled_socket(addr: SocketAddr) -> TcpStream {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    socket2::SockRef::from(&tcp)
         .set_recv_buffer_size(4096)
         .unwrap();
+    tcp
+}
+
+/// Relays 60 MB from a peer towards `t`, which never reads: the server's
+/// memory must stay bounded, other clients served, and the drops logged.
+fn stalled_client_is_bounded<S: Read + Write>(mut s: Server, mut t: StreamClient<S>) {
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let r = t.allocate("alice", "pw");
     let relayed = r
         .msg()
@@ -173,7 +194,6 @@ fn a_client_that_stops_reading_cannot_grow_server_memory() {
             .is_success()
     );
     let before = rss_kib(s.pid());
-    // 60 MB towards a client that reads nothing.
     let chunk = vec![0x42u8; 1200];
     for _ in 0..50_000 {
         let _ = peer.send_to(&chunk, relayed);

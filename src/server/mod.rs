@@ -9,6 +9,7 @@ pub mod batch;
 pub mod net;
 pub mod ports;
 pub mod relay;
+mod stream;
 pub mod tls;
 mod worker;
 

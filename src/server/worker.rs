@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, info, warn};
@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 use super::batch::{BATCH, RecvBatch, SendQueue};
 use super::ports::PortPool;
 use super::relay::{Opened, Opener, Reservations};
+use super::stream::{FrameStream, StreamHalf};
 use crate::stun::channel::{self, HEADROOM, TAILROOM};
 use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
 
@@ -865,8 +866,12 @@ async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, loca
         return;
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
             worker.borrow_mut().tls_handshakes += 1;
+            // The writer bounds what it hands rustls (one batch, flushed
+            // before the next), and a frame must never be cut across
+            // records because a buffer limit was reached.
+            tls.get_mut().1.set_buffer_limit(None);
             serve_stream(worker, tls, ft).await
         }
         Ok(Err(e)) => {
@@ -882,7 +887,7 @@ async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, loca
 
 /// Serves one TCP or TLS client connection until it closes; its allocation
 /// ends with it (RFC 8656 §3.1).
-async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: FiveTuple) {
+async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) {
     let conn = Rc::new(Conn {
         five_tuple: ft,
         queue: RefCell::new(Vec::new()),
@@ -890,7 +895,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
         dropped: Cell::new(0),
     });
     let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let stream = Rc::new(RefCell::new(stream));
+    let mut rd = StreamHalf(stream.clone());
+    let mut wr = StreamHalf(stream.clone());
 
     let writer = async {
         let mut spare = Vec::new();
@@ -901,7 +908,12 @@ async fn serve_stream<S: AsyncRead + AsyncWrite>(worker: Handle, stream: S, ft: 
                 if spare.is_empty() {
                     break;
                 }
-                if wr.write_all(&spare).await.is_err() {
+                // Everything staged is flushed before the next batch is
+                // taken, so the stream's own buffer holds at most one batch
+                // (MAX_QUEUED) and the queue's limit still applies.
+                let staged = stream.borrow_mut().stage(&spare);
+                let Ok(rest) = staged else { return };
+                if wr.write_all(rest).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
                 spare.clear();

@@ -650,6 +650,17 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 /// Connects with TLS to `addr`, verifying the server against `cert` for
 /// the name `localhost`.
 pub fn tls_connect(addr: SocketAddr, cert: &Path) -> TlsStream {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tls_over(tcp, cert)
+}
+
+/// A TLS client on `sock` (already connected), verifying the server
+/// against `cert` for the name `localhost`.
+pub fn tls_over<S: Read + Write>(
+    sock: S,
+    cert: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, S> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
@@ -664,9 +675,7 @@ pub fn tls_connect(addr: SocketAddr, cert: &Path) -> TlsStream {
     .with_no_client_auth();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+    rustls::StreamOwned::new(conn, sock)
 }
 
 /// One frame read from a stream.
