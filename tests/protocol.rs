@@ -284,6 +284,58 @@ fn tls_puts_each_frame_in_a_record_of_its_own() {
     }
 }
 
+/// A burst from a peer (as a video frame is) reaches a UDP client as
+/// separate datagrams, whole and in order, over a channel and as Data
+/// indications: the server sends such runs with UDP GSO.
+#[test]
+fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
+    let (peer, peer_addr) = peer_socket();
+    let (plain, plain_addr) = peer_socket();
+    let mut c = Client::new(s.udp_addr());
+    let relayed = c
+        .allocate("alice", "pw")
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    let bind = channel_bind_attrs(0x4002, peer_addr);
+    assert!(
+        c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
+            .is_success()
+    );
+    let perm = vec![(attr::XOR_PEER_ADDRESS, xor_peer(plain_addr, &[0; 12]))];
+    assert!(
+        c.signed(method::CREATE_PERMISSION, &perm, "alice", "pw")
+            .is_success()
+    );
+    // Equal sizes with a shorter last one, as a packetised frame is.
+    let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 77 } else { 1100 }).collect();
+    for (from, channel) in [(&peer, true), (&plain, false)] {
+        for (i, &n) in sizes.iter().enumerate() {
+            from.send_to(&vec![i as u8; n], relayed).unwrap();
+        }
+        let mut buf = [0u8; 65536];
+        for (i, &n) in sizes.iter().enumerate() {
+            let got = c.sock.recv(&mut buf).unwrap();
+            let payload = if channel {
+                assert_eq!(
+                    &buf[..4],
+                    &[0x40, 0x02, (n >> 8) as u8, n as u8],
+                    "datagram {i}"
+                );
+                assert_eq!(got, 4 + n, "datagram {i}");
+                &buf[4..got]
+            } else {
+                let m = Message::parse(&buf[..got]).unwrap();
+                assert_eq!(m.method(), method::DATA, "datagram {i}");
+                m.get(attr::DATA).unwrap()
+            };
+            assert_eq!(payload, &vec![i as u8; n][..], "datagram {i}");
+        }
+    }
+}
+
 #[test]
 fn port_exhaustion_is_508_and_recovers() {
     let (min, max) = relay_range(2);

@@ -234,12 +234,41 @@ struct Queued {
     socket: usize,
 }
 
+/// Most datagrams one UDP GSO send may carry (the kernel's
+/// `UDP_MAX_SEGMENTS`).
+const MAX_SEGMENTS: usize = 64;
+/// Most bytes one UDP GSO send may carry: the largest UDP payload over IPv6
+/// (65535 minus the 8-byte UDP header), so it fits IPv4 too.
+const MAX_GSO_BYTES: usize = 65527;
+/// Room for one `UDP_SEGMENT` control message (a `u16`), in `u64`s so it is
+/// aligned for `cmsghdr`.
+const CTRL_WORDS: usize = 4;
+
+/// One `sendmmsg` header's share of the queue: `count` datagrams from
+/// iovec `first`.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    first: usize,
+    count: usize,
+}
+
 /// Datagrams framed in place in a [`RecvBatch`], sent together with
 /// `sendmmsg` once the batch is full or the worker's round ends.
+///
+/// Consecutive datagrams for the same destination (what one relay socket's
+/// batch from a video sender usually is) leave as one UDP GSO send
+/// (`UDP_SEGMENT`, Linux 4.18): the kernel builds and routes one packet and
+/// splits it late, and the receiver still gets each datagram on its own.
+/// They qualify when all but the last have the same size. A GSO send the
+/// kernel refuses goes out again one datagram at a time, and a device that
+/// cannot segment (`EIO`) turns GSO off for the queue.
 pub struct SendQueue {
     queued: Vec<Queued>,
+    gso: bool,
+    runs: [Run; BATCH],
     iovs: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
+    ctrl: [[u64; CTRL_WORDS]; BATCH],
 }
 
 impl Default for SendQueue {
@@ -252,10 +281,27 @@ impl SendQueue {
     pub fn new() -> Self {
         SendQueue {
             queued: Vec::with_capacity(BATCH),
+            gso: true,
+            runs: [Run::default(); BATCH],
             // SAFETY: as in RecvBatch::new.
             iovs: unsafe { std::mem::zeroed() },
             hdrs: unsafe { std::mem::zeroed() },
+            ctrl: [[0; CTRL_WORDS]; BATCH],
         }
+    }
+
+    /// A queue that never uses UDP GSO: one datagram per `sendmmsg` header.
+    pub fn without_gso() -> Self {
+        SendQueue {
+            gso: false,
+            ..Self::new()
+        }
+    }
+
+    /// Whether consecutive datagrams to one destination still leave as one
+    /// GSO send (false once a device refused it).
+    pub fn gso(&self) -> bool {
+        self.gso
     }
 
     /// Queues `range` of slot `slot` for `to`, to go out of socket number
@@ -299,44 +345,130 @@ impl SendQueue {
         self.queued.clear();
     }
 
+    /// Whether datagram `k` may join a GSO run of `count` datagrams from
+    /// `first` of `segment` bytes each, `bytes` in all.
+    fn joins(&self, k: usize, first: usize, count: usize, segment: usize, bytes: usize) -> bool {
+        let (q, head) = (&self.queued[k], &self.queued[first]);
+        let last = &self.queued[k - 1];
+        let len = q.range.len();
+        self.gso
+            && count < MAX_SEGMENTS
+            && bytes + len <= MAX_GSO_BYTES
+            && last.range.len() == segment
+            && len <= segment
+            && len > 0
+            && q.to == head.to
+    }
+
+    /// Sends datagrams `start..end` of the queue out of `fd`.
     fn send_run(&mut self, data: &RecvBatch, fd: BorrowedFd<'_>, start: usize, end: usize) {
-        let n = end - start;
-        for k in 0..n {
-            let q = &self.queued[start + k];
+        for k in start..end {
+            let q = &self.queued[k];
             let bytes = &data.buf(q.slot)[q.range.clone()];
-            self.iovs[k] = libc::iovec {
+            self.iovs[k - start] = libc::iovec {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
             };
+        }
+        // Group the datagrams into runs, one sendmmsg header each.
+        let mut runs = 0;
+        let mut k = start;
+        while k < end {
+            let segment = self.queued[k].range.len();
+            let (mut count, mut bytes) = (1, segment);
+            while k + count < end && self.joins(k + count, k, count, segment, bytes) {
+                bytes += self.queued[k + count].range.len();
+                count += 1;
+            }
+            self.runs[runs] = Run {
+                first: k - start,
+                count,
+            };
+            let q = &self.queued[k];
             // The kernel only reads the address of a datagram it sends.
             set_header(
-                &mut self.hdrs[k],
+                &mut self.hdrs[runs],
                 q.to.as_ptr() as *mut libc::c_void,
                 q.to.len(),
-                &mut self.iovs[k],
+                &mut self.iovs[k - start],
             );
+            if count > 1 {
+                self.hdrs[runs].msg_hdr.msg_iovlen = count;
+                self.set_segment(runs, segment);
+            }
+            runs += 1;
+            k += count;
         }
         let mut sent = 0;
-        while sent < n {
-            // SAFETY: hdrs[sent..n] point at addresses in self.queued and
-            // iovecs into `data`'s buffers, all alive and unchanged for the
-            // duration of the call; the kernel only reads them.
+        while sent < runs {
+            // SAFETY: hdrs[sent..runs] point at addresses in self.queued,
+            // iovecs in self.iovs into `data`'s buffers and control data in
+            // self.ctrl, all alive and unchanged for the duration of the
+            // call; the kernel only reads them.
             let r = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),
                     self.hdrs[sent..].as_mut_ptr(),
-                    (n - sent) as libc::c_uint,
+                    (runs - sent) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
             if r > 0 {
                 sent += r as usize;
-            } else if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
-            } else {
-                // The datagram at `sent` failed: drop it, send the rest.
-                sent += 1;
             }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The header at `sent` failed. One datagram is dropped; a GSO
+            // run goes out again one datagram at a time.
+            let run = self.runs[sent];
+            if run.count > 1 {
+                if err.raw_os_error() == Some(libc::EIO) && self.gso {
+                    self.gso = false;
+                    tracing::warn!(
+                        "UDP GSO refused by the network device ({err}); sending datagrams one by one"
+                    );
+                }
+                self.send_each(fd, sent, run);
+            }
+            sent += 1;
+        }
+    }
+
+    /// Puts a `UDP_SEGMENT` control message of `segment` bytes on header
+    /// `h`.
+    fn set_segment(&mut self, h: usize, segment: usize) {
+        let ctrl = &mut self.ctrl[h];
+        let hdr = &mut self.hdrs[h].msg_hdr;
+        hdr.msg_control = ctrl.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+        // SAFETY: the control buffer is CTRL_WORDS * 8 = 32 bytes, aligned
+        // for cmsghdr, and CMSG_SPACE(2) (24 bytes) fits in it, so
+        // CMSG_FIRSTHDR is non-null and its data has room for a u16.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(hdr);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment as u16);
+        }
+    }
+
+    /// Sends the datagrams of `run` (header `h`, refused as one GSO send)
+    /// one `sendmsg` each, dropping those the kernel refuses.
+    fn send_each(&mut self, fd: BorrowedFd<'_>, h: usize, run: Run) {
+        let hdr = self.hdrs[h].msg_hdr;
+        for i in run.first..run.first + run.count {
+            let mut one = hdr;
+            one.msg_iov = &mut self.iovs[i];
+            one.msg_iovlen = 1;
+            one.msg_control = std::ptr::null_mut();
+            one.msg_controllen = 0;
+            // SAFETY: as in send_run, for one datagram.
+            unsafe { libc::sendmsg(fd.as_raw_fd(), &one, libc::MSG_DONTWAIT) };
         }
     }
 }
@@ -390,6 +522,133 @@ mod tests {
         assert_eq!(&buf[..10], &[0u8; 10]);
         assert_eq!(c.recv(&mut buf).unwrap(), 6);
         assert_eq!(&buf[..6], b"from c");
+    }
+
+    /// A batch on a socket of its own holding `sizes.len()` datagrams, the
+    /// i-th `sizes[i]` bytes of the value `i`, and the socket.
+    fn filled(sizes: &[usize]) -> (RecvBatch, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.set_nonblocking(true).unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            from.send_to(&vec![i as u8; n], a.local_addr().unwrap())
+                .unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut batch = RecvBatch::new(0, 1500, 0);
+        assert_eq!(batch.recv(a.as_fd(), 0, BATCH).unwrap(), sizes.len());
+        (batch, a)
+    }
+
+    /// Queues slot `i` of `batch` to `to[i]` for every `i`, flushes out of
+    /// `out`, and returns what each receiver (in order of first mention)
+    /// read, one entry per read.
+    fn relay(
+        q: &mut SendQueue,
+        batch: &RecvBatch,
+        to: &[&UdpSocket],
+        out: &UdpSocket,
+    ) -> Vec<Vec<Vec<u8>>> {
+        for (i, dest) in to.iter().enumerate() {
+            let (r, _) = batch.datagram(i);
+            q.push(i, r, dest.local_addr().unwrap(), 0);
+        }
+        q.flush(batch, |_| Some(out.as_fd()));
+        let mut receivers: Vec<&UdpSocket> = Vec::new();
+        for r in to {
+            if !receivers.iter().any(|s| std::ptr::eq(*s, *r)) {
+                receivers.push(r);
+            }
+        }
+        receivers
+            .iter()
+            .map(|r| {
+                r.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                    .unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = r.recv(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                }
+                got
+            })
+            .collect()
+    }
+
+    fn enable_gro(s: &UdpSocket) {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor and a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "UDP_GRO: {}", io::Error::last_os_error());
+    }
+
+    /// Equal-size datagrams for one destination, then a shorter one, leave
+    /// as one GSO send: a receiver with UDP_GRO on reads them as one
+    /// buffer (loopback keeps the GSO packet whole up to the socket).
+    /// A receiver without it reads each datagram on its own, in order.
+    #[test]
+    fn runs_to_one_destination_leave_as_one_gso_send() {
+        let sizes = [100, 100, 100, 100, 37, 100, 100];
+        let (batch, out) = filled(&sizes);
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_gro(&b);
+        let mut q = SendQueue::new();
+        // Five to b (the fifth is shorter: it ends the run), one to c, one
+        // to b again.
+        let got = relay(&mut q, &batch, &[&b, &b, &b, &b, &b, &c, &b], &out);
+        let sent = |i: usize| vec![i as u8; sizes[i]];
+        let joined: Vec<u8> = (0..5).flat_map(sent).collect();
+        assert_eq!(got[0], vec![joined, [sent(6)].concat()]);
+        assert_eq!(got[1], vec![sent(5)]);
+        assert!(q.gso());
+
+        // The same datagrams to a receiver without UDP_GRO: one each.
+        let (batch, out) = filled(&sizes);
+        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let got = relay(&mut q, &batch, &[&d; 7], &out);
+        assert_eq!(got[0], (0..7).map(sent).collect::<Vec<_>>());
+    }
+
+    /// A GSO send the kernel refuses (here: UDP checksums turned off on
+    /// the socket, which GSO needs) goes out one datagram at a time.
+    #[test]
+    fn refused_gso_sends_go_out_one_by_one() {
+        let sizes = [60, 60, 60, 20];
+        let (batch, out) = filled(&sizes);
+        let off: libc::c_int = 1;
+        // SAFETY: a valid descriptor and a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                out.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_gro(&b);
+        let mut q = SendQueue::new();
+        let got = relay(&mut q, &batch, &[&b; 4], &out);
+        let expect: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; sizes[i]]).collect();
+        assert_eq!(got[0], expect);
+        // Not EIO: the device can segment, so GSO stays on.
+        assert!(q.gso());
+        // Without GSO, the same one by one.
+        let (batch, out) = filled(&sizes);
+        let mut q = SendQueue::without_gso();
+        let got = relay(&mut q, &batch, &[&b; 4], &out);
+        assert_eq!(got[0], expect);
     }
 
     /// The headers are set up once: a slot that took an IPv4 datagram (a
