@@ -336,6 +336,57 @@ fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
     }
 }
 
+/// A burst of ChannelData from a UDP client reaches the peer datagram by
+/// datagram, in order (the server sends such runs with UDP GSO), and a
+/// request in the middle of the burst takes effect between the datagrams
+/// before it and those after it: a Refresh deleting the allocation lets
+/// everything before it through and nothing after it.
+#[test]
+fn client_bursts_reach_the_peer_datagram_by_datagram() {
+    let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
+    let (peer, peer_addr) = peer_socket();
+    let mut c = Client::new(s.udp_addr());
+    assert!(c.allocate("alice", "pw").is_success());
+    let bind = channel_bind_attrs(0x4003, peer_addr);
+    assert!(
+        c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
+            .is_success()
+    );
+    let frame = |i: usize, n: usize| {
+        let mut f = vec![0x40, 0x03, (n >> 8) as u8, n as u8];
+        f.extend(vec![i as u8; n]);
+        f
+    };
+    let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 51 } else { 1000 }).collect();
+    let delete = c.request(
+        method::REFRESH,
+        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+        Some(("alice", "pw")),
+    );
+    for (i, &n) in sizes.iter().enumerate() {
+        c.sock.send_to(&frame(i, n), s.udp_addr()).unwrap();
+    }
+    c.sock.send_to(&delete, s.udp_addr()).unwrap();
+    for i in 0..8 {
+        c.sock.send_to(&frame(100 + i, 1000), s.udp_addr()).unwrap();
+    }
+    let mut buf = [0u8; 65536];
+    for (i, &n) in sizes.iter().enumerate() {
+        let got = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..got], &vec![i as u8; n][..], "datagram {i}");
+    }
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        peer.recv(&mut buf).is_err(),
+        "relayed after the allocation was deleted"
+    );
+    let n = c.sock.recv(&mut buf).unwrap();
+    let r = Message::parse(&buf[..n]).unwrap();
+    assert_eq!(r.method(), method::REFRESH);
+    assert_eq!(r.class(), Class::Success);
+}
+
 #[test]
 fn port_exhaustion_is_508_and_recovers() {
     let (min, max) = relay_range(2);

@@ -112,7 +112,7 @@ pub const OPTIONS: &[Spec] = &[
     opt("udp-recvmmsg", None, Flag, false, Inherent("UDP is always received with recvmmsg and sent to clients with sendmmsg"), "Batch UDP receives."),
     opt("udp-recvmmsg-log", None, Flag, false, NotYet, "Log recvmmsg statistics."),
     opt("udp-sendmmsg-log", None, Flag, false, NotYet, "Log sendmmsg statistics."),
-    opt("udp-gso", None, Flag, false, Inherent("runs of datagrams to one UDP client are always sent with UDP GSO where the kernel and device allow it"), "Use UDP GSO."),
+    opt("udp-gso", None, Flag, false, Inherent("runs of datagrams to one destination are always sent with UDP GSO where the kernel and device allow it"), "Use UDP GSO."),
     // Peer access
     opt("allow-loopback-peers", None, Flag, false, Yes, "Allow relaying to loopback peers (127.0.0.0/8, ::1). Default: denied."),
     opt("allow-private-peers", None, Flag, false, Yes, "Allow relaying to private peers (RFC 1918, 100.64/10, fc00::/7), as coturn 4.6.1 did. Default: denied."),

@@ -252,11 +252,13 @@ struct Run {
     count: usize,
 }
 
-/// Datagrams framed in place in a [`RecvBatch`], sent together with
+/// Datagrams in the buffers of a [`RecvBatch`] (peer data framed in place
+/// for clients, or ChannelData payloads for peers), sent together with
 /// `sendmmsg` once the batch is full or the worker's round ends.
 ///
-/// Consecutive datagrams for the same destination (what one relay socket's
-/// batch from a video sender usually is) leave as one UDP GSO send
+/// Consecutive datagrams out of one socket for the same destination (one
+/// relay socket's batch from a video sender, or one client's burst to its
+/// peer) leave as one UDP GSO send
 /// (`UDP_SEGMENT`, Linux 4.18): the kernel builds and routes one packet and
 /// splits it late, and the receiver still gets each datagram on its own.
 /// They qualify when all but the last have the same size. A GSO send the

@@ -12,8 +12,9 @@
 //! listeners and every relay socket sit in one epoll set of the worker's
 //! own (level-triggered), which tokio watches as a single descriptor. One
 //! task takes each round of ready sockets, reads them with `recvmmsg`, lets
-//! the core decide, sends to peers directly and to UDP clients with
-//! `sendmmsg`, framing peer data in the buffer it was received into. A
+//! the core decide, and sends with `sendmmsg` (UDP GSO for runs to one
+//! destination), ChannelData payloads from the buffer they arrived in and
+//! peer data framed in the buffer it was received into. A
 //! relay socket costs its descriptor and a slot in a vector, nothing else.
 //!
 //! The driver moves bytes only: every decision is the core's
@@ -268,6 +269,12 @@ struct UdpIo {
     peer: RecvBatch,
     /// Framed peer datagrams waiting to go to UDP clients.
     to_clients: SendQueue,
+    /// ChannelData payloads from UDP clients (in `client`) waiting to go to
+    /// peers, by relay socket slot. Only ChannelData is queued, and the
+    /// queue is sent before any other client message is handled and before
+    /// `client` is read into again, so no allocation is created or deleted
+    /// (and no slot reused) while a datagram waits.
+    to_peers: SendQueue,
 }
 
 impl UdpIo {
@@ -277,6 +284,7 @@ impl UdpIo {
             client: RecvBatch::new(0, MAX_DATAGRAM, 0),
             peer: RecvBatch::new(HEADROOM, MAX_DATAGRAM, TAILROOM),
             to_clients: SendQueue::new(),
+            to_peers: SendQueue::new(),
         }
     }
 }
@@ -491,10 +499,31 @@ impl Worker {
                         server: local,
                         transport: Transport::Udp,
                     };
-                    let data = &io.client.buf(i)[range];
+                    let data = &io.client.buf(i)[range.clone()];
+                    let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
+                    if !is_channel_data {
+                        self.flush_to_peers(io);
+                    }
+                    let data = &io.client.buf(i)[range.clone()];
                     let action = self.client_message(now, &ft, link as u32, data);
-                    self.dispatch(action, &ft, link as u32, data);
+                    match action {
+                        ClientAction::Relay {
+                            allocation,
+                            peer,
+                            payload,
+                        } if is_channel_data && self.relay(allocation).is_some() => {
+                            let start = range.start + payload.start;
+                            io.to_peers.push(
+                                i,
+                                start..start + payload.len(),
+                                peer,
+                                allocation.slot(),
+                            );
+                        }
+                        action => self.dispatch(action, &ft, link as u32, data),
+                    }
                 }
+                self.flush_to_peers(io);
             } else {
                 if used == BATCH {
                     self.flush_to_clients(io);
@@ -532,6 +561,19 @@ impl Worker {
         }
         self.flush_to_clients(io);
         drained
+    }
+
+    /// Sends the ChannelData payloads queued for peers, each out of its
+    /// allocation's relay socket.
+    fn flush_to_peers(&self, io: &mut UdpIo) {
+        if !io.to_peers.is_empty() {
+            io.to_peers.flush(&io.client, |slot| {
+                self.relays
+                    .get(slot)
+                    .and_then(Option::as_ref)
+                    .map(|r| r.socket.as_fd())
+            });
+        }
     }
 
     /// Sends the framed peer datagrams queued for UDP clients.
