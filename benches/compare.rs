@@ -16,7 +16,9 @@
 //!   once and the runs are interleaved, one server at a time, five rounds
 //!   per load (`COMPARE_REPEATS` to change); the tables quote medians. The
 //!   loads come in turnbench's default 1 ms bursts, then, at two light
-//!   loads, spread out every 100 µs (`--step 100`);
+//!   loads, spread out every 100 µs (`--step 100`), and last over only 4
+//!   allocations in 1 ms bursts, several packets each per burst (runs that
+//!   turnserver sends with UDP GSO);
 //! - the most relayed packets per second with less than 0.1 % loss: the
 //!   median of three ramps of 3-second runs, interleaved the same way;
 //! - resident memory added by 10,000 idle allocations, and the allocation
@@ -45,28 +47,33 @@ use serde_json::{Value, json};
 const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
 const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
 
-/// An offered load: round trips per second (each is two relayed packets),
-/// sent in bursts every `step_us` microseconds (turnbench `--step`).
+/// An offered load: round trips per second (each is two relayed packets)
+/// over `flows` allocations, sent in bursts every `step_us` microseconds
+/// (turnbench `--step`).
 #[derive(Clone, Copy)]
 struct Load {
     rate: f64,
     step_us: u64,
+    flows: usize,
 }
 
 impl Load {
-    /// `rate` in turnbench's default 1 ms bursts.
+    /// `rate` over [`FLOWS`] allocations in turnbench's default 1 ms bursts.
     const fn burst(rate: f64) -> Load {
         Load {
             rate,
             step_us: BURST_STEP_US,
+            flows: FLOWS,
         }
     }
 
-    /// `rate` spread out, a few packets every 100 µs.
+    /// `rate` over [`FLOWS`] allocations spread out, a few packets every
+    /// 100 µs.
     const fn spread(rate: f64) -> Load {
         Load {
             rate,
             step_us: SPREAD_STEP_US,
+            flows: FLOWS,
         }
     }
 }
@@ -85,6 +92,14 @@ const LOADS: [Load; 3] = [
 /// The same comparison with spread pacing, at loads that leave the load
 /// generator (which then wakes ten times as often) some of the machine.
 const SPREAD_LOADS: [Load; 2] = [Load::spread(10_000.0), Load::spread(20_000.0)];
+/// A few busy flows in 1 ms bursts, several packets per flow per burst, as
+/// high-bitrate video sends them: runs of datagrams for one destination,
+/// which turnserver sends with UDP GSO.
+const FEW_FLOW_LOADS: [Load; 1] = [Load {
+    rate: 20_000.0,
+    step_us: BURST_STEP_US,
+    flows: 4,
+}];
 /// The load the summary table quotes for CPU and latency.
 const HEADLINE_LOAD: Load = LOADS[1];
 /// Flows for the traffic runs.
@@ -331,7 +346,7 @@ fn load_args(
     }
     a.extend([
         "-n".into(),
-        FLOWS.to_string(),
+        load.flows.to_string(),
         "-r".into(),
         load.rate.to_string(),
         "--step".into(),
@@ -410,6 +425,7 @@ fn summarise(load: Load, runs: Vec<Value>) -> Value {
     json!({
         "offered_round_trips_per_second": load.rate,
         "step_us": load.step_us,
+        "flows": load.flows,
         "cpu_us_per_relayed_packet": median(cpus),
         "cpu_us_min": lo,
         "cpu_us_max": hi,
@@ -440,10 +456,10 @@ struct Loaded {
 fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
     let n = servers.len();
     let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
-    for load in LOADS.into_iter().chain(SPREAD_LOADS) {
+    for load in LOADS.into_iter().chain(SPREAD_LOADS).chain(FEW_FLOW_LOADS) {
         eprintln!(
-            "==> fixed load {:.0} round trips/s, sent every {} µs",
-            load.rate, load.step_us
+            "==> fixed load {:.0} round trips/s over {} allocations, sent every {} µs",
+            load.rate, load.flows, load.step_us
         );
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n];
         for round in 0..repeats() {
@@ -776,6 +792,7 @@ fn load_at(r: &Value, load: Load) -> Option<&Value> {
     r["loads"].as_array().unwrap().iter().find(|l| {
         l["offered_round_trips_per_second"].as_f64() == Some(load.rate)
             && l["step_us"].as_u64() == Some(load.step_us)
+            && l["flows"].as_u64() == Some(load.flows as u64)
     })
 }
 
@@ -864,6 +881,14 @@ fn report(
         &mut s,
         &SPREAD_LOADS,
         &format!("packets spread out, sent every {SPREAD_STEP_US} µs"),
+    );
+    table(
+        &mut s,
+        &FEW_FLOW_LOADS,
+        &format!(
+            "only {} allocations, packets sent in bursts every {BURST_STEP_US} µs (several per allocation per burst, as high-bitrate video)",
+            FEW_FLOW_LOADS[0].flows
+        ),
     );
     let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", a / b));
     let yes = |ok: Option<bool>| match ok {
