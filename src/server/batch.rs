@@ -237,9 +237,9 @@ struct Queued {
 /// Most datagrams one UDP GSO send may carry (the kernel's
 /// `UDP_MAX_SEGMENTS`).
 const MAX_SEGMENTS: usize = 64;
-/// Most bytes one UDP GSO send may carry: the largest UDP payload over IPv6
-/// (65535 minus the 8-byte UDP header), so it fits IPv4 too.
-const MAX_GSO_BYTES: usize = 65527;
+/// Most bytes one UDP GSO send may carry: the largest UDP payload over IPv4
+/// (65535 minus the 20-byte IP and 8-byte UDP headers), which fits IPv6 too.
+const MAX_GSO_BYTES: usize = 65507;
 /// Room for one `UDP_SEGMENT` control message (a `u16`), in `u64`s so it is
 /// aligned for `cmsghdr`.
 const CTRL_WORDS: usize = 4;
