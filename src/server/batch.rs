@@ -530,6 +530,9 @@ mod tests {
     /// i-th `sizes[i]` bytes of the value `i`, and the socket.
     fn filled(sizes: &[usize]) -> (RecvBatch, UdpSocket) {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&a)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
         let from = UdpSocket::bind("127.0.0.1:0").unwrap();
         a.set_nonblocking(true).unwrap();
         for (i, &n) in sizes.iter().enumerate() {
@@ -537,7 +540,7 @@ mod tests {
                 .unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut batch = RecvBatch::new(0, 1500, 0);
+        let mut batch = RecvBatch::new(0, 65536, 0);
         assert_eq!(batch.recv(a.as_fd(), 0, BATCH).unwrap(), sizes.len());
         (batch, a)
     }
@@ -618,6 +621,20 @@ mod tests {
         let d = UdpSocket::bind("127.0.0.1:0").unwrap();
         let got = relay(&mut q, &batch, &[&d; 7], &out);
         assert_eq!(got[0], (0..7).map(sent).collect::<Vec<_>>());
+    }
+
+    /// A GSO send carries at most 65,507 bytes: a third 30,000-byte datagram
+    /// starts a send of its own.
+    #[test]
+    fn gso_sends_stay_within_the_largest_udp_payload() {
+        let sizes = [30_000, 30_000, 30_000];
+        let (batch, out) = filled(&sizes);
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_gro(&b);
+        let mut q = SendQueue::new();
+        let got = relay(&mut q, &batch, &[&b; 3], &out);
+        let sent = |i: usize| vec![i as u8; sizes[i]];
+        assert_eq!(got[0], vec![[sent(0), sent(1)].concat(), sent(2)]);
     }
 
     /// A GSO send the kernel refuses (here: UDP checksums turned off on
