@@ -140,6 +140,9 @@ pub struct Config {
     pub no_udp_relay: bool,
     /// RFC 8016 mobility tickets.
     pub mobility: bool,
+    /// `udp-steering`: `auto` (true) gathers UDP clients on the first worker
+    /// while the load is light; `off` leaves them to the kernel's hash.
+    pub udp_steering: bool,
     /// Answers to unauthenticated requests per second per source; 0 = off.
     pub unauthorized_ratelimit_rps: u32,
     pub secure_stun: bool,
@@ -229,6 +232,7 @@ impl Default for Config {
             default_family: DefaultFamily::Ipv4,
             no_udp_relay: false,
             mobility: false,
+            udp_steering: true,
             unauthorized_ratelimit_rps: crate::turn::DEFAULT_UNAUTHENTICATED_RATE,
             secure_stun: false,
             no_stun: false,
@@ -902,6 +906,19 @@ impl Config {
             }
             "no-udp-relay" => self.no_udp_relay = flag()?,
             "mobility" => self.mobility = flag()?,
+            "udp-steering" => {
+                self.udp_steering = match need()?.trim().to_ascii_lowercase().as_str() {
+                    "auto" => true,
+                    "off" => false,
+                    other => {
+                        return Err(ConfigError::new(
+                            origin,
+                            key,
+                            format!("'{other}' is not auto or off"),
+                        ));
+                    }
+                }
+            }
             "unauthorized-ratelimit-rps" => {
                 let v = need()?;
                 self.unauthorized_ratelimit_rps = v
@@ -1254,6 +1271,10 @@ impl Config {
         l.kv("max-bps", &self.limits.max_bps);
         l.kv("bps-capacity", &self.limits.bps_capacity);
         l.kv("mobility", &onoff(self.mobility));
+        l.kv(
+            "udp-steering",
+            &(if self.udp_steering { "auto" } else { "off" }),
+        );
         l.kv(
             "unauthorized-ratelimit-rps",
             &self.unauthorized_ratelimit_rps,

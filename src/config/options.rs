@@ -158,6 +158,7 @@ pub const OPTIONS: &[Spec] = &[
     opt("permission-lifetime", None, Optional, false, Yes, "Permission lifetime, seconds. Default: 300."),
     opt("max-allocate-timeout", None, Value, false, Yes, "Seconds a TCP/TLS connection may stay silent without an allocation. Default: 60."),
     opt("mobility", None, Flag, false, Yes, "RFC 8016 mobility: clients may move their allocation to a new address."),
+    opt("udp-steering", None, Value, false, Yes, "auto (default): while the load is light, every UDP client datagram goes to the first relay thread (fewer wake-ups), and the kernel spreads them again when it gets busy; off: always spread. Off with mobility."),
     opt("drain-min-allocations", None, Value, false, NotYet, "Drain mode threshold."),
     // STUN behaviour
     opt("fingerprint", Some('f'), Flag, false, Yes, "Add FINGERPRINT to every response."),

@@ -285,6 +285,12 @@ impl Collector for TurnCollector {
             "1 while the server refuses new allocations",
             i64::from(self.draining.load(Ordering::Relaxed)),
         )?;
+        gauge(
+            e,
+            "turn_udp_steering",
+            "1 while every UDP client datagram goes to worker 0 (light load, udp-steering=auto)",
+            i64::from(self.shared.steering.active.load(Ordering::Relaxed)),
+        )?;
         if self.per_user {
             let mut users: HashMap<&str, i64> = HashMap::new();
             for r in &reports {

@@ -31,7 +31,8 @@ use tracing::{error, info, warn};
 use crate::auth::NonceIssuer;
 use crate::config::{self, AuthKind, Config, Invocation, LoadError};
 use crate::server::{
-    self, Plan, Server, Shared, StreamCount, Telemetry, ports::PortPool, relay::Reservations,
+    self, Plan, Server, Shared, Steering, StreamCount, Telemetry, ports::PortPool,
+    relay::Reservations,
 };
 use crate::turn::{self, quota::Usage};
 
@@ -416,6 +417,10 @@ impl Daemon {
             .idle_timeout_secs
             .store(u64::from(new.max_allocate_timeout), Ordering::Relaxed);
         shared
+            .steering
+            .enabled
+            .store(new.udp_steering && !new.mobility, Ordering::Relaxed);
+        shared
             .telemetry
             .per_user
             .store(new.prometheus_username_labels, Ordering::Relaxed);
@@ -544,7 +549,12 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
+        steering: Steering::default(),
     });
+    shared
+        .steering
+        .enabled
+        .store(cfg.udp_steering && !cfg.mobility, Ordering::Relaxed);
     shared
         .telemetry
         .per_user

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod net;
 pub mod ports;
 pub mod relay;
+pub mod steering;
 mod stream;
 pub mod tls;
 mod worker;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-pub use worker::{Shared, StreamCount, Telemetry, WorkerReport};
+pub use worker::{Shared, Steering, StreamCount, Telemetry, WorkerReport};
 use worker::{Sockets, StreamListener};
 
 /// What to listen on.

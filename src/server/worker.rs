@@ -41,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use super::batch::{BATCH, RecvBatch, SendQueue};
 use super::ports::PortPool;
 use super::relay::{Opened, Opener, Reservations};
+use super::steering;
 use super::stream::{FrameStream, StreamHalf};
 use crate::stun::channel::{self, HEADROOM, TAILROOM};
 use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
@@ -67,6 +68,14 @@ const EVENTS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to complete a frame once its first byte arrived (slowloris).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Datagrams held per 5-tuple while its allocation is pulled here.
+const MAX_HELD: usize = 64;
+/// For how long after giving an allocation away a worker forwards the
+/// datagrams that still reach it (those queued in its socket before
+/// steering changed), instead of pulling the allocation back.
+const STRAGGLER_WINDOW: Duration = Duration::from_millis(250);
+/// How long a pull may take before the datagrams held for it are dropped.
+const PULL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Process-wide state every worker reads.
 pub struct Shared {
@@ -87,6 +96,23 @@ pub struct Shared {
     pub idle_timeout_secs: AtomicU64,
     /// What workers report for metrics, one slot each.
     pub telemetry: Telemetry,
+    /// UDP steering (see [`super::steering`]).
+    pub steering: Steering,
+}
+
+/// UDP steering state shared by the workers.
+#[derive(Debug, Default)]
+pub struct Steering {
+    /// Whether the configuration allows steering (`udp-steering=auto` and
+    /// no `mobility`); changed by reloads.
+    pub enabled: AtomicBool,
+    /// Whether every UDP client datagram goes to worker 0 now.
+    pub active: AtomicBool,
+    /// The worker that has each UDP client 5-tuple's allocation, kept only
+    /// with more than one worker. Written when an allocation is created,
+    /// moved or closed; read when a datagram finds no allocation on the
+    /// worker it reached.
+    pub directory: std::sync::RwLock<HashMap<FiveTuple, u16>>,
 }
 
 /// What one worker reports, refreshed every second.
@@ -220,6 +246,10 @@ impl AsRawFd for EpollSet {
     }
 }
 
+/// A pull in progress: when it started, and the client datagrams held until
+/// the allocation arrives (with their listener index).
+type Pull = (Instant, Vec<(u32, Vec<u8>)>);
+
 /// A client's stream connection: its 5-tuple and outgoing byte queue.
 struct Conn {
     five_tuple: FiveTuple,
@@ -258,6 +288,15 @@ struct Worker {
     opened: Vec<Opened>,
     /// Reply buffer for the core.
     out: Vec<u8>,
+    /// Whether there are other workers, so allocations may move between
+    /// workers as steering changes where datagrams arrive.
+    steer: bool,
+    /// UDP 5-tuples whose allocation is being pulled from another worker.
+    pulling: HashMap<FiveTuple, Pull>,
+    /// UDP 5-tuples whose allocation this worker recently gave away, when
+    /// and to which worker: datagrams for them that still reach this worker
+    /// are forwarded there.
+    exported: HashMap<FiveTuple, (Instant, usize)>,
 }
 
 /// Buffers of the UDP data path, reused for every packet.
@@ -325,6 +364,12 @@ impl Worker {
     /// Adds the relay sockets the core just opened to the epoll set.
     fn register_relays(&mut self) {
         for o in std::mem::take(&mut self.opened) {
+            if self.steer
+                && let Some(ft) = self.core.five_tuple_of(o.id)
+                && ft.transport == Transport::Udp
+            {
+                self.directory_write().insert(ft, self.index as u16);
+            }
             let slot = o.id.slot();
             let token = RELAY_TOKEN + slot as u64;
             let added = self.epoll.get_ref().0.add(
@@ -346,6 +391,86 @@ impl Worker {
         }
     }
 
+    fn directory_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FiveTuple, u16>> {
+        self.shared
+            .steering
+            .directory
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For a UDP client datagram that found no allocation on this worker:
+    /// when another worker has the 5-tuple's allocation (steering changed
+    /// where its datagrams arrive), pulls it here, holding the datagram
+    /// until it arrives; a datagram that reached this worker just after it
+    /// gave the allocation away is forwarded instead. Returns whether the
+    /// datagram was taken.
+    fn steered_elsewhere(&mut self, now: Instant, ft: &FiveTuple, link: u32, data: &[u8]) -> bool {
+        if let Some((_, held)) = self.pulling.get_mut(ft) {
+            if held.len() < MAX_HELD {
+                held.push((link, data.to_vec()));
+            }
+            return true;
+        }
+        // Given away a moment ago: forward (the new owner gets it after the
+        // allocation itself, which went first on the same channel).
+        if let Some(&(t, to)) = self.exported.get(ft)
+            && now.duration_since(t) < STRAGGLER_WINDOW
+            && let Some(mailbox) = self.mailboxes.get(to)
+        {
+            let mail = Mail::Datagram {
+                five_tuple: *ft,
+                link,
+                bytes: data.to_vec(),
+            };
+            return mailbox.send(mail).is_ok();
+        }
+        let owner = self
+            .shared
+            .steering
+            .directory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ft)
+            .copied();
+        let Some(owner) = owner.map(usize::from).filter(|&o| o != self.index) else {
+            return false;
+        };
+        let Some(mailbox) = self.mailboxes.get(owner) else {
+            return false;
+        };
+        let mail = Mail::Pull {
+            five_tuple: *ft,
+            to: self.index,
+        };
+        if mailbox.send(mail).is_err() {
+            return false;
+        }
+        self.pulling.insert(*ft, (now, vec![(link, data.to_vec())]));
+        true
+    }
+
+    /// Handles a client message for `ft` that reached this worker by mail
+    /// (held during a pull, or forwarded), as if it had arrived here.
+    fn replay(&mut self, ft: &FiveTuple, link: u32, data: &[u8]) {
+        let action = self.client_message(Instant::now(), ft, link, data);
+        self.dispatch(action, ft, link, data);
+    }
+
+    /// Forgets finished moves: gives up on pulls that got no answer (their
+    /// held datagrams are dropped) and stops forwarding for old exports.
+    fn prune_moves(&mut self, now: Instant) {
+        self.exported
+            .retain(|_, (t, _)| now.duration_since(*t) < STRAGGLER_WINDOW);
+        self.pulling.retain(|ft, (t, _)| {
+            let alive = now.duration_since(*t) < PULL_TIMEOUT;
+            if !alive {
+                debug!("{ft}: no answer to the pull of its allocation; dropping what was held");
+            }
+            alive
+        });
+    }
+
     /// The relay socket of allocation `id`.
     fn relay(&self, id: AllocationId) -> Option<&Relay> {
         self.relays
@@ -357,7 +482,17 @@ impl Worker {
     fn apply_events(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
-                Event::AllocationClosed { id, relayed } => {
+                Event::AllocationClosed {
+                    id,
+                    relayed,
+                    five_tuple,
+                } => {
+                    if self.steer && five_tuple.transport == Transport::Udp {
+                        let mut d = self.directory_write();
+                        if d.get(&five_tuple) == Some(&(self.index as u16)) {
+                            d.remove(&five_tuple);
+                        }
+                    }
                     if self.relay(id).is_some() {
                         // Closing the socket takes it out of the epoll set;
                         // it closes before its port goes back to the pool.
@@ -500,6 +635,12 @@ impl Worker {
                         transport: Transport::Udp,
                     };
                     let data = &io.client.buf(i)[range.clone()];
+                    if self.steer
+                        && self.core.allocation_for(&ft).is_none()
+                        && self.steered_elsewhere(now, &ft, link as u32, data)
+                    {
+                        continue;
+                    }
                     let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
                     if !is_channel_data {
                         self.flush_to_peers(io);
@@ -607,6 +748,22 @@ pub enum Mail {
         link: u32,
         request: Vec<u8>,
     },
+    /// Hand the allocation of UDP client `five_tuple` to worker `to`, where
+    /// its datagrams now arrive (steering).
+    Pull { five_tuple: FiveTuple, to: usize },
+    /// The answer to `Pull`: the allocation and its relay socket, or why
+    /// not (404: this worker no longer has it).
+    Pulled {
+        five_tuple: FiveTuple,
+        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), u16>,
+    },
+    /// A client datagram that reached the worker that just gave its
+    /// allocation away, from the listener with index `link`.
+    Datagram {
+        five_tuple: FiveTuple,
+        link: u32,
+        bytes: Vec<u8>,
+    },
     /// A reloaded configuration for new requests.
     Config(Arc<turn::Config>),
     /// Start or stop draining.
@@ -695,6 +852,9 @@ async fn run(
         epoll: epoll.clone(),
         opened: Vec::new(),
         out: Vec::with_capacity(1500),
+        steer: shared.telemetry.workers.len() > 1,
+        pulling: HashMap::new(),
+        exported: HashMap::new(),
     }));
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
@@ -709,6 +869,9 @@ async fn run(
         }
     }
     tokio::task::spawn_local(mailbox(worker.clone(), inbox));
+    if index == 0 && shared.telemetry.workers.len() > 1 {
+        tokio::task::spawn_local(steering_control(worker.clone()));
+    }
     timer(worker).await;
 }
 
@@ -808,11 +971,130 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                     w.dispatch(action, &five_tuple, link, &request);
                 }
             },
+            Mail::Pull { five_tuple, to } => {
+                let w = &mut *w;
+                let result = match w.core.allocation_for(&five_tuple) {
+                    Some(id) => match w.core.export_unchanged(id) {
+                        Ok(moved) => match w.take_relay_socket(id) {
+                            Some(socket) => Ok((Box::new(moved), socket)),
+                            None => {
+                                error!(
+                                    "allocation {} has no relay socket to move",
+                                    moved.relayed()
+                                );
+                                w.shared.pool.release(moved.relayed().port());
+                                Err(500)
+                            }
+                        },
+                        Err(code) => Err(code),
+                    },
+                    None => Err(404),
+                };
+                if result.is_ok() {
+                    w.exported.insert(five_tuple, (Instant::now(), to));
+                }
+                if let Some(m) = w.mailboxes.get(to) {
+                    let _ = m.send(Mail::Pulled { five_tuple, result });
+                }
+            }
+            Mail::Pulled { five_tuple, result } => {
+                let held = w
+                    .pulling
+                    .remove(&five_tuple)
+                    .map(|(_, held)| held)
+                    .unwrap_or_default();
+                if let Ok((moved, socket)) = result {
+                    let relayed = moved.relayed();
+                    match w.core.import(*moved) {
+                        Some(id) => w.adopt_relay_socket(id, socket, relayed),
+                        None => {
+                            drop(socket);
+                            w.shared.pool.release(relayed.port());
+                        }
+                    }
+                }
+                for (link, bytes) in held {
+                    w.replay(&five_tuple, link, &bytes);
+                }
+            }
+            Mail::Datagram {
+                five_tuple,
+                link,
+                bytes,
+            } => w.replay(&five_tuple, link, &bytes),
             Mail::Config(cfg) => {
                 w.core.set_config(cfg);
                 w.report();
             }
             Mail::Drain(on) => w.core.set_draining(on),
+        }
+    }
+}
+
+/// Worker 0's steering controller: every [`steering::TICK`], measures the
+/// load and attaches or detaches the steering program on this worker's UDP
+/// listeners (which are socket 0 of their reuseport groups).
+async fn steering_control(worker: Handle) {
+    let mut tick = tokio::time::interval(steering::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shared = worker.borrow().shared.clone();
+    let mut ctl = steering::Controller::new();
+    // Whether the program is attached as far as this task knows, and
+    // whether steering was enabled at the last tick.
+    let mut attached = None;
+    let mut was_enabled = false;
+    let mut last_own = thread_cpu_seconds();
+    // (when, all workers' CPU seconds) over the last second or so.
+    let mut window: std::collections::VecDeque<(Instant, f64)> = Default::default();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let own = thread_cpu_seconds();
+        let first = (own - last_own) / steering::TICK.as_secs_f64();
+        last_own = own;
+        let others: f64 = shared.telemetry.workers[1..]
+            .iter()
+            .map(|r| r.lock().expect("telemetry lock").cpu_seconds)
+            .sum();
+        window.push_back((now, own + others));
+        while window.len() > 2 && now.duration_since(window[1].0) >= Duration::from_secs(1) {
+            window.pop_front();
+        }
+        let (t0, c0) = window[0];
+        let span = now.duration_since(t0).as_secs_f64();
+        let total = if span > 0.0 {
+            (own + others - c0) / span
+        } else {
+            0.0
+        };
+        let enabled = shared.steering.enabled.load(Ordering::Relaxed);
+        if enabled && !was_enabled {
+            // Enabled at start or by a reload: start steered.
+            ctl.reset();
+        } else if enabled {
+            ctl.tick(now, first, total);
+        }
+        was_enabled = enabled;
+        let want = enabled && ctl.steering();
+        if attached != Some(want) {
+            let w = worker.borrow();
+            for (sock, addr) in &w.udp {
+                let r = if want {
+                    steering::attach(sock.as_fd())
+                } else {
+                    steering::detach(sock.as_fd())
+                };
+                if let Err(e) = r {
+                    warn!("UDP steering on {addr}: {e}");
+                }
+            }
+            shared.steering.active.store(want, Ordering::Relaxed);
+            if want {
+                info!("UDP steering on: light load, every UDP client datagram goes to worker 0");
+            } else if attached.is_some() {
+                info!("UDP steering off: the kernel spreads UDP clients across the workers");
+            }
+            attached = Some(want);
         }
     }
 }
@@ -839,6 +1121,7 @@ async fn timer(worker: Handle) {
         }
         w.core.handle_timeout(now);
         w.apply_events();
+        w.prune_moves(now);
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
         w.report();

@@ -469,6 +469,8 @@ pub enum Event {
     AllocationClosed {
         id: AllocationId,
         relayed: SocketAddr,
+        /// The client's 5-tuple the allocation belonged to.
+        five_tuple: FiveTuple,
     },
 }
 
@@ -781,6 +783,11 @@ impl Server {
     /// The allocation on a client 5-tuple, if any.
     pub fn allocation_for(&self, five_tuple: &FiveTuple) -> Option<AllocationId> {
         self.by_five_tuple.get(five_tuple).copied()
+    }
+
+    /// The client 5-tuple of an allocation.
+    pub fn five_tuple_of(&self, id: AllocationId) -> Option<FiveTuple> {
+        self.get(id).map(|a| a.five_tuple)
     }
 
     /// Traffic counters of an allocation.
@@ -1663,6 +1670,18 @@ impl Server {
         Ok(MovedAllocation { allocation: a })
     }
 
+    /// Hands allocation `id` to another worker unchanged (same 5-tuple and
+    /// connection token), because its client's datagrams now reach that
+    /// worker (UDP steering). The caller moves the relay socket with it; no
+    /// [`Event::AllocationClosed`] is emitted. Error: 404 (gone).
+    pub fn export_unchanged(&mut self, id: AllocationId) -> Result<MovedAllocation, u16> {
+        self.get(id).ok_or(404u16)?;
+        let a = self.allocations.remove(id.index as usize);
+        self.by_five_tuple.remove(&a.five_tuple);
+        debug!(five_tuple = %a.five_tuple, relayed = %a.relayed, "allocation moved to another worker (steering)");
+        Ok(MovedAllocation { allocation: a })
+    }
+
     /// Adopts an allocation exported by another worker; returns its id here,
     /// for registering its relay socket. `None` (and the allocation is
     /// deleted) when its new 5-tuple meanwhile got an allocation of its own.
@@ -1966,6 +1985,7 @@ impl Server {
         self.events.push_back(Event::AllocationClosed {
             id,
             relayed: a.relayed,
+            five_tuple: a.five_tuple,
         });
     }
 }

@@ -566,7 +566,8 @@ fn refresh_extends_and_zero_deletes() {
         h.events(),
         vec![Event::AllocationClosed {
             id,
-            relayed: "192.0.2.10:50000".parse().unwrap()
+            relayed: "192.0.2.10:50000".parse().unwrap(),
+            five_tuple: ft,
         }]
     );
     // Refresh without an allocation: 437.
@@ -1091,6 +1092,44 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
         ClientAction::Reply
     );
     assert_eq!(Resp { raw: out }.code(), Some(404));
+}
+
+#[test]
+fn an_allocation_moves_to_another_worker_unchanged() {
+    let cfg = Arc::new(users_config());
+    let mut a = Harness::new(users_config());
+    a.server = Server::new(cfg.clone(), 0, a.now, UNIX0, 1);
+    let mut b = Harness::new(users_config());
+    b.server = Server::new(cfg, 1, b.now, UNIX0, 2);
+    let ft = udp("203.0.113.5:40000");
+    assert!(a.allocate(&ft, "alice", "alicepw").ok());
+    let id = a.server.allocation_for(&ft).unwrap();
+    let r = a.req(method::CREATE_PERMISSION).peer("93.184.216.1:1");
+    assert!(a.ask_authed(&ft, &r, "alice", "alicepw").ok());
+
+    let moved = a.server.export_unchanged(id).unwrap();
+    assert_eq!(a.server.allocation_count(), 0);
+    assert!(
+        a.events().is_empty(),
+        "the relay socket moves, it is not closed"
+    );
+    assert_eq!(a.server.export_unchanged(id).err(), Some(404));
+    let new_id = b.server.import(moved).unwrap();
+    assert_eq!(b.server.allocation_for(&ft), Some(new_id));
+    // Same 5-tuple and connection token, permissions kept.
+    let (d, _) = b.peer_data(new_id, "93.184.216.1:7000", b"hi").unwrap();
+    assert_eq!((d.client, d.link), (ft, 7));
+    let r = b.req(method::REFRESH);
+    assert!(b.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    // Closing it there reports the 5-tuple.
+    let r = b
+        .req(method::REFRESH)
+        .attr(attr::LIFETIME, &0u32.to_be_bytes());
+    assert!(b.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    assert!(matches!(
+        b.events()[..],
+        [Event::AllocationClosed { five_tuple, .. }] if five_tuple == ft
+    ));
 }
 
 #[test]
