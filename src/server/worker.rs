@@ -591,6 +591,40 @@ impl Worker {
         self.register_relays();
     }
 
+    /// Completes an export of allocation `id` from the core (`exported`)
+    /// with its relay socket, taken out of this worker's event loop: what
+    /// goes to the importing worker. Err: the core's code, or 500 (and the
+    /// port released) if the socket is missing.
+    fn with_relay_socket(
+        &mut self,
+        id: AllocationId,
+        exported: Result<MovedAllocation, u16>,
+    ) -> Result<(Box<MovedAllocation>, UdpSocket), u16> {
+        let moved = exported?;
+        match self.take_relay_socket(id) {
+            Some(socket) => Ok((Box::new(moved), socket)),
+            None => {
+                error!("allocation {} has no relay socket to move", moved.relayed());
+                self.shared.pool.release(moved.relayed().port());
+                Err(500)
+            }
+        }
+    }
+
+    /// Adopts an allocation another worker exported, with its relay socket;
+    /// if the core refuses it (its 5-tuple has an allocation here), the
+    /// socket is closed and its port released.
+    fn import(&mut self, moved: MovedAllocation, socket: UdpSocket) {
+        let relayed = moved.relayed();
+        match self.core.import(moved) {
+            Some(id) => self.adopt_relay_socket(id, socket, relayed),
+            None => {
+                drop(socket);
+                self.shared.pool.release(relayed.port());
+            }
+        }
+    }
+
     /// One round of the UDP data path: reads every ready listener and relay
     /// socket once (a batch each), handles the datagrams, and sends what
     /// goes to UDP clients in batches. Returns true when every socket was
@@ -635,13 +669,20 @@ impl Worker {
                         transport: Transport::Udp,
                     };
                     let data = &io.client.buf(i)[range.clone()];
+                    let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
+                    // Whether another worker has the allocation must be
+                    // known before the core sees a STUN message (an
+                    // Allocate here would make a second one). ChannelData
+                    // without an allocation changes nothing in the core,
+                    // so it is looked into only once the core dropped it,
+                    // and relayed ChannelData costs no extra lookup.
                     if self.steer
+                        && !is_channel_data
                         && self.core.allocation_for(&ft).is_none()
                         && self.steered_elsewhere(now, &ft, link as u32, data)
                     {
                         continue;
                     }
-                    let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
                     if !is_channel_data {
                         self.flush_to_peers(io);
                     }
@@ -660,6 +701,13 @@ impl Worker {
                                 peer,
                                 allocation.slot(),
                             );
+                        }
+                        ClientAction::None
+                            if self.steer
+                                && is_channel_data
+                                && self.core.allocation_for(&ft).is_none() =>
+                        {
+                            self.steered_elsewhere(now, &ft, link as u32, data);
                         }
                         action => self.dispatch(action, &ft, link as u32, data),
                     }
@@ -925,17 +973,8 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 request,
                 to,
             } => {
-                let result = match w.core.export(allocation, &username, &five_tuple, link) {
-                    Ok(moved) => match w.take_relay_socket(allocation) {
-                        Some(socket) => Ok((Box::new(moved), socket)),
-                        None => {
-                            error!("allocation {} has no relay socket to move", moved.relayed());
-                            w.shared.pool.release(moved.relayed().port());
-                            Err(500)
-                        }
-                    },
-                    Err(code) => Err(code),
-                };
+                let exported = w.core.export(allocation, &username, &five_tuple, link);
+                let result = w.with_relay_socket(allocation, exported);
                 let reply = Mail::Imported {
                     result,
                     five_tuple,
@@ -953,17 +992,9 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 request,
             } => match result {
                 Ok((moved, socket)) => {
-                    let relayed = moved.relayed();
-                    match w.core.import(*moved) {
-                        Some(id) => w.adopt_relay_socket(id, socket, relayed),
-                        None => {
-                            drop(socket);
-                            w.shared.pool.release(relayed.port());
-                        }
-                    }
+                    w.import(*moved, socket);
                     // Replay the Refresh: it now finds the allocation here.
-                    let action = w.client_message(Instant::now(), &five_tuple, link, &request);
-                    w.dispatch(action, &five_tuple, link, &request);
+                    w.replay(&five_tuple, link, &request);
                 }
                 Err(code) => {
                     let w = &mut *w;
@@ -972,22 +1003,11 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 }
             },
             Mail::Pull { five_tuple, to } => {
-                let w = &mut *w;
                 let result = match w.core.allocation_for(&five_tuple) {
-                    Some(id) => match w.core.export_unchanged(id) {
-                        Ok(moved) => match w.take_relay_socket(id) {
-                            Some(socket) => Ok((Box::new(moved), socket)),
-                            None => {
-                                error!(
-                                    "allocation {} has no relay socket to move",
-                                    moved.relayed()
-                                );
-                                w.shared.pool.release(moved.relayed().port());
-                                Err(500)
-                            }
-                        },
-                        Err(code) => Err(code),
-                    },
+                    Some(id) => {
+                        let exported = w.core.export_unchanged(id);
+                        w.with_relay_socket(id, exported)
+                    }
                     None => Err(404),
                 };
                 if result.is_ok() {
@@ -1004,14 +1024,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                     .map(|(_, held)| held)
                     .unwrap_or_default();
                 if let Ok((moved, socket)) = result {
-                    let relayed = moved.relayed();
-                    match w.core.import(*moved) {
-                        Some(id) => w.adopt_relay_socket(id, socket, relayed),
-                        None => {
-                            drop(socket);
-                            w.shared.pool.release(relayed.port());
-                        }
-                    }
+                    w.import(*moved, socket);
                 }
                 for (link, bytes) in held {
                     w.replay(&five_tuple, link, &bytes);
