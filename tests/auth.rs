@@ -28,11 +28,7 @@ fn relays_end_to_end(server: &Server, user: &str, pw: &str) {
         r.code(),
         server.log_text()
     );
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let peer_addr = peer.local_addr().unwrap();

@@ -43,11 +43,7 @@ fn relay_through(s: &Server, user: &str, pw: &str) {
     let mut c = Client::new(s.udp_addr());
     let r = c.allocate(user, pw);
     assert!(r.is_success(), "{:?}\n{}", r.code(), s.log_text());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     let bind = vec![
         (attr::CHANNEL_NUMBER, vec![0x40, 0x10, 0, 0]),
         (attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12])),

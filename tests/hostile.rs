@@ -268,12 +268,7 @@ fn malformed_datagrams_and_garbage_streams_change_nothing() {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut c = Client::new(s.udp_addr());
-    let relayed = c
-        .allocate("alice", "pw")
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = c.allocate("alice", "pw").relayed();
     let bind = [(attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])];
     assert!(
         c.signed_peer(
@@ -381,11 +376,6 @@ fn malformed_datagrams_and_garbage_streams_change_nothing() {
     // ignored: it holds a UDP allocation now, which a retransmission finds.
     let r = hostile.transact(&allocate_bytes("r", &nonce, true, false));
     assert!(r.is_success(), "{:?}", r.code());
-    let addr: IpAddr = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap()
-        .ip();
+    let addr: IpAddr = r.relayed().ip();
     assert!(addr.is_loopback());
 }

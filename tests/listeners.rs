@@ -85,13 +85,7 @@ fn without_listening_ip_every_local_address_is_served() {
         let mut lo = Client::new("127.0.0.1:3478".parse().unwrap());
         assert!(lo.transact(&binding_request([2; 12])).is_success());
         let r = c.allocate("alice", "pw");
-        (
-            mapped,
-            r.msg()
-                .xor_address(attr::XOR_RELAYED_ADDRESS)
-                .unwrap()
-                .unwrap(),
-        )
+        (mapped, r.relayed())
     });
     assert!(mapped.ip().is_loopback());
     assert_eq!(
@@ -130,12 +124,7 @@ fn listening_and_relay_devices() {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut c = Client::new(s.udp_addr());
-    let relayed = c
-        .allocate("alice", "pw")
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = c.allocate("alice", "pw").relayed();
     let permit = [(
         attr::XOR_PEER_ADDRESS,
         xor_peer(peer.local_addr().unwrap(), &[0; 12]),
@@ -172,11 +161,7 @@ fn external_ip_is_what_clients_see() {
         "lt-cred-mech\nrealm=r\nuser=alice:pw\nexternal-ip=203.0.113.7\n",
     ));
     let r = Client::new(s.udp_addr()).allocate("alice", "pw");
-    let advertised = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let advertised = r.relayed();
     assert_eq!(
         advertised.ip(),
         "203.0.113.7".parse::<std::net::IpAddr>().unwrap()
@@ -185,11 +170,7 @@ fn external_ip_is_what_clients_see() {
         "lt-cred-mech\nrealm=r\nuser=alice:pw\nexternal-ip=203.0.113.8/127.0.0.1\n",
     ));
     let r = Client::new(s.udp_addr()).allocate("alice", "pw");
-    let advertised = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let advertised = r.relayed();
     assert_eq!(
         advertised.ip(),
         "203.0.113.8".parse::<std::net::IpAddr>().unwrap()

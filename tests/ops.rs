@@ -34,11 +34,7 @@ impl Relaying {
         let mut client = Client::new(server);
         let r = client.allocate(user, pw);
         assert!(r.is_success(), "{:?}", r.code());
-        let relayed = r
-            .msg()
-            .xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .unwrap();
+        let relayed = r.relayed();
         let bind = vec![
             (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
             (

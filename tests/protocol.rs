@@ -98,11 +98,7 @@ fn channels_relay_both_ways_over_udp() {
     let (peer, peer_addr) = peer_socket();
     let mut c = Client::new(s.udp_addr());
     let r = c.allocate("alice", "pw");
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     assert!(
         c.signed(
             method::CHANNEL_BIND,
@@ -153,11 +149,7 @@ fn channels_relay_both_ways_over_tcp_with_padding() {
     let mut t = StreamClient::tcp(s.udp_addr());
     let r = t.allocate("alice", "pw");
     assert!(r.is_success());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     assert!(
         t.signed(
             method::CHANNEL_BIND,
@@ -244,11 +236,7 @@ fn tls_puts_each_frame_in_a_record_of_its_own() {
     let mut t = StreamClient::new(tls_over(sock, &s.dir.path("cert.pem")));
     let r = t.allocate("alice", "pw");
     assert!(r.is_success());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     assert!(
         t.signed(
             method::CHANNEL_BIND,
@@ -293,12 +281,7 @@ fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
     let (peer, peer_addr) = peer_socket();
     let (plain, plain_addr) = peer_socket();
     let mut c = Client::new(s.udp_addr());
-    let relayed = c
-        .allocate("alice", "pw")
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = c.allocate("alice", "pw").relayed();
     let bind = channel_bind_attrs(0x4002, peer_addr);
     assert!(
         c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
@@ -410,12 +393,7 @@ fn port_exhaustion_is_508_and_recovers() {
     );
     let r = c.allocate("alice", "pw");
     assert!(r.is_success(), "{:?}", r.code());
-    let port = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap()
-        .port();
+    let port = r.relayed().port();
     assert!((min..=max).contains(&port));
 }
 
@@ -509,12 +487,7 @@ fn hostile_bytes_do_not_disturb_other_clients() {
     let s = Server::start(Options::new(&format!("{ALICE}allow-loopback-peers\n")));
     let (peer, peer_addr) = peer_socket();
     let mut c = Client::new(s.udp_addr());
-    let relayed = c
-        .allocate("alice", "pw")
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = c.allocate("alice", "pw").relayed();
     assert!(
         c.signed(
             method::CHANNEL_BIND,
@@ -599,11 +572,7 @@ fn ipv6_clients_and_relays() {
         "pw",
     );
     assert!(r.is_success(), "{:?}", r.code());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     assert_eq!(relayed.ip(), "::1".parse::<std::net::IpAddr>().unwrap());
     // Data indication carrying an IPv6 XOR-PEER-ADDRESS.
     assert!(
@@ -643,13 +612,7 @@ fn ipv6_clients_and_relays() {
     let mut d = Client::new(v6_server);
     let r = d.allocate("alice", "pw");
     assert!(r.is_success(), "{:?}", r.code());
-    assert!(
-        r.msg()
-            .xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .unwrap()
-            .is_ipv4()
-    );
+    assert!(r.relayed().is_ipv4());
     // An IPv4 client may ask for an IPv6 relay.
     let mut e = Client::new(s.udp_addr());
     let r = e.allocate_with(
@@ -657,13 +620,7 @@ fn ipv6_clients_and_relays() {
         "alice",
         "pw",
     );
-    assert!(
-        r.msg()
-            .xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .unwrap()
-            .is_ipv6()
-    );
+    assert!(r.relayed().is_ipv6());
 }
 
 #[test]
@@ -675,11 +632,7 @@ fn mobility_moves_an_allocation_across_addresses_and_workers() {
     let mut c = Client::new(s.udp_addr());
     let r = c.allocate_with(&[(attr::MOBILITY_TICKET, vec![])], "alice", "pw");
     assert!(r.is_success(), "{:?}", r.code());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     let mut ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
     assert!(
         c.signed(

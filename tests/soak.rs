@@ -28,11 +28,7 @@ fn cycle(server: SocketAddr, peer: &UdpSocket, i: usize) {
     let mut c = Client::new(server);
     let r = c.allocate("alice", "pw");
     assert!(r.is_success(), "cycle {i}: {:?}", r.code());
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     let bind = vec![
         (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
         (

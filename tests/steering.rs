@@ -84,12 +84,7 @@ fn allocations_follow_their_clients_when_steering_switches() {
             c.sock
                 .set_read_timeout(Some(Duration::from_secs(3)))
                 .unwrap();
-            let relayed = c
-                .allocate("alice", "pw")
-                .msg()
-                .xor_address(attr::XOR_RELAYED_ADDRESS)
-                .unwrap()
-                .unwrap();
+            let relayed = c.allocate("alice", "pw").relayed();
             let bind = vec![
                 (attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0]),
                 (attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12])),

@@ -177,11 +177,7 @@ fn stalled_socket(addr: SocketAddr) -> TcpStream {
 fn stalled_client_is_bounded<S: Read + Write>(mut s: Server, mut t: StreamClient<S>) {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let r = t.allocate("alice", "pw");
-    let relayed = r
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = r.relayed();
     let bind = vec![
         (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
         (

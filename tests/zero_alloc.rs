@@ -116,11 +116,7 @@ fn relaying_allocates_nothing_per_packet() {
         }
     };
     assert!(alloc.is_success(), "Allocate failed: {:?}", alloc.code());
-    let relayed = alloc
-        .msg()
-        .xor_address(attr::XOR_RELAYED_ADDRESS)
-        .unwrap()
-        .unwrap();
+    let relayed = alloc.relayed();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let bind = c.signed_peer(

@@ -390,6 +390,13 @@ impl Response {
     pub fn is_success(&self) -> bool {
         self.msg().class() == Class::Success
     }
+    /// XOR-RELAYED-ADDRESS of an Allocate success (panics without one).
+    pub fn relayed(&self) -> SocketAddr {
+        self.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+    }
 }
 
 impl Client {
