@@ -9,8 +9,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::{
-    Client, Frame, Options, Server, StreamClient, binding_request, relay_range, tls_connect,
-    tls_over, xor_peer,
+    Client, Frame, Options, Server, StreamClient, binding_request, relay_range, send_gso,
+    tls_connect, tls_over, xor_peer,
 };
 use turnserver::stun::{Class, Message, MessageWriter, attr, method};
 
@@ -294,9 +294,25 @@ fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
     );
     // Equal sizes with a shorter last one, as a packetised frame is.
     let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 77 } else { 1100 }).collect();
-    for (from, channel) in [(&peer, true), (&plain, false)] {
-        for (i, &n) in sizes.iter().enumerate() {
-            from.send_to(&vec![i as u8; n], relayed).unwrap();
+    let datagrams: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| vec![i as u8; n])
+        .collect();
+    // Sent one by one, then as one GSO send, which reaches the relay
+    // socket (UDP_GRO on) as one receive the server splits.
+    for (from, channel, gso) in [
+        (&peer, true, false),
+        (&plain, false, false),
+        (&peer, true, true),
+        (&plain, false, true),
+    ] {
+        if gso {
+            send_gso(from, relayed, &datagrams);
+        } else {
+            for d in &datagrams {
+                from.send_to(d, relayed).unwrap();
+            }
         }
         let mut buf = [0u8; 65536];
         for (i, &n) in sizes.iter().enumerate() {
@@ -314,7 +330,7 @@ fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
                 assert_eq!(m.method(), method::DATA, "datagram {i}");
                 m.get(attr::DATA).unwrap()
             };
-            assert_eq!(payload, &vec![i as u8; n][..], "datagram {i}");
+            assert_eq!(payload, &datagrams[i][..], "datagram {i} (GSO {gso})");
         }
     }
 }
@@ -349,14 +365,23 @@ fn client_bursts_reach_the_peer_datagram_by_datagram() {
     for (i, &n) in sizes.iter().enumerate() {
         c.sock.send_to(&frame(i, n), s.udp_addr()).unwrap();
     }
+    // The same as one GSO send, which reaches the listener (UDP_GRO on) as
+    // one receive the server splits.
+    let frames: Vec<Vec<u8>> = (0..24).map(|i| frame(50 + i, sizes[i])).collect();
+    send_gso(&c.sock, s.udp_addr(), &frames);
     c.sock.send_to(&delete, s.udp_addr()).unwrap();
-    for i in 0..8 {
-        c.sock.send_to(&frame(100 + i, 1000), s.udp_addr()).unwrap();
+    let after: Vec<Vec<u8>> = (0..8).map(|i| frame(100 + i, 1000)).collect();
+    send_gso(&c.sock, s.udp_addr(), &after);
+    for f in &after {
+        c.sock.send_to(f, s.udp_addr()).unwrap();
     }
     let mut buf = [0u8; 65536];
-    for (i, &n) in sizes.iter().enumerate() {
-        let got = peer.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..got], &vec![i as u8; n][..], "datagram {i}");
+    for first in [0, 50] {
+        for (i, &n) in sizes.iter().enumerate() {
+            let got = peer.recv(&mut buf).unwrap();
+            let v = (first + i) as u8;
+            assert_eq!(&buf[..got], &vec![v; n][..], "datagram {}", first + i);
+        }
     }
     peer.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (coturn's client tools
 # turnutils_uclient/turnutils_peer/turnutils_stunclient and its daemon in
-# /opt/coturn, Debian's chromium, playwright-core from npm, cargo-deb), then
+# /opt/coturn, Debian's chromium and ethtool, playwright-core from npm, cargo-deb), then
 # runs formatting, lint, every test, the Debian package test
 # (tests/package.sh) and bounded fuzzing.
 set -euo pipefail
@@ -50,6 +50,7 @@ export PATH="$COTURN_TOOLS/usr/bin:$PATH"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

@@ -13,15 +13,30 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::SockAddr;
 
-/// Datagrams per `recvmmsg` / `sendmmsg` call.
+/// Receive buffers per `recvmmsg` call.
 pub const BATCH: usize = 32;
+
+/// Datagrams a [`SendQueue`] holds: a received batch's worth and more, as
+/// one receive buffer may hold many datagrams (UDP GRO).
+pub const QUEUE: usize = 4 * BATCH;
+
+/// Most datagrams the kernel coalesces into one receive (UDP GRO) or
+/// splits one GSO send into (its `UDP_MAX_SEGMENTS`).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Room for one `UDP_SEGMENT` or `UDP_GRO` control message (a `u16` or an
+/// `int`), in `u64`s so it is aligned for `cmsghdr`.
+const CTRL_WORDS: usize = 4;
 
 /// `BATCH` receive buffers and what the last [`RecvBatch::recv`] put in
 /// them.
 ///
-/// Slot `i` holds one datagram at `headroom..headroom + len`, with
-/// `tailroom` spare bytes after the largest possible datagram, so the core
-/// can frame it in place (ChannelData or a Data indication around it).
+/// Slot `i` holds the datagrams of one receive: one, or on a socket with
+/// `UDP_GRO` on, a run from one source that the kernel coalesced (all of
+/// one size but the last). Each datagram has `headroom` spare bytes before
+/// it and `tailroom` after, so the core can frame it in place (ChannelData
+/// or a Data indication around it): a coalesced run is spread out in the
+/// buffer as it arrives. [`RecvBatch::datagrams`] gives their ranges.
 pub struct RecvBatch {
     /// The slots' buffers, each `size` bytes, owned by the batch (from
     /// `Box<[u8]>`, freed on drop). Kept as raw pointers because the
@@ -31,12 +46,14 @@ pub struct RecvBatch {
     bufs: [*mut u8; BATCH],
     size: usize,
     headroom: usize,
-    lens: [usize; BATCH],
+    tailroom: usize,
+    /// What slot `i` holds.
+    held: [Datagrams; BATCH],
     /// The `recvmmsg` arguments, one header per slot, pointing at the
-    /// slot's buffer and address storage. Set up once: a call changes only
-    /// the address lengths of the headers it fills, which are put back
-    /// right after it. Boxed, like the buffers, so the pointers stay valid
-    /// when the batch moves.
+    /// slot's buffer, address storage and control buffer. Set up once: a
+    /// call changes only the address and control lengths of the headers it
+    /// fills, which are put back right after it. Boxed, like the buffers,
+    /// so the pointers stay valid when the batch moves.
     args: Box<RecvArgs>,
 }
 
@@ -45,7 +62,45 @@ struct RecvArgs {
     addrs: [libc::sockaddr_storage; BATCH],
     iovs: [libc::iovec; BATCH],
     hdrs: [libc::mmsghdr; BATCH],
+    ctrl: [[u64; CTRL_WORDS]; BATCH],
 }
+
+/// Size of the control buffer of a [`RecvBatch`] slot, bytes.
+const CTRL_LEN: usize = CTRL_WORDS * 8;
+
+/// The datagrams in one [`RecvBatch`] slot, as an iterator over their
+/// ranges in the slot's buffer: `count` datagrams of `segment` bytes each
+/// (the last has the rest of `len` bytes in all), `stride` bytes apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Datagrams {
+    first: usize,
+    stride: usize,
+    segment: usize,
+    len: usize,
+    count: usize,
+}
+
+impl Iterator for Datagrams {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        if self.count == 0 {
+            return None;
+        }
+        let n = self.len.min(self.segment);
+        let r = self.first..self.first + n;
+        self.first += self.stride;
+        self.len -= n;
+        self.count -= 1;
+        Some(r)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.count, Some(self.count))
+    }
+}
+
+impl ExactSizeIterator for Datagrams {}
 
 /// Size of the address storage of a [`RecvBatch`] slot, bytes.
 const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -56,7 +111,7 @@ fn set_header(
     h: &mut libc::mmsghdr,
     name: *mut libc::c_void,
     namelen: libc::socklen_t,
-    iov: &mut libc::iovec,
+    iov: *mut libc::iovec,
 ) {
     h.msg_hdr.msg_name = name;
     h.msg_hdr.msg_namelen = namelen;
@@ -98,18 +153,26 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 impl RecvBatch {
-    /// Buffers for datagrams of up to `capacity` bytes each, with the given
-    /// spare room before and after. Large buffers cost address space only:
-    /// pages are touched as far as datagrams reach.
+    /// Buffers for receives of up to `capacity` bytes each (a datagram, or
+    /// a coalesced run of them), with `headroom` and `tailroom` spare bytes
+    /// around every datagram. Large buffers cost address space only: pages
+    /// are touched as far as datagrams reach.
     pub fn new(headroom: usize, capacity: usize, tailroom: usize) -> Self {
-        let size = headroom + capacity + tailroom;
+        // A run of MAX_SEGMENTS datagrams spread out needs the room around
+        // each of them.
+        let size = headroom + capacity + tailroom + (MAX_SEGMENTS - 1) * (headroom + tailroom);
         let bufs: [*mut u8; BATCH] =
             std::array::from_fn(|_| Box::into_raw(vec![0u8; size].into_boxed_slice()).cast::<u8>());
         // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs
         // for which all zero bytes (null pointers, zero lengths) are valid
         // values; the loop below points them at the buffers.
         let mut args: Box<RecvArgs> = Box::new(unsafe { std::mem::zeroed() });
-        let RecvArgs { addrs, iovs, hdrs } = &mut *args;
+        let RecvArgs {
+            addrs,
+            iovs,
+            hdrs,
+            ctrl,
+        } = &mut *args;
         for i in 0..BATCH {
             iovs[i] = libc::iovec {
                 // SAFETY: headroom <= size: within the buffer (or one past
@@ -123,19 +186,22 @@ impl RecvBatch {
                 ADDR_LEN,
                 &mut iovs[i],
             );
+            hdrs[i].msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = CTRL_LEN;
         }
         RecvBatch {
             bufs,
             size,
             headroom,
-            lens: [0; BATCH],
+            tailroom,
+            held: [Datagrams::default(); BATCH],
             args,
         }
     }
 
-    /// Receives up to `max` datagrams into slots `first..first + max`
-    /// without blocking. Returns how many arrived (0 when none was waiting).
-    /// Datagrams longer than the capacity are truncated.
+    /// Receives into up to `max` slots `first..first + max` without
+    /// blocking. Returns how many slots were filled (0 when nothing was
+    /// waiting). Datagrams longer than the capacity are truncated.
     pub fn recv(&mut self, fd: BorrowedFd<'_>, first: usize, max: usize) -> io::Result<usize> {
         self.recv_with(fd, first, max, libc::MSG_DONTWAIT)
     }
@@ -158,10 +224,11 @@ impl RecvBatch {
             return Ok(0);
         }
         let args = &mut *self.args;
-        // SAFETY: hdrs[first..first + max] point at address storage and
-        // iovecs in `args`, each iovec at a live buffer of `self.bufs` of
-        // at least its length; all are heap allocations owned by self, and
-        // `&mut self` means no reference to them lives during the call.
+        // SAFETY: hdrs[first..first + max] point at address storage,
+        // control buffers and iovecs in `args`, each iovec at a live buffer
+        // of `self.bufs` of at least its length; all are heap allocations
+        // owned by self, and `&mut self` means no reference to them lives
+        // during the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd.as_raw_fd(),
@@ -181,23 +248,68 @@ impl RecvBatch {
         }
         let n = n as usize;
         for i in first..first + n {
-            let h = &mut args.hdrs[i];
-            self.lens[i] = h.msg_len as usize;
+            let h = &mut self.args.hdrs[i];
+            let len = h.msg_len as usize;
+            let segment = gro_segment(&h.msg_hdr).filter(|&s| s > 0 && s < len);
             if h.msg_hdr.msg_namelen == 0 {
                 // No source address: do not report the previous one.
-                args.addrs[i].ss_family = 0;
+                self.args.addrs[i].ss_family = 0;
             }
             h.msg_hdr.msg_namelen = ADDR_LEN;
+            h.msg_hdr.msg_controllen = CTRL_LEN;
+            h.msg_hdr.msg_flags = 0;
+            self.held[i] = match segment {
+                None => Datagrams {
+                    first: self.headroom,
+                    stride: 0,
+                    segment: len,
+                    len,
+                    count: 1,
+                },
+                Some(segment) => self.spread(i, len, segment),
+            };
         }
         Ok(n)
     }
 
-    /// The payload range and source address of the datagram in slot `i`.
-    pub fn datagram(&self, i: usize) -> (Range<usize>, Option<SocketAddr>) {
-        (
-            self.headroom..self.headroom + self.lens[i],
-            socket_addr(&self.args.addrs[i]),
-        )
+    /// Lays the coalesced run of `len` bytes in slot `i` (datagrams of
+    /// `segment` bytes, the last maybe shorter) out with the headroom and
+    /// tailroom around each datagram, and returns where they are. A run
+    /// that would not fit (more than [`MAX_SEGMENTS`] datagrams) is
+    /// dropped: no datagrams.
+    fn spread(&mut self, i: usize, len: usize, segment: usize) -> Datagrams {
+        let count = len.div_ceil(segment);
+        let stride = segment + self.headroom + self.tailroom;
+        let last = len - (count - 1) * segment;
+        let held = Datagrams {
+            first: self.headroom,
+            stride,
+            segment,
+            len,
+            count,
+        };
+        if self.headroom + self.tailroom == 0 {
+            return held;
+        }
+        if count > MAX_SEGMENTS
+            || self.headroom + (count - 1) * stride + last + self.tailroom > self.size
+        {
+            return Datagrams::default();
+        }
+        let (headroom, buf) = (self.headroom, self.buf_mut(i));
+        // From the last datagram back, so none is overwritten before it moved.
+        for k in (1..count).rev() {
+            let from = headroom + k * segment;
+            let n = segment.min(len - k * segment);
+            buf.copy_within(from..from + n, headroom + k * stride);
+        }
+        held
+    }
+
+    /// The datagrams in slot `i`, as ranges of [`RecvBatch::buf`], and the
+    /// address they came from.
+    pub fn datagrams(&self, i: usize) -> (Datagrams, Option<SocketAddr>) {
+        (self.held[i], socket_addr(&self.args.addrs[i]))
     }
 
     /// Slot `i`'s whole buffer (headroom, datagram, tailroom).
@@ -225,6 +337,28 @@ impl Drop for RecvBatch {
     }
 }
 
+/// The datagram size of a receive the kernel coalesced (the `UDP_GRO`
+/// control message), if `hdr` carries one.
+fn gro_segment(hdr: &libc::msghdr) -> Option<usize> {
+    if hdr.msg_controllen == 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled msg_controllen bytes of the control buffer
+    // with well-formed control messages; CMSG_FIRSTHDR / CMSG_NXTHDR stay
+    // within them and return null past the end.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    None
+}
+
 /// A datagram waiting in a [`SendQueue`]: a range of one [`RecvBatch`]
 /// slot, its destination and the socket to send it from.
 struct Queued {
@@ -234,15 +368,9 @@ struct Queued {
     socket: usize,
 }
 
-/// Most datagrams one UDP GSO send may carry (the kernel's
-/// `UDP_MAX_SEGMENTS`).
-const MAX_SEGMENTS: usize = 64;
 /// Most bytes one UDP GSO send may carry: the largest UDP payload over IPv4
 /// (65535 minus the 20-byte IP and 8-byte UDP headers), which fits IPv6 too.
 const MAX_GSO_BYTES: usize = 65507;
-/// Room for one `UDP_SEGMENT` control message (a `u16`), in `u64`s so it is
-/// aligned for `cmsghdr`.
-const CTRL_WORDS: usize = 4;
 
 /// One `sendmmsg` header's share of the queue: `count` datagrams from
 /// iovec `first`.
@@ -267,10 +395,10 @@ struct Run {
 pub struct SendQueue {
     queued: Vec<Queued>,
     gso: bool,
-    runs: [Run; BATCH],
-    iovs: [libc::iovec; BATCH],
-    hdrs: [libc::mmsghdr; BATCH],
-    ctrl: [[u64; CTRL_WORDS]; BATCH],
+    runs: [Run; QUEUE],
+    iovs: [libc::iovec; QUEUE],
+    hdrs: [libc::mmsghdr; QUEUE],
+    ctrl: [[u64; CTRL_WORDS]; QUEUE],
 }
 
 impl Default for SendQueue {
@@ -282,13 +410,13 @@ impl Default for SendQueue {
 impl SendQueue {
     pub fn new() -> Self {
         SendQueue {
-            queued: Vec::with_capacity(BATCH),
+            queued: Vec::with_capacity(QUEUE),
             gso: true,
-            runs: [Run::default(); BATCH],
+            runs: [Run::default(); QUEUE],
             // SAFETY: as in RecvBatch::new.
             iovs: unsafe { std::mem::zeroed() },
             hdrs: unsafe { std::mem::zeroed() },
-            ctrl: [[0; CTRL_WORDS]; BATCH],
+            ctrl: [[0; CTRL_WORDS]; QUEUE],
         }
     }
 
@@ -308,8 +436,9 @@ impl SendQueue {
 
     /// Queues `range` of slot `slot` for `to`, to go out of socket number
     /// `socket` (an index the caller resolves at [`SendQueue::flush`]).
+    /// The queue must not be full ([`SendQueue::is_full`]).
     pub fn push(&mut self, slot: usize, range: Range<usize>, to: SocketAddr, socket: usize) {
-        debug_assert!(self.queued.len() < BATCH);
+        debug_assert!(self.queued.len() < QUEUE);
         self.queued.push(Queued {
             slot,
             range,
@@ -320,6 +449,11 @@ impl SendQueue {
 
     pub fn is_empty(&self) -> bool {
         self.queued.is_empty()
+    }
+
+    /// Whether [`QUEUE`] datagrams wait: flush before pushing more.
+    pub fn is_full(&self) -> bool {
+        self.queued.len() == QUEUE
     }
 
     /// Sends everything queued, grouped by socket (`sockets(index)` gives
@@ -481,6 +615,13 @@ mod tests {
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
 
+    /// The one datagram in slot `i` and its source.
+    fn one(batch: &RecvBatch, i: usize) -> (Range<usize>, Option<SocketAddr>) {
+        let (mut d, from) = batch.datagrams(i);
+        assert_eq!(d.len(), 1, "slot {i}: {d:?}");
+        (d.next().unwrap(), from)
+    }
+
     #[test]
     fn receives_and_sends_in_batches() {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -498,12 +639,12 @@ mod tests {
         assert_eq!(batch.recv(a.as_fd(), 2, 3).unwrap(), 3);
         assert_eq!(batch.recv(a.as_fd(), 5, BATCH).unwrap(), 3);
         for i in 0..5 {
-            let (r, from) = batch.datagram(2 + i);
+            let (r, from) = one(&batch, 2 + i);
             assert_eq!(r, 8..18);
             assert_eq!(&batch.buf(2 + i)[r], &[i as u8; 10]);
             assert_eq!(from, Some(b.local_addr().unwrap()));
         }
-        let (r, from) = batch.datagram(7);
+        let (r, from) = one(&batch, 7);
         assert_eq!(&batch.buf(7)[r], b"from c");
         assert_eq!(from, Some(c.local_addr().unwrap()));
 
@@ -555,7 +696,7 @@ mod tests {
         out: &UdpSocket,
     ) -> Vec<Vec<Vec<u8>>> {
         for (i, dest) in to.iter().enumerate() {
-            let (r, _) = batch.datagram(i);
+            let (r, _) = one(batch, i);
             q.push(i, r, dest.local_addr().unwrap(), 0);
         }
         q.flush(batch, |_| Some(out.as_fd()));
@@ -691,11 +832,91 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             for (sock, from, len) in [(&v4, &from4, 4), (&v6, &from6, 6)] {
                 assert_eq!(batch.recv(sock.as_fd(), 0, BATCH).unwrap(), 1);
-                let (r, addr) = batch.datagram(0);
+                let (r, addr) = one(&batch, 0);
                 assert_eq!(r, 0..len);
                 assert_eq!(&batch.buf(0)[r], &vec![round; len][..]);
                 assert_eq!(addr, Some(from.local_addr().unwrap()), "round {round}");
             }
+        }
+    }
+
+    /// A GSO send into a socket with UDP_GRO on arrives as one receive;
+    /// the batch splits it into its datagrams again, spread out with the
+    /// headroom and tailroom around each, whatever they held before.
+    #[test]
+    fn coalesced_receives_are_split_into_datagrams() {
+        let sizes = [100, 100, 100, 100, 100, 37];
+        for (headroom, tailroom) in [(0, 0), (48, 12)] {
+            let (batch, out) = filled(&sizes);
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            rx.set_nonblocking(true).unwrap();
+            enable_gro(&rx);
+            let mut q = SendQueue::new();
+            for i in 0..sizes.len() {
+                let (r, _) = one(&batch, i);
+                q.push(i, r, rx.local_addr().unwrap(), 0);
+            }
+            q.flush(&batch, |_| Some(out.as_fd()));
+            // Then one datagram on its own.
+            out.send_to(b"single", rx.local_addr().unwrap()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+
+            let mut batch = RecvBatch::new(headroom, 65536, tailroom);
+            assert_eq!(batch.recv(rx.as_fd(), 3, BATCH).unwrap(), 2);
+            let (d, from) = batch.datagrams(3);
+            assert_eq!(from, Some(out.local_addr().unwrap()));
+            let ranges: Vec<Range<usize>> = d.collect();
+            let stride = 100 + headroom + tailroom;
+            let expect: Vec<Range<usize>> = (0..sizes.len())
+                .map(|k| headroom + k * stride..headroom + k * stride + sizes[k])
+                .collect();
+            assert_eq!(ranges, expect, "headroom {headroom}");
+            for (k, r) in ranges.into_iter().enumerate() {
+                // `filled` numbers its datagrams from 0.
+                assert_eq!(batch.buf(3)[r], vec![k as u8; sizes[k]][..]);
+            }
+            let (r, _) = one(&batch, 4);
+            assert_eq!(&batch.buf(4)[r], b"single");
+        }
+    }
+
+    /// Framing in place around each datagram of a split run leaves the
+    /// others whole: the room before and after each is its own.
+    #[test]
+    fn split_datagrams_can_be_framed_in_place() {
+        let sizes = [64; 8];
+        let (batch, out) = filled(&sizes);
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        enable_gro(&rx);
+        let mut q = SendQueue::new();
+        for i in 0..sizes.len() {
+            let (r, _) = one(&batch, i);
+            q.push(i, r, rx.local_addr().unwrap(), 0);
+        }
+        q.flush(&batch, |_| Some(out.as_fd()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (h, t) = (
+            crate::stun::channel::HEADROOM,
+            crate::stun::channel::TAILROOM,
+        );
+        let mut batch = RecvBatch::new(h, 65536, t);
+        assert_eq!(batch.recv(rx.as_fd(), 0, BATCH).unwrap(), 1);
+        let (d, _) = batch.datagrams(0);
+        assert_eq!(d.len(), 8);
+        for r in d {
+            let buf = batch.buf_mut(0);
+            buf[r.start - h..r.start].fill(0xee);
+            buf[r.end..r.end + t].fill(0xff);
+        }
+        for (k, r) in d.enumerate() {
+            assert_eq!(batch.buf(0)[r.clone()], [k as u8; 64]);
+            assert!(
+                batch.buf(0)[r.start - h..r.start]
+                    .iter()
+                    .all(|&b| b == 0xee)
+            );
+            assert!(batch.buf(0)[r.end..r.end + t].iter().all(|&b| b == 0xff));
         }
     }
 }

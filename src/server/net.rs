@@ -67,6 +67,7 @@ pub fn udp_listener(
     s.set_reuse_port(true)?;
     let _ = s.set_recv_buffer_size(buffer);
     let _ = s.set_send_buffer_size(buffer);
+    enable_gro(&s);
     bind_device(&s, device)?;
     s.bind(&addr.into())?;
     Ok(s.into())
@@ -97,12 +98,33 @@ pub fn relay_socket(
         let _ = s.set_recv_buffer_size(b);
         let _ = s.set_send_buffer_size(b);
     }
+    enable_gro(&s);
     bind_device(&s, device)?;
     if dont_fragment {
         set_dont_fragment(&s, addr.is_ipv6())?;
     }
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// Turns UDP GRO on (`UDP_GRO`, Linux 5.0): the kernel may then hand a
+/// run of datagrams from one source (a burst a network card coalesced, or
+/// a sender's GSO send) to one receive, which [`super::batch::RecvBatch`]
+/// splits again. Best effort: an older kernel delivers them one by one.
+fn enable_gro(s: &Socket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a valid descriptor with a pointer to a live
+    // c_int and its exact size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Sets the DF bit on every datagram the socket sends (path MTU discovery
@@ -164,6 +186,33 @@ mod tests {
         let _b = udp_listener(addr, None, LISTENER_BUFFER).unwrap();
         let t = tcp_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let _u = tcp_listener(t.local_addr().unwrap(), None).unwrap();
+    }
+
+    /// Whether `UDP_GRO` is on for `s`.
+    fn gro(s: &std::net::UdpSocket) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a valid descriptor into a live c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        v != 0
+    }
+
+    #[test]
+    fn udp_sockets_take_coalesced_datagrams() {
+        let r = relay_socket("127.0.0.1:0".parse().unwrap(), None, false, None).unwrap();
+        assert!(gro(&r));
+        let l = udp_listener("[::1]:0".parse().unwrap(), None, LISTENER_BUFFER).unwrap();
+        assert!(gro(&l));
     }
 
     #[test]

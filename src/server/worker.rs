@@ -24,6 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -661,55 +662,15 @@ impl Worker {
                 });
                 drained &= got < BATCH;
                 for i in 0..got {
-                    let (range, from) = io.client.datagram(i);
+                    let (datagrams, from) = io.client.datagrams(i);
                     let Some(from) = from else { continue };
                     let ft = FiveTuple {
                         client: from,
                         server: local,
                         transport: Transport::Udp,
                     };
-                    let data = &io.client.buf(i)[range.clone()];
-                    let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
-                    // Whether another worker has the allocation must be
-                    // known before the core sees a STUN message (an
-                    // Allocate here would make a second one). ChannelData
-                    // without an allocation changes nothing in the core,
-                    // so it is looked into only once the core dropped it,
-                    // and relayed ChannelData costs no extra lookup.
-                    if self.steer
-                        && !is_channel_data
-                        && self.core.allocation_for(&ft).is_none()
-                        && self.steered_elsewhere(now, &ft, link as u32, data)
-                    {
-                        continue;
-                    }
-                    if !is_channel_data {
-                        self.flush_to_peers(io);
-                    }
-                    let data = &io.client.buf(i)[range.clone()];
-                    let action = self.client_message(now, &ft, link as u32, data);
-                    match action {
-                        ClientAction::Relay {
-                            allocation,
-                            peer,
-                            payload,
-                        } if is_channel_data && self.relay(allocation).is_some() => {
-                            let start = range.start + payload.start;
-                            io.to_peers.push(
-                                i,
-                                start..start + payload.len(),
-                                peer,
-                                allocation.slot(),
-                            );
-                        }
-                        ClientAction::None
-                            if self.steer
-                                && is_channel_data
-                                && self.core.allocation_for(&ft).is_none() =>
-                        {
-                            self.steered_elsewhere(now, &ft, link as u32, data);
-                        }
-                        action => self.dispatch(action, &ft, link as u32, data),
+                    for range in datagrams {
+                        self.udp_client_datagram(io, now, &ft, link, i, range);
                     }
                 }
                 self.flush_to_peers(io);
@@ -730,19 +691,24 @@ impl Worker {
                     .unwrap_or(0);
                 drained &= got < BATCH - used;
                 for i in used..used + got {
-                    let (range, from) = io.peer.datagram(i);
+                    let (datagrams, from) = io.peer.datagrams(i);
                     let Some(from) = from else { continue };
-                    let Some(d) = self
-                        .core
-                        .handle_peer(now, id, from, io.peer.buf_mut(i), range)
-                    else {
-                        continue;
-                    };
-                    if d.link < STREAM_LINK {
-                        io.to_clients
-                            .push(i, d.range, d.client.client, d.link as usize);
-                    } else {
-                        self.send_to_client(d.link, &d.client, &io.peer.buf(i)[d.range]);
+                    for range in datagrams {
+                        let Some(d) =
+                            self.core
+                                .handle_peer(now, id, from, io.peer.buf_mut(i), range)
+                        else {
+                            continue;
+                        };
+                        if d.link < STREAM_LINK {
+                            if io.to_clients.is_full() {
+                                self.flush_to_clients(io);
+                            }
+                            io.to_clients
+                                .push(i, d.range, d.client.client, d.link as usize);
+                        } else {
+                            self.send_to_client(d.link, &d.client, &io.peer.buf(i)[d.range]);
+                        }
                     }
                 }
                 used += got;
@@ -750,6 +716,55 @@ impl Worker {
         }
         self.flush_to_clients(io);
         drained
+    }
+
+    /// Handles one datagram from a UDP client: `range` of slot `slot` of
+    /// `io.client`, from `ft` on listener `link`. ChannelData to relay is
+    /// queued in `io.to_peers`; anything else first sends what is queued.
+    fn udp_client_datagram(
+        &mut self,
+        io: &mut UdpIo,
+        now: Instant,
+        ft: &FiveTuple,
+        link: usize,
+        slot: usize,
+        range: Range<usize>,
+    ) {
+        let data = &io.client.buf(slot)[range.clone()];
+        let is_channel_data = data.first().is_some_and(|b| b >> 6 == 0b01);
+        // Whether another worker has the allocation must be known before
+        // the core sees a STUN message (an Allocate here would make a
+        // second one). ChannelData without an allocation changes nothing in
+        // the core, so it is looked into only once the core dropped it, and
+        // relayed ChannelData costs no extra lookup.
+        if self.steer
+            && !is_channel_data
+            && self.core.allocation_for(ft).is_none()
+            && self.steered_elsewhere(now, ft, link as u32, data)
+        {
+            return;
+        }
+        if !is_channel_data || io.to_peers.is_full() {
+            self.flush_to_peers(io);
+        }
+        let data = &io.client.buf(slot)[range.clone()];
+        match self.client_message(now, ft, link as u32, data) {
+            ClientAction::Relay {
+                allocation,
+                peer,
+                payload,
+            } if is_channel_data && self.relay(allocation).is_some() => {
+                let start = range.start + payload.start;
+                io.to_peers
+                    .push(slot, start..start + payload.len(), peer, allocation.slot());
+            }
+            ClientAction::None
+                if self.steer && is_channel_data && self.core.allocation_for(ft).is_none() =>
+            {
+                self.steered_elsewhere(now, ft, link as u32, data);
+            }
+            action => self.dispatch(action, ft, link as u32, data),
+        }
     }
 
     /// Sends the ChannelData payloads queued for peers, each out of its

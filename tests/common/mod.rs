@@ -406,6 +406,12 @@ impl Client {
         } else {
             "127.0.0.1:0"
         };
+        Client::bound(local.parse().unwrap(), server)
+    }
+
+    /// A client on a socket bound to `local` (in the namespace of the
+    /// calling thread).
+    pub fn bound(local: SocketAddr, server: SocketAddr) -> Client {
         let sock = UdpSocket::bind(local).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
@@ -535,6 +541,27 @@ impl Client {
         let req = self.request(m, attrs, Some((user, pw)));
         self.transact(&req)
     }
+}
+
+/// Sends `datagrams` (all of one size but the last, which may be shorter)
+/// to `to` as one UDP GSO send, as a sender that batches does: a receiver
+/// with UDP_GRO on gets them in one receive, any other one by one.
+pub fn send_gso(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let segment = datagrams[0].len() as u16;
+    let iov: Vec<std::io::IoSlice<'_>> =
+        datagrams.iter().map(|d| std::io::IoSlice::new(d)).collect();
+    let addr = SockaddrStorage::from(to);
+    let n = sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::empty(),
+        Some(&addr),
+    )
+    .expect("GSO send");
+    assert_eq!(n, datagrams.iter().map(Vec::len).sum::<usize>());
 }
 
 /// An XOR-PEER-ADDRESS attribute value for `peer` in a message with `tid`.
@@ -811,6 +838,42 @@ impl NetNs {
         run(&["-n", &name, "link", "set", "va", "up"]);
         run(&["-n", &name, "link", "set", "vb", "up"]);
         ns
+    }
+
+    /// Creates namespace `name` with only loopback, up; the caller adds
+    /// its links. Needs root and iproute2.
+    pub fn empty(tag: &str) -> NetNs {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test creates a network namespace and must run as root"
+        );
+        require_tool("ip", "apt-get install iproute2");
+        let name = format!("ts{tag}{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = NetNs { name };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip args`, failing the test if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip").args(args).status().expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    }
+
+    /// Runs `args` inside the namespace (`ip netns exec`), failing the test
+    /// if it fails.
+    pub fn exec(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .status()
+            .expect("run ip netns exec");
+        assert!(st.success(), "{args:?} in {} failed", self.name);
     }
 
     /// Runs `f` on a thread that has entered the namespace (network

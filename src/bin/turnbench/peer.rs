@@ -28,8 +28,12 @@ pub fn echo(listen: SocketAddr, threads: usize) -> io::Result<()> {
                     Err(_) => continue,
                 };
                 for i in 0..n {
-                    let (range, from) = batch.datagram(i);
-                    if let Some(from) = from {
+                    let (datagrams, from) = batch.datagrams(i);
+                    let Some(from) = from else { continue };
+                    for range in datagrams {
+                        if queue.is_full() {
+                            queue.flush(&batch, |_| Some(sock.as_fd()));
+                        }
                         queue.push(i, range, from, 0);
                     }
                 }

@@ -1,0 +1,242 @@
+//! UDP GRO on receive, through the real binary: the server runs in a
+//! network namespace of the test's own, its client and peers in a second
+//! one, joined by a veth link that coalesces datagrams the way a network
+//! card's GRO does (NAPI with a deferred GRO flush). A burst of datagrams
+//! sent one by one then reaches the server's sockets (UDP_GRO on) as one
+//! receive, which the server must split again: every datagram relayed on
+//! its own, whole and in order, in both directions.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Background, Client, NetNs, TempDir, require_tool, xor_peer};
+use turnserver::stun::{Message, attr, method};
+
+/// The server's side of the link.
+const SERVER_IP: &str = "10.97.0.1";
+/// The client's and peers' side.
+const CLIENT_IP: &str = "10.97.0.2";
+const PORT: u16 = 40000;
+
+/// Two namespaces joined by veth `vs` (server side, `SERVER_IP`) and `vp`
+/// (`CLIENT_IP`), with GRO on `vs` coalescing what `vp` sends.
+struct Link {
+    server: NetNs,
+    client: NetNs,
+}
+
+impl Link {
+    fn new() -> Link {
+        require_tool("ethtool", "apt-get install ethtool");
+        let server = NetNs::empty("gros");
+        let client = NetNs::empty("groc");
+        server.ip(&[
+            "-n",
+            &server.name,
+            "link",
+            "add",
+            "vs",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vp",
+            "netns",
+            &client.name,
+        ]);
+        for (ns, dev, ip) in [(&server, "vs", SERVER_IP), (&client, "vp", CLIENT_IP)] {
+            ns.ip(&[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                dev,
+            ]);
+            ns.ip(&["-n", &ns.name, "link", "set", dev, "up"]);
+        }
+        // veth runs NAPI (and so GRO) for what it receives once GRO is
+        // asked for, and takes plain UDP through it with UDP GRO
+        // forwarding on. Holding the GRO list for 200 µs instead of
+        // flushing it after every poll lets datagrams sent one by one
+        // merge, as a busy network card's do.
+        server.exec(&["ethtool", "-K", "vs", "gro", "off"]);
+        server.exec(&[
+            "ethtool",
+            "-K",
+            "vs",
+            "gro",
+            "on",
+            "rx-udp-gro-forwarding",
+            "on",
+        ]);
+        server.exec(&[
+            "sh",
+            "-c",
+            "echo 200000 > /sys/class/net/vs/gro_flush_timeout",
+        ]);
+        Link { server, client }
+    }
+}
+
+/// Sends each of `datagrams` to `to` as a datagram of its own.
+fn send_each(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
+    for d in datagrams {
+        sock.send_to(d, to).unwrap();
+    }
+}
+
+/// How many receives a socket with UDP_GRO on in the server's namespace
+/// needs for a burst of 16 datagrams sent one by one from the client's.
+fn receives_for_a_burst(link: &Link) -> usize {
+    let rx = link.server.run(|| {
+        let s = UdpSocket::bind((SERVER_IP, PORT + 1)).unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor and a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        s
+    });
+    let to: SocketAddr = format!("{SERVER_IP}:{}", PORT + 1).parse().unwrap();
+    link.client.run(move || {
+        let tx = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+        send_each(&tx, to, &vec![vec![7u8; 500]; 16]);
+    });
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (mut bytes, mut reads) = (0, 0);
+    let mut buf = vec![0u8; 65536];
+    while bytes < 16 * 500 {
+        bytes += rx.recv(&mut buf).expect("the burst arrives");
+        reads += 1;
+    }
+    reads
+}
+
+#[test]
+fn coalesced_bursts_are_relayed_datagram_by_datagram() {
+    let link = Link::new();
+    // Positive control: the link really coalesces, so the server below
+    // gets coalesced receives to split.
+    let reads = receives_for_a_burst(&link);
+    assert!(
+        reads < 16,
+        "the veth link did not coalesce: {reads} receives"
+    );
+
+    let dir = TempDir::new("gro");
+    let log = dir.path("log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &link.server.name, BIN, "-n", "--no-tls"])
+        .args(["-L", SERVER_IP, "-p", &PORT.to_string()])
+        .args(["--min-port=50000", "--max-port=50100", "--lt-cred-mech"])
+        .args(["--user=alice:pw", "--realm=example.org", "-v"])
+        .arg(format!("--allowed-peer-ip={CLIENT_IP}"))
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let _server = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("worker threads running")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let server: SocketAddr = format!("{SERVER_IP}:{PORT}").parse().unwrap();
+    link.client.run(move || {
+        let mut c = Client::bound(format!("{CLIENT_IP}:0").parse().unwrap(), server);
+        c.sock
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let relayed = c.allocate("alice", "pw").relayed();
+        let peer = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+        let plain = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let bind = vec![
+            (attr::CHANNEL_NUMBER, vec![0x40, 0x05, 0, 0]),
+            (
+                attr::XOR_PEER_ADDRESS,
+                xor_peer(peer.local_addr().unwrap(), &[0; 12]),
+            ),
+        ];
+        assert!(
+            c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
+                .is_success()
+        );
+        let perm = vec![(
+            attr::XOR_PEER_ADDRESS,
+            xor_peer(plain.local_addr().unwrap(), &[0; 12]),
+        )];
+        assert!(
+            c.signed(method::CREATE_PERMISSION, &perm, "alice", "pw")
+                .is_success()
+        );
+
+        // Peer to client: a packetised frame (equal sizes, a shorter last
+        // one), over the channel and as Data indications.
+        let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 77 } else { 1100 }).collect();
+        let datagrams: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect();
+        let mut buf = vec![0u8; 65536];
+        for (from, channel) in [(&peer, true), (&plain, false)] {
+            send_each(from, relayed, &datagrams);
+            for (i, d) in datagrams.iter().enumerate() {
+                let got = c.sock.recv(&mut buf).unwrap();
+                let payload = if channel {
+                    let n = d.len();
+                    assert_eq!(
+                        &buf[..4],
+                        &[0x40, 0x05, (n >> 8) as u8, n as u8],
+                        "datagram {i}"
+                    );
+                    &buf[4..got]
+                } else {
+                    let m = Message::parse(&buf[..got]).unwrap();
+                    assert_eq!(m.method(), method::DATA, "datagram {i}");
+                    m.get(attr::DATA).unwrap()
+                };
+                assert_eq!(payload, &d[..], "datagram {i} (channel {channel})");
+            }
+        }
+
+        // Client to peer: a burst of ChannelData.
+        let frames: Vec<Vec<u8>> = datagrams
+            .iter()
+            .map(|d| {
+                let n = d.len();
+                let mut f = vec![0x40, 0x05, (n >> 8) as u8, n as u8];
+                f.extend_from_slice(d);
+                f
+            })
+            .collect();
+        send_each(&c.sock, server, &frames);
+        for (i, d) in datagrams.iter().enumerate() {
+            let got = peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..got], &d[..], "datagram {i} to the peer");
+        }
+    });
+}
