@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Compares two turnserver builds where UDP GRO can coalesce: the servers run
+# Compares turnserver with and without UDP GRO where GRO can coalesce (or
+# two builds): the servers run
 # in a network namespace, turnbench and its echo peer in a second one, over
 # a veth link whose server end runs NAPI in a thread of its own (as a
 # network card's interrupt does), with GRO and UDP GRO forwarding on. On
 # loopback the kernel never coalesces datagrams sent one by one, so GRO on
 # receive shows only here.
 #
-#   benches/gro-netns.sh BIN_A BIN_B [RATE] [ALLOCATIONS] [ROUNDS]
+#   benches/gro-netns.sh [BIN_A [BIN_B [RATE [ALLOCATIONS [ROUNDS]]]]]
 #
+# BIN_A defaults to target/release/turnserver. Without BIN_B (or with
+# BIN_B "-"), B is BIN_A run with no-udp-gro.
 # RATE is round trips per second in 1 ms bursts (default 20000),
 # ALLOCATIONS the number of flows (default 4), ROUNDS the number of
 # interleaved 4-second runs per build (default 6). For each run it prints
@@ -21,8 +24,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-A=$(realpath "$1")
-B=$(realpath "$2")
+A=$(realpath "${1:-target/release/turnserver}")
+B_ARGS=()
+if [ "${2:--}" = - ]; then
+    B=$A
+    B_ARGS=(--no-udp-gro)
+else
+    B=$(realpath "$2")
+fi
 RATE=${3:-20000}
 ALLOCS=${4:-4}
 ROUNDS=${5:-6}
@@ -78,13 +87,12 @@ done
 
 ip netns exec "$P" "$BENCH" echo --listen 10.97.0.2:23500 >/dev/null 2>&1 &
 pids+=($!)
-bins=("$A" "$B")
-servers=()
-for k in 0 1; do
-    ip netns exec "$S" "${bins[$k]}" -c "$WORK/$k.conf" --unauthorized-ratelimit-rps=0 >/dev/null 2>&1 &
-    pids+=($!)
-    servers+=($!)
-done
+ip netns exec "$S" "$A" -c "$WORK/0.conf" --unauthorized-ratelimit-rps=0 >/dev/null 2>&1 &
+pids+=($!)
+servers=($!)
+ip netns exec "$S" "$B" -c "$WORK/1.conf" --unauthorized-ratelimit-rps=0 "${B_ARGS[@]}" >/dev/null 2>&1 &
+pids+=($!)
+servers+=($!)
 sleep 1.5
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -113,4 +121,4 @@ done
 echo "load: $RATE round trips/s in 1 ms bursts over $ALLOCS allocations"
 echo "per run: server CPU per relayed packet / loss / p99"
 echo "A $A:${results[0]}"
-echo "B $B:${results[1]}"
+echo "B $B ${B_ARGS[*]}:${results[1]}"

@@ -138,6 +138,9 @@ pub struct Config {
     pub sock_buf_size: Option<usize>,
     pub default_family: DefaultFamily,
     pub no_udp_relay: bool,
+    /// UDP GRO on every UDP listener and relay socket; `no-udp-gro` turns
+    /// it off. Restart only.
+    pub udp_gro: bool,
     /// RFC 8016 mobility tickets.
     pub mobility: bool,
     /// `udp-steering`: `auto` (true) gathers UDP clients on the first worker
@@ -231,6 +234,7 @@ impl Default for Config {
             sock_buf_size: None,
             default_family: DefaultFamily::Ipv4,
             no_udp_relay: false,
+            udp_gro: true,
             mobility: false,
             udp_steering: true,
             unauthorized_ratelimit_rps: crate::turn::DEFAULT_UNAUTHENTICATED_RATE,
@@ -905,6 +909,7 @@ impl Config {
                 }
             }
             "no-udp-relay" => self.no_udp_relay = flag()?,
+            "no-udp-gro" => self.udp_gro = !flag()?,
             "mobility" => self.mobility = flag()?,
             "udp-steering" => {
                 self.udp_steering = match need()?.trim().to_ascii_lowercase().as_str() {
@@ -1226,6 +1231,7 @@ impl Config {
             },
         );
         l.kv("no-udp-relay", &onoff(self.no_udp_relay));
+        l.kv("no-udp-gro", &onoff(!self.udp_gro));
         l.kv("allow-loopback-peers", &onoff(self.allow_loopback_peers));
         l.kv("allow-private-peers", &onoff(self.allow_private_peers));
         for r in &self.allowed_peer_ips {

@@ -112,6 +112,7 @@ pub const OPTIONS: &[Spec] = &[
     opt("udp-recvmmsg", None, Flag, false, Inherent("UDP is always received with recvmmsg and sent to clients with sendmmsg"), "Batch UDP receives."),
     opt("udp-recvmmsg-log", None, Flag, false, NotYet, "Log recvmmsg statistics."),
     opt("udp-sendmmsg-log", None, Flag, false, NotYet, "Log sendmmsg statistics."),
+    opt("no-udp-gro", None, Flag, false, Yes, "Leave UDP GRO off: by default every UDP listener and relay socket takes runs of datagrams the network card coalesced in one receive, which turnserver splits again."),
     opt("udp-gso", None, Flag, false, Inherent("runs of datagrams to one destination are always sent with UDP GSO where the kernel and device allow it"), "Use UDP GSO."),
     // Peer access
     opt("allow-loopback-peers", None, Flag, false, Yes, "Allow relaying to loopback peers (127.0.0.0/8, ::1). Default: denied."),

@@ -106,6 +106,7 @@ log-file=stdout
 server-name=turn.example.org
 relay-threads=4
 sock-buf-size=1048576
+no-udp-gro
 mobility
 "#);
     assert_eq!(cfg.listening_port, 3478);
@@ -139,6 +140,7 @@ mobility
     assert_eq!(cfg.log_file, None);
     assert_eq!(cfg.relay_threads, Some(4));
     assert_eq!(cfg.sock_buf_size, Some(1 << 20));
+    assert!(!cfg.udp_gro);
     assert_eq!(cfg.auth_kind(), AuthKind::LongTerm);
     let auth = cfg.authenticator("example.org");
     match auth.mechanism {
@@ -155,6 +157,7 @@ mobility
 #[test]
 fn defaults() {
     let cfg = ok("");
+    assert!(cfg.udp_gro);
     assert_eq!(cfg.listening_port, 3478);
     assert_eq!(cfg.tls_listening_port, 5349);
     assert_eq!((cfg.min_port, cfg.max_port), (49152, 65535));

@@ -177,6 +177,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("relay-threads", old.relay_threads != new.relay_threads);
     check("sock-buf-size", old.sock_buf_size != new.sock_buf_size);
+    check("no-udp-gro", old.udp_gro != new.udp_gro);
     check("daemon", old.daemon != new.daemon);
     check("pidfile", old.pidfile != new.pidfile);
     check(
@@ -219,6 +220,7 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
         workers,
         listening_device: cfg.listening_device.clone(),
         sock_buf_size: cfg.sock_buf_size,
+        udp_gro: cfg.udp_gro,
     };
     for &ip in ips {
         for &port in &plain {
@@ -546,6 +548,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         reservations: Reservations::default(),
         relay_device: cfg.relay_device.clone(),
         relay_buffer: cfg.sock_buf_size,
+        relay_gro: cfg.udp_gro,
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),

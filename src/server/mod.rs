@@ -37,6 +37,8 @@ pub struct Plan {
     /// SO_RCVBUF/SO_SNDBUF for UDP listeners, bytes (`None`:
     /// [`net::LISTENER_BUFFER`]).
     pub sock_buf_size: Option<usize>,
+    /// UDP GRO on the UDP listeners (off with `no-udp-gro`).
+    pub udp_gro: bool,
 }
 
 /// A listener that could not be bound.
@@ -75,10 +77,12 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
         };
         for &addr in &plan.udp {
             let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
-            let sock = net::udp_listener(addr, device, buffer).map_err(|error| BindError {
-                addr,
-                transport: "udp",
-                error,
+            let sock = net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(|error| {
+                BindError {
+                    addr,
+                    transport: "udp",
+                    error,
+                }
             })?;
             s.udp.push((sock, addr));
         }
@@ -215,6 +219,7 @@ mod tests {
             workers: 1,
             listening_device: None,
             sock_buf_size: None,
+            udp_gro: true,
         };
         let err = bind(&plan)
             .err()

@@ -56,18 +56,22 @@ fn bind_device(s: &Socket, device: Option<&str>) -> io::Result<()> {
 /// A UDP listener socket with SO_REUSEPORT, so each worker can bind its own
 /// on the same address and the kernel spreads clients by 5-tuple.
 ///
-/// `buffer` is the receive and send buffer size to ask for, bytes.
+/// `buffer` is the receive and send buffer size to ask for, bytes; `gro`
+/// turns UDP GRO on ([`enable_gro`]).
 pub fn udp_listener(
     addr: SocketAddr,
     device: Option<&str>,
     buffer: usize,
+    gro: bool,
 ) -> io::Result<std::net::UdpSocket> {
     let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     let _ = s.set_recv_buffer_size(buffer);
     let _ = s.set_send_buffer_size(buffer);
-    enable_gro(&s);
+    if gro {
+        enable_gro(&s);
+    }
     bind_device(&s, device)?;
     s.bind(&addr.into())?;
     Ok(s.into())
@@ -86,19 +90,23 @@ pub fn tcp_listener(addr: SocketAddr, device: Option<&str>) -> io::Result<std::n
 
 /// A relay socket bound exactly to `addr` (no address or port reuse, so the
 /// kernel guarantees the port is ours alone), with `buffer` bytes of
-/// receive and send buffer if given (else the kernel's default).
+/// receive and send buffer if given (else the kernel's default), and UDP
+/// GRO on if `gro` ([`enable_gro`]).
 pub fn relay_socket(
     addr: SocketAddr,
     device: Option<&str>,
     dont_fragment: bool,
     buffer: Option<usize>,
+    gro: bool,
 ) -> io::Result<std::net::UdpSocket> {
     let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
     if let Some(b) = buffer {
         let _ = s.set_recv_buffer_size(b);
         let _ = s.set_send_buffer_size(b);
     }
-    enable_gro(&s);
+    if gro {
+        enable_gro(&s);
+    }
     bind_device(&s, device)?;
     if dont_fragment {
         set_dont_fragment(&s, addr.is_ipv6())?;
@@ -111,6 +119,7 @@ pub fn relay_socket(
 /// run of datagrams from one source (a burst a network card coalesced, or
 /// a sender's GSO send) to one receive, which [`super::batch::RecvBatch`]
 /// splits again. Best effort: an older kernel delivers them one by one.
+/// `no-udp-gro` leaves it off.
 fn enable_gro(s: &Socket) {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
@@ -174,16 +183,16 @@ mod tests {
 
     #[test]
     fn relay_sockets_do_not_share_ports() {
-        let a = relay_socket("127.0.0.1:0".parse().unwrap(), None, true, None).unwrap();
+        let a = relay_socket("127.0.0.1:0".parse().unwrap(), None, true, None, true).unwrap();
         let taken = a.local_addr().unwrap();
-        assert!(relay_socket(taken, None, false, None).is_err());
+        assert!(relay_socket(taken, None, false, None, true).is_err());
     }
 
     #[test]
     fn listeners_share_ports_across_workers() {
-        let a = udp_listener("127.0.0.1:0".parse().unwrap(), None, LISTENER_BUFFER).unwrap();
+        let a = udp_listener("127.0.0.1:0".parse().unwrap(), None, LISTENER_BUFFER, true).unwrap();
         let addr = a.local_addr().unwrap();
-        let _b = udp_listener(addr, None, LISTENER_BUFFER).unwrap();
+        let _b = udp_listener(addr, None, LISTENER_BUFFER, true).unwrap();
         let t = tcp_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let _u = tcp_listener(t.local_addr().unwrap(), None).unwrap();
     }
@@ -209,21 +218,30 @@ mod tests {
 
     #[test]
     fn udp_sockets_take_coalesced_datagrams() {
-        let r = relay_socket("127.0.0.1:0".parse().unwrap(), None, false, None).unwrap();
-        assert!(gro(&r));
-        let l = udp_listener("[::1]:0".parse().unwrap(), None, LISTENER_BUFFER).unwrap();
-        assert!(gro(&l));
+        for on in [true, false] {
+            let r = relay_socket("127.0.0.1:0".parse().unwrap(), None, false, None, on).unwrap();
+            assert_eq!(gro(&r), on);
+            let l = udp_listener("[::1]:0".parse().unwrap(), None, LISTENER_BUFFER, on).unwrap();
+            assert_eq!(gro(&l), on);
+        }
     }
 
     #[test]
     fn socket_buffers_are_set() {
         // Linux reports twice what was asked for (its bookkeeping overhead),
         // capped by net.core.rmem_max; 64 KiB is below every default cap.
-        let r = relay_socket("127.0.0.1:0".parse().unwrap(), None, false, Some(65536)).unwrap();
+        let r = relay_socket(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            false,
+            Some(65536),
+            true,
+        )
+        .unwrap();
         let r = socket2::SockRef::from(&r);
         assert!(r.recv_buffer_size().unwrap() >= 65536);
         assert!(r.send_buffer_size().unwrap() >= 65536);
-        let l = udp_listener("127.0.0.1:0".parse().unwrap(), None, 100_000).unwrap();
+        let l = udp_listener("127.0.0.1:0".parse().unwrap(), None, 100_000, true).unwrap();
         let l = socket2::SockRef::from(&l);
         assert!(l.recv_buffer_size().unwrap() >= 100_000);
     }

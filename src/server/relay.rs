@@ -100,6 +100,8 @@ pub struct Opener<'a> {
     pub device: Option<&'a str>,
     /// Socket buffer size for relay sockets (`sock-buf-size`), bytes.
     pub buffer: Option<usize>,
+    /// Whether relay sockets get UDP GRO (off with `no-udp-gro`).
+    pub gro: bool,
     pub now: Instant,
     /// Sockets opened during the call.
     pub opened: &'a mut Vec<Opened>,
@@ -107,7 +109,13 @@ pub struct Opener<'a> {
 
 impl Opener<'_> {
     fn bind(&self, ip: IpAddr, port: u16, df: bool) -> io::Result<std::net::UdpSocket> {
-        net::relay_socket(SocketAddr::new(ip, port), self.device, df, self.buffer)
+        net::relay_socket(
+            SocketAddr::new(ip, port),
+            self.device,
+            df,
+            self.buffer,
+            self.gro,
+        )
     }
 
     fn bind_from_pool(
@@ -201,6 +209,7 @@ mod tests {
             reservations: res,
             device: None,
             buffer: None,
+            gro: true,
             now,
             opened,
         }

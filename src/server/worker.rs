@@ -90,6 +90,8 @@ pub struct Shared {
     pub relay_device: Option<String>,
     /// `sock-buf-size` for relay sockets, bytes.
     pub relay_buffer: Option<usize>,
+    /// UDP GRO on relay sockets (off with `no-udp-gro`).
+    pub relay_gro: bool,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
     /// Seconds of silence after which a stream connection without an
@@ -353,6 +355,7 @@ impl Worker {
             reservations: &shared.reservations,
             device: shared.relay_device.as_deref(),
             buffer: shared.relay_buffer,
+            gro: shared.relay_gro,
             now,
             opened,
         };
