@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    Client, Server, StreamClient, TempDir, free_ports, relay_range, tls_connect, write_test_cert,
-    xor_peer,
+    Client, Server, StreamClient, TempDir, channel_bind_attrs, free_ports, relay_range,
+    tls_connect, write_test_cert,
 };
 use turnserver::auth::rest_password;
-use turnserver::stun::{attr, method};
+use turnserver::stun::method;
 
 fn start(config: &str, extra: &[String]) -> Server {
     let dir = TempDir::new("shipped");
@@ -44,10 +44,7 @@ fn relay_through(s: &Server, user: &str, pw: &str) {
     let r = c.allocate(user, pw);
     assert!(r.is_success(), "{:?}\n{}", r.code(), s.log_text());
     let relayed = r.relayed();
-    let bind = vec![
-        (attr::CHANNEL_NUMBER, vec![0x40, 0x10, 0, 0]),
-        (attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12])),
-    ];
+    let bind = channel_bind_attrs(0x4010, peer_addr);
     assert!(c.signed(method::CHANNEL_BIND, &bind, user, pw).is_success());
     c.sock
         .send_to(&[0x40, 0x10, 0, 3, b'a', b'b', b'c', 0], s.udp_addr())

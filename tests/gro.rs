@@ -9,12 +9,14 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, Background, Client, NetNs, TempDir, require_tool, xor_peer};
-use turnserver::stun::{Message, attr, method};
+use common::{
+    Client, NetNs, channel_bind_attrs, channel_data, expect_relayed, frame_burst, require_tool,
+    send_each, xor_peer,
+};
+use nix::sys::socket::{setsockopt, sockopt};
+use turnserver::stun::{attr, method};
 
 /// The server's side of the link.
 const SERVER_IP: &str = "10.97.0.1";
@@ -84,30 +86,12 @@ impl Link {
     }
 }
 
-/// Sends each of `datagrams` to `to` as a datagram of its own.
-fn send_each(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
-    for d in datagrams {
-        sock.send_to(d, to).unwrap();
-    }
-}
-
 /// How many receives a socket with UDP_GRO on in the server's namespace
 /// needs for a burst of 16 datagrams sent one by one from the client's.
 fn receives_for_a_burst(link: &Link) -> usize {
     let rx = link.server.run(|| {
         let s = UdpSocket::bind((SERVER_IP, PORT + 1)).unwrap();
-        let on: libc::c_int = 1;
-        // SAFETY: a valid descriptor and a c_int option value.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0);
+        setsockopt(&s, sockopt::UdpGroSegment, &true).unwrap();
         s
     });
     let to: SocketAddr = format!("{SERVER_IP}:{}", PORT + 1).parse().unwrap();
@@ -144,33 +128,13 @@ fn coalesced_bursts_are_relayed_datagram_by_datagram() {
 /// arguments, checks that bursts both ways are relayed datagram by
 /// datagram, and stops it again.
 fn relay_bursts(link: &Link, extra: &[&str]) {
-    let dir = TempDir::new("gro");
-    let log = dir.path("log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &link.server.name, BIN, "-n", "--no-tls"])
-        .args(["-L", SERVER_IP, "-p", &PORT.to_string()])
-        .args(["--min-port=50000", "--max-port=50100", "--lt-cred-mech"])
-        .args(["--user=alice:pw", "--realm=example.org", "-v"])
-        .arg(format!("--allowed-peer-ip={CLIENT_IP}"))
-        .args(extra)
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
-    let _server = Background(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("worker threads running")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let port = PORT.to_string();
+    let allowed = format!("--allowed-peer-ip={CLIENT_IP}");
+    let mut args = vec!["-n", "--no-tls", "-L", SERVER_IP, "-p", &port];
+    args.extend(["--min-port=50000", "--max-port=50100", "--lt-cred-mech"]);
+    args.extend(["--user=alice:pw", "--realm=example.org", "-v", &allowed]);
+    args.extend(extra);
+    let _server = link.server.start_server(&args);
 
     let server: SocketAddr = format!("{SERVER_IP}:{PORT}").parse().unwrap();
     link.client.run(move || {
@@ -182,13 +146,7 @@ fn relay_bursts(link: &Link, extra: &[&str]) {
         let peer = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
         let plain = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let bind = vec![
-            (attr::CHANNEL_NUMBER, vec![0x40, 0x05, 0, 0]),
-            (
-                attr::XOR_PEER_ADDRESS,
-                xor_peer(peer.local_addr().unwrap(), &[0; 12]),
-            ),
-        ];
+        let bind = channel_bind_attrs(0x4005, peer.local_addr().unwrap());
         assert!(
             c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
                 .is_success()
@@ -202,47 +160,18 @@ fn relay_bursts(link: &Link, extra: &[&str]) {
                 .is_success()
         );
 
-        // Peer to client: a packetised frame (equal sizes, a shorter last
-        // one), over the channel and as Data indications.
-        let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 77 } else { 1100 }).collect();
-        let datagrams: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| vec![i as u8; n])
-            .collect();
-        let mut buf = vec![0u8; 65536];
-        for (from, channel) in [(&peer, true), (&plain, false)] {
-            send_each(from, relayed, &datagrams);
-            for (i, d) in datagrams.iter().enumerate() {
-                let got = c.sock.recv(&mut buf).unwrap();
-                let payload = if channel {
-                    let n = d.len();
-                    assert_eq!(
-                        &buf[..4],
-                        &[0x40, 0x05, (n >> 8) as u8, n as u8],
-                        "datagram {i}"
-                    );
-                    &buf[4..got]
-                } else {
-                    let m = Message::parse(&buf[..got]).unwrap();
-                    assert_eq!(m.method(), method::DATA, "datagram {i}");
-                    m.get(attr::DATA).unwrap()
-                };
-                assert_eq!(payload, &d[..], "datagram {i} (channel {channel})");
-            }
-        }
+        // Peer to client: a packetised frame, over the channel and as Data
+        // indications.
+        let datagrams = frame_burst();
+        send_each(&peer, relayed, &datagrams);
+        expect_relayed(&c.sock, &datagrams, Some(0x4005));
+        send_each(&plain, relayed, &datagrams);
+        expect_relayed(&c.sock, &datagrams, None);
 
         // Client to peer: a burst of ChannelData.
-        let frames: Vec<Vec<u8>> = datagrams
-            .iter()
-            .map(|d| {
-                let n = d.len();
-                let mut f = vec![0x40, 0x05, (n >> 8) as u8, n as u8];
-                f.extend_from_slice(d);
-                f
-            })
-            .collect();
+        let frames: Vec<Vec<u8>> = datagrams.iter().map(|d| channel_data(0x4005, d)).collect();
         send_each(&c.sock, server, &frames);
+        let mut buf = vec![0u8; 65536];
         for (i, d) in datagrams.iter().enumerate() {
             let got = peer.recv(&mut buf).unwrap();
             assert_eq!(&buf[..got], &d[..], "datagram {i} to the peer");

@@ -11,12 +11,10 @@ mod common;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{
-    BIN, Background, Client, NetNs, Options, Server, StreamClient, TempDir, binding_request,
-};
+use common::{Client, NetNs, Options, Server, StreamClient, binding_request};
 use turnserver::auth::long_term_key;
 use turnserver::stun::{Class, MessageWriter, attr, method};
 
@@ -117,48 +115,21 @@ fn every_forbidden_address_form_is_refused_and_nothing_is_sent() {
         ip(&["addr", "add", &format!("{a}/128"), "dev", "va", "nodad"]);
     }
     ip(&["addr", "add", "64:ff9b::a00:1/128", "dev", "va", "nodad"]);
-    let dir = TempDir::new("hostile");
-    let log = dir.path("log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            BIN,
-            "-n",
-            "-L",
-            "127.0.0.1",
-            "-L",
-            "::1",
-            "-p",
-            "3478",
-            "--no-tls",
-        ])
-        .args([
-            "--min-port=60000",
-            "--max-port=60100",
-            "--user=alice:pw",
-            "--realm=r",
-            "-v",
-        ])
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
-    let _server = Background(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("worker threads running")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = ns.start_server(&[
+        "-n",
+        "-L",
+        "127.0.0.1",
+        "-L",
+        "::1",
+        "-p",
+        "3478",
+        "--no-tls",
+        "--min-port=60000",
+        "--max-port=60100",
+        "--user=alice:pw",
+        "--realm=r",
+        "-v",
+    ]);
     let (v4, v6) = targets();
     let report = ns.run(move || {
         // A dual-stack wildcard listener catches a datagram to any local address.
@@ -226,7 +197,7 @@ fn every_forbidden_address_form_is_refused_and_nothing_is_sent() {
         (failures, leaked)
     });
     let (failures, leaked) = report;
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = server.log();
     assert!(
         failures.is_empty(),
         "not refused:\n{}\n{text}",

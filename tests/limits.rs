@@ -5,7 +5,7 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, Server, binding_request, xor_peer};
+use common::{Client, Options, Server, binding_request, channel_bind_attrs};
 use turnserver::stun::{Class, MessageWriter, attr, method};
 
 const USERS: &str = "lt-cred-mech\nrealm=r\nuser=alice:pw\nuser=bob:pw\n";
@@ -102,13 +102,7 @@ fn max_bps_drops_the_excess() {
         .unwrap();
     let mut c = Client::new(s.udp_addr());
     assert!(c.allocate("alice", "pw").is_success());
-    let bind = vec![
-        (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
-        (
-            attr::XOR_PEER_ADDRESS,
-            xor_peer(peer.local_addr().unwrap(), &[0; 12]),
-        ),
-    ];
+    let bind = channel_bind_attrs(0x4000, peer.local_addr().unwrap());
     assert!(
         c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
             .is_success()

@@ -5,53 +5,29 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    BIN, Background, Client, NetNs, Options, Server, StreamClient, TempDir, binding_request,
-    free_ports, relay_range, run_with_timeout, xor_peer,
+    BIN, Client, NetNs, Options, Server, StreamClient, TempDir, binding_request, free_ports,
+    relay_range, run_with_timeout, xor_peer,
 };
 use turnserver::stun::{attr, method};
 
 #[test]
 fn without_listening_ip_every_local_address_is_served() {
     let ns = NetNs::new("all", "198.51.100.1");
-    let dir = TempDir::new("netns");
-    let log = dir.path("log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            BIN,
-            "-n",
-            "-p",
-            "3478",
-            "--no-tls",
-            "--min-port=60000",
-            "--max-port=60100",
-        ])
-        .args(["--user=alice:pw", "--realm=example.org"])
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
-    let _server = Background(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("worker threads running")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let text = std::fs::read_to_string(&log).unwrap();
+    let server = ns.start_server(&[
+        "-n",
+        "-p",
+        "3478",
+        "--no-tls",
+        "--min-port=60000",
+        "--max-port=60100",
+        "--user=alice:pw",
+        "--realm=example.org",
+    ]);
+    let text = server.log();
     for want in [
         "udp 127.0.0.1:3478",
         "udp 198.51.100.1:3478",

@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    BIN, Background, Client, Options, Server, StreamClient, TempDir, binding_request, free_ports,
-    http_get, metric, relay_range, run_with_timeout, tls_connect, write_test_cert, xor_peer,
+    BIN, Background, Client, Options, Server, StreamClient, TempDir, binding_request,
+    channel_bind_attrs, free_ports, http_get, metric, relay_range, run_with_timeout, tls_connect,
+    write_test_cert,
 };
 use nix::sys::signal::Signal;
 use turnserver::auth::rest_password;
@@ -35,13 +36,7 @@ impl Relaying {
         let r = client.allocate(user, pw);
         assert!(r.is_success(), "{:?}", r.code());
         let relayed = r.relayed();
-        let bind = vec![
-            (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
-            (
-                attr::XOR_PEER_ADDRESS,
-                xor_peer(peer.local_addr().unwrap(), &[0; 12]),
-            ),
-        ];
+        let bind = channel_bind_attrs(0x4000, peer.local_addr().unwrap());
         assert!(
             client
                 .signed(method::CHANNEL_BIND, &bind, user, pw)

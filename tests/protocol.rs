@@ -9,8 +9,9 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::{
-    Client, Frame, Options, Server, StreamClient, binding_request, relay_range, send_gso,
-    tls_connect, tls_over, xor_peer,
+    Client, Frame, Options, Server, StreamClient, binding_request, channel_bind_attrs,
+    channel_data, expect_relayed, frame_burst, relay_range, send_each, send_gso, tls_connect,
+    tls_over, xor_peer,
 };
 use turnserver::stun::{Class, Message, MessageWriter, attr, method};
 
@@ -21,16 +22,6 @@ fn peer_socket() -> (UdpSocket, SocketAddr) {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let a = s.local_addr().unwrap();
     (s, a)
-}
-
-fn channel_bind_attrs(number: u16, peer: SocketAddr) -> Vec<(u16, Vec<u8>)> {
-    vec![
-        (
-            attr::CHANNEL_NUMBER,
-            vec![(number >> 8) as u8, number as u8, 0, 0],
-        ),
-        (attr::XOR_PEER_ADDRESS, xor_peer(peer, &[0; 12])),
-    ]
 }
 
 #[test]
@@ -292,46 +283,21 @@ fn peer_bursts_reach_a_udp_client_datagram_by_datagram() {
         c.signed(method::CREATE_PERMISSION, &perm, "alice", "pw")
             .is_success()
     );
-    // Equal sizes with a shorter last one, as a packetised frame is.
-    let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 77 } else { 1100 }).collect();
-    let datagrams: Vec<Vec<u8>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| vec![i as u8; n])
-        .collect();
     // Sent one by one, then as one GSO send, which reaches the relay
     // socket (UDP_GRO on) as one receive the server splits.
+    let datagrams = frame_burst();
     for (from, channel, gso) in [
-        (&peer, true, false),
-        (&plain, false, false),
-        (&peer, true, true),
-        (&plain, false, true),
+        (&peer, Some(0x4002), false),
+        (&plain, None, false),
+        (&peer, Some(0x4002), true),
+        (&plain, None, true),
     ] {
         if gso {
             send_gso(from, relayed, &datagrams);
         } else {
-            for d in &datagrams {
-                from.send_to(d, relayed).unwrap();
-            }
+            send_each(from, relayed, &datagrams);
         }
-        let mut buf = [0u8; 65536];
-        for (i, &n) in sizes.iter().enumerate() {
-            let got = c.sock.recv(&mut buf).unwrap();
-            let payload = if channel {
-                assert_eq!(
-                    &buf[..4],
-                    &[0x40, 0x02, (n >> 8) as u8, n as u8],
-                    "datagram {i}"
-                );
-                assert_eq!(got, 4 + n, "datagram {i}");
-                &buf[4..got]
-            } else {
-                let m = Message::parse(&buf[..got]).unwrap();
-                assert_eq!(m.method(), method::DATA, "datagram {i}");
-                m.get(attr::DATA).unwrap()
-            };
-            assert_eq!(payload, &datagrams[i][..], "datagram {i} (GSO {gso})");
-        }
+        expect_relayed(&c.sock, &datagrams, channel);
     }
 }
 
@@ -351,11 +317,7 @@ fn client_bursts_reach_the_peer_datagram_by_datagram() {
         c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
             .is_success()
     );
-    let frame = |i: usize, n: usize| {
-        let mut f = vec![0x40, 0x03, (n >> 8) as u8, n as u8];
-        f.extend(vec![i as u8; n]);
-        f
-    };
+    let frame = |i: usize, n: usize| channel_data(0x4003, &vec![i as u8; n]);
     let sizes: Vec<usize> = (0..24).map(|i| if i == 23 { 51 } else { 1000 }).collect();
     let delete = c.request(
         method::REFRESH,

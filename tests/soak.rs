@@ -8,7 +8,7 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Client, Options, Server, StreamClient, relay_range, xor_peer};
+use common::{Client, Options, Server, StreamClient, channel_bind_attrs, relay_range};
 use turnserver::stun::{attr, method};
 
 fn open_fds(pid: i32) -> usize {
@@ -29,13 +29,7 @@ fn cycle(server: SocketAddr, peer: &UdpSocket, i: usize) {
     let r = c.allocate("alice", "pw");
     assert!(r.is_success(), "cycle {i}: {:?}", r.code());
     let relayed = r.relayed();
-    let bind = vec![
-        (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
-        (
-            attr::XOR_PEER_ADDRESS,
-            xor_peer(peer.local_addr().unwrap(), &[0; 12]),
-        ),
-    ];
+    let bind = channel_bind_attrs(0x4000, peer.local_addr().unwrap());
     assert!(
         c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
             .is_success()

@@ -11,7 +11,7 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, Server, free_ports, http_get, metric, xor_peer};
+use common::{Client, Options, Server, channel_bind_attrs, free_ports, http_get, metric};
 use turnserver::stun::{attr, method};
 
 const CLIENTS: usize = 20;
@@ -85,10 +85,7 @@ fn allocations_follow_their_clients_when_steering_switches() {
                 .set_read_timeout(Some(Duration::from_secs(3)))
                 .unwrap();
             let relayed = c.allocate("alice", "pw").relayed();
-            let bind = vec![
-                (attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0]),
-                (attr::XOR_PEER_ADDRESS, xor_peer(peer_addr, &[0; 12])),
-            ];
+            let bind = channel_bind_attrs(0x4001, peer_addr);
             assert!(
                 c.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
                     .is_success()

@@ -9,8 +9,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Client, Options, Server, StreamClient, binding_request, tls_over, xor_peer};
-use turnserver::stun::{attr, method};
+use common::{
+    Client, Options, Server, StreamClient, binding_request, channel_bind_attrs, tls_over,
+};
+use turnserver::stun::method;
 
 const USERS: &str = "lt-cred-mech\nrealm=r\nuser=alice:pw\n";
 
@@ -178,13 +180,7 @@ fn stalled_client_is_bounded<S: Read + Write>(mut s: Server, mut t: StreamClient
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let r = t.allocate("alice", "pw");
     let relayed = r.relayed();
-    let bind = vec![
-        (attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0]),
-        (
-            attr::XOR_PEER_ADDRESS,
-            xor_peer(peer.local_addr().unwrap(), &[0; 12]),
-        ),
-    ];
+    let bind = channel_bind_attrs(0x4000, peer.local_addr().unwrap());
     assert!(
         t.signed(method::CHANNEL_BIND, &bind, "alice", "pw")
             .is_success()

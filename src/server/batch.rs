@@ -722,18 +722,8 @@ mod tests {
     }
 
     fn enable_gro(s: &UdpSocket) {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid descriptor and a c_int option value.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "UDP_GRO: {}", io::Error::last_os_error());
+        nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::UdpGroSegment, &true)
+            .expect("UDP_GRO");
     }
 
     /// Equal-size datagrams for one destination, then a shorter one, leave
@@ -840,6 +830,23 @@ mod tests {
         }
     }
 
+    /// Datagrams of `sizes` bytes (the i-th filled with `i`) sent as one GSO
+    /// send to a new socket with UDP_GRO on; that socket, and the one they
+    /// came from.
+    fn coalesced(sizes: &[usize]) -> (UdpSocket, UdpSocket) {
+        let (batch, out) = filled(sizes);
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        enable_gro(&rx);
+        let mut q = SendQueue::new();
+        for i in 0..sizes.len() {
+            let (r, _) = one(&batch, i);
+            q.push(i, r, rx.local_addr().unwrap(), 0);
+        }
+        q.flush(&batch, |_| Some(out.as_fd()));
+        (rx, out)
+    }
+
     /// A GSO send into a socket with UDP_GRO on arrives as one receive;
     /// the batch splits it into its datagrams again, spread out with the
     /// headroom and tailroom around each, whatever they held before.
@@ -847,16 +854,7 @@ mod tests {
     fn coalesced_receives_are_split_into_datagrams() {
         let sizes = [100, 100, 100, 100, 100, 37];
         for (headroom, tailroom) in [(0, 0), (48, 12)] {
-            let (batch, out) = filled(&sizes);
-            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-            rx.set_nonblocking(true).unwrap();
-            enable_gro(&rx);
-            let mut q = SendQueue::new();
-            for i in 0..sizes.len() {
-                let (r, _) = one(&batch, i);
-                q.push(i, r, rx.local_addr().unwrap(), 0);
-            }
-            q.flush(&batch, |_| Some(out.as_fd()));
+            let (rx, out) = coalesced(&sizes);
             // Then one datagram on its own.
             out.send_to(b"single", rx.local_addr().unwrap()).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -884,17 +882,7 @@ mod tests {
     /// others whole: the room before and after each is its own.
     #[test]
     fn split_datagrams_can_be_framed_in_place() {
-        let sizes = [64; 8];
-        let (batch, out) = filled(&sizes);
-        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_nonblocking(true).unwrap();
-        enable_gro(&rx);
-        let mut q = SendQueue::new();
-        for i in 0..sizes.len() {
-            let (r, _) = one(&batch, i);
-            q.push(i, r, rx.local_addr().unwrap(), 0);
-        }
-        q.flush(&batch, |_| Some(out.as_fd()));
+        let (rx, _out) = coalesced(&[64; 8]);
         std::thread::sleep(std::time::Duration::from_millis(50));
         let (h, t) = (
             crate::stun::channel::HEADROOM,

@@ -121,19 +121,7 @@ pub fn relay_socket(
 /// splits again. Best effort: an older kernel delivers them one by one.
 /// `no-udp-gro` leaves it off.
 fn enable_gro(s: &Socket) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt on a valid descriptor with a pointer to a live
-    // c_int and its exact size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::UdpGroSegment, &true);
 }
 
 /// Sets the DF bit on every datagram the socket sends (path MTU discovery
@@ -199,21 +187,7 @@ mod tests {
 
     /// Whether `UDP_GRO` is on for `s`.
     fn gro(s: &std::net::UdpSocket) -> bool {
-        use std::os::fd::AsRawFd;
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt on a valid descriptor into a live c_int.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        v != 0
+        nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::UdpGroSegment).unwrap()
     }
 
     #[test]

@@ -564,6 +564,69 @@ pub fn send_gso(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
     assert_eq!(n, datagrams.iter().map(Vec::len).sum::<usize>());
 }
 
+/// The attributes of a ChannelBind of channel `number` to `peer`.
+pub fn channel_bind_attrs(number: u16, peer: SocketAddr) -> Vec<(u16, Vec<u8>)> {
+    vec![
+        (
+            attr::CHANNEL_NUMBER,
+            vec![(number >> 8) as u8, number as u8, 0, 0],
+        ),
+        (attr::XOR_PEER_ADDRESS, xor_peer(peer, &[0; 12])),
+    ]
+}
+
+/// A ChannelData message on channel `number` carrying `payload`, unpadded
+/// (as over UDP).
+pub fn channel_data(number: u16, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(number >> 8) as u8, number as u8, (n >> 8) as u8, n as u8];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A packetised video frame: 24 datagrams, 23 of 1100 bytes and a last of
+/// 77, the i-th filled with `i`.
+pub fn frame_burst() -> Vec<Vec<u8>> {
+    (0..24)
+        .map(|i| vec![i as u8; if i == 23 { 77 } else { 1100 }])
+        .collect()
+}
+
+/// Sends each of `datagrams` to `to` as a datagram of its own.
+pub fn send_each(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
+    for d in datagrams {
+        sock.send_to(d, to).unwrap();
+    }
+}
+
+/// Reads `datagrams.len()` messages from a UDP client's socket and checks
+/// that each carries the next of `datagrams`, whole and in order: as
+/// unpadded ChannelData on `channel`, or as a Data indication with `None`.
+pub fn expect_relayed(sock: &UdpSocket, datagrams: &[Vec<u8>], channel: Option<u16>) {
+    let mut buf = vec![0u8; 65536];
+    for (i, d) in datagrams.iter().enumerate() {
+        let got = sock.recv(&mut buf).unwrap();
+        let payload = match channel {
+            Some(number) => {
+                let n = d.len();
+                assert_eq!(
+                    &buf[..4],
+                    &[(number >> 8) as u8, number as u8, (n >> 8) as u8, n as u8],
+                    "datagram {i}"
+                );
+                assert_eq!(got, 4 + n, "datagram {i}");
+                &buf[4..got]
+            }
+            None => {
+                let m = Message::parse(&buf[..got]).unwrap();
+                assert_eq!(m.method(), method::DATA, "datagram {i}");
+                m.get(attr::DATA).unwrap()
+            }
+        };
+        assert_eq!(payload, &d[..], "datagram {i} (channel {channel:?})");
+    }
+}
+
 /// An XOR-PEER-ADDRESS attribute value for `peer` in a message with `tid`.
 pub fn xor_peer(peer: SocketAddr, tid: &[u8; 12]) -> Vec<u8> {
     let x = attr::xor_address(peer, tid);
@@ -876,6 +939,31 @@ impl NetNs {
         assert!(st.success(), "{args:?} in {} failed", self.name);
     }
 
+    /// Starts the binary inside the namespace with `args` and its output
+    /// in a log file, and waits (up to 20 s) until its workers run.
+    pub fn start_server<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> NsServer {
+        let dir = TempDir::new("netns");
+        let log = dir.path("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, BIN])
+            .args(args)
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap();
+        let server = NsServer {
+            _child: Background(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.log().contains("worker threads running") {
+            assert!(Instant::now() < deadline, "{}", server.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
     /// Runs `f` on a thread that has entered the namespace (network
     /// namespaces are per thread), so sockets it opens live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -887,6 +975,20 @@ impl NetNs {
         })
         .join()
         .unwrap()
+    }
+}
+
+/// The binary running in a [`NetNs`] ([`NetNs::start_server`]); killed on
+/// drop, before its directory goes.
+pub struct NsServer {
+    _child: Background,
+    pub dir: TempDir,
+}
+
+impl NsServer {
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("log")).unwrap()
     }
 }
 
