@@ -18,9 +18,11 @@
 //!   loads come in turnbench's default 1 ms bursts, then, at two light
 //!   loads, spread out every 100 µs (`--step 100`), and last over only 4
 //!   allocations in 1 ms bursts, several packets each per burst (runs that
-//!   turnserver sends with UDP GSO);
+//!   turnserver sends with UDP GSO), and with the clients over TCP and over
+//!   TLS (the floor, UDP only, sits those out);
 //! - the most relayed packets per second with less than 0.1 % loss: the
-//!   median of three ramps of 3-second runs, interleaved the same way;
+//!   median of three ramps of 3-second runs, interleaved the same way, each
+//!   refined to within 5 % after its coarse 15 % steps;
 //! - resident memory added by 10,000 idle allocations, and the allocation
 //!   rate while creating them (401, Allocate, ChannelBind each);
 //! - when valgrind is installed, user-space instructions per relayed packet
@@ -47,33 +49,68 @@ use serde_json::{Value, json};
 const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
 const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
 
+/// How the clients reach the server (turnbench `-t`). The relayed side is
+/// UDP in every case.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// turnbench's and the JSON's name for it.
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
 /// An offered load: round trips per second (each is two relayed packets)
-/// over `flows` allocations, sent in bursts every `step_us` microseconds
-/// (turnbench `--step`).
+/// over `flows` allocations whose clients use `transport`, sent in bursts
+/// every `step_us` microseconds (turnbench `--step`).
 #[derive(Clone, Copy)]
 struct Load {
     rate: f64,
     step_us: u64,
     flows: usize,
+    transport: Transport,
 }
 
 impl Load {
-    /// `rate` over [`FLOWS`] allocations in turnbench's default 1 ms bursts.
+    /// `rate` over [`FLOWS`] UDP allocations in turnbench's default 1 ms
+    /// bursts.
     const fn burst(rate: f64) -> Load {
         Load {
             rate,
             step_us: BURST_STEP_US,
             flows: FLOWS,
+            transport: Transport::Udp,
         }
     }
 
-    /// `rate` over [`FLOWS`] allocations spread out, a few packets every
-    /// 100 µs.
+    /// `rate` over [`FLOWS`] UDP allocations spread out, a few packets
+    /// every 100 µs.
     const fn spread(rate: f64) -> Load {
         Load {
             rate,
             step_us: SPREAD_STEP_US,
             flows: FLOWS,
+            transport: Transport::Udp,
+        }
+    }
+
+    /// `rate` over [`FLOWS`] allocations whose clients connect over
+    /// `transport`, in 1 ms bursts.
+    const fn over(transport: Transport, rate: f64) -> Load {
+        Load {
+            rate,
+            step_us: BURST_STEP_US,
+            flows: FLOWS,
+            transport,
         }
     }
 }
@@ -99,7 +136,15 @@ const FEW_FLOW_LOADS: [Load; 1] = [Load {
     rate: 20_000.0,
     step_us: BURST_STEP_US,
     flows: 4,
+    transport: Transport::Udp,
 }];
+/// Clients over TCP and over TLS (`turn:...?transport=tcp`, `turns:`), as
+/// behind firewalls that pass no UDP. The floor forwards UDP only, so it
+/// sits these out.
+const STREAM_LOADS: [Load; 2] = [
+    Load::over(Transport::Tcp, 20_000.0),
+    Load::over(Transport::Tls, 20_000.0),
+];
 /// The load the summary table quotes for CPU and latency.
 const HEADLINE_LOAD: Load = LOADS[1];
 /// Flows for the traffic runs.
@@ -115,6 +160,11 @@ const REPEATS: usize = 5;
 const RAMPS: usize = 3;
 /// Seconds per step of the throughput ramp.
 const RAMP_SECONDS: f64 = 3.0;
+/// Growth of the offered load from one ramp step to the next.
+const RAMP_GROWTH: f64 = 1.15;
+/// Fractions of a server's last passed coarse step tried after it fails,
+/// in order, until one fails.
+const RAMP_REFINE: [f64; 2] = [1.05, 1.10];
 /// Loss that ends the ramp.
 const MAX_LOSS_PERCENT: f64 = 0.1;
 /// Load for the instruction counts: light enough for a server under
@@ -258,7 +308,14 @@ fn version_of(bin: &Path) -> String {
 struct Env {
     dir: PathBuf,
     echo: SocketAddr,
+    /// The servers' TLS certificate (self-signed, for 127.0.0.1) and key.
+    cert: PathBuf,
+    key: PathBuf,
 }
+
+/// The certificate turnbench trusts for TLS loads: [`Env::cert`], set once
+/// in `main`.
+static TLS_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Starts `target` fresh with the shared config on a free port.
 fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
@@ -276,12 +333,15 @@ fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
          user=bench:bench-password\n\
          realm=bench.test\n\
          allow-loopback-peers\n\
-         no-tls\n\
+         cert={}\n\
+         pkey={}\n\
          no-dtls\n\
          no-cli\n\
          simple-log\n\
          log-file={}/{}.log\n",
         port + 1,
+        env.cert.display(),
+        env.key.display(),
         env.dir.display(),
         t.name,
     );
@@ -333,7 +393,22 @@ fn load_args(
     load: Load,
     secs: f64,
 ) -> Vec<String> {
-    let mut a = vec![server.to_string(), "--bind".into(), CLIENT_IP.into()];
+    // Every server listens for TLS on the port after its UDP/TCP one.
+    let server = match load.transport {
+        Transport::Tls => SocketAddr::new(server.ip(), server.port() + 1),
+        _ => server,
+    };
+    let mut a = vec![
+        server.to_string(),
+        "--bind".into(),
+        CLIENT_IP.into(),
+        "-t".into(),
+        load.transport.name().into(),
+    ];
+    if load.transport == Transport::Tls {
+        let ca = TLS_CA.get().expect("TLS_CA is set in main");
+        a.extend(["--ca".into(), ca.display().to_string()]);
+    }
     if raw {
         a.push("--raw".into());
     } else {
@@ -426,6 +501,7 @@ fn summarise(load: Load, runs: Vec<Value>) -> Value {
         "offered_round_trips_per_second": load.rate,
         "step_us": load.step_us,
         "flows": load.flows,
+        "transport": load.transport.name(),
         "cpu_us_per_relayed_packet": median(cpus),
         "cpu_us_min": lo,
         "cpu_us_max": hi,
@@ -456,21 +532,35 @@ struct Loaded {
 fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
     let n = servers.len();
     let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
-    for load in LOADS.into_iter().chain(SPREAD_LOADS).chain(FEW_FLOW_LOADS) {
+    let all = LOADS
+        .into_iter()
+        .chain(SPREAD_LOADS)
+        .chain(FEW_FLOW_LOADS)
+        .chain(STREAM_LOADS);
+    for load in all {
         eprintln!(
-            "==> fixed load {:.0} round trips/s over {} allocations, sent every {} µs",
-            load.rate, load.flows, load.step_us
+            "==> fixed load {:.0} round trips/s over {} {} allocations, sent every {} µs",
+            load.rate,
+            load.flows,
+            load.transport.name(),
+            load.step_us
         );
+        // The floor forwards UDP only.
+        let takes = |s: &Loaded| load.transport == Transport::Udp || !s.raw;
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n];
         for round in 0..repeats() {
             for k in 0..n {
                 let i = (round + k) % n;
                 let s = &servers[i];
-                runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, load));
+                if takes(s) {
+                    runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, load));
+                }
             }
         }
         for (i, r) in runs.into_iter().enumerate() {
-            out[i].push(summarise(load, r));
+            if takes(&servers[i]) {
+                out[i].push(summarise(load, r));
+            }
         }
     }
     out
@@ -479,53 +569,77 @@ fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
 /// The throughput ramps, interleaved like [`fixed_loads`]: `RAMPS` times,
 /// the offered load starts at 40,000 round trips/s and grows by 15 % a
 /// step, each step running every server still in the ramp in turn, until a
-/// server loses 0.1 % or more (or turnbench itself drops). A server's best
-/// in a ramp is the last step it passed; its result is the median of its
-/// bests, with every step kept.
+/// server loses 0.1 % or more (or turnbench itself drops). Then each server
+/// that failed is tried at 5 % and 10 % above its last passed step (the
+/// [`RAMP_REFINE`] steps, stopping at its first failure), so its best is
+/// known to within 5 % rather than 15 %. A server's best in a ramp is the
+/// last step it passed; its result is the median of its bests, with every
+/// step kept.
 fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
     let n = servers.len();
     let mut bests: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut steps: Vec<Vec<Value>> = vec![Vec::new(); n];
+    // One step of server `i` at `rate`: its relayed packets/s if it passed.
+    let mut step = |i: usize, rate: f64, round: usize| -> Option<f64> {
+        let s = &servers[i];
+        let r = turnbench(&load_args(
+            s.addr,
+            echo,
+            s.raw,
+            Load::burst(rate),
+            RAMP_SECONDS,
+        ));
+        let loss = r["loss_percent"].as_f64().unwrap();
+        let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
+        eprintln!(
+            "    {:<20} offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %",
+            s.proc.name
+        );
+        steps[i].push(json!({
+            "ramp": round,
+            "offered": rate,
+            "relayed_per_second": relayed,
+            "loss_percent": loss,
+        }));
+        let failed = loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0;
+        (!failed).then_some(relayed)
+    };
     for round in 0..RAMPS {
         eprintln!("==> throughput ramp {}/{RAMPS}", round + 1);
         let mut best: Vec<f64> = vec![0.0; n];
+        // The offered rate of each server's last passed step.
+        let mut passed: Vec<f64> = vec![0.0; n];
+        let mut refine: Vec<usize> = Vec::new();
         let mut active: Vec<usize> = (0..n).collect();
         let mut rate = 40_000.0;
-        for step in 0..20 {
+        for k in 0..20 {
             if active.is_empty() {
                 break;
             }
             let mut failed = Vec::new();
-            for k in 0..active.len() {
-                let i = active[(step + k) % active.len()];
-                let s = &servers[i];
-                let r = turnbench(&load_args(
-                    s.addr,
-                    echo,
-                    s.raw,
-                    Load::burst(rate),
-                    RAMP_SECONDS,
-                ));
-                let loss = r["loss_percent"].as_f64().unwrap();
-                let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
-                eprintln!(
-                    "    {:<20} offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %",
-                    s.proc.name
-                );
-                steps[i].push(json!({
-                    "ramp": round,
-                    "offered": rate,
-                    "relayed_per_second": relayed,
-                    "loss_percent": loss,
-                }));
-                if loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0 {
-                    failed.push(i);
-                } else {
-                    best[i] = relayed;
+            for j in 0..active.len() {
+                let i = active[(k + j) % active.len()];
+                match step(i, rate, round) {
+                    Some(relayed) => {
+                        best[i] = relayed;
+                        passed[i] = rate;
+                    }
+                    None => failed.push(i),
                 }
             }
             active.retain(|i| !failed.contains(i));
-            rate *= 1.15;
+            refine.extend(failed.into_iter().filter(|&i| passed[i] > 0.0));
+            rate *= RAMP_GROWTH;
+        }
+        for factor in RAMP_REFINE {
+            let mut failed = Vec::new();
+            for &i in &refine {
+                match step(i, passed[i] * factor, round) {
+                    Some(relayed) => best[i] = relayed,
+                    None => failed.push(i),
+                }
+            }
+            refine.retain(|i| !failed.contains(i));
         }
         for i in 0..n {
             bests[i].push(best[i]);
@@ -793,6 +907,7 @@ fn load_at(r: &Value, load: Load) -> Option<&Value> {
         l["offered_round_trips_per_second"].as_f64() == Some(load.rate)
             && l["step_us"].as_u64() == Some(load.step_us)
             && l["flows"].as_u64() == Some(load.flows as u64)
+            && l["transport"].as_str() == Some(load.transport.name())
     })
 }
 
@@ -819,6 +934,14 @@ fn p99_at(r: &Value, load: Load) -> f64 {
     load_at(r, load)
         .and_then(|l| l["rtt_us"]["p99"].as_f64())
         .unwrap_or(f64::NAN)
+}
+
+/// The median p99 at `load` in µs, or "-" where it was not measured.
+fn p99_cell(r: &Value, load: Load) -> String {
+    match load_at(r, load) {
+        Some(_) => format!("{:.0}", p99_at(r, load)),
+        None => "-".into(),
+    }
 }
 
 fn max_pps(r: &Value) -> f64 {
@@ -858,16 +981,16 @@ fn report(
         for &load in loads {
             let _ = writeln!(
                 s,
-                "| {:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {:.0} |",
+                "| {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
                 load.rate,
                 load.rate * 2.0,
                 cpu_cell(ours, load),
                 cpu_cell(single, load),
                 coturn.map_or("-".into(), |c| cpu_cell(c, load)),
                 cpu_cell(floor, load),
-                p99_at(ours, load),
-                coturn.map_or("-".into(), |c| format!("{:.0}", p99_at(c, load))),
-                p99_at(floor, load),
+                p99_cell(ours, load),
+                coturn.map_or("-".into(), |c| p99_cell(c, load)),
+                p99_cell(floor, load),
             );
         }
         let _ = writeln!(s);
@@ -890,6 +1013,16 @@ fn report(
             FEW_FLOW_LOADS[0].flows
         ),
     );
+    for load in STREAM_LOADS {
+        table(
+            &mut s,
+            &[load],
+            &format!(
+                "clients over {} (the relayed side is UDP), packets sent in bursts every {BURST_STEP_US} µs; the floor forwards UDP only",
+                load.transport.name().to_uppercase()
+            ),
+        );
+    }
     let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", a / b));
     let yes = |ok: Option<bool>| match ok {
         Some(true) => "met",
@@ -1018,9 +1151,18 @@ fn main() {
         name: "echo".into(),
     };
     std::thread::sleep(Duration::from_millis(300));
+    let tls = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("a self-signed certificate");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, tls.cert.pem()).unwrap();
+    std::fs::write(&key, tls.signing_key.serialize_pem()).unwrap();
+    TLS_CA.set(cert.clone()).unwrap();
     let env = Env {
         dir: dir.clone(),
         echo,
+        cert,
+        key,
     };
 
     let ours_t = Target {
