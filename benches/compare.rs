@@ -33,7 +33,9 @@
 //!
 //! Prints the machine, every measurement and a summary table in Markdown
 //! (the format of BENCHMARKS.md), and writes the raw numbers to
-//! `target/compare.json`. The load generator, the echo peer and the server
+//! `target/compare.json`. It fails if a server stops relaying (see
+//! [`check`]). `COMPARE_QUICK=1` runs one short round of everything, as a
+//! smoke test of this command (the test command's; see [`scale`]). The load generator, the echo peer and the server
 //! share the machine's cores, as they would on a small VM; the server's CPU
 //! is counted alone.
 
@@ -151,15 +153,63 @@ const HEADLINE_LOAD: Load = LOADS[1];
 const FLOWS: usize = 100;
 /// Idle allocations for the memory measurement.
 const IDLE_ALLOCATIONS: usize = 10_000;
-/// Seconds per fixed-load run.
-const LOAD_SECONDS: f64 = 5.0;
-/// Runs per fixed load; the tables quote the median run (by CPU) and the
-/// median p99. `COMPARE_REPEATS` overrides it.
-const REPEATS: usize = 5;
-/// Throughput ramps per server; the result is the median.
-const RAMPS: usize = 3;
-/// Seconds per step of the throughput ramp.
-const RAMP_SECONDS: f64 = 3.0;
+/// How long and how often each measurement runs.
+struct Scale {
+    /// Runs per fixed load; the tables quote the median run (by CPU) and
+    /// the median p99.
+    repeats: usize,
+    /// Seconds per fixed-load run.
+    load_seconds: f64,
+    /// Throughput ramps per server; the result is the median.
+    ramps: usize,
+    /// Seconds per step of the throughput ramp.
+    ramp_seconds: f64,
+    /// Seconds of traffic for the instruction counts.
+    instruction_seconds: f64,
+}
+
+/// The run's [`Scale`]: 5 runs of 5 s per load, 3 ramps of 3 s steps and
+/// 5 s under callgrind; `COMPARE_REPEATS=N` changes the runs per load.
+/// `COMPARE_QUICK=1` makes it a smoke test of this command (one round of
+/// everything, 1 s each, about three minutes; the test command runs it),
+/// whose figures are too short to quote; it writes
+/// `target/compare-quick.json` instead of `target/compare.json`.
+fn scale() -> &'static Scale {
+    static SCALE: std::sync::OnceLock<Scale> = std::sync::OnceLock::new();
+    SCALE.get_or_init(|| {
+        let mut s = if quick() {
+            Scale {
+                repeats: 1,
+                load_seconds: 1.0,
+                ramps: 1,
+                ramp_seconds: 1.0,
+                instruction_seconds: 1.0,
+            }
+        } else {
+            Scale {
+                repeats: 5,
+                load_seconds: 5.0,
+                ramps: 3,
+                ramp_seconds: 3.0,
+                instruction_seconds: 5.0,
+            }
+        };
+        if let Some(n) = std::env::var("COMPARE_REPEATS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+        {
+            s.repeats = n;
+        }
+        s
+    })
+}
+
+/// Whether `COMPARE_QUICK` asks for the smoke-test [`Scale`].
+fn quick() -> bool {
+    std::env::var("COMPARE_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Growth of the offered load from one ramp step to the next.
 const RAMP_GROWTH: f64 = 1.15;
 /// Fractions of a server's last passed coarse step tried after it fails,
@@ -170,8 +220,6 @@ const MAX_LOSS_PERCENT: f64 = 0.1;
 /// Load for the instruction counts: light enough for a server under
 /// valgrind (tens of times slower) to keep up.
 const INSTRUCTION_LOAD: Load = Load::burst(2_000.0);
-/// Seconds of traffic for the instruction counts.
-const INSTRUCTION_SECONDS: f64 = 5.0;
 
 /// A child process killed on drop.
 struct Proc {
@@ -432,15 +480,6 @@ fn load_args(
     a
 }
 
-/// Runs per fixed load: `COMPARE_REPEATS`, else `REPEATS`.
-fn repeats() -> usize {
-    std::env::var("COMPARE_REPEATS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(REPEATS)
-}
-
 /// The median of `v` (the lower middle for an even count); NaN when empty.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -467,7 +506,7 @@ fn relayed_packets(r: &Value) -> f64 {
 /// latency and loss turnbench saw.
 fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, load: Load) -> Value {
     let before = p.cpu_seconds();
-    let r = turnbench(&load_args(server, echo, raw, load, LOAD_SECONDS));
+    let r = turnbench(&load_args(server, echo, raw, load, scale().load_seconds));
     let cpu = p.cpu_seconds() - before;
     let relayed = relayed_packets(&r);
     let us = if relayed > 0.0 {
@@ -524,7 +563,7 @@ struct Loaded {
 }
 
 /// The fixed loads, interleaved: every server runs at once (idle while
-/// another is measured), and each of the `repeats()` rounds at each load
+/// another is measured), and each of the [`Scale::repeats`] rounds at each load
 /// measures every server in turn, starting with a different one each round.
 /// Slow drift of the machine (other tenants, frequency) then reaches every
 /// server alike instead of whichever happened to run during it. Returns the
@@ -548,7 +587,7 @@ fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
         // The floor forwards UDP only.
         let takes = |s: &Loaded| load.transport == Transport::Udp || !s.raw;
         let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n];
-        for round in 0..repeats() {
+        for round in 0..scale().repeats {
             for k in 0..n {
                 let i = (round + k) % n;
                 let s = &servers[i];
@@ -566,7 +605,7 @@ fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
     out
 }
 
-/// The throughput ramps, interleaved like [`fixed_loads`]: `RAMPS` times,
+/// The throughput ramps, interleaved like [`fixed_loads`]: [`Scale::ramps`] times,
 /// the offered load starts at 40,000 round trips/s and grows by 15 % a
 /// step, each step running every server still in the ramp in turn, until a
 /// server loses 0.1 % or more (or turnbench itself drops). Then each server
@@ -587,7 +626,7 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
             echo,
             s.raw,
             Load::burst(rate),
-            RAMP_SECONDS,
+            scale().ramp_seconds,
         ));
         let loss = r["loss_percent"].as_f64().unwrap();
         let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
@@ -604,8 +643,9 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
         let failed = loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0;
         (!failed).then_some(relayed)
     };
-    for round in 0..RAMPS {
-        eprintln!("==> throughput ramp {}/{RAMPS}", round + 1);
+    let rounds = scale().ramps;
+    for round in 0..rounds {
+        eprintln!("==> throughput ramp {}/{rounds}", round + 1);
         let mut best: Vec<f64> = vec![0.0; n];
         // The offered rate of each server's last passed step.
         let mut passed: Vec<f64> = vec![0.0; n];
@@ -821,7 +861,7 @@ fn instructions(
         env.echo,
         raw,
         INSTRUCTION_LOAD,
-        INSTRUCTION_SECONDS,
+        scale().instruction_seconds,
     ));
     let run = callgrind_dump(&p, &out, 2);
     let relayed = relayed_packets(&r);
@@ -832,7 +872,7 @@ fn instructions(
     );
     json!({
         "offered_round_trips_per_second": INSTRUCTION_LOAD.rate,
-        "seconds": INSTRUCTION_SECONDS,
+        "seconds": scale().instruction_seconds,
         "setup_instructions": setup,
         "run_instructions": run,
         "relayed_packets": relayed,
@@ -948,6 +988,45 @@ fn max_pps(r: &Value) -> f64 {
     r["max"]["relayed_per_second"].as_f64().unwrap_or(f64::NAN)
 }
 
+/// Panics unless every measurement of server `r` has something in it: each
+/// fixed-load run and each ramp step relayed packets, at least
+/// `min_allocations` of the idle allocations were set up (not for the
+/// floor) and, when counted, the instructions per packet are a number. A server that stopped relaying, or a turnbench
+/// that could not reach it, then fails the run instead of printing zeros;
+/// how fast it relayed is left to the tables (a slow host is no failure).
+fn check(r: &Value, min_allocations: usize) {
+    let name = r["name"].as_str().unwrap_or("?");
+    for load in r["loads"].as_array().expect("loads") {
+        for run in load["runs"].as_array().expect("runs") {
+            assert!(
+                run["relayed_packets"].as_f64().unwrap_or(0.0) > 0.0,
+                "{name} relayed nothing at {} round trips/s over {} {} allocations",
+                load["offered_round_trips_per_second"],
+                load["flows"],
+                load["transport"],
+            );
+        }
+    }
+    let steps = r["max"]["steps"].as_array().expect("ramp steps");
+    assert!(!steps.is_empty(), "{name}: no ramp step ran");
+    for step in steps {
+        assert!(
+            step["relayed_per_second"].as_f64().unwrap_or(0.0) > 0.0,
+            "{name} relayed nothing in ramp step {step}"
+        );
+    }
+    if let Some(m) = r.get("memory") {
+        assert!(
+            m["allocations"].as_u64().unwrap_or(0) >= min_allocations as u64,
+            "{name}: fewer than {min_allocations} of {IDLE_ALLOCATIONS} idle allocations were set up: {m}"
+        );
+    }
+    if let Some(i) = r.get("instructions") {
+        let v = i["per_relayed_packet"].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite(), "{name}: no instruction count: {i}");
+    }
+}
+
 fn report(
     machine: &str,
     ours: &Value,
@@ -956,6 +1035,12 @@ fn report(
     floor: &Value,
 ) -> String {
     let mut s = String::new();
+    if quick() {
+        let _ = writeln!(
+            s,
+            "COMPARE_QUICK: a smoke run, one short round of each measurement; too short to quote.\n"
+        );
+    }
     let _ = writeln!(s, "Machine: {machine}\n");
     let _ = writeln!(
         s,
@@ -970,8 +1055,9 @@ fn report(
     let table = |s: &mut String, loads: &[Load], how: &str| {
         let _ = writeln!(
             s,
-            "Server CPU per relayed packet (µs; user + system; median and range of {} runs of {LOAD_SECONDS} s) and median p99 round trip (µs), {how}:\n",
-            repeats()
+            "Server CPU per relayed packet (µs; user + system; median and range of {} runs of {} s) and median p99 round trip (µs), {how}:\n",
+            scale().repeats,
+            scale().load_seconds,
         );
         let _ = writeln!(
             s,
@@ -1099,7 +1185,8 @@ fn report(
     };
     let _ = writeln!(
         s,
-        "\nMax relayed packets/s with < 0.1 % loss, median (range) of {RAMPS} ramps: turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        "\nMax relayed packets/s with < 0.1 % loss, median (range) of {} ramps: turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        scale().ramps,
         range(ours),
         range(single),
         c.map_or("-".into(), range),
@@ -1118,8 +1205,9 @@ fn report(
     };
     let _ = writeln!(
         s,
-        "User-space instructions per relayed packet (valgrind's callgrind, {FLOWS} allocations at {:.0} round trips/s for {INSTRUCTION_SECONDS} s, setup subtracted; the kernel's share is not counted): turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        "User-space instructions per relayed packet (valgrind's callgrind, {FLOWS} allocations at {:.0} round trips/s for {} s, setup subtracted; the kernel's share is not counted): turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
         INSTRUCTION_LOAD.rate,
+        scale().instruction_seconds,
         instr(ours),
         instr(single),
         c.map_or("-".into(), instr),
@@ -1191,6 +1279,11 @@ fn main() {
         wrap: Vec::new(),
     });
     if coturn_t.is_none() {
+        // The smoke run is the test command's: it compares with coturn or fails.
+        assert!(
+            !quick(),
+            "COMPARE_QUICK: coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN"
+        );
         eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
     }
     let mut ours = measure_server(&env, &ours_t);
@@ -1255,8 +1348,23 @@ fn main() {
         floor["instructions"] =
             instructions(&env, "kernel floor", true, |wrap| start_floor(&env, wrap));
     } else {
+        assert!(
+            !quick(),
+            "COMPARE_QUICK: valgrind not found (Debian package valgrind)"
+        );
         eprintln!("valgrind not found (Debian package valgrind): no instruction counts");
     }
+    // turnserver sets up every allocation. coturn 4.6.1 answers a few in
+    // 10,000 with 437 "Mismatched allocation: wrong transaction ID" (4 and 8
+    // in two runs): those whose client port is one of the 100 warm-up
+    // allocations', deleted just before, which coturn has not let go of
+    // (see tests/protocol.rs). turnbench counts them under "setup_errors".
+    check(&ours, IDLE_ALLOCATIONS);
+    check(&single, IDLE_ALLOCATIONS);
+    if let Some(c) = &coturn {
+        check(c, IDLE_ALLOCATIONS * 99 / 100);
+    }
+    check(&floor, 0);
 
     let machine = machine();
     let all = json!({
@@ -1266,7 +1374,11 @@ fn main() {
         "coturn": coturn,
         "floor": floor,
     });
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/compare.json");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(if quick() {
+        "target/compare-quick.json"
+    } else {
+        "target/compare.json"
+    });
     let _ = std::fs::write(&target, serde_json::to_string_pretty(&all).unwrap());
     println!(
         "{}",

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (coturn's client tools
 # turnutils_uclient/turnutils_peer/turnutils_stunclient and its daemon in
-# /opt/coturn, Debian's chromium and ethtool, playwright-core from npm, cargo-deb), then
-# runs formatting, lint, every test, the Debian package test
-# (tests/package.sh) and bounded fuzzing.
+# /opt/coturn, Debian's chromium, ethtool and valgrind, playwright-core from npm,
+# cargo-deb), then runs formatting, lint, every test, the Debian package test
+# (tests/package.sh), a smoke run of the coturn comparison benchmark and
+# bounded fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +52,7 @@ missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
@@ -68,6 +70,10 @@ echo "==> cargo test"
 cargo test --locked
 echo "==> Debian package (tests/package.sh)"
 as_root env "PATH=$PATH" ./tests/package.sh
+# The documented comparison against coturn and the kernel floor, one short
+# round of everything: it must keep running (its figures are not kept).
+echo "==> cargo bench --bench compare (COMPARE_QUICK=1, a smoke run)"
+COMPARE_QUICK=1 cargo bench --locked --bench compare
 
 # Bounded fuzzing of the codec, stream framing and the TURN core, from the
 # committed seeds (RUSTC_BOOTSTRAP lets cargo-fuzz use the stable
