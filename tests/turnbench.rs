@@ -444,4 +444,28 @@ fn drives_coturn_too() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_clean(&r, 6, 2);
+    // coturn's refusals are reported by request, code and reason phrase.
+    let (ok, out, _) = turnbench(&[
+        "run",
+        &server,
+        "-u",
+        "bench",
+        "-w",
+        "wrong",
+        "--peer",
+        &peer.to_string(),
+        "-n",
+        "2",
+        "-d",
+        "0",
+        "--json",
+    ]);
+    assert!(!ok, "{out}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let errors = r["setup_errors"].as_object().unwrap();
+    assert_eq!(errors.len(), 1, "{r:#}");
+    let (what, count) = errors.iter().next().unwrap();
+    assert!(what.starts_with("Allocate: 401 "), "{what:?}");
+    assert!(!what.contains('\0'), "{what:?}");
+    assert_eq!(count.as_u64(), Some(2), "{r:#}");
 }

@@ -444,11 +444,13 @@ pub fn write_request(
     w.fingerprint();
 }
 
-/// ERROR-CODE of an error response, or 0 when it has none.
+/// ERROR-CODE of an error response: the code (0 when it has none) and the
+/// reason phrase, without trailing NUL bytes.
 pub fn error_code(msg: &Message<'_>) -> (u16, String) {
     msg.get(attr::ERROR_CODE)
         .and_then(|v| attr::decode_error_code(v).ok())
-        .map(|(c, r)| (c, r.to_string()))
+        // Some of coturn's reason phrases (437's) end in a NUL byte.
+        .map(|(c, r)| (c, r.trim_end_matches('\0').to_string()))
         .unwrap_or((0, "error response without ERROR-CODE".into()))
 }
 
@@ -458,5 +460,34 @@ impl Conn {
     pub fn into_parts(self) -> (Link, Vec<u8>) {
         let rest = self.rbuf[..self.rlen].to_vec();
         (self.link, rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The code and reason turnbench reports for an error response whose
+    /// ERROR-CODE carries `code` and `reason`.
+    fn reported(code: u16, reason: &str) -> (u16, String) {
+        let mut buf = Vec::new();
+        MessageWriter::new(&mut buf, method::ALLOCATE, Class::Error, &[7; 12])
+            .error_code(code, reason);
+        error_code(&Message::parse(&buf).unwrap())
+    }
+
+    #[test]
+    fn reason_phrases_lose_the_nul_coturn_ends_them_with() {
+        assert_eq!(
+            reported(437, "Mismatched allocation: wrong transaction ID\0"),
+            (
+                437,
+                "Mismatched allocation: wrong transaction ID".to_string()
+            )
+        );
+        assert_eq!(
+            reported(401, "Unauthorized"),
+            (401, "Unauthorized".to_string())
+        );
     }
 }
