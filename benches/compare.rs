@@ -1362,7 +1362,7 @@ fn main() {
     check(&ours, IDLE_ALLOCATIONS);
     check(&single, IDLE_ALLOCATIONS);
     if let Some(c) = &coturn {
-        check(c, IDLE_ALLOCATIONS * 99 / 100);
+        check(c, IDLE_ALLOCATIONS * 95 / 100);
     }
     check(&floor, 0);
 
