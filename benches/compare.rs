@@ -35,9 +35,9 @@
 //! (the format of BENCHMARKS.md), and writes the raw numbers to
 //! `target/compare.json`. It fails if a server stops relaying (see
 //! [`check`]). `COMPARE_QUICK=1` runs one short round of everything, as a
-//! smoke test of this command (the test command's; see [`scale`]). The load generator, the echo peer and the server
-//! share the machine's cores, as they would on a small VM; the server's CPU
-//! is counted alone.
+//! smoke test of this command (the test command's; see [`scale`]). The
+//! load generator, the echo peer and the server share the machine's cores,
+//! as they would on a small VM; the server's CPU is counted alone.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -171,7 +171,7 @@ struct Scale {
 /// The run's [`Scale`]: 5 runs of 5 s per load, 3 ramps of 3 s steps and
 /// 5 s under callgrind; `COMPARE_REPEATS=N` changes the runs per load.
 /// `COMPARE_QUICK=1` makes it a smoke test of this command (one round of
-/// everything, 1 s each, about three minutes; the test command runs it),
+/// everything, 1 s each, about two minutes; the test command runs it),
 /// whose figures are too short to quote; it writes
 /// `target/compare-quick.json` instead of `target/compare.json`.
 fn scale() -> &'static Scale {
