@@ -176,3 +176,40 @@ fn default_configuration_limits_unauthenticated_answers() {
         "{answers} answers to 1000 requests in {elapsed:.2} s"
     );
 }
+
+/// Started from a shell whose soft open files limit is low (`ulimit -Sn`),
+/// the server raises it to the hard limit, as coturn does: every UDP
+/// allocation holds a relay socket, so under the soft limit of 256 set
+/// here it could hold only about 240 allocations and would answer the rest
+/// with 508. It holds 290 (the test server's relay range has 300 ports).
+#[test]
+fn a_low_soft_open_files_limit_is_raised() {
+    let s = Server::start(
+        Options::new(USERS)
+            .open_files(256)
+            .arg("--unauthorized-ratelimit-rps=0"),
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        soft[0], soft[1],
+        "soft limit not raised to the hard one: {line}"
+    );
+    assert!(
+        s.log_text()
+            .contains("open files: limit raised from 256 to"),
+        "{}",
+        s.log_text()
+    );
+    let mut clients = Vec::new();
+    for i in 0..290 {
+        let mut c = Client::new(s.udp_addr());
+        let r = c.allocate("alice", "pw");
+        assert!(r.is_success(), "allocation {i}: {:?}", r.code());
+        clients.push(c);
+    }
+}

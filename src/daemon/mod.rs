@@ -569,8 +569,26 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     })
 }
 
+/// An open files limit below which start-up warns: a server that can
+/// hold only a few thousand allocations.
+const FEW_OPEN_FILES: u64 = 4096;
+
 fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<(), String> {
     let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
+    match process::raise_open_files_limit() {
+        Ok((before, limit)) => {
+            if before < limit {
+                info!("open files: limit raised from {before} to {limit}");
+            }
+            // One per UDP allocation (its relay socket) or TCP/TLS client.
+            if limit < FEW_OPEN_FILES {
+                warn!(
+                    "open files: the limit of {limit} leaves room for fewer than {limit} allocations; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+                );
+            }
+        }
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
     let Prepared {
         bound,
         shared,

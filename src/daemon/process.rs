@@ -1,4 +1,5 @@
-//! Process housekeeping: pid file and privilege dropping.
+//! Process housekeeping: pid file, privilege dropping and the open files
+//! limit.
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,31 @@ pub fn drop_privileges(id: Identity) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit,
+/// as coturn does at start. Every UDP allocation holds a relay socket and
+/// every TCP or TLS client a connection, so a shell's usual soft limit of
+/// 1024 would turn Allocates into 508 after about a thousand of them,
+/// whatever the hard limit allows. (The systemd unit sets both limits with
+/// `LimitNOFILE`.) An unlimited hard limit is taken as the kernel's
+/// ceiling, `/proc/sys/fs/nr_open`. Returns the soft limit before and
+/// after, in open files.
+///
+/// # Errors
+/// The `getrlimit`/`setrlimit` error; the limit is then left as it was.
+pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = hard.min(ceiling);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    }
+    Ok((soft, target.max(soft)))
 }
 
 #[cfg(test)]

@@ -125,6 +125,9 @@ pub struct Options {
     pub tls: bool,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// A soft limit on open files (`RLIMIT_NOFILE`) for the server process,
+    /// as a shell's `ulimit -Sn` sets it; the hard limit stays.
+    pub open_files: Option<u64>,
 }
 
 impl Options {
@@ -134,6 +137,7 @@ impl Options {
             args: Vec::new(),
             tls: false,
             env: Vec::new(),
+            open_files: None,
         }
     }
 
@@ -149,6 +153,12 @@ impl Options {
 
     pub fn env(mut self, k: &str, v: &str) -> Options {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Starts the server with a soft open files limit of `n`.
+    pub fn open_files(mut self, n: u64) -> Options {
+        self.open_files = Some(n);
         self
     }
 }
@@ -184,7 +194,7 @@ impl Server {
         std::fs::write(&conf_path, format!("{preamble}{}\n", opts.config)).unwrap();
         let mut args = vec!["-c".to_string(), conf_path.display().to_string()];
         args.extend(opts.args);
-        let mut s = Server::launch_env(args, port, tls_port, dir, &opts.env);
+        let mut s = Server::launch_env(args, port, tls_port, dir, &opts.env, opts.open_files);
         s.preamble = preamble;
         s
     }
@@ -221,7 +231,7 @@ impl Server {
     /// Runs the binary with exactly `args` and waits until it answers a
     /// Binding request on 127.0.0.1:`port`.
     pub fn launch(args: Vec<String>, port: u16, tls_port: u16, dir: TempDir) -> Server {
-        Server::launch_env(args, port, tls_port, dir, &[])
+        Server::launch_env(args, port, tls_port, dir, &[], None)
     }
 
     fn launch_env(
@@ -230,16 +240,29 @@ impl Server {
         tls_port: u16,
         dir: TempDir,
         env: &[(String, String)],
+        open_files: Option<u64>,
     ) -> Server {
         let log = dir.path("server.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(&args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("start turnserver");
+            .stderr(Stdio::from(out));
+        if let Some(soft) = open_files {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            use std::os::unix::process::CommandExt;
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+            assert!(soft < hard, "the hard limit {hard} is not above {soft}");
+            // SAFETY: setrlimit is async-signal-safe; the closure allocates
+            // nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start turnserver");
         let mut s = Server {
             child: Some(child),
             port,
