@@ -583,7 +583,7 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
             // One per UDP allocation (its relay socket) or TCP/TLS client.
             if limit < FEW_OPEN_FILES {
                 warn!(
-                    "open files: the limit of {limit} leaves room for fewer than {limit} allocations; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+                    "open files: the limit is {limit}, so fewer than {limit} allocations fit; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
                 );
             }
         }
