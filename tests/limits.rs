@@ -76,16 +76,7 @@ fn quotas_hold_across_workers() {
         .collect();
     assert_eq!(codes, vec![None, None, Some(486), None, Some(486)]);
     // Ending one frees its place for the same user.
-    assert!(
-        clients[0]
-            .signed(
-                method::REFRESH,
-                &[(attr::LIFETIME, vec![0; 4])],
-                "alice",
-                "pw"
-            )
-            .is_success()
-    );
+    assert!(clients[0].delete("alice", "pw").is_success());
     assert!(clients[5].allocate("alice", "pw").is_success());
     let log = s.log_text();
     assert!(log.contains("486: user-quota reached"), "{log}");

@@ -280,15 +280,7 @@ fn sigterm_drains_then_exits_when_the_last_allocation_ends() {
     );
     live.round_trip();
     let mut c = live.client;
-    assert!(
-        c.signed(
-            method::REFRESH,
-            &[(attr::LIFETIME, vec![0; 4])],
-            "alice",
-            "old"
-        )
-        .is_success()
-    );
+    assert!(c.delete("alice", "old").is_success());
     let st = s
         .wait_exit(Duration::from_secs(5))
         .expect("exits once the allocation is gone");
@@ -413,15 +405,7 @@ fn metrics_match_the_traffic() {
     assert!(m("process_resident_memory_bytes") > 0.0);
     // An ended allocation moves to the ended counter, traffic stays counted.
     let mut c = live.client;
-    assert!(
-        c.signed(
-            method::REFRESH,
-            &[(attr::LIFETIME, vec![0; 4])],
-            "alice",
-            "old"
-        )
-        .is_success()
-    );
+    assert!(c.delete("alice", "old").is_success());
     std::thread::sleep(Duration::from_millis(1500));
     let (_, body) = http_get(addr, "/metrics");
     assert_eq!(
@@ -472,10 +456,7 @@ fn user_labels_stay_bounded_after_ten_thousand_rest_usernames() {
                     if i < 1200 {
                         kept.push(c);
                     } else {
-                        assert!(
-                            c.signed(method::REFRESH, &[(attr::LIFETIME, vec![0; 4])], &user, &pw)
-                                .is_success()
-                        );
+                        assert!(c.delete(&user, &pw).is_success());
                     }
                 }
                 kept

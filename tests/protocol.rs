@@ -116,12 +116,7 @@ fn channels_relay_both_ways_over_udp() {
     assert_eq!(&buf[..4], &[0x40, 0x01, 0x04, 0xB0]);
     assert_eq!(&buf[4..n], &big[..]);
     // After the allocation is deleted, nothing more is relayed.
-    let r = c.signed(
-        method::REFRESH,
-        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
-        "alice",
-        "pw",
-    );
+    let r = c.delete("alice", "pw");
     assert!(r.is_success());
     peer.send_to(b"late", relayed).unwrap();
     c.sock
@@ -369,15 +364,7 @@ fn port_exhaustion_is_508_and_recovers() {
     assert!(a.allocate("alice", "pw").is_success());
     assert!(b.allocate("alice", "pw").is_success());
     assert_eq!(c.allocate("alice", "pw").code(), Some(508));
-    assert!(
-        a.signed(
-            method::REFRESH,
-            &[(attr::LIFETIME, vec![0, 0, 0, 0])],
-            "alice",
-            "pw"
-        )
-        .is_success()
-    );
+    assert!(a.delete("alice", "pw").is_success());
     let r = c.allocate("alice", "pw");
     assert!(r.is_success(), "{:?}", r.code());
     let port = r.relayed().port();
@@ -396,25 +383,12 @@ fn a_deleted_allocation_frees_its_5_tuple_at_once() {
     let mut c = Client::new(s.udp_addr());
     let first = c.allocate("alice", "pw");
     assert!(first.is_success());
-    let delete = c.signed(
-        method::REFRESH,
-        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
-        "alice",
-        "pw",
-    );
+    let delete = c.delete("alice", "pw");
     assert!(delete.is_success());
     for _ in 0..3 {
         let again = c.allocate("alice", "pw");
         assert!(again.is_success(), "{:?}", again.code());
-        assert!(
-            c.signed(
-                method::REFRESH,
-                &[(attr::LIFETIME, vec![0, 0, 0, 0])],
-                "alice",
-                "pw",
-            )
-            .is_success()
-        );
+        assert!(c.delete("alice", "pw").is_success());
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{Client, Options, Server, StreamClient, channel_bind_attrs, relay_range};
-use turnserver::stun::{attr, method};
+use turnserver::stun::method;
 
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -43,15 +43,7 @@ fn cycle(server: SocketAddr, peer: &UdpSocket, i: usize) {
     peer.send_to(b"pong", relayed).unwrap();
     let (n, _) = c.sock.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[4..n], b"pong");
-    assert!(
-        c.signed(
-            method::REFRESH,
-            &[(attr::LIFETIME, vec![0; 4])],
-            "alice",
-            "pw"
-        )
-        .is_success()
-    );
+    assert!(c.delete("alice", "pw").is_success());
 }
 
 /// A TCP client that allocates and then just disconnects.

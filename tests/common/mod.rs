@@ -564,6 +564,17 @@ impl Client {
         let req = self.request(m, attrs, Some((user, pw)));
         self.transact(&req)
     }
+
+    /// Deletes the allocation: a signed Refresh with LIFETIME 0 (RFC 8656
+    /// §7.3).
+    pub fn delete(&mut self, user: &str, pw: &str) -> Response {
+        self.signed(
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+            user,
+            pw,
+        )
+    }
 }
 
 /// Sends `datagrams` (all of one size but the last, which may be shorter)
