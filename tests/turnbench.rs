@@ -263,24 +263,27 @@ fn tcp_and_tls_with_rest_credentials() {
     assert!(err.contains("--ca FILE"), "{err}");
 }
 
+/// turnbench setting up `n` allocations on `server` as user bench with a
+/// wrong password, then no traffic, with `extra` arguments.
+fn wrong_password(
+    server: &str,
+    peer: SocketAddr,
+    n: &str,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let peer = peer.to_string();
+    let mut args = vec![
+        "run", server, "-u", "bench", "-w", "wrong", "--peer", &peer, "-n", n, "-d", "0",
+    ];
+    args.extend_from_slice(extra);
+    turnbench(&args)
+}
+
 #[test]
 fn wrong_credentials_are_reported() {
     let s = Server::start(Options::new(USERS));
     let (_echo, peer) = echo_peer();
-    let (ok, out, err) = turnbench(&[
-        "run",
-        &s.udp_addr().to_string(),
-        "-u",
-        "bench",
-        "-w",
-        "wrong",
-        "--peer",
-        &peer.to_string(),
-        "-n",
-        "3",
-        "-d",
-        "0",
-    ]);
+    let (ok, out, err) = wrong_password(&s.udp_addr().to_string(), peer, "3", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("setup error x3: Allocate: 401"), "{out}");
     assert!(err.contains("no allocation could be set up"), "{err}");
@@ -445,21 +448,7 @@ fn drives_coturn_too() {
     };
     assert_clean(&r, 6, 2);
     // coturn's refusals are reported by request, code and reason phrase.
-    let (ok, out, _) = turnbench(&[
-        "run",
-        &server,
-        "-u",
-        "bench",
-        "-w",
-        "wrong",
-        "--peer",
-        &peer.to_string(),
-        "-n",
-        "2",
-        "-d",
-        "0",
-        "--json",
-    ]);
+    let (ok, out, _) = wrong_password(&server, peer, "2", &["--json"]);
     assert!(!ok, "{out}");
     let r: Value = serde_json::from_str(&out).unwrap();
     let errors = r["setup_errors"].as_object().unwrap();
