@@ -155,6 +155,8 @@ const FLOWS: usize = 100;
 const IDLE_ALLOCATIONS: usize = 10_000;
 /// How long and how often each measurement runs.
 struct Scale {
+    /// `COMPARE_QUICK`: a smoke run, too short to quote.
+    quick: bool,
     /// Runs per fixed load; the tables quote the median run (by CPU) and
     /// the median p99.
     repeats: usize,
@@ -177,8 +179,10 @@ struct Scale {
 fn scale() -> &'static Scale {
     static SCALE: std::sync::OnceLock<Scale> = std::sync::OnceLock::new();
     SCALE.get_or_init(|| {
-        let mut s = if quick() {
+        let quick = std::env::var("COMPARE_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let mut s = if quick {
             Scale {
+                quick,
                 repeats: 1,
                 load_seconds: 1.0,
                 ramps: 1,
@@ -187,6 +191,7 @@ fn scale() -> &'static Scale {
             }
         } else {
             Scale {
+                quick,
                 repeats: 5,
                 load_seconds: 5.0,
                 ramps: 3,
@@ -203,11 +208,6 @@ fn scale() -> &'static Scale {
         }
         s
     })
-}
-
-/// Whether `COMPARE_QUICK` asks for the smoke-test [`Scale`].
-fn quick() -> bool {
-    std::env::var("COMPARE_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Growth of the offered load from one ramp step to the next.
@@ -361,10 +361,6 @@ struct Env {
     key: PathBuf,
 }
 
-/// The certificate turnbench trusts for TLS loads: [`Env::cert`], set once
-/// in `main`.
-static TLS_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
 /// Starts `target` fresh with the shared config on a free port.
 fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
     let port = free_ports(2);
@@ -434,13 +430,7 @@ fn turnbench(args: &[String]) -> Value {
 /// ports servers bind on 127.0.0.1.
 const CLIENT_IP: &str = "127.0.0.2";
 
-fn load_args(
-    server: SocketAddr,
-    echo: SocketAddr,
-    raw: bool,
-    load: Load,
-    secs: f64,
-) -> Vec<String> {
+fn load_args(server: SocketAddr, env: &Env, raw: bool, load: Load, secs: f64) -> Vec<String> {
     // Every server listens for TLS on the port after its UDP/TCP one.
     let server = match load.transport {
         Transport::Tls => SocketAddr::new(server.ip(), server.port() + 1),
@@ -454,8 +444,7 @@ fn load_args(
         load.transport.name().into(),
     ];
     if load.transport == Transport::Tls {
-        let ca = TLS_CA.get().expect("TLS_CA is set in main");
-        a.extend(["--ca".into(), ca.display().to_string()]);
+        a.extend(["--ca".into(), env.cert.display().to_string()]);
     }
     if raw {
         a.push("--raw".into());
@@ -465,7 +454,7 @@ fn load_args(
                 .iter()
                 .map(|s| s.to_string()),
         );
-        a.push(echo.to_string());
+        a.push(env.echo.to_string());
     }
     a.extend([
         "-n".into(),
@@ -504,9 +493,9 @@ fn relayed_packets(r: &Value) -> f64 {
 
 /// One fixed-load run: the server's CPU per relayed packet and the
 /// latency and loss turnbench saw.
-fn fixed_run(p: &Proc, server: SocketAddr, echo: SocketAddr, raw: bool, load: Load) -> Value {
+fn fixed_run(p: &Proc, server: SocketAddr, env: &Env, raw: bool, load: Load) -> Value {
     let before = p.cpu_seconds();
-    let r = turnbench(&load_args(server, echo, raw, load, scale().load_seconds));
+    let r = turnbench(&load_args(server, env, raw, load, scale().load_seconds));
     let cpu = p.cpu_seconds() - before;
     let relayed = relayed_packets(&r);
     let us = if relayed > 0.0 {
@@ -568,7 +557,7 @@ struct Loaded {
 /// Slow drift of the machine (other tenants, frequency) then reaches every
 /// server alike instead of whichever happened to run during it. Returns the
 /// summarised loads of each server, in the order given.
-fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
+fn fixed_loads(servers: &[Loaded], env: &Env) -> Vec<Vec<Value>> {
     let n = servers.len();
     let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
     let all = LOADS
@@ -592,7 +581,7 @@ fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
                 let i = (round + k) % n;
                 let s = &servers[i];
                 if takes(s) {
-                    runs[i].push(fixed_run(&s.proc, s.addr, echo, s.raw, load));
+                    runs[i].push(fixed_run(&s.proc, s.addr, env, s.raw, load));
                 }
             }
         }
@@ -614,7 +603,7 @@ fn fixed_loads(servers: &[Loaded], echo: SocketAddr) -> Vec<Vec<Value>> {
 /// known to within 5 % rather than 15 %. A server's best in a ramp is the
 /// last step it passed; its result is the median of its bests, with every
 /// step kept.
-fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
+fn ramps(servers: &[Loaded], env: &Env) -> Vec<Value> {
     let n = servers.len();
     let mut bests: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut steps: Vec<Vec<Value>> = vec![Vec::new(); n];
@@ -623,7 +612,7 @@ fn ramps(servers: &[Loaded], echo: SocketAddr) -> Vec<Value> {
         let s = &servers[i];
         let r = turnbench(&load_args(
             s.addr,
-            echo,
+            env,
             s.raw,
             Load::burst(rate),
             scale().ramp_seconds,
@@ -851,14 +840,14 @@ fn instructions(
         format!("--callgrind-out-file={}", out.display()),
     ];
     let (p, addr) = start(&wrap);
-    turnbench(&load_args(addr, env.echo, raw, Load::burst(500.0), 1.0));
+    turnbench(&load_args(addr, env, raw, Load::burst(500.0), 1.0));
     callgrind_control(&p, "-z");
-    turnbench(&load_args(addr, env.echo, raw, INSTRUCTION_LOAD, 0.0));
+    turnbench(&load_args(addr, env, raw, INSTRUCTION_LOAD, 0.0));
     let setup = callgrind_dump(&p, &out, 1);
     callgrind_control(&p, "-z");
     let r = turnbench(&load_args(
         addr,
-        env.echo,
+        env,
         raw,
         INSTRUCTION_LOAD,
         scale().instruction_seconds,
@@ -978,10 +967,9 @@ fn p99_at(r: &Value, load: Load) -> f64 {
 
 /// The median p99 at `load` in µs, or "-" where it was not measured.
 fn p99_cell(r: &Value, load: Load) -> String {
-    match load_at(r, load) {
-        Some(_) => format!("{:.0}", p99_at(r, load)),
-        None => "-".into(),
-    }
+    load_at(r, load).map_or("-".into(), |l| {
+        format!("{:.0}", l["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN))
+    })
 }
 
 fn max_pps(r: &Value) -> f64 {
@@ -1035,7 +1023,7 @@ fn report(
     floor: &Value,
 ) -> String {
     let mut s = String::new();
-    if quick() {
+    if scale().quick {
         let _ = writeln!(
             s,
             "COMPARE_QUICK: a smoke run, one short round of each measurement; too short to quote.\n"
@@ -1245,7 +1233,6 @@ fn main() {
     let key = dir.join("key.pem");
     std::fs::write(&cert, tls.cert.pem()).unwrap();
     std::fs::write(&key, tls.signing_key.serialize_pem()).unwrap();
-    TLS_CA.set(cert.clone()).unwrap();
     let env = Env {
         dir: dir.clone(),
         echo,
@@ -1281,7 +1268,7 @@ fn main() {
     if coturn_t.is_none() {
         // The smoke run is the test command's: it compares with coturn or fails.
         assert!(
-            !quick(),
+            !scale().quick,
             "COMPARE_QUICK: coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN"
         );
         eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
@@ -1311,8 +1298,8 @@ fn main() {
         addr,
         raw: true,
     });
-    let loads = fixed_loads(&servers, echo);
-    let maxima = ramps(&servers, echo);
+    let loads = fixed_loads(&servers, &env);
+    let maxima = ramps(&servers, &env);
     drop(servers);
     let mut results = loads.into_iter().zip(maxima);
     for r in [
@@ -1349,7 +1336,7 @@ fn main() {
             instructions(&env, "kernel floor", true, |wrap| start_floor(&env, wrap));
     } else {
         assert!(
-            !quick(),
+            !scale().quick,
             "COMPARE_QUICK: valgrind not found (Debian package valgrind)"
         );
         eprintln!("valgrind not found (Debian package valgrind): no instruction counts");
@@ -1374,7 +1361,7 @@ fn main() {
         "coturn": coturn,
         "floor": floor,
     });
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(if quick() {
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(if scale().quick {
         "target/compare-quick.json"
     } else {
         "target/compare.json"
