@@ -289,6 +289,109 @@ fn wrong_credentials_are_reported() {
     assert!(err.contains("no allocation could be set up"), "{err}");
 }
 
+/// A UDP proxy in front of `server` that drops the first datagram from each
+/// new client address and relays everything else both ways; stops when
+/// dropped.
+struct Lossy {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Lossy {
+    fn start(server: SocketAddr) -> Lossy {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        front
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = front.local_addr().unwrap();
+        let (front2, stop2) = (front.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = [0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((n, client)) = front2.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(up) = upstream.get(&client) {
+                    up.send(&buf[..n]).unwrap();
+                    continue;
+                }
+                // A new client: its first datagram is lost; answers from
+                // the server to its own upstream socket go back to it.
+                let up = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+                up.connect(server).unwrap();
+                up.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                upstream.insert(client, up.clone());
+                let (front3, stop3) = (front2.clone(), stop2.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop3.load(Ordering::Relaxed) {
+                        if let Ok(n) = up.recv(&mut buf) {
+                            front3.send_to(&buf[..n], client).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        Lossy { addr, stop }
+    }
+}
+
+impl Drop for Lossy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A request that gets no answer within the RTO is sent again, and the
+/// report counts it: through a proxy that loses each client's first
+/// datagram (its first Allocate), every allocation is still set up, with
+/// one retransmission each and the 500 ms it costs in the setup time.
+#[test]
+fn setup_retransmissions_are_counted() {
+    let s = Server::start(Options::new(USERS));
+    let (_echo, peer) = echo_peer();
+    let lossy = Lossy::start(s.udp_addr());
+    let r = run_json(&[
+        &lossy.addr.to_string(),
+        "-u",
+        "bench",
+        "-w",
+        "bench-password",
+        "--peer",
+        &peer.to_string(),
+        "-n",
+        "3",
+        "-d",
+        "0",
+    ]);
+    assert_eq!(r["allocations_ok"], 3, "{r:#}");
+    assert!(r["setup_errors"].as_object().unwrap().is_empty(), "{r:#}");
+    assert_eq!(r["setup_retransmissions"], 3, "{r:#}");
+    assert!(r["setup_seconds"].as_f64().unwrap() >= 0.5, "{r:#}");
+    // Without the loss, nothing is sent twice.
+    let r = run_json(&[
+        &s.udp_addr().to_string(),
+        "-u",
+        "bench",
+        "-w",
+        "bench-password",
+        "--peer",
+        &peer.to_string(),
+        "-n",
+        "3",
+        "-d",
+        "0",
+    ]);
+    assert_eq!(r["allocations_ok"], 3, "{r:#}");
+    assert_eq!(r["setup_retransmissions"], 0, "{r:#}");
+}
+
 #[test]
 fn kernel_floor_forwarder() {
     let (_echo, peer) = echo_peer();

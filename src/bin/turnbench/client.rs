@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -125,6 +126,12 @@ const RTO: Duration = Duration::from_millis(500);
 const RC: u32 = 7;
 /// How long a stream request may wait for its answer (Ti).
 const STREAM_TIMEOUT: Duration = Duration::from_secs(39);
+
+/// Requests sent again because no answer came within the RTO, by every
+/// connection of the process (UDP only; streams do not retransmit). Each
+/// costs a flow at least 500 ms of setup time, so a few can move a whole
+/// run's allocation rate.
+pub static RETRANSMISSIONS: AtomicU64 = AtomicU64::new(0);
 
 impl Conn {
     /// Opens a connection to `server` from `bind` (an IP address; the
@@ -260,7 +267,10 @@ impl Conn {
         let udp = matches!(self.link, Link::Udp(_));
         let mut rto = RTO;
         let tries = if udp { RC } else { 1 };
-        for _ in 0..tries {
+        for attempt in 0..tries {
+            if attempt > 0 {
+                RETRANSMISSIONS.fetch_add(1, Ordering::Relaxed);
+            }
             self.send(req).await?;
             let wait = if udp { rto } else { STREAM_TIMEOUT };
             let deadline = tokio::time::Instant::now() + wait;

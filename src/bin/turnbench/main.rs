@@ -173,6 +173,9 @@ struct Report {
     setup_seconds: f64,
     /// Complete allocations per second during setup.
     allocation_rate: f64,
+    /// Setup requests sent again for want of an answer within the RTO
+    /// (UDP; 0 over TCP and TLS).
+    setup_retransmissions: u64,
     setup_errors: BTreeMap<String, u64>,
     /// Packets per second asked for (null when windowed).
     offered_rate: Option<f64>,
@@ -473,6 +476,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         } else {
             0.0
         },
+        setup_retransmissions: client::RETRANSMISSIONS.load(std::sync::atomic::Ordering::Relaxed),
         setup_errors,
         offered_rate: (args.rate > 0.0).then_some(args.rate),
         step_us: (args.rate > 0.0).then_some(args.step),
@@ -526,7 +530,7 @@ fn print_text(r: &Report) {
     );
     if r.mode != "raw" {
         println!(
-            "allocations: {}/{} ready in {:.3} s = {:.0}/s (401, Allocate, {})",
+            "allocations: {}/{} ready in {:.3} s = {:.0}/s (401, Allocate, {}), {} requests retransmitted",
             r.allocations_ok,
             r.allocations_requested,
             r.setup_seconds,
@@ -535,7 +539,8 @@ fn print_text(r: &Report) {
                 "ChannelBind"
             } else {
                 "CreatePermission"
-            }
+            },
+            r.setup_retransmissions
         );
     }
     for (e, n) in &r.setup_errors {
