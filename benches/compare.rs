@@ -24,7 +24,8 @@
 //!   median of three ramps of 3-second runs, interleaved the same way, each
 //!   refined to within 5 % after its coarse 15 % steps;
 //! - resident memory added by 10,000 idle allocations, and the allocation
-//!   rate while creating them (401, Allocate, ChannelBind each);
+//!   rate while creating them (401, Allocate, ChannelBind each): the
+//!   median of three rounds, each server started fresh for each;
 //! - when valgrind is installed, user-space instructions per relayed packet
 //!   at a light load, counted by callgrind on each server (and the floor)
 //!   in turn: the part of the cost that is the server's own code, in a
@@ -755,15 +756,56 @@ fn idle_allocations(p: &Proc, server: SocketAddr, echo: SocketAddr) -> Value {
     })
 }
 
-/// Memory and allocation rate, on a fresh start of `t`; the fixed loads
-/// and the ramps are measured apart, all servers together ([`fixed_loads`],
-/// [`ramps`]).
-fn measure_server(env: &Env, t: &Target) -> Value {
-    eprintln!("==> {} ({})", t.name, t.bin.display());
-    let (p, addr) = start_server(env, t);
-    eprintln!("  idle allocations");
-    let memory = idle_allocations(&p, addr, env.echo);
-    json!({"name": t.name, "version": version_of(&t.bin), "memory": memory})
+/// Memory and allocation rate of every target, in [`Scale::ramps`] rounds
+/// (3; one when quick), each measurement on a fresh start, each round
+/// starting with a different target, so that the host's drift reaches all
+/// alike. One setup of 10,000 allocations moves by a factor of two with
+/// the host (6,500–13,500/s for one build within minutes, without a single
+/// retransmission), which one run per server turned into the ratio. Returns
+/// per target its name, version and `memory`: the median rate and memory
+/// per 10,000 over the rounds, the fewest allocations any round set up,
+/// and every round. The fixed loads and the ramps are measured apart, all
+/// servers together ([`fixed_loads`], [`ramps`]).
+fn measure_servers(env: &Env, targets: &[&Target]) -> Vec<Value> {
+    let rounds = scale().ramps;
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let t = targets[i];
+            eprintln!(
+                "==> idle allocations, round {}/{rounds}: {} ({})",
+                round + 1,
+                t.name,
+                t.bin.display()
+            );
+            let (p, addr) = start_server(env, t);
+            runs[i].push(idle_allocations(&p, addr, env.echo));
+        }
+    }
+    targets
+        .iter()
+        .zip(runs)
+        .map(|(t, runs)| {
+            let of =
+                |key: &str| -> Vec<f64> { runs.iter().filter_map(|r| r[key].as_f64()).collect() };
+            let rates = of("allocation_rate");
+            let fewest = runs
+                .iter()
+                .map(|r| r["allocations"].as_u64().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let memory = json!({
+                "allocations": fewest,
+                "added_kib_per_10000": median(of("added_kib_per_10000")),
+                "allocation_rate": median(rates.clone()),
+                "allocation_rate_min": rates.iter().copied().fold(f64::INFINITY, f64::min),
+                "allocation_rate_max": rates.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                "rounds": runs,
+            });
+            json!({"name": t.name, "version": version_of(&t.bin), "memory": memory})
+        })
+        .collect()
 }
 
 /// Whether valgrind and callgrind_control are installed.
@@ -1180,11 +1222,32 @@ fn report(
         c.map_or("-".into(), range),
         range(floor),
     );
+    let rate = |r: &Value| {
+        let m = &r["memory"];
+        format!(
+            "{:.0} ({:.0}–{:.0})",
+            m["allocation_rate"].as_f64().unwrap_or(f64::NAN),
+            m["allocation_rate_min"].as_f64().unwrap_or(f64::NAN),
+            m["allocation_rate_max"].as_f64().unwrap_or(f64::NAN),
+        )
+    };
     let _ = writeln!(
         s,
-        "turnserver with relay-threads=1: {:.1} MiB per 10,000 idle allocations, {:.0} allocations/s.",
+        "Allocations per second setting up {IDLE_ALLOCATIONS}, median (range) of {} {}, each on a fresh start: turnserver {}, turnserver with relay-threads=1 {}, coturn {}.",
+        scale().ramps,
+        if scale().ramps == 1 {
+            "round"
+        } else {
+            "rounds"
+        },
+        rate(ours),
+        rate(single),
+        c.map_or("-".into(), rate),
+    );
+    let _ = writeln!(
+        s,
+        "turnserver with relay-threads=1: {:.1} MiB per 10,000 idle allocations.",
         single["memory"]["added_kib_per_10000"].as_f64().unwrap() / 1024.0,
-        single["memory"]["allocation_rate"].as_f64().unwrap(),
     );
     let instr = |r: &Value| {
         r["instructions"]["per_relayed_packet"]
@@ -1193,7 +1256,7 @@ fn report(
     };
     let _ = writeln!(
         s,
-        "User-space instructions per relayed packet (valgrind's callgrind, {FLOWS} allocations at {:.0} round trips/s for {} s, setup subtracted; the kernel's share is not counted): turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
+        "User-space instructions per relayed packet (valgrind's callgrind, {FLOWS} allocations at {:.0} round trips/s for {} s, setup subtracted; the kernel's share is not counted): turnserver (udp-steering=off: clients spread over both workers) {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
         INSTRUCTION_LOAD.rate,
         scale().instruction_seconds,
         instr(ours),
@@ -1273,9 +1336,17 @@ fn main() {
         );
         eprintln!("coturn not found: run benches/setup-coturn.sh, or set COTURN_BIN");
     }
-    let mut ours = measure_server(&env, &ours_t);
-    let mut single = measure_server(&env, &single_t);
-    let mut coturn = coturn_t.as_ref().map(|t| measure_server(&env, t));
+    let mut measured = measure_servers(
+        &env,
+        &[Some(&ours_t), Some(&single_t), coturn_t.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+    )
+    .into_iter();
+    let mut ours = measured.next().unwrap();
+    let mut single = measured.next().unwrap();
+    let mut coturn = coturn_t.as_ref().map(|_| measured.next().unwrap());
     let mut floor = json!({"name": "kernel floor"});
 
     // Fixed loads, then the ramps: every server from a fresh start, all
@@ -1317,15 +1388,23 @@ fn main() {
     }
 
     if have_callgrind() {
-        for (r, t) in [
-            (Some(&mut ours), Some(&ours_t)),
-            (Some(&mut single), Some(&single_t)),
-            (coturn.as_mut(), coturn_t.as_ref()),
+        // Under valgrind every thread runs some fifty times slower, so UDP
+        // steering, which follows worker 0's CPU time, switches off at some
+        // moment of the warm-up or of the run, and the two-worker count
+        // depended on when (1,958 and 2,627 in two runs of one build). With
+        // steering off it always counts the path that spreads clients over
+        // both workers; the one-worker count is the steered path.
+        let spread = ["--udp-steering=off".to_string()];
+        for (r, t, extra) in [
+            (Some(&mut ours), Some(&ours_t), &spread[..]),
+            (Some(&mut single), Some(&single_t), &[]),
+            (coturn.as_mut(), coturn_t.as_ref(), &[]),
         ] {
             if let (Some(r), Some(t)) = (r, t) {
                 r["instructions"] = instructions(&env, t.name, false, |wrap| {
                     let t = Target {
                         wrap: wrap.to_vec(),
+                        args: [&t.args[..], extra].concat(),
                         ..t.clone()
                     };
                     start_server(&env, &t)
