@@ -988,14 +988,20 @@ fn cpu_at(r: &Value, load: Load) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// "median (min–max)" from the fields `[median, min, max]` of `v`, with
+/// `decimals` digits; NaN for a missing field.
+fn median_range(v: &Value, [mid, lo, hi]: [&str; 3], decimals: usize) -> String {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.d$} ({:.d$}–{:.d$})", f(mid), f(lo), f(hi), d = decimals)
+}
+
 /// "median (min–max)" of the CPU runs at `load`.
 fn cpu_cell(r: &Value, load: Load) -> String {
     match load_at(r, load) {
-        Some(l) => format!(
-            "{:.2} ({:.2}–{:.2})",
-            l["cpu_us_per_relayed_packet"].as_f64().unwrap_or(f64::NAN),
-            l["cpu_us_min"].as_f64().unwrap_or(f64::NAN),
-            l["cpu_us_max"].as_f64().unwrap_or(f64::NAN),
+        Some(l) => median_range(
+            l,
+            ["cpu_us_per_relayed_packet", "cpu_us_min", "cpu_us_max"],
+            2,
         ),
         None => "-".into(),
     }
@@ -1205,14 +1211,7 @@ fn report(
         ratio(o_p99, c_p99),
         yes(c_p99.map(|c| o_p99 <= c)),
     );
-    let range = |r: &Value| {
-        format!(
-            "{:.0} ({:.0}–{:.0})",
-            max_pps(r),
-            r["max"]["min"].as_f64().unwrap_or(f64::NAN),
-            r["max"]["max"].as_f64().unwrap_or(f64::NAN),
-        )
-    };
+    let range = |r: &Value| median_range(&r["max"], ["relayed_per_second", "min", "max"], 0);
     let _ = writeln!(
         s,
         "\nMax relayed packets/s with < 0.1 % loss, median (range) of {} ramps: turnserver {}, turnserver with relay-threads=1 {}, coturn {}, kernel floor {}.",
@@ -1223,12 +1222,14 @@ fn report(
         range(floor),
     );
     let rate = |r: &Value| {
-        let m = &r["memory"];
-        format!(
-            "{:.0} ({:.0}–{:.0})",
-            m["allocation_rate"].as_f64().unwrap_or(f64::NAN),
-            m["allocation_rate_min"].as_f64().unwrap_or(f64::NAN),
-            m["allocation_rate_max"].as_f64().unwrap_or(f64::NAN),
+        median_range(
+            &r["memory"],
+            [
+                "allocation_rate",
+                "allocation_rate_min",
+                "allocation_rate_max",
+            ],
+            0,
         )
     };
     let _ = writeln!(

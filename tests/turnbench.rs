@@ -53,6 +53,23 @@ fn run_json(args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// `turnbench run SERVER` with the static test user (`USERS`) towards the
+/// echo peer `peer`, then `rest`; returns the parsed report.
+fn run_echo(server: &str, peer: SocketAddr, rest: &[&str]) -> Value {
+    let peer = peer.to_string();
+    let mut args = vec![
+        server,
+        "-u",
+        "bench",
+        "-w",
+        "bench-password",
+        "--peer",
+        &peer,
+    ];
+    args.extend_from_slice(rest);
+    run_json(&args)
+}
+
 /// `turnbench echo` on a free port.
 fn echo_peer() -> (Background, SocketAddr) {
     let port = free_ports(1);
@@ -106,30 +123,13 @@ fn udp_echo_channel_data_and_send_indications() {
     let s = Server::start(Options::new(USERS));
     let (_echo, peer) = echo_peer();
     let server = s.udp_addr().to_string();
-    let peer = peer.to_string();
-    let common = [
-        server.as_str(),
-        "-u",
-        "bench",
-        "-w",
-        "bench-password",
-        "--peer",
-        &peer,
-        "-n",
-        "8",
-        "-r",
-        "2000",
-        "-d",
-        "1",
-    ];
-    let r = run_json(&common);
+    let load = ["-n", "8", "-r", "2000", "-d", "1"];
+    let r = run_echo(&server, peer, &load);
     assert_eq!(r["mode"], "echo");
     assert_eq!(r["send"], "channel");
     assert_clean(&r, 8, 2);
 
-    let mut args = common.to_vec();
-    args.push("--indications");
-    let r = run_json(&args);
+    let r = run_echo(&server, peer, &[&load[..], &["--indications"]].concat());
     assert_eq!(r["send"], "indication");
     assert_clean(&r, 8, 2);
 
@@ -167,23 +167,11 @@ fn client_to_client_pairs_and_windowed_saturation() {
     // --rate 0 keeps a window of packets in flight and reports what got
     // through; on loopback nothing is lost.
     let (_echo, peer) = echo_peer();
-    let r = run_json(&[
+    let r = run_echo(
         &server,
-        "-u",
-        "bench",
-        "-w",
-        "bench-password",
-        "--peer",
-        &peer.to_string(),
-        "-n",
-        "4",
-        "-r",
-        "0",
-        "--window",
-        "2",
-        "-d",
-        "1",
-    ]);
+        peer,
+        &["-n", "4", "-r", "0", "--window", "2", "-d", "1"],
+    );
     assert!(r["offered_rate"].is_null(), "{r:#}");
     assert!(
         r["round_trips_per_second"].as_f64().unwrap() > 1000.0,
@@ -357,21 +345,8 @@ fn setup_retransmissions_are_counted() {
     let s = Server::start(Options::new(USERS));
     let (_echo, peer) = echo_peer();
     let lossy = Lossy::start(s.udp_addr());
-    let set_up_3 = |server: SocketAddr| {
-        run_json(&[
-            &server.to_string(),
-            "-u",
-            "bench",
-            "-w",
-            "bench-password",
-            "--peer",
-            &peer.to_string(),
-            "-n",
-            "3",
-            "-d",
-            "0",
-        ])
-    };
+    let set_up_3 =
+        |server: SocketAddr| run_echo(&server.to_string(), peer, &["-n", "3", "-d", "0"]);
     let r = set_up_3(lossy.addr);
     assert_eq!(r["allocations_ok"], 3, "{r:#}");
     assert!(r["setup_errors"].as_object().unwrap().is_empty(), "{r:#}");
