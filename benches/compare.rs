@@ -222,6 +222,15 @@ const MAX_LOSS_PERCENT: f64 = 0.1;
 /// valgrind (tens of times slower) to keep up.
 const INSTRUCTION_LOAD: Load = Load::burst(2_000.0);
 
+/// A directory removed on drop, also when a measurement panics.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A child process killed on drop.
 struct Proc {
     child: Child,
@@ -818,10 +827,19 @@ fn have_callgrind() -> bool {
     })
 }
 
+/// valgrind's `--vgdb-prefix`: the FIFOs through which callgrind_control
+/// reaches a server under valgrind go in the run's own directory (removed at
+/// the end) rather than the system's temporary directory, where a SIGKILLed
+/// valgrind would leave them behind.
+fn vgdb_prefix(env: &Env) -> String {
+    format!("--vgdb-prefix={}", env.dir.join("vgdb-pipe").display())
+}
+
 /// Runs `callgrind_control ACTION PID` (`-z` zeroes the counters, `-d`
 /// dumps them to a file).
-fn callgrind_control(p: &Proc, action: &str) {
+fn callgrind_control(env: &Env, p: &Proc, action: &str) {
     let out = Command::new("callgrind_control")
+        .arg(vgdb_prefix(env))
         .arg(action)
         .arg(p.pid().to_string())
         .output()
@@ -836,8 +854,8 @@ fn callgrind_control(p: &Proc, action: &str) {
 
 /// Instructions counted since the last zeroing: dumps them (the `n`th dump
 /// of the process, written to `out.n`) and reads the dump's summary line.
-fn callgrind_dump(p: &Proc, out: &Path, n: usize) -> f64 {
-    callgrind_control(p, "-d");
+fn callgrind_dump(env: &Env, p: &Proc, out: &Path, n: usize) -> f64 {
+    callgrind_control(env, p, "-d");
     let file = PathBuf::from(format!("{}.{n}", out.display()));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -880,13 +898,14 @@ fn instructions(
         "valgrind".to_string(),
         "--tool=callgrind".to_string(),
         format!("--callgrind-out-file={}", out.display()),
+        vgdb_prefix(env),
     ];
     let (p, addr) = start(&wrap);
     turnbench(&load_args(addr, env, raw, Load::burst(500.0), 1.0));
-    callgrind_control(&p, "-z");
+    callgrind_control(env, &p, "-z");
     turnbench(&load_args(addr, env, raw, INSTRUCTION_LOAD, 0.0));
-    let setup = callgrind_dump(&p, &out, 1);
-    callgrind_control(&p, "-z");
+    let setup = callgrind_dump(env, &p, &out, 1);
+    callgrind_control(env, &p, "-z");
     let r = turnbench(&load_args(
         addr,
         env,
@@ -894,7 +913,7 @@ fn instructions(
         INSTRUCTION_LOAD,
         scale().instruction_seconds,
     ));
-    let run = callgrind_dump(&p, &out, 2);
+    let run = callgrind_dump(env, &p, &out, 2);
     let relayed = relayed_packets(&r);
     let per_packet = (run - setup) / relayed.max(1.0);
     eprintln!(
@@ -1279,6 +1298,7 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("turnserver-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _remove_dir = RemoveDir(dir.clone());
     let echo_port = free_ports(1);
     let echo: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
     let _echo = Proc {
@@ -1452,5 +1472,4 @@ fn main() {
         report(&machine, &ours, &single, coturn.as_ref(), &floor)
     );
     eprintln!("raw numbers: {}", target.display());
-    let _ = std::fs::remove_dir_all(&dir);
 }

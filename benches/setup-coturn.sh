@@ -3,8 +3,9 @@
 # without installing the package (which would own /usr/bin/turnserver and
 # /etc/turnserver.conf, and conflicts with turnserver's own package).
 #
-# Installs coturn's runtime libraries with apt, downloads the coturn package,
-# unpacks it under /opt/coturn and checks that its turnserver runs.
+# Installs those of coturn's runtime libraries that are missing with apt
+# (upgrading none that are installed), downloads the coturn package, unpacks
+# it under /opt/coturn and checks that its turnserver runs.
 set -euo pipefail
 
 as_root() {
@@ -17,12 +18,17 @@ if [ -x "$DEST/usr/bin/turnserver" ] && "$DEST/usr/bin/turnserver" --version >/d
     exit 0
 fi
 
-as_root apt-get update -q
 # coturn's Depends (bookworm, 4.6.1) minus the tools it needs as a service.
-as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    libevent-core-2.1-7 libevent-extra-2.1-7 libevent-openssl-2.1-7 \
+missing=()
+for p in libevent-core-2.1-7 libevent-extra-2.1-7 libevent-openssl-2.1-7 \
     libevent-pthreads-2.1-7 libhiredis0.14 libmariadb3 libpq5 libsqlite3-0 \
-    libssl3 libsystemd0
+    libssl3 libsystemd0; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+as_root apt-get update -q
+if [ ${#missing[@]} -gt 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade "${missing[@]}"
+fi
 download=$(mktemp -d)
 chmod 755 "$download"
 if getent passwd _apt >/dev/null; then as_root chown _apt "$download"; fi

@@ -131,9 +131,10 @@ impl fmt::Debug for Mechanism {
     }
 }
 
-/// Why a request's credentials were refused; all are answered with 401
-/// (RFC 8489 §9.2.4) and distinguished only in the server's log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a request's credentials were refused: 401 (RFC 8489 §9.2.4), or 438
+/// for [`AuthFailure::StaleNonce`]; the kinds are distinguished only in the
+/// server's log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthFailure {
     /// No static user of that name.
     UnknownUser,
@@ -143,6 +144,37 @@ pub enum AuthFailure {
     BadRestUsername,
     /// MESSAGE-INTEGRITY did not verify with any candidate key.
     BadIntegrity,
+    /// The NONCE expired (`stale-nonce`) or was not issued by this server
+    /// (for example before a restart). Never returned by
+    /// [`Authenticator::authenticate`], which does not see nonces.
+    StaleNonce,
+}
+
+impl AuthFailure {
+    /// Every kind, in the order of [`AuthFailure::index`].
+    pub const ALL: [AuthFailure; 5] = [
+        AuthFailure::UnknownUser,
+        AuthFailure::Expired,
+        AuthFailure::BadRestUsername,
+        AuthFailure::BadIntegrity,
+        AuthFailure::StaleNonce,
+    ];
+
+    /// Its position in [`AuthFailure::ALL`] (for counter arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A short label for metrics (`turn_auth_failures_total{reason}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Expired => "expired",
+            AuthFailure::BadRestUsername => "bad_rest_username",
+            AuthFailure::BadIntegrity => "bad_integrity",
+            AuthFailure::StaleNonce => "stale_nonce",
+        }
+    }
 }
 
 impl fmt::Display for AuthFailure {
@@ -152,6 +184,7 @@ impl fmt::Display for AuthFailure {
             AuthFailure::Expired => "REST credential expired",
             AuthFailure::BadRestUsername => "REST username has no timestamp",
             AuthFailure::BadIntegrity => "wrong password (MESSAGE-INTEGRITY mismatch)",
+            AuthFailure::StaleNonce => "stale or foreign nonce",
         })
     }
 }

@@ -138,3 +138,57 @@ fn stale_nonce_gets_438_then_succeeds() {
     let req = c.request(method::ALLOCATE, &attrs, Some(("alice", "pw")));
     assert!(c.transact(&req).is_success());
 }
+
+/// A client retransmitting a request with a wrong password (31 times, as
+/// seen from one misconfigured client) is logged once, naming user, realm
+/// and reason; every refusal is still counted in the metrics. Another user
+/// or reason from the same client gets its own line.
+#[test]
+fn repeated_refusals_are_logged_once_and_counted_every_time() {
+    let metrics = common::free_ports(1);
+    let s = Server::start(Options::new(&format!(
+        "lt-cred-mech\nrealm=example.org\nuser=alice:right\nunauthorized-ratelimit-rps=0\nprometheus\nprometheus-address=127.0.0.1\nprometheus-port={metrics}\n"
+    )));
+    let mut c = Client::new(s.udp_addr());
+    assert_eq!(c.allocate("alice", "wrong").code(), Some(401));
+    let attrs = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+    let retransmitted = c.request(method::ALLOCATE, &attrs, Some(("alice", "wrong")));
+    for _ in 0..30 {
+        assert_eq!(c.transact(&retransmitted).code(), Some(401));
+    }
+    assert_eq!(c.allocate("mallory", "x").code(), Some(401));
+    assert_eq!(c.allocate("mallory", "x").code(), Some(401));
+    // Metrics are gathered from the workers about once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = s.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("401: wrong password"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("user=\"alice\"") && lines[0].contains("realm=example.org"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("401: unknown user") && l.contains("user=\"mallory\""))
+            .count(),
+        1,
+        "{log}"
+    );
+    let (status, body) =
+        common::http_get(format!("127.0.0.1:{metrics}").parse().unwrap(), "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        common::metric(&body, "turn_auth_failures_total{reason=\"bad_integrity\"}"),
+        Some(31.0),
+        "{body}"
+    );
+    assert_eq!(
+        common::metric(&body, "turn_auth_failures_total{reason=\"unknown_user\"}"),
+        Some(2.0),
+        "{body}"
+    );
+}

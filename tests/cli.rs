@@ -134,6 +134,62 @@ fn a_busy_port_is_reported() {
     );
 }
 
+/// A second server on the addresses of a running one fails at once, naming
+/// the first one's pid, instead of silently sharing the port through
+/// SO_REUSEPORT; the first keeps serving.
+#[test]
+fn a_second_server_on_a_taken_port_fails_and_the_first_keeps_serving() {
+    let mut first = Server::start(Options::new("lt-cred-mech\nrealm=r\nuser=u:p\n"));
+    let conf = first.dir.path("turnserver.conf");
+    let started = std::time::Instant::now();
+    let (ok, out) = run(&["-c", conf.to_str().unwrap()]);
+    assert!(!ok, "the second server must not start:\n{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it must fail fast, took {:?}",
+        started.elapsed()
+    );
+    let want = format!(
+        "cannot listen on udp {}: address already in use by another process (pid {}, turnserver)",
+        first.udp_addr(),
+        first.pid()
+    );
+    assert!(out.contains(&want), "expected '{want}' in:\n{out}");
+    assert!(first.alive());
+    let mut c = Client::new(first.udp_addr());
+    assert!(c.transact(&common::binding_request([2; 12])).is_success());
+    assert!(c.allocate("u", "p").is_success());
+    assert!(c.delete("u", "p").is_success());
+    assert!(first.stop().success());
+}
+
+/// Any other socket that would share a listening port through SO_REUSEPORT
+/// (here a TCP listener of the test itself) stops the server too.
+#[test]
+fn a_foreign_reuseport_listener_is_not_joined() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let port = free_ports(1);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let squatter = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    squatter.set_reuse_address(true).unwrap();
+    squatter.set_reuse_port(true).unwrap();
+    squatter.bind(&addr.into()).unwrap();
+    squatter.listen(8).unwrap();
+    let (ok, out) = run(&[
+        "-n",
+        "--listening-ip=127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--no-tls",
+    ]);
+    assert!(!ok, "{out}");
+    let want = format!(
+        "cannot listen on tcp {addr}: address already in use by another process (pid {}",
+        std::process::id()
+    );
+    assert!(out.contains(&want), "expected '{want}' in:\n{out}");
+}
+
 #[test]
 fn warnings_unknown_keys_and_unimplemented_options() {
     let mut s = Server::start(Options::new(

@@ -1,38 +1,116 @@
 #!/usr/bin/env bash
 # Debian package test (run as root by tests/run-all.sh): builds the .deb with
-# `cargo deb`, installs it with apt, checks what it put on the machine, runs
-# the installed binary the way the systemd unit does (as the turnserver user,
-# with /etc/turnserver.conf) on free loopback ports, edits the config and
-# reloads it as an operator would, relays through it with coturn's client,
-# then purges the package and checks nothing is left behind.
+# `cargo deb`, then, in a throwaway Debian root made for the test (so the
+# host's packages and /etc/turnserver.conf are never touched), installs it
+# with apt, checks what it put there, runs the installed binary the way the
+# systemd unit does (as the turnserver user, with /etc/turnserver.conf) on
+# free loopback ports, edits the config and reloads it as an operator
+# would, relays through it with coturn's client, then purges the package and
+# checks nothing is left behind.
 #
-# Needs: root, apt, cargo-deb, systemd-analyze, turnutils_* (coturn's client
+# The root is made with debootstrap (from the host's Debian mirror, cached
+# as target/package-test/base-SUITE, copied afresh for every run) and
+# entered with chroot in new mount and PID namespaces: its /proc, /dev and
+# /sys mounts and every process started in it end with the test. It shares
+# the host's network, so the server listens on the host's loopback.
+#
+# Needs: root, debootstrap, cargo-deb, unshare, turnutils_* (coturn's client
 # tools; tests/run-all.sh unpacks them into /opt/coturn-tools/usr/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "tests/package.sh installs a package: run it as root" >&2
-    exit 1
-fi
-export PATH="/opt/coturn-tools/usr/bin:$PATH"
-for tool in cargo-deb systemd-analyze turnutils_uclient turnutils_peer turnutils_stunclient; do
-    if ! command -v "$tool" >/dev/null; then
-        echo "FAIL: $tool is not installed (tests/run-all.sh installs it)" >&2
-        exit 1
-    fi
-done
-if dpkg-query -W -f='${Status}' turnserver 2>/dev/null | grep -q 'ok installed'; then
-    echo "FAIL: a turnserver package is already installed; this test would replace it" >&2
+    echo "tests/package.sh makes a Debian root and installs a package in it: run it as root" >&2
     exit 1
 fi
 
+if [ -z "${PACKAGE_TEST_INSIDE:-}" ]; then
+    export PATH="/opt/coturn-tools/usr/bin:$PATH"
+    for tool in cargo-deb debootstrap unshare turnutils_uclient turnutils_peer turnutils_stunclient; do
+        if ! command -v "$tool" >/dev/null; then
+            echo "FAIL: $tool is not installed (tests/run-all.sh installs it)" >&2
+            exit 1
+        fi
+    done
+    echo "==> cargo deb"
+    deb=$(cargo deb --locked 2>target/cargo-deb.log | tail -n 1) || {
+        cat target/cargo-deb.log >&2
+        echo "FAIL: cargo deb" >&2
+        exit 1
+    }
+    test -f "$deb" || { echo "FAIL: cargo deb built no $deb" >&2; exit 1; }
+    echo "ok: cargo deb built $deb"
+
+    # The Debian root: the host's release, from the host's mirror, with what
+    # the test runs inside (python3 for ports and HTTP, systemd for
+    # systemd-analyze, the libraries of coturn's client tools) and what the
+    # package depends on.
+    suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -v security | head -n 1)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $0 !~ /security/ { print $2; exit }' \
+        /etc/apt/sources.list 2>/dev/null)
+    [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+    include=adduser,procps,python3,systemd,libevent-core-2.1-7,libevent-extra-2.1-7,libssl3
+    base=target/package-test/base-$suite
+    if [ "$(cat "$base.stamp" 2>/dev/null)" != "$suite $mirror $include" ]; then
+        echo "==> debootstrap $suite into $base (once; cached)"
+        rm -rf "$base" "$base.partial" "$base.stamp"
+        mkdir -p target/package-test
+        debootstrap --variant=minbase --include="$include" "$suite" "$base.partial" "$mirror" \
+            >target/package-test/debootstrap.log 2>&1 || {
+            tail -n 30 target/package-test/debootstrap.log >&2
+            echo "FAIL: debootstrap $suite from $mirror" >&2
+            exit 1
+        }
+        mv "$base.partial" "$base"
+        echo "$suite $mirror $include" >"$base.stamp"
+    fi
+    root=$(mktemp -d "$PWD/target/package-test/root.XXXXXX")
+    # Mounts made for the root live in the test's own mount namespace and
+    # are gone when it ends; never remove a root with a mount still in it
+    # (that would reach into the host's /dev).
+    remove_root() {
+        if grep -q " $root/" /proc/self/mountinfo; then
+            echo "mounts remain under $root: not removing it" >&2
+        else
+            rm -rf "$root"
+        fi
+    }
+    trap remove_root EXIT
+    cp -a "$base/." "$root/"
+    for tool in turnutils_uclient turnutils_peer turnutils_stunclient; do
+        install -m 755 "$(command -v "$tool")" "$root/usr/local/bin/"
+    done
+    install -m 644 "$deb" "$root/root/turnserver.deb"
+    install -m 755 "$0" "$root/root/package.sh"
+    echo "==> the package test, in a Debian $suite root ($root)"
+    status=0
+    unshare --mount --pid --fork --propagation private sh -c '
+        root=$1
+        mount --rbind /dev "$root/dev"
+        mount -t proc proc "$root/proc"
+        mount -t sysfs sysfs "$root/sys"
+        mount -t tmpfs tmpfs "$root/tmp"
+        mount -t tmpfs tmpfs "$root/run"
+        exec chroot "$root" /usr/bin/env -i PACKAGE_TEST_INSIDE=1 HOME=/root \
+            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            /bin/bash /root/package.sh
+    ' sh "$root" || status=$?
+    exit "$status"
+fi
+
+# From here on: inside the Debian root, as root.
+cd /root
+deb=/root/turnserver.deb
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
 cleanup() {
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    DEBIAN_FRONTEND=noninteractive apt-get purge -y -q turnserver >/dev/null 2>&1 || true
+    for pid in "${pids[@]}"; do
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -87,16 +165,8 @@ else:
 EOF
 }
 
-echo "==> cargo deb"
-deb=$(cargo deb --locked 2>"$work/cargo-deb.log" | tail -n 1) || {
-    cat "$work/cargo-deb.log" >&2
-    fail "cargo deb"
-}
-check "cargo deb built $deb" test -f "$deb"
-cp "$deb" "$work/turnserver.deb"
-
 echo "==> apt-get install ./turnserver.deb"
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$work/turnserver.deb" \
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" \
     >"$work/install.log" 2>&1 || {
     cat "$work/install.log" >&2
     fail "the package installs"
@@ -233,7 +303,7 @@ equals "exit status after the second SIGTERM" "$status" 0
 # Upgrading (here: reinstalling) keeps the operator's edited conffile and its
 # permissions, and the maintainer scripts run again cleanly.
 echo "==> dpkg -i (reinstall over an edited /etc/turnserver.conf)"
-dpkg -i "$work/turnserver.deb" >"$work/reinstall.log" 2>&1 || {
+dpkg -i "$deb" >"$work/reinstall.log" 2>&1 || {
     cat "$work/reinstall.log" >&2
     fail "reinstalling the package"
 }

@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (coturn's client tools
-# turnutils_uclient/turnutils_peer/turnutils_stunclient and its daemon in
-# /opt/coturn, Debian's chromium, ethtool and valgrind, playwright-core from npm,
-# cargo-deb), then runs formatting, lint, every test, the Debian package test
-# (tests/package.sh), a smoke run of the coturn comparison benchmark and
-# bounded fuzzing.
+# The test command: installs what the tests need when it is missing
+# (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
+# in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
+# debootstrap, ethtool and valgrind, playwright-core from npm,
+# cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
+# package test (tests/package.sh, in a Debian root of its own), a smoke run
+# of the coturn comparison benchmark and bounded fuzzing.
+#
+# It leaves the machine as it found it apart from those installs: packages
+# already installed are neither upgraded nor removed, nothing outside the
+# checkout is written but /opt/coturn*, ~/.cargo and the installs, and
+# temporary files go to a directory of its own, removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Every temporary file of the run (tests, benchmarks, valgrind, chromium)
+# goes here; it must be empty when the run ends.
+TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/turnserver-tests.XXXXXX")
+chmod 755 "$TMPDIR"
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
+# Installs those of the Debian packages named that are not installed yet,
+# upgrading nothing that is.
 apt_install() {
-    echo "==> apt-get install $*"
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
+    echo "==> apt-get install ${missing[*]}"
     if [ -z "${apt_updated:-}" ]; then
         as_root apt-get update -q
         apt_updated=1
     fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade "${missing[@]}"
 }
 
-# coturn's package would own /usr/bin/turnserver and /etc/turnserver.conf,
-# which are ours (the .deb conflicts with it). The tests only need its client
-# tools: unpack them from the package into /opt/coturn-tools instead.
-if dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q 'ok installed'; then
-    echo "==> removing Debian's coturn (it owns /usr/bin/turnserver)"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get remove -y -q coturn
-fi
+# coturn's client tools, unpacked from Debian's package into
+# /opt/coturn-tools: installing the package would put coturn's daemon at
+# /usr/bin/turnserver. An installed coturn package is left alone.
 COTURN_TOOLS=/opt/coturn-tools
 if [ ! -x "$COTURN_TOOLS/usr/bin/turnutils_uclient" ] ||
     ! { "$COTURN_TOOLS/usr/bin/turnutils_stunclient" 2>&1 || true; } | grep -q Usage; then
@@ -50,7 +66,7 @@ export PATH="$COTURN_TOOLS/usr/bin:$PATH"
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -68,8 +84,8 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked
-echo "==> Debian package (tests/package.sh)"
-as_root env "PATH=$PATH" ./tests/package.sh
+echo "==> Debian package (tests/package.sh, in a Debian root of its own)"
+as_root env "PATH=$PATH" "TMPDIR=$TMPDIR" ./tests/package.sh
 # The documented comparison against coturn and the kernel floor, one short
 # round of everything: it must keep running (its figures are not kept).
 echo "==> cargo bench --bench compare (COMPARE_QUICK=1, a smoke run)"
@@ -93,3 +109,12 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
         done
     )
 fi
+
+# Nothing may be left behind in the temporary directory.
+leftovers=$(find "$TMPDIR" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n 20)
+if [ -n "$leftovers" ]; then
+    echo "FAIL: the tests left files in the temporary directory:" >&2
+    echo "$leftovers" >&2
+    exit 1
+fi
+echo "==> all tests passed"

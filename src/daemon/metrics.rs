@@ -22,8 +22,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tracing::{debug, warn};
 
+use crate::auth::AuthFailure;
 use crate::server::{Shared, WorkerReport};
-use crate::turn::{AUTH_FAILURE_LABELS, CloseReason};
+use crate::turn::CloseReason;
 
 /// Most distinct users in `turn_user_allocations`; the rest are summed
 /// under `user="_other"`.
@@ -168,10 +169,9 @@ impl Collector for TurnCollector {
             "reason",
             &ended,
         )?;
-        let auth: Vec<(&str, u64)> = AUTH_FAILURE_LABELS
+        let auth: Vec<(&str, u64)> = AuthFailure::ALL
             .iter()
-            .enumerate()
-            .map(|(i, l)| (*l, sum(&|r| r.stats.auth_failures[i])))
+            .map(|w| (w.label(), sum(&|r| r.stats.auth_failures[w.index()])))
             .collect();
         counters(
             e,

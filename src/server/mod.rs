@@ -6,6 +6,7 @@
 //! then runs the workers.
 
 pub mod batch;
+pub mod exclusive;
 pub mod net;
 pub mod ports;
 pub mod relay;
@@ -66,9 +67,25 @@ pub struct Bound {
     per_worker: Vec<Sockets>,
 }
 
-/// Binds every listener of `plan` once per worker.
+/// Binds every listener of `plan` once per worker, after checking that no
+/// other process holds any of them ([`exclusive::check_unshared`]): the
+/// workers share each address through SO_REUSEPORT, which would otherwise
+/// let a second server, or any program of the same user with SO_REUSEPORT,
+/// split the clients silently.
 pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
     let device = plan.listening_device.as_deref();
+    let udp = plan.udp.iter().map(|&a| (a, exclusive::Proto::Udp, "udp"));
+    let tcp = plan
+        .tcp
+        .iter()
+        .map(|&(a, tls)| (a, exclusive::Proto::Tcp, if tls { "tls" } else { "tcp" }));
+    for (addr, proto, transport) in udp.chain(tcp) {
+        exclusive::check_unshared(addr, proto, device).map_err(|error| BindError {
+            addr,
+            transport,
+            error,
+        })?;
+    }
     let mut per_worker = Vec::with_capacity(plan.workers);
     for _ in 0..plan.workers.max(1) {
         let mut s = Sockets {

@@ -15,6 +15,7 @@
 //! in the caller's buffer, and peer data is framed in place by
 //! [`Server::handle_peer`].
 
+mod auth_log;
 pub mod policy;
 pub mod quota;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -31,7 +32,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use slab::Slab;
 use tracing::{debug, info, trace};
 
-use crate::auth::{Authenticator, Key, NonceCheck, NonceIssuer};
+use crate::auth::{AuthFailure, Authenticator, Key, NonceCheck, NonceIssuer};
 use crate::stun::channel::{self, MAX_CHANNEL_RFC5766, MIN_CHANNEL};
 use crate::stun::{Class, Message, MessageWriter, attr, method};
 use policy::PeerPolicy;
@@ -406,24 +407,14 @@ impl CloseReason {
     }
 }
 
-/// Why a request's credentials were refused, for metrics: the
-/// [`crate::auth::AuthFailure`] kinds and stale or foreign nonces.
-pub const AUTH_FAILURE_LABELS: [&str; 5] = [
-    "unknown_user",
-    "expired",
-    "bad_rest_username",
-    "bad_integrity",
-    "stale_nonce",
-];
-
 /// Monotonic counters the core keeps for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub allocations_created: u64,
     /// Indexed like [`CloseReason::ALL`].
     pub ended: [u64; 3],
-    /// Indexed like [`AUTH_FAILURE_LABELS`].
-    pub auth_failures: [u64; 5],
+    /// Indexed by [`crate::auth::AuthFailure::index`].
+    pub auth_failures: [u64; AuthFailure::ALL.len()],
     /// Answers dropped by the unauthenticated-answer rate limit.
     pub rate_limited: u64,
     /// Allocations refused by a quota or capacity (486).
@@ -643,6 +634,7 @@ pub struct Server {
     /// This core's worker index, written into mobility tickets.
     worker: u16,
     limiter: RateLimiter,
+    auth_log: auth_log::AuthLog,
     stats: Stats,
     /// Draining: new allocations are refused (508) or redirected (300).
     draining: bool,
@@ -753,6 +745,7 @@ impl Server {
             relay_rr: 0,
             worker,
             limiter: RateLimiter::new(now),
+            auth_log: auth_log::AuthLog::default(),
             stats: Stats::default(),
             draining: false,
             alternate_rr: 0,
@@ -1194,7 +1187,7 @@ impl Server {
         match self.cfg.nonces.check(nonce, self.unix(now), ft.client.ip()) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
-                self.stats.auth_failures[4] += 1;
+                self.auth_failed(now, ft, username, msg, AuthFailure::StaleNonce);
                 self.challenge(now, out, ft, msg, 438);
                 return Authed::Answered;
             }
@@ -1223,11 +1216,32 @@ impl Server {
                 username,
             },
             Err(why) => {
-                self.stats.auth_failures[why as usize] += 1;
-                info!(five_tuple = %ft, user = username, method = method::name(msg.method()), "401: {why}");
+                self.auth_failed(now, ft, username, msg, why);
                 self.challenge(now, out, ft, msg, 401);
                 Authed::Answered
             }
+        }
+    }
+
+    /// Counts a refused credential and logs it, once per client, user and
+    /// reason per [`auth_log::WINDOW`] (retransmissions and retrying clients
+    /// would otherwise log a line each).
+    fn auth_failed(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        username: &str,
+        msg: &Message<'_>,
+        why: AuthFailure,
+    ) {
+        self.stats.auth_failures[why.index()] += 1;
+        if self.auth_log.record(now, ft.client.ip(), username, why) {
+            let code = if why == AuthFailure::StaleNonce {
+                438
+            } else {
+                401
+            };
+            info!(five_tuple = %ft, user = username, realm = %self.cfg.auth.realm, method = method::name(msg.method()), "{code}: {why}");
         }
     }
 
@@ -1949,6 +1963,16 @@ impl Server {
         for (_, a) in self.allocations.iter_mut() {
             a.prune(now);
         }
+        let realm = &self.cfg.auth.realm;
+        self.auth_log.sweep(now, |r| {
+            let code = if r.why == AuthFailure::StaleNonce { 438 } else { 401 };
+            let (why, n) = (r.why, r.repeats);
+            let secs = auth_log::WINDOW.as_secs();
+            match r.client {
+                Some(client) => info!(client = %client, user = r.user, realm = %realm, "{code}: {why}: {n} more in the last {secs} s"),
+                None => info!(realm = %realm, "{n} more credential failures from other clients in the last {secs} s (not logged one by one)"),
+            }
+        });
     }
 
     /// Ends every allocation (shutdown).
