@@ -46,9 +46,7 @@ pub fn check_unshared(addr: SocketAddr, proto: Proto, device: Option<&str>) -> i
     if proto == Proto::Tcp {
         s.set_reuse_address(true)?;
     }
-    if let Some(d) = device {
-        s.bind_device(Some(d.as_bytes()))?;
-    }
+    super::net::bind_device(&s, device)?;
     match s.bind(&addr.into()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {

@@ -45,7 +45,8 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn bind_device(s: &Socket, device: Option<&str>) -> io::Result<()> {
+/// SO_BINDTODEVICE to `device`, if given; the error names the device.
+pub(crate) fn bind_device(s: &Socket, device: Option<&str>) -> io::Result<()> {
     if let Some(d) = device {
         s.bind_device(Some(d.as_bytes()))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot bind to device {d}: {e}")))?;
