@@ -168,13 +168,20 @@ fn a_second_server_on_a_taken_port_fails_and_the_first_keeps_serving() {
 #[test]
 fn a_foreign_reuseport_listener_is_not_joined() {
     use socket2::{Domain, Protocol, Socket, Type};
-    let port = free_ports(1);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let squatter = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    squatter.set_reuse_address(true).unwrap();
-    squatter.set_reuse_port(true).unwrap();
-    squatter.bind(&addr.into()).unwrap();
-    squatter.listen(8).unwrap();
+    // A free port can be taken by another test between the check and the
+    // bind: try a few.
+    let (port, addr, _squatter) = (0..20)
+        .find_map(|_| {
+            let port = free_ports(1);
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&addr.into()).ok()?;
+            s.listen(8).ok()?;
+            Some((port, addr, s))
+        })
+        .expect("a free port for the squatter");
     let (ok, out) = run(&[
         "-n",
         "--listening-ip=127.0.0.1",
