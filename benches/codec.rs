@@ -95,7 +95,8 @@ fn routing(c: &mut Criterion) {
     let mut cfg = turn::Config::new(auth, NonceIssuer::new([1; 32], Some(600)));
     cfg.policy.allow_loopback = true;
     let now = Instant::now();
-    let mut server = turn::Server::new(Arc::new(cfg), 0, now, 1_800_000_000, 1);
+    let ledger = Box::new(turn::quota::Counts::default());
+    let mut server = turn::Server::new(Arc::new(cfg), ledger, 0, now, 1_800_000_000, 1);
     let ft = FiveTuple {
         client: "127.0.0.1:40000".parse().unwrap(),
         server: "127.0.0.1:3478".parse().unwrap(),

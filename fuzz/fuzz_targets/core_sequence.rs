@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = turnserver::turn::sim::run(data) {
+    if let Err(e) = turnserver::turn::sim::run(data, std::time::Instant::now()) {
         panic!("{e}");
     }
 });

@@ -34,14 +34,13 @@ use crate::server::{
     self, Plan, Server, Shared, Steering, StreamCount, Telemetry, ports::PortPool,
     relay::Reservations,
 };
-use crate::turn::{self, quota::Usage};
+use crate::turn;
 
 /// What stays fixed across reloads.
 struct Fixed {
     listening_ips: Vec<IpAddr>,
     nonce_secret: [u8; 32],
     ticket_key: [u8; 32],
-    usage: Arc<Usage>,
     hostname: String,
 }
 
@@ -107,7 +106,6 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     core.no_stun = cfg.no_stun;
     core.stun_only = cfg.stun_only;
     core.limits = cfg.limits;
-    core.usage = fixed.usage.clone();
     core.alternate_servers = cfg.alternate_servers.clone();
     core.tls_alternate_servers = cfg.tls_alternate_servers.clone();
     core
@@ -507,7 +505,6 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         listening_ips: listening_ips.clone(),
         nonce_secret: rand::random(),
         ticket_key: rand::random(),
-        usage: Arc::new(Usage::default()),
         hostname: hostname(),
     };
     let core = core_config(cfg, &fixed);
@@ -552,6 +549,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
+        quotas: server::quota::SharedCounts::default(),
         steering: Steering::default(),
     });
     shared

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod exclusive;
 pub mod net;
 pub mod ports;
+pub mod quota;
 pub mod relay;
 pub mod steering;
 mod stream;
@@ -147,7 +148,7 @@ impl Server {
 
     /// Live allocations on the whole server.
     pub fn allocations(&self) -> u32 {
-        self.shared.core.usage.allocations()
+        self.shared.quotas.allocations()
     }
 }
 

@@ -236,7 +236,7 @@ mod tests {
         let res = Reservations::default();
         let mut opened = Vec::new();
         let t0 = Instant::now();
-        let id = crate::turn::tests_support::id(1);
+        let id = crate::turn::AllocationId::new(1, 1);
         let req = RelayRequest {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Even { reserve_next: true },
@@ -282,7 +282,7 @@ mod tests {
         let res = Reservations::default();
         let mut opened = Vec::new();
         let now = Instant::now();
-        let id = crate::turn::tests_support::id(1);
+        let id = crate::turn::AllocationId::new(1, 1);
         let req = RelayRequest {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Any,
@@ -307,7 +307,7 @@ mod tests {
         let pool = PortPool::new(min, max);
         let res = Reservations::default();
         let mut opened = Vec::new();
-        let id = crate::turn::tests_support::id(1);
+        let id = crate::turn::AllocationId::new(1, 1);
         let req = RelayRequest {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Any,

@@ -44,6 +44,7 @@ use super::ports::PortPool;
 use super::relay::{Opened, Opener, Reservations};
 use super::steering;
 use super::stream::{FrameStream, StreamHalf};
+use crate::stun::ErrorCode;
 use crate::stun::channel::{self, HEADROOM, TAILROOM};
 use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
 
@@ -101,6 +102,8 @@ pub struct Shared {
     pub telemetry: Telemetry,
     /// UDP steering (see [`super::steering`]).
     pub steering: Steering,
+    /// Allocations counted against quotas, by every worker's core.
+    pub quotas: super::quota::SharedCounts,
 }
 
 /// UDP steering state shared by the workers.
@@ -559,7 +562,9 @@ impl Worker {
                 if !sent {
                     // A ticket naming a worker that does not exist (an older
                     // process with more workers issued it).
-                    let action = self.core.answer_error(data, 404, &mut self.out);
+                    let action =
+                        self.core
+                            .answer_error(data, ErrorCode::AllocationNotFound, &mut self.out);
                     self.dispatch(action, ft, link, data);
                 }
             }
@@ -602,15 +607,15 @@ impl Worker {
     fn with_relay_socket(
         &mut self,
         id: AllocationId,
-        exported: Result<MovedAllocation, u16>,
-    ) -> Result<(Box<MovedAllocation>, UdpSocket), u16> {
+        exported: Result<MovedAllocation, ErrorCode>,
+    ) -> Result<(Box<MovedAllocation>, UdpSocket), ErrorCode> {
         let moved = exported?;
         match self.take_relay_socket(id) {
             Some(socket) => Ok((Box::new(moved), socket)),
             None => {
                 error!("allocation {} has no relay socket to move", moved.relayed());
                 self.shared.pool.release(moved.relayed().port());
-                Err(500)
+                Err(ErrorCode::ServerError)
             }
         }
     }
@@ -809,7 +814,7 @@ pub enum Mail {
     /// The answer to `Export`: the allocation and its relay socket, or the
     /// error code to answer the request with.
     Imported {
-        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), u16>,
+        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), ErrorCode>,
         five_tuple: FiveTuple,
         link: u32,
         request: Vec<u8>,
@@ -821,7 +826,7 @@ pub enum Mail {
     /// not (404: this worker no longer has it).
     Pulled {
         five_tuple: FiveTuple,
-        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), u16>,
+        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), ErrorCode>,
     },
     /// A client datagram that reached the worker that just gave its
     /// allocation away, from the listener with index `link`.
@@ -897,7 +902,14 @@ async fn run(
 ) {
     let now = Instant::now();
     let seed = rand::random::<u64>() ^ index as u64;
-    let core = turn::Server::new(shared.core.clone(), index as u16, now, unix_now(), seed);
+    let core = turn::Server::new(
+        shared.core.clone(),
+        Box::new(shared.quotas.clone()),
+        index as u16,
+        now,
+        unix_now(),
+        seed,
+    );
     let epoll = match udp_epoll(&sockets.udp) {
         Ok(e) => Rc::new(e),
         Err(e) => {
@@ -1026,7 +1038,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                         let exported = w.core.export_unchanged(id);
                         w.with_relay_socket(id, exported)
                     }
-                    None => Err(404),
+                    None => Err(ErrorCode::AllocationNotFound),
                 };
                 if result.is_ok() {
                     w.exported.insert(five_tuple, (Instant::now(), to));

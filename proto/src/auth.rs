@@ -134,7 +134,7 @@ impl fmt::Debug for Mechanism {
 /// Why a request's credentials were refused: 401 (RFC 8489 §9.2.4), or 438
 /// for [`AuthFailure::StaleNonce`]; the kinds are distinguished only in the
 /// server's log and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AuthFailure {
     /// No static user of that name.
     UnknownUser,

@@ -1,14 +1,14 @@
 //! Allocation quotas and bandwidth limits: `user-quota`, `total-quota`,
 //! `max-bps` and `bps-capacity`.
 //!
-//! [`Usage`] holds the counts every worker shares (atomics, and a map of
-//! per-user counts touched only when allocations are created or end). Each
+//! Quotas count allocations beyond one core (every worker of the process,
+//! and in a fleet every node), so the core does not keep the counts: it
+//! asks a [`Ledger`] the driver hands in. [`Counts`] is the counting itself,
+//! pure and single-threaded; the driver shares one behind a lock. Each
 //! allocation keeps the [`Claim`] it acquired, so releasing is exact even if
 //! the limits change while it lives.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Limits from the configuration; 0 means unlimited throughout.
@@ -25,21 +25,13 @@ pub struct Limits {
     pub bps_capacity: u64,
 }
 
-/// Counts shared by every worker.
-#[derive(Debug, Default)]
-pub struct Usage {
-    total: AtomicU32,
-    reserved_bps: AtomicU64,
-    users: Mutex<HashMap<Box<str>, u32>>,
-}
-
 /// What one allocation holds, to give back when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// The user whose count it holds, if `user-quota` was on.
-    user: Option<Box<str>>,
+    pub user: Option<Box<str>>,
     /// Bandwidth reserved from `bps-capacity`, bytes per second.
-    bps: u64,
+    pub bps: u64,
 }
 
 /// Which limit refused an allocation (answered 486).
@@ -60,39 +52,47 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// Increments `counter` unless it has reached `limit` (0 = unlimited).
-fn take(counter: &AtomicU32, limit: u32) -> bool {
-    counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (limit == 0 || n < limit).then_some(n + 1)
-        })
-        .is_ok()
+/// Where the core counts allocations against quotas. The driver's
+/// implementation is shared by every worker (and may be shared further).
+pub trait Ledger {
+    /// Counts a new allocation of `user` (its quota key; empty for
+    /// anonymous clients, which count only towards the total) against
+    /// `limits`. Error: the limit that refused it.
+    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused>;
+
+    /// Gives back what `claim` holds (an allocation ended or was refused
+    /// after its claim).
+    fn release(&mut self, claim: &Claim);
 }
 
-impl Usage {
-    /// Live allocations on the whole server.
+/// Allocation counts: the total, the bandwidth reserved, and per user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    total: u32,
+    reserved_bps: u64,
+    users: BTreeMap<Box<str>, u32>,
+}
+
+impl Counts {
+    /// Live allocations counted.
     pub fn allocations(&self) -> u32 {
-        self.total.load(Ordering::Acquire)
+        self.total
     }
 
     /// Bandwidth reserved from `bps-capacity`, bytes per second.
     pub fn reserved_bps(&self) -> u64 {
-        self.reserved_bps.load(Ordering::Acquire)
+        self.reserved_bps
     }
 
-    /// Live allocations of `user`.
+    /// Live allocations of `user` (counted only while `user-quota` is on).
     pub fn of_user(&self, user: &str) -> u32 {
-        self.users
-            .lock()
-            .expect("usage lock")
-            .get(user)
-            .copied()
-            .unwrap_or(0)
+        self.users.get(user).copied().unwrap_or(0)
     }
+}
 
-    /// Counts a new allocation for `user` (its quota key) against `limits`.
-    pub fn acquire(&self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        if !take(&self.total, limits.total_quota) {
+impl Ledger for Counts {
+    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+        if limits.total_quota > 0 && self.total >= limits.total_quota {
             return Err(Refused::TotalQuota);
         }
         let bps = if limits.bps_capacity > 0 {
@@ -100,25 +100,12 @@ impl Usage {
         } else {
             0
         };
-        if bps > 0 {
-            let ok = self
-                .reserved_bps
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                    (r + bps <= limits.bps_capacity).then_some(r + bps)
-                })
-                .is_ok();
-            if !ok {
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refused::BandwidthCapacity);
-            }
+        if bps > 0 && self.reserved_bps + bps > limits.bps_capacity {
+            return Err(Refused::BandwidthCapacity);
         }
         let counted_user = if limits.user_quota > 0 && !user.is_empty() {
-            let mut users = self.users.lock().expect("usage lock");
-            let n = users.entry(user.into()).or_insert(0);
+            let n = self.users.entry(user.into()).or_insert(0);
             if *n >= limits.user_quota {
-                drop(users);
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                self.reserved_bps.fetch_sub(bps, Ordering::AcqRel);
                 return Err(Refused::UserQuota);
             }
             *n += 1;
@@ -126,25 +113,37 @@ impl Usage {
         } else {
             None
         };
+        self.total += 1;
+        self.reserved_bps += bps;
         Ok(Claim {
             user: counted_user,
             bps,
         })
     }
 
-    /// Gives back what `claim` holds.
-    pub fn release(&self, claim: &Claim) {
-        self.total.fetch_sub(1, Ordering::AcqRel);
-        self.reserved_bps.fetch_sub(claim.bps, Ordering::AcqRel);
-        if let Some(u) = &claim.user {
-            let mut users = self.users.lock().expect("usage lock");
-            if let Some(n) = users.get_mut(u) {
-                *n -= 1;
-                if *n == 0 {
-                    users.remove(u);
-                }
+    fn release(&mut self, claim: &Claim) {
+        self.total = self.total.saturating_sub(1);
+        self.reserved_bps = self.reserved_bps.saturating_sub(claim.bps);
+        if let Some(u) = &claim.user
+            && let Some(n) = self.users.get_mut(u)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.users.remove(u);
             }
         }
+    }
+}
+
+/// A ledger one core owns alone and a test can still read (for tests and
+/// the simulation; the driver shares its counts between threads).
+impl Ledger for std::rc::Rc<std::cell::RefCell<Counts>> {
+    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+        self.borrow_mut().acquire(user, limits)
+    }
+
+    fn release(&mut self, claim: &Claim) {
+        self.borrow_mut().release(claim)
     }
 }
 
@@ -188,12 +187,14 @@ impl Bucket {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // Instant::now as the base time
+
     use super::*;
     use std::time::Duration;
 
     #[test]
     fn total_and_user_quotas() {
-        let u = Usage::default();
+        let mut u = Counts::default();
         let l = Limits {
             user_quota: 2,
             total_quota: 3,
@@ -215,11 +216,16 @@ mod tests {
         assert_eq!(u.allocations(), 1);
         // Anonymous allocations only count towards the total.
         assert!(u.acquire("", &l).is_ok());
+        assert!(u.acquire("dave", &l).is_ok());
+        // A refusal holds nothing.
+        assert_eq!(u.acquire("eve", &l), Err(Refused::TotalQuota));
+        assert_eq!(u.of_user("eve"), 0);
+        assert_eq!(u.allocations(), 3);
     }
 
     #[test]
     fn bandwidth_capacity() {
-        let u = Usage::default();
+        let mut u = Counts::default();
         let l = Limits {
             max_bps: 1000,
             bps_capacity: 2500,

@@ -9,6 +9,10 @@
 
 pub mod attr;
 pub mod channel;
+pub mod client;
+mod error;
+
+pub use error::ErrorCode;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -475,7 +479,14 @@ impl<'b> MessageWriter<'b> {
         self.address(typ, x)
     }
 
-    /// Adds ERROR-CODE (RFC 8489 §14.8); `code` must be 300..=699.
+    /// Adds ERROR-CODE (RFC 8489 §14.8) for a named code, with its reason
+    /// phrase.
+    pub fn error(&mut self, code: ErrorCode) -> &mut Self {
+        self.error_code(code.code(), code.reason())
+    }
+
+    /// Adds ERROR-CODE (RFC 8489 §14.8) with any code and reason; `code`
+    /// must be 300..=699.
     pub fn error_code(&mut self, code: u16, reason: &str) -> &mut Self {
         let mut v = Vec::with_capacity(4 + reason.len());
         v.extend_from_slice(&[0, 0, (code / 100) as u8, (code % 100) as u8]);

@@ -7,7 +7,7 @@
 //! the repeats for [`WINDOW`], and reports the count when the window ends.
 //! Metrics still count every refusal. Pure state: time is passed in.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// limit also holds back).
 const MAX_ENTRIES: usize = 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
     client: IpAddr,
     user: Box<str>,
@@ -54,7 +54,7 @@ pub struct Repeated<'a> {
 /// Which refusals to log (see the module documentation).
 #[derive(Debug, Default)]
 pub struct AuthLog {
-    entries: HashMap<Key, Entry>,
+    entries: BTreeMap<Key, Entry>,
     /// Windows that ended at a [`AuthLog::record`] rather than a sweep, with
     /// repeats still to report.
     due: Vec<(Key, u64)>,
@@ -140,6 +140,8 @@ impl AuthLog {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // Instant::now as the base time
+
     use super::*;
 
     fn collect(log: &mut AuthLog, now: Instant) -> Vec<(Option<IpAddr>, String, u64)> {

@@ -20,7 +20,7 @@ pub const USERNAME: u16 = 0x0006;
 pub const MESSAGE_INTEGRITY: u16 = 0x0008;
 /// ERROR-CODE (RFC 8489 §14.8).
 pub const ERROR_CODE: u16 = 0x0009;
-/// UNKNOWN-ATTRIBUTES (RFC 8489 §14.9), a list of 16-bit types.
+/// UNKNOWN-ATTRIBUTES (RFC 8489 §14.13), a list of 16-bit types.
 pub const UNKNOWN_ATTRIBUTES: u16 = 0x000A;
 /// CHANNEL-NUMBER (RFC 8656 §18.1).
 pub const CHANNEL_NUMBER: u16 = 0x000C;
@@ -44,6 +44,8 @@ pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
 pub const EVEN_PORT: u16 = 0x0018;
 /// REQUESTED-TRANSPORT (RFC 8656 §18.8).
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
+/// The REQUESTED-TRANSPORT protocol number of UDP (IANA: 17).
+pub const TRANSPORT_UDP: u8 = 17;
 /// DONT-FRAGMENT (RFC 8656 §18.9).
 pub const DONT_FRAGMENT: u16 = 0x001A;
 /// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6); not supported.
@@ -86,7 +88,9 @@ pub const FINGERPRINT: u16 = 0x8028;
 pub const ICE_CONTROLLED: u16 = 0x8029;
 /// ICE-CONTROLLING (RFC 8445 §16.1).
 pub const ICE_CONTROLLING: u16 = 0x802A;
-/// MOBILITY-TICKET (RFC 8016 §3.1); comprehension-optional, ignored.
+/// MOBILITY-TICKET (RFC 8016 §3.1); comprehension-optional. With `mobility`
+/// on, an empty one in an Allocate asks for a ticket and a Refresh carrying
+/// one moves the allocation to a new 5-tuple; off, it is answered with 405.
 pub const MOBILITY_TICKET: u16 = 0x8030;
 
 /// XOR value applied to the CRC-32 in FINGERPRINT (RFC 8489 §14.7).
@@ -310,7 +314,7 @@ pub fn decode_error_code(value: &[u8]) -> Result<(u16, &str), AttrError> {
     Ok((class * 100 + number, reason))
 }
 
-/// Decodes UNKNOWN-ATTRIBUTES (RFC 8489 §14.9) into the listed types.
+/// Decodes UNKNOWN-ATTRIBUTES (RFC 8489 §14.13) into the listed types.
 pub fn decode_unknown_attributes(value: &[u8]) -> Result<Vec<u16>, AttrError> {
     if !value.len().is_multiple_of(2) {
         return Err(AttrError::BadLength {

@@ -1,10 +1,19 @@
 //! State machine tests of the core with simulated time and a fake relay
 //! provider.
 
+#![allow(clippy::disallowed_methods)] // Instant::now as the base time
+
 use super::*;
-use crate::auth::{Mechanism, long_term_key, rest_password};
+use crate::auth::{Authenticator, Mechanism, NonceIssuer, long_term_key, rest_password};
 use crate::stun::channel::{HEADROOM, TAILROOM};
+use crate::stun::client::{Credentials, request};
+use quota::Counts;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 const REALM: &str = "example.org";
 const UNIX0: u64 = 1_800_000_000;
@@ -53,6 +62,8 @@ impl RelayProvider for FakeRelays {
 
 struct Harness {
     server: Server,
+    /// The quota counts the server's ledger holds.
+    counts: Rc<RefCell<Counts>>,
     relays: FakeRelays,
     t0: Instant,
     now: Instant,
@@ -110,21 +121,19 @@ impl Req {
         self
     }
     fn build(&self, creds: Option<(&str, &str, &[u8])>) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut w = MessageWriter::new(&mut out, self.method, Class::Request, &self.tid);
-        for (t, v) in &self.attrs {
-            w.attr(*t, v);
-        }
-        if let Some((user, password, nonce)) = creds {
-            w.attr(attr::USERNAME, user.as_bytes())
-                .attr(attr::REALM, REALM.as_bytes())
-                .attr(attr::NONCE, nonce);
-            w.integrity(&long_term_key(user, REALM, password));
-        }
-        if self.fingerprint {
-            w.fingerprint();
-        }
-        out
+        let key = creds.map(|(user, password, _)| long_term_key(user, REALM, password));
+        let creds = creds.zip(key.as_ref()).map(|((username, _, nonce), key)| Credentials {
+            username,
+            realm: REALM,
+            nonce,
+            key,
+        });
+        let attrs = |w: &mut MessageWriter<'_>| {
+            for (t, v) in &self.attrs {
+                w.attr(*t, v);
+            }
+        };
+        request(self.method, &self.tid, attrs, creds.as_ref(), self.fingerprint)
     }
 }
 
@@ -158,8 +167,10 @@ impl Resp {
 impl Harness {
     fn new(cfg: Config) -> Self {
         let t0 = Instant::now();
+        let counts = Rc::new(RefCell::new(Counts::default()));
         Harness {
-            server: Server::new(Arc::new(cfg), 0, t0, UNIX0, 42),
+            server: Server::new(Arc::new(cfg), Box::new(counts.clone()), 0, t0, UNIX0, 42),
+            counts,
             relays: FakeRelays::default(),
             t0,
             now: t0,
@@ -1049,9 +1060,10 @@ fn mobility_ticket_moves_the_allocation_to_a_new_five_tuple() {
 fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
     let cfg = Arc::new(mobile_config());
     let mut a = Harness::new(mobile_config());
-    a.server = Server::new(cfg.clone(), 0, a.now, UNIX0, 1);
+    a.server = Server::new(cfg.clone(), Box::new(a.counts.clone()), 0, a.now, UNIX0, 1);
     let mut b = Harness::new(mobile_config());
-    b.server = Server::new(cfg, 1, b.now, UNIX0, 2);
+    b.counts = a.counts.clone();
+    b.server = Server::new(cfg, Box::new(b.counts.clone()), 1, b.now, UNIX0, 2);
     let ft = udp("203.0.113.5:40000");
     let ticket = allocate_mobile(&mut a, &ft);
     let id = a.server.allocation_for(&ft).unwrap();
@@ -1070,7 +1082,10 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
         }
     );
     // The owner refuses another user, then hands it over.
-    assert_eq!(a.server.export(id, "bob", &moved_to, 3).err(), Some(441));
+    assert_eq!(
+        a.server.export(id, "bob", &moved_to, 3).err(),
+        Some(ErrorCode::WrongCredentials)
+    );
     let moved = a.server.export(id, "alice", &moved_to, 3).unwrap();
     assert_eq!(moved.relayed(), "192.0.2.10:50000".parse().unwrap());
     assert_eq!(a.server.allocation_count(), 0);
@@ -1078,7 +1093,10 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
         a.events().is_empty(),
         "the relay socket moves, it is not closed"
     );
-    assert_eq!(a.server.export(id, "alice", &moved_to, 3).err(), Some(404));
+    assert_eq!(
+        a.server.export(id, "alice", &moved_to, 3).err(),
+        Some(ErrorCode::AllocationNotFound)
+    );
     let new_id = b.server.import(moved).unwrap();
     assert_eq!(b.server.allocation_for(&moved_to), Some(new_id));
     // Replaying the request refreshes it in its new home.
@@ -1088,7 +1106,8 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
     // A failed move is answered with the owner's code.
     let mut out = Vec::new();
     assert_eq!(
-        b.server.answer_error(&request, 404, &mut out),
+        b.server
+            .answer_error(&request, ErrorCode::AllocationNotFound, &mut out),
         ClientAction::Reply
     );
     assert_eq!(Resp { raw: out }.code(), Some(404));
@@ -1098,9 +1117,10 @@ fn a_ticket_owned_by_another_worker_migrates_the_allocation() {
 fn an_allocation_moves_to_another_worker_unchanged() {
     let cfg = Arc::new(users_config());
     let mut a = Harness::new(users_config());
-    a.server = Server::new(cfg.clone(), 0, a.now, UNIX0, 1);
+    a.server = Server::new(cfg.clone(), Box::new(a.counts.clone()), 0, a.now, UNIX0, 1);
     let mut b = Harness::new(users_config());
-    b.server = Server::new(cfg, 1, b.now, UNIX0, 2);
+    b.counts = a.counts.clone();
+    b.server = Server::new(cfg, Box::new(b.counts.clone()), 1, b.now, UNIX0, 2);
     let ft = udp("203.0.113.5:40000");
     assert!(a.allocate(&ft, "alice", "alicepw").ok());
     let id = a.server.allocation_for(&ft).unwrap();
@@ -1113,7 +1133,10 @@ fn an_allocation_moves_to_another_worker_unchanged() {
         a.events().is_empty(),
         "the relay socket moves, it is not closed"
     );
-    assert_eq!(a.server.export_unchanged(id).err(), Some(404));
+    assert_eq!(
+        a.server.export_unchanged(id).err(),
+        Some(ErrorCode::AllocationNotFound)
+    );
     let new_id = b.server.import(moved).unwrap();
     assert_eq!(b.server.allocation_for(&ft), Some(new_id));
     // Same 5-tuple and connection token, permissions kept.
@@ -1260,18 +1283,18 @@ fn quotas_answer_486_and_free_up_when_allocations_end() {
         Some(486),
         "total-quota"
     );
-    assert_eq!(h.server.config().usage.allocations(), 3);
+    assert_eq!(h.counts.borrow().allocations(), 3);
     // Ending allocations frees quota: by Refresh 0, and by expiry.
     let r = h.req(method::REFRESH).attr(attr::LIFETIME, &[0, 0, 0, 0]);
     assert!(h.ask_authed(&fts[0], &r, "alice", "alicepw").ok());
     assert!(h.allocate(&fts[3], "alice", "alicepw").ok());
     h.advance(601);
-    assert_eq!(h.server.config().usage.allocations(), 0);
-    assert_eq!(h.server.config().usage.of_user("alice"), 0);
+    assert_eq!(h.counts.borrow().allocations(), 0);
+    assert_eq!(h.counts.borrow().of_user("alice"), 0);
     // A refused relay socket gives its quota back.
     h.relays.fail = true;
     assert_eq!(h.allocate(&fts[4], "alice", "alicepw").code(), Some(508));
-    assert_eq!(h.server.config().usage.allocations(), 0);
+    assert_eq!(h.counts.borrow().allocations(), 0);
 }
 
 #[test]

@@ -6,21 +6,24 @@
 //!
 //! Compiled for tests and with the `fuzzing` feature only.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 
 use super::policy::PeerPolicy;
-use super::quota::Limits;
+use super::quota::{Counts, Limits};
 use super::{
     AllocationId, ClientAction, Config, FiveTuple, OpenedRelay, PortRequest, RelayError,
     RelayProvider, RelayRequest, Server, Transport,
 };
 use crate::auth::{Authenticator, Mechanism, NonceIssuer, long_term_key};
 use crate::stun::channel::{HEADROOM, TAILROOM};
+use crate::stun::client::{Credentials, write_request};
 use crate::stun::{Class, Message, MessageWriter, attr, method};
 
 const REALM: &str = "sim";
@@ -134,7 +137,7 @@ fn client(who: u8) -> (FiveTuple, u32) {
 struct Relays {
     next: u16,
     exhausted: bool,
-    reserved: HashMap<[u8; 8], SocketAddr>,
+    reserved: BTreeMap<[u8; 8], SocketAddr>,
 }
 
 impl RelayProvider for Relays {
@@ -164,11 +167,13 @@ impl RelayProvider for Relays {
 /// The simulated server and its clients.
 pub struct Sim {
     pub server: Server,
+    /// The quota counts the server's ledger holds.
+    counts: Rc<RefCell<Counts>>,
     relays: Relays,
     now: Instant,
     out: Vec<u8>,
     auth: bool,
-    nonces: HashMap<IpAddr, Vec<u8>>,
+    nonces: BTreeMap<IpAddr, Vec<u8>>,
     tickets: Vec<Vec<u8>>,
     tokens: Vec<Vec<u8>>,
     tid: u32,
@@ -176,10 +181,10 @@ pub struct Sim {
 
 impl Sim {
     /// A server with long-term credentials (`auth`) or none, small caps and
-    /// quotas so the script reaches their edges.
-    pub fn new(auth: bool) -> Sim {
+    /// quotas so the script reaches their edges, starting at `now`.
+    pub fn new(auth: bool, now: Instant) -> Sim {
         let mechanism = if auth {
-            Mechanism::LongTerm(HashMap::from([(
+            Mechanism::LongTerm(std::collections::HashMap::from([(
                 "u".to_string(),
                 long_term_key("u", REALM, "p"),
             )]))
@@ -211,14 +216,22 @@ impl Sim {
             max_bps: 20_000,
             bps_capacity: 0,
         };
-        let now = Instant::now();
+        let counts = Rc::new(RefCell::new(Counts::default()));
         Sim {
-            server: Server::new(Arc::new(cfg), 0, now, 1_800_000_000, 7),
+            server: Server::new(
+                Arc::new(cfg),
+                Box::new(counts.clone()),
+                0,
+                now,
+                1_800_000_000,
+                7,
+            ),
+            counts,
             relays: Relays::default(),
             now,
             out: Vec::new(),
             auth,
-            nonces: HashMap::new(),
+            nonces: BTreeMap::new(),
             tickets: Vec::new(),
             tokens: Vec::new(),
             tid: 0,
@@ -253,23 +266,20 @@ impl Sim {
             self.tid = self.tid.wrapping_add(1);
             let mut tid = [0u8; 12];
             tid[..4].copy_from_slice(&self.tid.to_be_bytes());
+            let nonce = self
+                .nonces
+                .get(&ft.client.ip())
+                .cloned()
+                .unwrap_or_default();
+            let key = long_term_key("u", REALM, "p");
+            let creds = self.auth.then_some(Credentials {
+                username: "u",
+                realm: REALM,
+                nonce: &nonce,
+                key: &key,
+            });
             let mut raw = Vec::new();
-            let mut w = MessageWriter::new(&mut raw, m, Class::Request, &tid);
-            build(&mut w);
-            if self.auth {
-                let nonce = self
-                    .nonces
-                    .get(&ft.client.ip())
-                    .cloned()
-                    .unwrap_or_default();
-                w.attr(attr::USERNAME, b"u")
-                    .attr(attr::REALM, REALM.as_bytes())
-                    .attr(attr::NONCE, &nonce)
-                    .integrity(&long_term_key("u", REALM, "p"));
-            }
-            if fingerprint {
-                w.fingerprint();
-            }
+            write_request(&mut raw, m, &tid, build, creds.as_ref(), fingerprint);
             if self.send(&ft, link, &raw) != ClientAction::Reply {
                 return;
             }
@@ -445,7 +455,7 @@ impl Sim {
     /// Checks the core's invariants and that quota accounting matches.
     pub fn check(&self) -> Result<(), String> {
         self.server.check_invariants(Some(self.now))?;
-        let counted = self.server.config().usage.allocations() as usize;
+        let counted = self.counts.borrow().allocations() as usize;
         if counted != self.server.allocation_count() {
             return Err(format!(
                 "usage counts {counted}, table holds {}",
@@ -456,12 +466,13 @@ impl Sim {
     }
 }
 
-/// Interprets `data` as a script and runs it, checking invariants after
-/// every step. The first byte picks whether credentials are in use.
-pub fn run(data: &[u8]) -> Result<(), String> {
+/// Interprets `data` as a script and runs it from `now`, checking
+/// invariants after every step. The first byte picks whether credentials
+/// are in use.
+pub fn run(data: &[u8], now: Instant) -> Result<(), String> {
     let mut u = Unstructured::new(data);
     let auth = u.arbitrary::<bool>().unwrap_or(false);
-    let mut sim = Sim::new(auth);
+    let mut sim = Sim::new(auth, now);
     let mut steps = 0;
     while !u.is_empty() && steps < 256 {
         let Ok(op) = u.arbitrary::<Op>() else { break };
@@ -475,6 +486,8 @@ pub fn run(data: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // Instant::now as the base time
+
     use super::*;
     use proptest::prelude::*;
 
@@ -486,7 +499,7 @@ mod tests {
         /// accounting.
         #[test]
         fn allocation_invariants_hold_for_any_script(data in prop::collection::vec(any::<u8>(), 0..4096)) {
-            if let Err(e) = run(&data) {
+            if let Err(e) = run(&data, Instant::now()) {
                 prop_assert!(false, "{}", e);
             }
         }
@@ -494,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_scripted_session_reaches_deep_states() {
-        let mut sim = Sim::new(true);
+        let mut sim = Sim::new(true, Instant::now());
         let ops = [
             Op::Allocate {
                 who: 0,

@@ -1,0 +1,428 @@
+//! Allocations (RFC 8656 §7): their state, Allocate and Refresh, lifetimes
+//! and the end of an allocation.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::permission::{Channel, Permission};
+use super::quota;
+use super::request::{self, RequestedFamily};
+use super::{
+    AllocationId, ClientAction, CloseReason, DEFAULT_ALLOCATION_LIFETIME, DefaultFamily, Event,
+    Family, FiveTuple, PortRequest, RelayProvider, RelayRequest, Server, Traffic, Transport,
+};
+use crate::auth::Key;
+use crate::stun::{Class, ErrorCode, Message, attr};
+
+/// One allocation: the relayed transport address of a client 5-tuple, with
+/// its permissions and channel bindings.
+#[derive(Debug)]
+pub(super) struct Allocation {
+    pub(super) id: AllocationId,
+    /// Created with an empty MOBILITY-TICKET: may move to another 5-tuple.
+    pub(super) mobile: bool,
+    pub(super) five_tuple: FiveTuple,
+    /// The driver's token for the client connection.
+    pub(super) link: u32,
+    /// The relayed transport address the relay socket is bound to.
+    pub(super) relayed: SocketAddr,
+    /// The address sent in XOR-RELAYED-ADDRESS (`external-ip` applied).
+    pub(super) advertised: SocketAddr,
+    pub(super) username: Box<str>,
+    /// The key it was created with (`None` without authentication).
+    pub(super) key: Option<Key>,
+    pub(super) created: Instant,
+    pub(super) expires: Instant,
+    /// The Allocate's transaction ID, to answer retransmissions alike.
+    pub(super) allocate_tid: [u8; 12],
+    pub(super) reservation_token: Option<[u8; 8]>,
+    /// The client sends FINGERPRINT, so Data indications carry one too.
+    pub(super) fingerprint: bool,
+    pub(super) permissions: Vec<Permission>,
+    pub(super) channels: Vec<Channel>,
+    pub(super) traffic: Traffic,
+    /// What counts against quotas, to release when it ends.
+    pub(super) claim: quota::Claim,
+    /// `max-bps` shaping, when configured at creation.
+    pub(super) shaper: Option<Box<Shaper>>,
+}
+
+/// Per-allocation bandwidth limit, each direction on its own.
+#[derive(Debug)]
+pub(super) struct Shaper {
+    /// Bytes per second.
+    rate: u64,
+    to_peer: quota::Bucket,
+    to_client: quota::Bucket,
+}
+
+impl Allocation {
+    /// Whether `bytes` may be relayed to the peer at `now` (`max-bps`).
+    pub(super) fn admit_to_peer(&mut self, bytes: usize, now: Instant) -> bool {
+        match &mut self.shaper {
+            None => true,
+            Some(s) => s.to_peer.take(bytes as u64, s.rate, now),
+        }
+    }
+
+    /// Whether `bytes` may be relayed to the client at `now` (`max-bps`).
+    pub(super) fn admit_to_client(&mut self, bytes: usize, now: Instant) -> bool {
+        match &mut self.shaper {
+            None => true,
+            Some(s) => s.to_client.take(bytes as u64, s.rate, now),
+        }
+    }
+
+    /// The allocation's relay family.
+    pub(super) fn family(&self) -> Family {
+        Family::of(self.relayed.ip())
+    }
+}
+
+impl Server {
+    /// The lifetime to grant for a requested one, seconds: capped by
+    /// `max-allocate-lifetime`, the default when none is asked.
+    fn lifetime(&self, requested: Option<u32>) -> u32 {
+        let max = self.cfg.max_allocation_lifetime.max(1);
+        match requested {
+            Some(r) => r.min(max),
+            None => DEFAULT_ALLOCATION_LIFETIME.min(max),
+        }
+    }
+
+    /// The local address to bind a relay of `family` on for `ft`:
+    /// round-robin over `relay-ip`, else the address the client reached,
+    /// else a listening address of that family (not loopback if another
+    /// exists).
+    fn relay_ip(&mut self, family: Family, ft: &FiveTuple) -> Option<IpAddr> {
+        if !self.cfg.relay_ips.is_empty() {
+            let candidates: Vec<IpAddr> = self
+                .cfg
+                .relay_ips
+                .iter()
+                .copied()
+                .filter(|ip| Family::of(*ip) == family)
+                .collect();
+            if candidates.is_empty() {
+                return None;
+            }
+            self.relay_rr = self.relay_rr.wrapping_add(1);
+            return Some(candidates[self.relay_rr % candidates.len()]);
+        }
+        let local = ft.server.ip();
+        if Family::of(local) == family && !local.is_unspecified() {
+            return Some(local);
+        }
+        let pick = |loopback_ok: bool| {
+            self.cfg.listening_ips.iter().copied().find(|ip| {
+                Family::of(*ip) == family
+                    && !ip.is_unspecified()
+                    && (loopback_ok || !ip.is_loopback())
+            })
+        };
+        pick(false).or_else(|| pick(true))
+    }
+
+    /// The address to advertise for `relayed` (`external-ip`).
+    fn advertised(&self, relayed: SocketAddr) -> SocketAddr {
+        let port = relayed.port();
+        let ip = relayed.ip();
+        if let Some(e) = self.cfg.external_ips.iter().find(|e| e.private == Some(ip)) {
+            return SocketAddr::new(e.public, port);
+        }
+        if let Some(e) = self
+            .cfg
+            .external_ips
+            .iter()
+            .find(|e| e.private.is_none() && Family::of(e.public) == Family::of(ip))
+        {
+            return SocketAddr::new(e.public, port);
+        }
+        relayed
+    }
+
+    fn allocate_success(
+        &self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        req: &Message<'_>,
+        a: &Allocation,
+    ) -> ClientAction {
+        let remaining = a.expires.saturating_duration_since(now).as_secs() as u32;
+        let mut w = self.response(out, req, Class::Success);
+        w.xor_address(attr::XOR_RELAYED_ADDRESS, a.advertised)
+            .attr_u32(attr::LIFETIME, remaining);
+        if let Some(t) = &a.reservation_token {
+            w.attr(attr::RESERVATION_TOKEN, t);
+        }
+        if a.mobile {
+            w.attr(attr::MOBILITY_TICKET, &self.ticket(a.id));
+        }
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, a.five_tuple.client);
+        self.seal(&mut w, req, a.key.as_ref());
+        ClientAction::Reply
+    }
+
+    /// Allocate (RFC 8656 §7.2), authenticated as `username` with `key`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn allocate(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        msg: &Message<'_>,
+        req: &request::Allocate<'_>,
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+        key: Option<Key>,
+        username: &str,
+    ) -> ClientAction {
+        let k = key.as_ref();
+        if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
+            if a.allocate_tid == *msg.transaction_id() {
+                // A retransmission: answer as the first time (RFC 8656 §7.2).
+                return self.allocate_success(now, out, msg, a);
+            }
+            return self.error(out, msg, ErrorCode::AllocationMismatch, k);
+        }
+        if let Some(alt) = self.alternate_server(ft) {
+            // Redirection (coturn's alternate-server), and how a draining
+            // server hands new clients to its peers.
+            self.stats.redirected += 1;
+            let mut w = self.response(out, msg, Class::Error);
+            w.error(ErrorCode::TryAlternate)
+                .address(attr::ALTERNATE_SERVER, alt);
+            self.seal(&mut w, msg, k);
+            return ClientAction::Reply;
+        }
+        if self.draining {
+            info!(five_tuple = %ft, user = username, "508: draining");
+            return self.error(out, msg, ErrorCode::InsufficientCapacity, k);
+        }
+        if req.transport != attr::TRANSPORT_UDP || !self.cfg.allow_udp_relay {
+            return self.error(out, msg, ErrorCode::UnsupportedTransportProtocol, k);
+        }
+        let mobile = match req.mobility_ticket {
+            None => false,
+            Some(_) if !self.cfg.mobility => {
+                return self.error(out, msg, ErrorCode::MobilityForbidden, k);
+            }
+            Some(t) if !t.is_empty() => return self.error(out, msg, ErrorCode::BadRequest, k),
+            Some(_) => true,
+        };
+        // Never shorter than the default (RFC 8656 §7.2).
+        let lifetime = self
+            .lifetime(req.lifetime)
+            .max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
+        let (ip, port) = if let Some(t) = req.reservation_token {
+            // The driver knows the reserved socket's address; the IP here is
+            // only a hint.
+            (ft.server.ip(), PortRequest::Reserved(t))
+        } else {
+            let family = req.family.unwrap_or(match self.cfg.default_family {
+                DefaultFamily::Ipv4 => Family::V4,
+                DefaultFamily::Ipv6 => Family::V6,
+                DefaultFamily::Keep => Family::of(ft.server.ip()),
+            });
+            let Some(ip) = self.relay_ip(family, ft) else {
+                return self.error(out, msg, ErrorCode::AddressFamilyNotSupported, k);
+            };
+            let port = match req.even_port {
+                None => PortRequest::Any,
+                Some(reserve_next) => PortRequest::Even { reserve_next },
+            };
+            (ip, port)
+        };
+
+        let id = AllocationId::new(self.allocations.vacant_key() as u32, self.next_generation);
+        let quota_user = self.quota_user(username);
+        let claim = match self.ledger.acquire(quota_user, &self.cfg.limits) {
+            Ok(c) => c,
+            Err(why) => {
+                self.stats.quota_refusals += 1;
+                info!(five_tuple = %ft, user = username, "486: {why}");
+                return self.error(out, msg, ErrorCode::AllocationQuotaReached, k);
+            }
+        };
+        let relay = RelayRequest {
+            ip,
+            port,
+            dont_fragment: req.dont_fragment,
+        };
+        let opened = match relays.open(id, &relay) {
+            Ok(o) => o,
+            Err(e) => {
+                self.stats.no_port_refusals += 1;
+                self.ledger.release(&claim);
+                info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
+                return self.error(out, msg, ErrorCode::InsufficientCapacity, k);
+            }
+        };
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let max_bps = self.cfg.limits.max_bps;
+        let allocation = Allocation {
+            id,
+            mobile,
+            five_tuple: *ft,
+            link,
+            relayed: opened.addr,
+            advertised: self.advertised(opened.addr),
+            username: username.into(),
+            key,
+            created: now,
+            expires: now + Duration::from_secs(u64::from(lifetime)),
+            allocate_tid: *msg.transaction_id(),
+            reservation_token: opened.reservation,
+            fingerprint: msg.has_fingerprint() || self.cfg.fingerprint,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            traffic: Traffic::default(),
+            claim,
+            shaper: (max_bps > 0).then(|| {
+                Box::new(Shaper {
+                    rate: max_bps,
+                    to_peer: quota::Bucket::new(max_bps, now),
+                    to_client: quota::Bucket::new(max_bps, now),
+                })
+            }),
+        };
+        self.stats.allocations_created += 1;
+        info!(
+            five_tuple = %ft,
+            user = username,
+            relayed = %allocation.relayed,
+            advertised = %allocation.advertised,
+            lifetime,
+            "allocation created"
+        );
+        let index = self.allocations.insert(allocation);
+        debug_assert_eq!(index, id.slot());
+        self.by_five_tuple.insert(*ft, id);
+        let a = self.get(id).expect("just inserted");
+        self.allocate_success(now, out, msg, a)
+    }
+
+    /// The `alternate-server` (or `tls-alternate-server`) of the client's
+    /// family to redirect an Allocate to, round-robin; `None` when there is
+    /// none.
+    fn alternate_server(&mut self, ft: &FiveTuple) -> Option<SocketAddr> {
+        let alternates = if ft.transport == Transport::Tls {
+            &self.cfg.tls_alternate_servers
+        } else {
+            &self.cfg.alternate_servers
+        };
+        let n = alternates
+            .iter()
+            .filter(|a| a.is_ipv4() == ft.client.is_ipv4())
+            .count();
+        if n == 0 {
+            return None;
+        }
+        self.alternate_rr = self.alternate_rr.wrapping_add(1);
+        alternates
+            .iter()
+            .filter(|a| a.is_ipv4() == ft.client.is_ipv4())
+            .nth(self.alternate_rr % n)
+            .copied()
+    }
+
+    /// Refresh (RFC 8656 §7.3), and the move of a mobile allocation to this
+    /// 5-tuple (RFC 8016 §3.2).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn refresh(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        msg: &Message<'_>,
+        req: &request::Refresh<'_>,
+        out: &mut Vec<u8>,
+        key: Option<Key>,
+        username: &str,
+    ) -> ClientAction {
+        let k = key.as_ref();
+        if req.mobility_ticket.is_some() && !self.cfg.mobility {
+            return self.error(out, msg, ErrorCode::MobilityForbidden, k);
+        }
+        let id = match (self.by_five_tuple.get(ft), req.mobility_ticket) {
+            (Some(&id), _) => id,
+            (None, None) => return self.error(out, msg, ErrorCode::AllocationMismatch, k),
+            // A mobile client arriving from a new 5-tuple (RFC 8016 §3.2).
+            (None, Some(t)) => match self.arrive(t, ft, link, username) {
+                Ok(id) => id,
+                Err(action) => {
+                    return match action {
+                        Arrival::Elsewhere(migrate) => migrate,
+                        Arrival::Refused(code) => self.error(out, msg, code, k),
+                    };
+                }
+            },
+        };
+        let Some(relay_family) = self.get(id).map(Allocation::family) else {
+            return self.error(out, msg, ErrorCode::AllocationMismatch, k);
+        };
+        match req.family {
+            None => {}
+            Some(RequestedFamily::Known(f)) if f == relay_family => {}
+            Some(_) => return self.error(out, msg, ErrorCode::PeerAddressFamilyMismatch, k),
+        }
+        let lifetime = match req.lifetime {
+            Some(0) => 0,
+            requested => self.lifetime(requested),
+        };
+        if lifetime == 0 {
+            self.close(id, CloseReason::Deleted, now);
+        } else if let Some(a) = self.get_mut(id) {
+            a.expires = now + Duration::from_secs(u64::from(lifetime));
+        }
+        let ticket = self.get(id).filter(|a| a.mobile).map(|a| self.ticket(a.id));
+        let mut w = self.response(out, msg, Class::Success);
+        w.attr_u32(attr::LIFETIME, lifetime);
+        if let Some(t) = &ticket {
+            w.attr(attr::MOBILITY_TICKET, t);
+        }
+        self.seal(&mut w, msg, k);
+        ClientAction::Reply
+    }
+
+    /// Ends allocation `id`: releases its quota claim, counts and logs it,
+    /// and tells the driver to close its relay socket.
+    pub(super) fn close(&mut self, id: AllocationId, reason: CloseReason, now: Instant) {
+        if self.get(id).is_none() {
+            return;
+        }
+        let a = self.allocations.remove(id.slot());
+        self.by_five_tuple.remove(&a.five_tuple);
+        self.ledger.release(&a.claim);
+        self.stats.ended[reason.index()] += 1;
+        self.stats.closed_traffic.add(&a.traffic);
+        let t = a.traffic;
+        info!(
+            five_tuple = %a.five_tuple,
+            user = &*a.username,
+            relayed = %a.relayed,
+            reason = %reason,
+            duration_s = now.saturating_duration_since(a.created).as_secs(),
+            to_peer_packets = t.to_peer_packets,
+            to_peer_bytes = t.to_peer_bytes,
+            to_client_packets = t.to_client_packets,
+            to_client_bytes = t.to_client_bytes,
+            "allocation deleted"
+        );
+        self.events.push_back(Event::AllocationClosed {
+            id,
+            relayed: a.relayed,
+            five_tuple: a.five_tuple,
+        });
+    }
+}
+
+/// Why a Refresh with a mobility ticket did not find its allocation here.
+pub(super) enum Arrival {
+    /// Another worker has it: the driver moves it here.
+    Elsewhere(ClientAction),
+    /// The ticket is no good: answer with this code.
+    Refused(ErrorCode),
+}

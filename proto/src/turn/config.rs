@@ -1,0 +1,103 @@
+//! The core's settings, derived from `turnserver.conf` by the driver.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::policy::PeerPolicy;
+use super::quota;
+use super::{DEFAULT_MAX_CHANNELS, DEFAULT_MAX_PERMISSIONS, DEFAULT_UNAUTHENTICATED_RATE};
+use super::{DefaultFamily, ExternalIp};
+use crate::auth::{Authenticator, NonceIssuer};
+
+/// Settings of the core, shared by every worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub auth: Authenticator,
+    pub nonces: NonceIssuer,
+    /// Add FINGERPRINT to every response (`fingerprint`); responses to
+    /// requests carrying FINGERPRINT get one regardless.
+    pub fingerprint: bool,
+    /// SOFTWARE attribute for responses, if any.
+    pub software: Option<String>,
+    /// Cap on allocation lifetime, seconds (`max-allocate-lifetime`).
+    pub max_allocation_lifetime: u32,
+    /// Permission lifetime, seconds (`permission-lifetime`, 300).
+    pub permission_lifetime: u32,
+    /// Channel binding lifetime, seconds (`channel-lifetime`, 600).
+    pub channel_lifetime: u32,
+    pub policy: PeerPolicy,
+    /// `relay-ip` addresses; empty means "the address the client used".
+    pub relay_ips: Vec<IpAddr>,
+    /// Every address the server listens on (fallback relay addresses for a
+    /// family the client did not connect over).
+    pub listening_ips: Vec<IpAddr>,
+    pub external_ips: Vec<ExternalIp>,
+    pub default_family: DefaultFamily,
+    /// Accept channel numbers 0x5000–0x7FFF (RFC 5766) as well as
+    /// 0x4000–0x4FFF (RFC 8656).
+    pub rfc5766_channels: bool,
+    /// Grant UDP relays (`no-udp-relay` turns this off: every Allocate
+    /// gets 442).
+    pub allow_udp_relay: bool,
+    /// RFC 8016 mobility (`mobility`): allocations asked for with an empty
+    /// MOBILITY-TICKET get a ticket, and a Refresh carrying it from another
+    /// 5-tuple moves the allocation there. Off: MOBILITY-TICKET gets 405.
+    pub mobility: bool,
+    /// Key authenticating mobility tickets; shared by every worker.
+    pub ticket_key: [u8; 32],
+    /// Answers to unauthenticated requests (401, 438, 400, 420, 441) per
+    /// second per source address, with a burst of five seconds' worth;
+    /// `None` = unlimited (`unauthorized-ratelimit-rps`). Each worker counts
+    /// its own clients.
+    pub unauthenticated_rate: Option<u32>,
+    /// Binding requires long-term credentials too (`secure-stun`).
+    pub secure_stun: bool,
+    /// Binding requests are ignored (`no-stun`).
+    pub no_stun: bool,
+    /// TURN requests are ignored: a STUN-only server (`stun-only`).
+    pub stun_only: bool,
+    /// Quotas and bandwidth limits.
+    pub limits: quota::Limits,
+    /// Permissions one allocation may hold at once; more get 508.
+    pub max_permissions: usize,
+    /// Channel bindings one allocation may hold at once; more get 508.
+    pub max_channels: usize,
+    /// `alternate-server`: redirect every Allocate over UDP/TCP with 300
+    /// Try Alternate, round-robin among servers of the client's family
+    /// (coturn's redirection mode).
+    pub alternate_servers: Vec<SocketAddr>,
+    /// `tls-alternate-server`: the same for clients over TLS.
+    pub tls_alternate_servers: Vec<SocketAddr>,
+}
+
+impl Config {
+    /// A configuration with coturn's defaults and the given authenticator.
+    pub fn new(auth: Authenticator, nonces: NonceIssuer) -> Self {
+        Config {
+            auth,
+            nonces,
+            fingerprint: false,
+            software: None,
+            max_allocation_lifetime: 3600,
+            permission_lifetime: 300,
+            channel_lifetime: 600,
+            policy: PeerPolicy::default(),
+            relay_ips: Vec::new(),
+            listening_ips: Vec::new(),
+            external_ips: Vec::new(),
+            default_family: DefaultFamily::Ipv4,
+            rfc5766_channels: true,
+            allow_udp_relay: true,
+            mobility: false,
+            ticket_key: [0; 32],
+            unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),
+            secure_stun: false,
+            no_stun: false,
+            stun_only: false,
+            limits: quota::Limits::default(),
+            max_permissions: DEFAULT_MAX_PERMISSIONS,
+            max_channels: DEFAULT_MAX_CHANNELS,
+            alternate_servers: Vec::new(),
+            tls_alternate_servers: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! What passes between the core and its driver: the relay sockets the core
+//! asks for, what to do with a client message, where to deliver peer data,
+//! and the events the driver drains.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+
+use super::{AllocationId, FiveTuple};
+
+/// Which relay port the core needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRequest {
+    /// Any free port in the range.
+    Any,
+    /// An even port; with `reserve_next`, the next (odd) port is bound and
+    /// held for [`RESERVATION_LIFETIME`] under a token the driver returns
+    /// (EVEN-PORT with the R bit, RFC 8656 §7.2).
+    Even { reserve_next: bool },
+    /// The socket reserved under this RESERVATION-TOKEN. Reservations live
+    /// in the driver, shared by all workers, because the claiming Allocate
+    /// usually comes from another 5-tuple and so may reach another worker.
+    Reserved([u8; 8]),
+}
+
+/// A relay socket the core asks the driver to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRequest {
+    /// Local address to bind.
+    pub ip: IpAddr,
+    pub port: PortRequest,
+    /// Set DF on relayed datagrams (DONT-FRAGMENT).
+    pub dont_fragment: bool,
+}
+
+/// A relay socket the driver opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedRelay {
+    /// The bound relayed transport address.
+    pub addr: SocketAddr,
+    /// The RESERVATION-TOKEN for the reserved next port, for
+    /// `PortRequest::Even { reserve_next: true }`.
+    pub reservation: Option<[u8; 8]>,
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayError {
+    /// No free port in `min-port`..`max-port` (answered 508).
+    NoPortAvailable,
+    /// The reservation token is unknown or expired (answered 508).
+    NoReservation,
+}
+
+/// The driver side of relay sockets.
+pub trait RelayProvider {
+    /// Binds a relay socket for allocation `id`. On success the driver must
+    /// deliver datagrams arriving on it to [`Server::handle_peer`] with `id`.
+    fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError>;
+}
+
+/// What the driver must do with a client message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Nothing to send.
+    None,
+    /// Send the STUN message in `out` back to the client on the same 5-tuple.
+    Reply,
+    /// Send `data[payload]` from `allocation`'s relay socket to `peer`.
+    Relay {
+        allocation: AllocationId,
+        peer: SocketAddr,
+        payload: Range<usize>,
+    },
+    /// An authenticated Refresh carries a mobility ticket for an allocation
+    /// owned by worker `owner` (RFC 8016). The driver asks that worker to
+    /// [`Server::export`] it for `username`, [`Server::import`]s it here, and
+    /// hands the same request to [`Server::handle_client`] again, which then
+    /// refreshes it on its new 5-tuple. If the export fails, answer the
+    /// request with [`Server::answer_error`] and the code it returned.
+    Migrate {
+        owner: u16,
+        allocation: AllocationId,
+        username: String,
+    },
+}
+
+/// Where to send framed peer data (see [`Server::handle_peer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The driver's token for the client connection (`link` passed in with
+    /// the client's messages).
+    pub link: u32,
+    pub client: FiveTuple,
+    /// The framed message's range in the buffer.
+    pub range: Range<usize>,
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Refresh with LIFETIME 0.
+    Deleted,
+    /// The lifetime ran out without a refresh.
+    Expired,
+    /// The client's TCP/TLS connection closed.
+    ConnectionClosed,
+}
+
+impl CloseReason {
+    /// Every reason, in the order of [`Stats::ended`].
+    pub const ALL: [CloseReason; 3] = [
+        CloseReason::Deleted,
+        CloseReason::Expired,
+        CloseReason::ConnectionClosed,
+    ];
+
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Deleted => "deleted",
+            CloseReason::Expired => "expired",
+            CloseReason::ConnectionClosed => "connection_closed",
+        }
+    }
+
+    /// Its position in [`CloseReason::ALL`] (for counter arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CloseReason::Deleted => "refresh with lifetime 0",
+            CloseReason::Expired => "lifetime expired",
+            CloseReason::ConnectionClosed => "client connection closed",
+        })
+    }
+}
+
+/// Something the driver must act on; drain with [`Server::poll_event`] after
+/// every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Close the allocation's relay socket.
+    AllocationClosed {
+        id: AllocationId,
+        relayed: SocketAddr,
+        /// The client's 5-tuple the allocation belonged to.
+        five_tuple: FiveTuple,
+    },
+}

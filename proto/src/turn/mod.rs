@@ -1,0 +1,635 @@
+//! The sans-IO TURN server core (RFC 8656, with RFC 8489 Binding and
+//! long-term credentials).
+//!
+//! [`Server`] owns the allocation table: allocations keyed by their client
+//! 5-tuple, each with its permissions, channel bindings and expiry times. It
+//! never touches a socket or reads a clock. The driver passes in every
+//! received client message and peer datagram with the current [`Instant`],
+//! sends what the core decides, and calls [`Server::handle_timeout`] at least
+//! once a second so lifetimes expire. Relay sockets are opened through the
+//! [`RelayProvider`] the driver hands in, and closed when the driver drains
+//! [`Event::AllocationClosed`] from [`Server::poll_event`]; quotas are
+//! counted in the [`quota::Ledger`] it hands in.
+//!
+//! A request is decoded once into a typed [`request::Request`] (400, 420
+//! and 440 come from there); the handlers decide on its fields:
+//! [`allocation`] (Allocate, Refresh, expiry), [`permission`]
+//! (CreatePermission, ChannelBind, the peer policy), [`relay`] (the data
+//! path both ways), [`mobility`] (RFC 8016 tickets and moving allocations
+//! between workers), with [`rate_limit`] and [`auth_log`] beside them.
+//!
+//! The relay hot path allocates nothing: client ChannelData and Send
+//! indications come back as [`ClientAction::Relay`] with the payload's range
+//! in the caller's buffer, and peer data is framed in place by
+//! [`Server::handle_peer`].
+
+mod allocation;
+mod auth_log;
+mod config;
+mod driver;
+mod five_tuple;
+mod mobility;
+mod permission;
+pub mod policy;
+pub mod quota;
+pub mod rate_limit;
+mod relay;
+pub mod request;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod sim;
+mod stats;
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use slab::Slab;
+use tracing::{debug, info};
+
+use crate::auth::{AuthFailure, Key, NonceCheck};
+use crate::stun::{Class, ErrorCode, Message, MessageWriter, attr, method};
+use allocation::Allocation;
+use rate_limit::{RateLimiter, SeededMap, SeededState};
+use request::{Credentials, Request};
+
+pub use config::Config;
+pub use driver::{
+    ClientAction, CloseReason, Delivery, Event, OpenedRelay, PortRequest, RelayError,
+    RelayProvider, RelayRequest,
+};
+pub use five_tuple::{AllocationId, DefaultFamily, ExternalIp, Family, FiveTuple, Transport};
+pub use mobility::MovedAllocation;
+pub use stats::{Gauges, Stats, Traffic};
+
+/// Default allocation lifetime, seconds (RFC 8656 §7.2).
+pub const DEFAULT_ALLOCATION_LIFETIME: u32 = 600;
+/// How long a channel number and peer stay reserved after the binding
+/// expires, seconds (RFC 8656 §12).
+pub const CHANNEL_REBIND_GUARD: u64 = 300;
+/// Default cap on permissions per allocation (a WebRTC client needs one per
+/// remote candidate address).
+pub const DEFAULT_MAX_PERMISSIONS: usize = 64;
+/// Default cap on channel bindings per allocation.
+pub const DEFAULT_MAX_CHANNELS: usize = 64;
+/// Default limit on answers to unauthenticated requests per source address,
+/// per second.
+pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 20;
+/// How long an EVEN-PORT reservation is held, seconds (RFC 8656 §7.2:
+/// "about 30 seconds"). The driver enforces it.
+pub const RESERVATION_LIFETIME: u64 = 30;
+
+/// The TURN server state machine for one worker's share of the clients.
+pub struct Server {
+    cfg: std::sync::Arc<Config>,
+    /// Where allocations are counted against quotas (shared by the driver).
+    ledger: Box<dyn quota::Ledger>,
+    allocations: Slab<Allocation>,
+    by_five_tuple: SeededMap<FiveTuple, AllocationId>,
+    events: VecDeque<Event>,
+    next_generation: u32,
+    /// Maps the monotonic clock to UNIX time (for REST expiry and nonces).
+    wall: (Instant, u64),
+    rng: u64,
+    relay_rr: usize,
+    /// This core's worker index, written into mobility tickets.
+    worker: u16,
+    limiter: RateLimiter,
+    auth_log: auth_log::AuthLog,
+    stats: Stats,
+    /// Draining: new allocations are refused (508) or redirected (300).
+    draining: bool,
+    alternate_rr: usize,
+}
+
+/// The outcome of authenticating a request.
+enum Authed<'m> {
+    /// Authenticated (or auth disabled: no key, empty username).
+    Ok { key: Option<Key>, username: &'m str },
+    /// An error response is in `out`.
+    Answered,
+}
+
+impl Server {
+    /// A core with no allocations for worker `worker`. `now` and `unix_now`
+    /// (UNIX seconds) anchor the wall clock; `seed` keys the rate limiter's
+    /// and the allocation table's hashes and seeds the generator of Data
+    /// indication transaction IDs (pass a random value); `ledger` counts
+    /// allocations against quotas.
+    pub fn new(
+        cfg: std::sync::Arc<Config>,
+        ledger: Box<dyn quota::Ledger>,
+        worker: u16,
+        now: Instant,
+        unix_now: u64,
+        seed: u64,
+    ) -> Self {
+        Server {
+            cfg,
+            ledger,
+            allocations: Slab::new(),
+            by_five_tuple: SeededMap::with_hasher(SeededState::new(seed)),
+            events: VecDeque::new(),
+            next_generation: 1,
+            wall: (now, unix_now),
+            rng: seed | 1,
+            relay_rr: 0,
+            worker,
+            // Its own key, not the table's.
+            limiter: RateLimiter::new(now, seed.rotate_left(29) ^ 0xA076_1D64_78BD_642F),
+            auth_log: auth_log::AuthLog::default(),
+            stats: Stats::default(),
+            draining: false,
+            alternate_rr: 0,
+        }
+    }
+
+    /// Re-anchors the wall clock (the driver does this periodically).
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: u64) {
+        self.wall = (now, unix_now);
+    }
+
+    /// Replaces the configuration for new requests (live reload); existing
+    /// allocations keep their keys, permissions and channels.
+    pub fn set_config(&mut self, cfg: std::sync::Arc<Config>) {
+        self.cfg = cfg;
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Number of live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// The allocation on a client 5-tuple, if any.
+    pub fn allocation_for(&self, five_tuple: &FiveTuple) -> Option<AllocationId> {
+        self.by_five_tuple.get(five_tuple).copied()
+    }
+
+    /// The client 5-tuple of an allocation.
+    pub fn five_tuple_of(&self, id: AllocationId) -> Option<FiveTuple> {
+        self.get(id).map(|a| a.five_tuple)
+    }
+
+    /// Traffic counters of an allocation.
+    pub fn traffic(&self, id: AllocationId) -> Option<Traffic> {
+        self.get(id).map(|a| a.traffic)
+    }
+
+    /// Starts or stops draining: while draining, new allocations get 300
+    /// Try Alternate (when alternate servers are configured) or 508, and
+    /// existing ones carry on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether the core is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Live gauges; with `per_user`, allocations are counted per user (in
+    /// the order of their names).
+    pub fn gauges(&self, per_user: bool) -> Gauges {
+        let mut g = Gauges::default();
+        let mut users: std::collections::BTreeMap<&str, u32> = Default::default();
+        for (_, a) in self.allocations.iter() {
+            g.allocations[a.five_tuple.transport as usize] += 1;
+            g.permissions += a.permissions.len() as u64;
+            g.channels += a.channels.len() as u64;
+            g.live_traffic.add(&a.traffic);
+            if per_user {
+                *users.entry(self.quota_user(&a.username)).or_insert(0) += 1;
+            }
+        }
+        g.users = users.into_iter().map(|(u, n)| (u.into(), n)).collect();
+        g
+    }
+
+    /// The name quotas and per-user gauges count `username` under: the
+    /// user part of a TURN REST username.
+    fn quota_user<'u>(&self, username: &'u str) -> &'u str {
+        match &self.cfg.auth.mechanism {
+            crate::auth::Mechanism::RestApi { separator, .. } => {
+                crate::auth::rest_user(username, *separator)
+            }
+            _ => username,
+        }
+    }
+
+    /// Answers to unauthenticated requests suppressed by the rate limit
+    /// since the last call.
+    pub fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.limiter.suppressed)
+    }
+
+    /// Applies the unauthenticated-answer rate limit to the answer in
+    /// `out`: drops it (clearing `out`) when `ft`'s source is over its limit.
+    fn limit(&mut self, now: Instant, ft: &FiveTuple, out: &mut Vec<u8>) -> ClientAction {
+        match self.cfg.unauthenticated_rate {
+            Some(rate) if !self.limiter.admit(ft.client.ip(), now, rate) => {
+                self.stats.rate_limited += 1;
+                out.clear();
+                ClientAction::None
+            }
+            _ => ClientAction::Reply,
+        }
+    }
+
+    /// Checks the allocation table's internal consistency: every 5-tuple
+    /// maps to the allocation that holds it, permissions and channels are
+    /// unique and within their caps, and nothing expired survives a
+    /// [`Server::handle_timeout`] at `checked_at`. For tests and fuzzing.
+    pub fn check_invariants(&self, checked_at: Option<Instant>) -> Result<(), String> {
+        if self.by_five_tuple.len() != self.allocations.len() {
+            return Err(format!(
+                "{} 5-tuples for {} allocations",
+                self.by_five_tuple.len(),
+                self.allocations.len()
+            ));
+        }
+        for (ft, id) in &self.by_five_tuple {
+            let a = self
+                .get(*id)
+                .ok_or_else(|| format!("{ft} maps to a missing allocation"))?;
+            if a.five_tuple != *ft {
+                return Err(format!("{ft} maps to the allocation of {}", a.five_tuple));
+            }
+        }
+        for (_, a) in self.allocations.iter() {
+            a.check_invariants(self.cfg.max_permissions, self.cfg.max_channels)?;
+            if let Some(t) = checked_at
+                && a.expires <= t
+            {
+                return Err(format!("{}: expired allocation survived", a.five_tuple));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.wall.1 + now.saturating_duration_since(self.wall.0).as_secs()
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: transaction IDs of Data indications need uniqueness,
+        // not secrecy.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn get(&self, id: AllocationId) -> Option<&Allocation> {
+        self.allocations
+            .get(id.slot())
+            .filter(|a| a.id == id)
+    }
+
+    fn get_mut(&mut self, id: AllocationId) -> Option<&mut Allocation> {
+        self.allocations
+            .get_mut(id.slot())
+            .filter(|a| a.id == id)
+    }
+
+    /// Handles one message from a client: a STUN message or ChannelData,
+    /// exactly one UDP datagram or one stream frame.
+    ///
+    /// `link` is the driver's token for the connection (returned in
+    /// [`Delivery::link`]). A reply, if any, is written to `out` (cleared
+    /// first). Malformed input is dropped silently.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        five_tuple: &FiveTuple,
+        link: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+    ) -> ClientAction {
+        out.clear();
+        match data.first() {
+            Some(b) if b >> 6 == 0b01 => self.client_channel_data(now, five_tuple, data),
+            Some(b) if b >> 6 == 0b00 => {
+                let Ok(msg) = Message::parse(data) else {
+                    return ClientAction::None;
+                };
+                if !msg.fingerprint_ok() {
+                    return ClientAction::None;
+                }
+                match msg.class() {
+                    Class::Request => self.request(now, five_tuple, link, &msg, out, relays),
+                    Class::Indication if msg.method() == method::SEND => {
+                        self.send_indication(now, five_tuple, &msg)
+                    }
+                    _ => ClientAction::None,
+                }
+            }
+            _ => ClientAction::None,
+        }
+    }
+
+    /// Starts a response to `req` in `out`; SOFTWARE is added when configured.
+    fn response<'o>(
+        &self,
+        out: &'o mut Vec<u8>,
+        req: &Message<'_>,
+        class: Class,
+    ) -> MessageWriter<'o> {
+        let mut w = MessageWriter::new(out, req.method(), class, req.transaction_id());
+        if let Some(s) = &self.cfg.software {
+            w.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        w
+    }
+
+    /// Adds MESSAGE-INTEGRITY (when authenticated) and FINGERPRINT (when the
+    /// request had one or `fingerprint` is set).
+    fn seal(&self, w: &mut MessageWriter<'_>, req: &Message<'_>, key: Option<&Key>) {
+        if let Some(k) = key {
+            w.integrity(k);
+        }
+        if self.cfg.fingerprint || req.has_fingerprint() {
+            w.fingerprint();
+        }
+    }
+
+    /// An error response with `code`, signed with `key` when the request
+    /// was authenticated.
+    fn error(
+        &self,
+        out: &mut Vec<u8>,
+        req: &Message<'_>,
+        code: ErrorCode,
+        key: Option<&Key>,
+    ) -> ClientAction {
+        let mut w = self.response(out, req, Class::Error);
+        w.error(code);
+        self.seal(&mut w, req, key);
+        ClientAction::Reply
+    }
+
+    /// A success response with no attributes but the seal.
+    fn success(&self, out: &mut Vec<u8>, req: &Message<'_>, key: Option<&Key>) -> ClientAction {
+        let mut w = self.response(out, req, Class::Success);
+        self.seal(&mut w, req, key);
+        ClientAction::Reply
+    }
+
+    /// 401 or 438 with REALM and a fresh NONCE, never MESSAGE-INTEGRITY.
+    fn challenge(
+        &self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        ft: &FiveTuple,
+        req: &Message<'_>,
+        code: ErrorCode,
+    ) -> ClientAction {
+        let nonce = self.cfg.nonces.issue(self.unix(now), ft.client.ip());
+        let mut w = self.response(out, req, Class::Error);
+        w.error(code)
+            .attr(attr::REALM, self.cfg.auth.realm.as_bytes())
+            .attr(attr::NONCE, &nonce);
+        self.seal(&mut w, req, None);
+        ClientAction::Reply
+    }
+
+    /// A Binding success: XOR-MAPPED-ADDRESS, the client's address.
+    fn binding(
+        &self,
+        out: &mut Vec<u8>,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        key: Option<&Key>,
+    ) -> ClientAction {
+        let mut w = self.response(out, msg, Class::Success);
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        self.seal(&mut w, msg, key);
+        ClientAction::Reply
+    }
+
+    fn request(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        link: u32,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        relays: &mut dyn RelayProvider,
+    ) -> ClientAction {
+        let mut unknown = [0u16; 16];
+        let unknown = request::unknown_attributes(msg, &mut unknown);
+        if !unknown.is_empty() {
+            let mut w = self.response(out, msg, Class::Error);
+            w.error(ErrorCode::UnknownAttribute)
+                .unknown_attributes(unknown);
+            self.seal(&mut w, msg, None);
+            debug!(five_tuple = %ft, method = method::name(msg.method()), "420 for unknown attributes {unknown:04x?}");
+            return self.limit(now, ft, out);
+        }
+        let m = msg.method();
+        let turn = matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        );
+        if (m == method::BINDING && self.cfg.no_stun) || (turn && self.cfg.stun_only) {
+            return ClientAction::None;
+        }
+        if m == method::BINDING && !self.cfg.secure_stun {
+            return self.binding(out, ft, msg, None);
+        }
+        if !turn && m != method::BINDING {
+            debug!(five_tuple = %ft, "400 for unsupported method 0x{m:03x}");
+            self.error(out, msg, ErrorCode::BadRequest, None);
+            return self.limit(now, ft, out);
+        }
+        let (key, username) = match self.authenticate(now, ft, msg, out) {
+            Authed::Ok { key, username } => (key, username),
+            Authed::Answered => return self.limit(now, ft, out),
+        };
+        let k = key.as_ref();
+        let action = match Request::decode(msg, self.cfg.rfc5766_channels) {
+            Err(code) => self.error(out, msg, code, k),
+            // secure-stun: an authenticated Binding.
+            Ok(Request::Binding) => return self.binding(out, ft, msg, k),
+            Ok(Request::Allocate(req)) => {
+                self.allocate(now, ft, link, msg, &req, out, relays, key, username)
+            }
+            Ok(Request::Refresh(req)) => {
+                self.refresh(now, ft, link, msg, &req, out, key, username)
+            }
+            Ok(Request::CreatePermission(req)) => {
+                self.create_permission(now, ft, msg, &req, out, key)
+            }
+            Ok(Request::ChannelBind(req)) => self.channel_bind(now, ft, msg, &req, out, key),
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let outcome = match Message::parse(out) {
+                Ok(r) if r.class() == Class::Success => "success".to_string(),
+                Ok(r) => match r.get(attr::ERROR_CODE).map(attr::decode_error_code) {
+                    Some(Ok((code, text))) => format!("error {code} {text}"),
+                    _ => "error".to_string(),
+                },
+                Err(_) => "no response".to_string(),
+            };
+            debug!(five_tuple = %ft, user = username, "{} request: {outcome}", method::name(m));
+        }
+        action
+    }
+
+    /// RFC 8489 §9.2.4 for long-term credentials.
+    fn authenticate<'m>(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'m>,
+        out: &mut Vec<u8>,
+    ) -> Authed<'m> {
+        if !self.cfg.auth.enabled() {
+            return Authed::Ok {
+                key: None,
+                username: "",
+            };
+        }
+        if !msg.has_integrity() {
+            self.challenge(now, out, ft, msg, ErrorCode::Unauthorized);
+            return Authed::Answered;
+        }
+        let creds = match Credentials::decode(msg) {
+            Ok(c) => c,
+            Err(code) => {
+                self.error(out, msg, code, None);
+                return Authed::Answered;
+            }
+        };
+        let username = creds.username;
+        match self
+            .cfg
+            .nonces
+            .check(creds.nonce, self.unix(now), ft.client.ip())
+        {
+            NonceCheck::Valid => {}
+            NonceCheck::Stale | NonceCheck::Invalid => {
+                self.auth_failed(now, ft, username, msg, AuthFailure::StaleNonce);
+                self.challenge(now, out, ft, msg, ErrorCode::StaleNonce);
+                return Authed::Answered;
+            }
+        }
+        // Requests on an existing allocation must come from its user and are
+        // checked with the key it was created with (a REST credential may
+        // expire while its allocation lives on, as in coturn).
+        if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
+            if *a.username != *username {
+                info!(five_tuple = %ft, user = username, allocation_user = &*a.username, "441: request for another user's allocation");
+                self.error(out, msg, ErrorCode::WrongCredentials, None);
+                return Authed::Answered;
+            }
+            if let Some(key) = a.key
+                && msg.verify_integrity(&key)
+            {
+                return Authed::Ok {
+                    key: Some(key),
+                    username,
+                };
+            }
+        }
+        match self.cfg.auth.authenticate(msg, username, self.unix(now)) {
+            Ok(key) => Authed::Ok {
+                key: Some(key),
+                username,
+            },
+            Err(why) => {
+                self.auth_failed(now, ft, username, msg, why);
+                self.challenge(now, out, ft, msg, ErrorCode::Unauthorized);
+                Authed::Answered
+            }
+        }
+    }
+
+    /// Counts a refused credential and logs it, once per client, user and
+    /// reason per [`auth_log::WINDOW`] (retransmissions and retrying clients
+    /// would otherwise log a line each).
+    fn auth_failed(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        username: &str,
+        msg: &Message<'_>,
+        why: AuthFailure,
+    ) {
+        self.stats.auth_failures[why.index()] += 1;
+        if self.auth_log.record(now, ft.client.ip(), username, why) {
+            let code = refusal_code(why);
+            info!(five_tuple = %ft, user = username, realm = %self.cfg.auth.realm, method = method::name(msg.method()), "{}: {why}", code.code());
+        }
+    }
+
+    /// The client's stream connection on `five_tuple` closed: its allocation
+    /// ends (RFC 8656 §3.1).
+    pub fn client_closed(&mut self, now: Instant, five_tuple: &FiveTuple) {
+        if let Some(&id) = self.by_five_tuple.get(five_tuple) {
+            self.close(id, CloseReason::ConnectionClosed, now);
+        }
+    }
+
+    /// Expires allocations, permissions and channels, and reports repeated
+    /// credential refusals whose window ended. Call at least once per
+    /// second.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<AllocationId> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| a.expires <= now)
+            .map(|(_, a)| a.id)
+            .collect();
+        for id in expired {
+            self.close(id, CloseReason::Expired, now);
+        }
+        for (_, a) in self.allocations.iter_mut() {
+            a.prune(now);
+        }
+        let realm = &self.cfg.auth.realm;
+        self.auth_log.sweep(now, |r| {
+            let code = refusal_code(r.why).code();
+            let (why, n) = (r.why, r.repeats);
+            let secs = auth_log::WINDOW.as_secs();
+            match r.client {
+                Some(client) => info!(client = %client, user = r.user, realm = %realm, "{code}: {why}: {n} more in the last {secs} s"),
+                None => info!(realm = %realm, "{n} more credential failures from other clients in the last {secs} s (not logged one by one)"),
+            }
+        });
+    }
+
+    /// Ends every allocation (shutdown).
+    pub fn close_all(&mut self, now: Instant, reason: CloseReason) {
+        let ids: Vec<AllocationId> = self.allocations.iter().map(|(_, a)| a.id).collect();
+        for id in ids {
+            self.close(id, reason, now);
+        }
+    }
+}
+
+/// The error a refused credential is answered with: 438 for a stale nonce,
+/// else 401.
+fn refusal_code(why: AuthFailure) -> ErrorCode {
+    if why == AuthFailure::StaleNonce {
+        ErrorCode::StaleNonce
+    } else {
+        ErrorCode::Unauthorized
+    }
+}
+
+#[cfg(test)]
+mod tests;
