@@ -7,10 +7,12 @@
 
 pub mod batch;
 pub mod exclusive;
+mod handover;
 pub mod net;
 pub mod ports;
 pub mod quota;
 pub mod relay;
+mod shared;
 pub mod steering;
 mod stream;
 pub mod tls;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-pub use worker::{Shared, Steering, StreamCount, Telemetry, WorkerReport};
+pub use shared::{Shared, Steering, StreamCount, Telemetry, WorkerReport};
 use worker::{Sockets, StreamListener};
 
 /// What to listen on.

@@ -53,9 +53,7 @@ mod tests {
             .map(|_| {
                 let mut c = counts.clone();
                 std::thread::spawn(move || {
-                    (0..50)
-                        .filter(|_| c.acquire("u", &limits).is_ok())
-                        .count()
+                    (0..50).filter(|_| c.acquire("u", &limits).is_ok()).count()
                 })
             })
             .collect();

@@ -1,4 +1,6 @@
-//! A client's TCP or TLS connection as the worker's reader and writer share
+//! Client TCP and TLS connections: accepting them (TLS told apart by its
+//! first byte), serving each until it closes (frames to the core, replies
+//! and relayed data queued back), the stream as the reader and writer share
 //! it, and how a batch of queued frames is put on the wire.
 //!
 //! Over TLS, every TURN frame (a STUN message or a ChannelData message) goes
@@ -9,17 +11,288 @@
 //! ChannelData messages counts as one and loses the second). The records of
 //! one batch still leave in a single `writev`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
 
+use super::Shared;
+use super::worker::{Handle, STREAM_LINK};
 use crate::stun::channel;
+use crate::turn::{FiveTuple, Transport};
+
+/// Bytes a stream connection may have queued for sending before further
+/// relayed data to it is dropped (a client that stops reading cannot grow
+/// server memory without bound).
+const MAX_QUEUED: usize = 512 * 1024;
+/// Largest frame on a stream: a STUN message (20-byte header plus a 16-bit
+/// length), bytes; padded ChannelData is at most 4 + 65536.
+const MAX_FRAME: usize = 20 + 65535;
+/// Time allowed for a new TCP/TLS connection to send its first byte and
+/// finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to complete a frame once its first byte arrived (slowloris).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Releases a connection's place in [`StreamCount`] when it ends.
+struct StreamSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.shared.streams.release(self.ip);
+    }
+}
+
+/// A client's stream connection: its 5-tuple and outgoing byte queue.
+pub(super) struct Conn {
+    pub(super) five_tuple: FiveTuple,
+    queue: RefCell<Vec<u8>>,
+    wake: Notify,
+    dropped: Cell<u64>,
+}
+
+impl Conn {
+    /// Queues a complete frame; drops it when the client is not reading.
+    pub(super) fn send(&self, bytes: &[u8]) {
+        let mut q = self.queue.borrow_mut();
+        if q.len() + bytes.len() > MAX_QUEUED {
+            self.dropped.set(self.dropped.get() + 1);
+            return;
+        }
+        q.extend_from_slice(bytes);
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+/// Accepts client connections on a TCP listener of the worker, within the
+/// per-address limit, and serves each on a task of its own.
+pub(super) async fn listen(worker: Handle, listener: TcpListener, local: SocketAddr) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                warn!("accept on {local}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = worker.borrow().shared.clone();
+        if !shared.streams.acquire(peer.ip()) {
+            debug!(
+                "{peer} -> {local}: more than {} connections from this address; closing",
+                shared.streams.limit.load(Ordering::Relaxed)
+            );
+            continue;
+        }
+        let slot = StreamSlot {
+            shared,
+            ip: peer.ip(),
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = worker.clone();
+        tokio::task::spawn_local(async move {
+            accept_stream(worker, stream, peer, local).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Decides TLS or plain TCP by the first byte (0x16 is a TLS handshake
+/// record), as coturn does on both of its ports, then serves the connection.
+async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let acceptor = worker.borrow().shared.tls.load_full();
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(Ok(_)) | Ok(Err(_)) => return,
+        Err(_) => {
+            debug!("{peer} -> {local}: no data within {HANDSHAKE_TIMEOUT:?}; closing");
+            return;
+        }
+    };
+    let ft = FiveTuple {
+        client: peer,
+        server: local,
+        transport: if is_tls {
+            Transport::Tls
+        } else {
+            Transport::Tcp
+        },
+    };
+    if !is_tls {
+        serve_stream(worker, stream, ft).await;
+        return;
+    }
+    let Some(acceptor) = acceptor else {
+        debug!("{peer} -> {local}: TLS handshake but no certificate is configured; closing");
+        return;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(mut tls)) => {
+            worker.borrow_mut().tls_handshakes += 1;
+            // The writer bounds what it hands rustls (one batch, flushed
+            // before the next), and a frame must never be cut across
+            // records because a buffer limit was reached.
+            tls.get_mut().1.set_buffer_limit(None);
+            serve_stream(worker, tls, ft).await
+        }
+        Ok(Err(e)) => {
+            worker.borrow_mut().tls_failures += 1;
+            info!("TLS handshake from {peer} on {local} failed: {e}")
+        }
+        Err(_) => {
+            worker.borrow_mut().tls_failures += 1;
+            info!("TLS handshake from {peer} on {local} timed out")
+        }
+    }
+}
+
+/// Serves one TCP or TLS client connection until it closes; its allocation
+/// ends with it (RFC 8656 §3.1).
+async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) {
+    let conn = Rc::new(Conn {
+        five_tuple: ft,
+        queue: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        dropped: Cell::new(0),
+    });
+    let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
+    let stream = Rc::new(RefCell::new(stream));
+    let mut rd = StreamHalf(stream.clone());
+    let mut wr = StreamHalf(stream.clone());
+
+    let writer = async {
+        let mut spare = Vec::new();
+        loop {
+            conn.wake.notified().await;
+            loop {
+                std::mem::swap(&mut *conn.queue.borrow_mut(), &mut spare);
+                if spare.is_empty() {
+                    break;
+                }
+                // Everything staged is flushed before the next batch is
+                // taken, so the stream's own buffer holds at most one batch
+                // (MAX_QUEUED) and the queue's limit still applies.
+                let staged = stream.borrow_mut().stage(&spare);
+                let Ok(rest) = staged else { return };
+                if wr.write_all(rest).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+                spare.clear();
+            }
+        }
+    };
+
+    let reader = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut last_frame = Instant::now();
+        let mut partial_since: Option<Instant> = None;
+        loop {
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(4096);
+            }
+            // A started frame must complete within FRAME_TIMEOUT; a
+            // connection without an allocation may not sit silent longer
+            // than the idle timeout.
+            let deadline = match partial_since {
+                Some(t) => Some((t + FRAME_TIMEOUT, "a frame was not completed in time")),
+                None if worker.borrow().core.allocation_for(&ft).is_none() => {
+                    let idle = Duration::from_secs(
+                        worker
+                            .borrow()
+                            .shared
+                            .idle_timeout_secs
+                            .load(Ordering::Relaxed),
+                    );
+                    Some((last_frame + idle, "idle without an allocation"))
+                }
+                None => None,
+            };
+            let read = match deadline {
+                Some((at, why)) => {
+                    match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            debug!("{ft}: {why}; closing");
+                            return;
+                        }
+                    }
+                }
+                None => rd.read_buf(&mut buf).await,
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut start = 0;
+            loop {
+                let frame = match channel::stream_frame(&buf[start..]) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        debug!("{ft}: stream is neither STUN nor ChannelData; closing");
+                        return;
+                    }
+                };
+                let len = frame.len();
+                if len > MAX_FRAME {
+                    return;
+                }
+                if buf.len() - start < len {
+                    break;
+                }
+                let data = &buf[start..start + len];
+                let mut w = worker.borrow_mut();
+                let action = w.client_message(Instant::now(), &ft, link, data);
+                w.dispatch(action, &ft, link, data);
+                drop(w);
+                start += len;
+            }
+            buf.drain(..start);
+            let now = Instant::now();
+            if start > 0 {
+                last_frame = now;
+                partial_since = None;
+            }
+            if buf.is_empty() {
+                partial_since = None;
+            } else if partial_since.is_none() {
+                partial_since = Some(now);
+            }
+        }
+    };
+
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+    let mut w = worker.borrow_mut();
+    w.conns.remove((link - STREAM_LINK) as usize);
+    w.core.client_closed(Instant::now(), &ft);
+    w.apply_events();
+    if conn.dropped.get() > 0 {
+        info!(
+            "{ft}: {} frames dropped because the client was not reading",
+            conn.dropped.get()
+        );
+    }
+}
 
 /// A client stream that can take a batch of whole frames.
 pub trait FrameStream: AsyncRead + AsyncWrite + Unpin {

@@ -17,10 +17,13 @@
 //! peer data framed in the buffer it was received into. A
 //! relay socket costs its descriptor and a slot in a vector, nothing else.
 //!
-//! The driver moves bytes only: every decision is the core's
-//! ([`crate::turn::Server`]).
+//! The worker moves bytes: what to answer, relay or refuse is the core's
+//! decision ([`crate::turn::Server`]), and whether to pull, hold or forward
+//! a datagram when steering moves a client between workers is
+//! [`super::handover::Handover`]'s; client streams are served by
+//! [`super::stream`], and process-wide state lives in [`super::shared`].
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -28,202 +31,37 @@ use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use slab::Slab;
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use super::Shared;
 use super::batch::{BATCH, RecvBatch, SendQueue};
-use super::ports::PortPool;
-use super::relay::{Opened, Opener, Reservations};
+use super::handover::{Handover, Orphan};
+use super::relay::{Opened, Opener};
 use super::steering;
-use super::stream::{FrameStream, StreamHalf};
+use super::stream::{self, Conn};
 use crate::stun::ErrorCode;
-use crate::stun::channel::{self, HEADROOM, TAILROOM};
+use crate::stun::channel::{HEADROOM, TAILROOM};
 use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
 
 /// Links at or above this value are stream connections; below, UDP listener
 /// indexes.
-const STREAM_LINK: u32 = 1 << 31;
+pub(super) const STREAM_LINK: u32 = 1 << 31;
 /// Largest UDP datagram, bytes.
 const MAX_DATAGRAM: usize = 65536;
-/// Bytes a stream connection may have queued for sending before further
-/// relayed data to it is dropped (a client that stops reading cannot grow
-/// server memory without bound).
-const MAX_QUEUED: usize = 512 * 1024;
-/// Largest frame on a stream: a STUN message (20-byte header plus a 16-bit
-/// length), bytes; padded ChannelData is at most 4 + 65536.
-const MAX_FRAME: usize = 20 + 65535;
 /// Epoll tokens at or above this value are relay sockets (token minus this
 /// is the allocation's slot); below, UDP listener indexes.
 const RELAY_TOKEN: u64 = 1 << 32;
 /// Ready sockets taken per round of the UDP data path.
 const EVENTS: usize = 256;
-/// Time allowed for a new TCP/TLS connection to send its first byte and
-/// finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed to complete a frame once its first byte arrived (slowloris).
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-/// Datagrams held per 5-tuple while its allocation is pulled here.
-const MAX_HELD: usize = 64;
-/// For how long after giving an allocation away a worker forwards the
-/// datagrams that still reach it (those queued in its socket before
-/// steering changed), instead of pulling the allocation back.
-const STRAGGLER_WINDOW: Duration = Duration::from_millis(250);
-/// How long a pull may take before the datagrams held for it are dropped.
-const PULL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Process-wide state every worker reads.
-pub struct Shared {
-    /// The core configuration at start; reloads reach the workers by mail.
-    pub core: Arc<turn::Config>,
-    /// TLS for `tls` listeners, and for TLS detected on plain TCP ports;
-    /// swapped when certificates are reloaded.
-    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    pub pool: PortPool,
-    pub reservations: Reservations,
-    pub relay_device: Option<String>,
-    /// `sock-buf-size` for relay sockets, bytes.
-    pub relay_buffer: Option<usize>,
-    /// UDP GRO on relay sockets (off with `no-udp-gro`).
-    pub relay_gro: bool,
-    /// Open TCP/TLS connections per source address, across workers.
-    pub streams: StreamCount,
-    /// Seconds of silence after which a stream connection without an
-    /// allocation is closed (`max-allocate-timeout`).
-    pub idle_timeout_secs: AtomicU64,
-    /// What workers report for metrics, one slot each.
-    pub telemetry: Telemetry,
-    /// UDP steering (see [`super::steering`]).
-    pub steering: Steering,
-    /// Allocations counted against quotas, by every worker's core.
-    pub quotas: super::quota::SharedCounts,
-}
-
-/// UDP steering state shared by the workers.
-#[derive(Debug, Default)]
-pub struct Steering {
-    /// Whether the configuration allows steering (`udp-steering=auto` and
-    /// no `mobility`); changed by reloads.
-    pub enabled: AtomicBool,
-    /// Whether every UDP client datagram goes to worker 0 now.
-    pub active: AtomicBool,
-    /// The worker that has each UDP client 5-tuple's allocation, kept only
-    /// with more than one worker. Written when an allocation is created,
-    /// moved or closed; read when a datagram finds no allocation on the
-    /// worker it reached.
-    pub directory: std::sync::RwLock<HashMap<FiveTuple, u16>>,
-}
-
-/// What one worker reports, refreshed every second.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerReport {
-    pub stats: turn::Stats,
-    pub gauges: turn::Gauges,
-    /// TLS handshakes completed and failed (including timeouts).
-    pub tls_handshakes: u64,
-    pub tls_failures: u64,
-    /// CPU time the worker's thread has used (user + system), seconds.
-    pub cpu_seconds: f64,
-    /// When the worker last reported: a heartbeat for the watchdog.
-    pub updated: Option<Instant>,
-}
-
-/// Reports of every worker.
-#[derive(Debug, Default)]
-pub struct Telemetry {
-    pub workers: Vec<std::sync::Mutex<WorkerReport>>,
-    /// Count allocations per user in the reports
-    /// (`prometheus-username-labels`).
-    pub per_user: AtomicBool,
-}
-
-impl Telemetry {
-    /// Whether every worker reported within `within` (its event loop runs).
-    pub fn all_alive(&self, within: Duration) -> bool {
-        self.workers.iter().all(|w| {
-            w.lock()
-                .expect("telemetry lock")
-                .updated
-                .is_some_and(|t| t.elapsed() <= within)
-        })
-    }
-
-    /// Slots for `n` workers.
-    pub fn new(n: usize) -> Self {
-        Telemetry {
-            workers: (0..n).map(|_| Default::default()).collect(),
-            per_user: AtomicBool::new(false),
-        }
-    }
-}
-
-/// Counts TCP/TLS connections per source address, capped at `limit`
-/// (0 = unlimited; changed by reloads).
-#[derive(Debug, Default)]
-pub struct StreamCount {
-    pub limit: AtomicU32,
-    per_ip: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
-}
-
-impl StreamCount {
-    /// A counter with the given per-address limit.
-    pub fn new(limit: u32) -> Self {
-        StreamCount {
-            limit: AtomicU32::new(limit),
-            per_ip: Default::default(),
-        }
-    }
-
-    fn acquire(&self, ip: std::net::IpAddr) -> bool {
-        let limit = self.limit.load(Ordering::Relaxed);
-        let mut m = self.per_ip.lock().expect("stream count lock");
-        let n = m.entry(ip).or_insert(0);
-        if limit > 0 && *n >= limit {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release(&self, ip: std::net::IpAddr) {
-        let mut m = self.per_ip.lock().expect("stream count lock");
-        if let Some(n) = m.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&ip);
-            }
-        }
-    }
-
-    /// Open connections from `ip`.
-    pub fn of(&self, ip: std::net::IpAddr) -> u32 {
-        self.per_ip
-            .lock()
-            .expect("stream count lock")
-            .get(&ip)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-/// Releases a connection's place in [`StreamCount`] when it ends.
-struct StreamSlot {
-    shared: Arc<Shared>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.shared.streams.release(self.ip);
-    }
-}
 
 /// A TCP listener (TLS is detected by the first byte on every one).
 pub struct StreamListener {
@@ -252,42 +90,19 @@ impl AsRawFd for EpollSet {
     }
 }
 
-/// A pull in progress: when it started, and the client datagrams held until
-/// the allocation arrives (with their listener index).
-type Pull = (Instant, Vec<(u32, Vec<u8>)>);
-
-/// A client's stream connection: its 5-tuple and outgoing byte queue.
-struct Conn {
-    five_tuple: FiveTuple,
-    queue: RefCell<Vec<u8>>,
-    wake: Notify,
-    dropped: Cell<u64>,
-}
-
-impl Conn {
-    /// Queues a complete frame; drops it when the client is not reading.
-    fn send(&self, bytes: &[u8]) {
-        let mut q = self.queue.borrow_mut();
-        if q.len() + bytes.len() > MAX_QUEUED {
-            self.dropped.set(self.dropped.get() + 1);
-            return;
-        }
-        q.extend_from_slice(bytes);
-        drop(q);
-        self.wake.notify_one();
-    }
-}
-
-struct Worker {
+/// One worker's state: its core, sockets and connections. Shared by its
+/// tasks through [`Handle`].
+pub(super) struct Worker {
     index: usize,
-    tls_handshakes: u64,
-    tls_failures: u64,
-    core: turn::Server,
-    shared: Arc<Shared>,
+    pub(super) tls_handshakes: u64,
+    pub(super) tls_failures: u64,
+    pub(super) core: turn::Server,
+    pub(super) shared: Arc<Shared>,
     mailboxes: Mailboxes,
     /// UDP listener sockets and their addresses, indexed by link.
     udp: Vec<(UdpSocket, SocketAddr)>,
-    conns: Slab<Rc<Conn>>,
+    /// Client stream connections, indexed by link minus [`STREAM_LINK`].
+    pub(super) conns: Slab<Rc<Conn>>,
     /// Relay sockets, indexed by allocation slot.
     relays: Vec<Option<Relay>>,
     epoll: Rc<AsyncFd<EpollSet>>,
@@ -297,12 +112,9 @@ struct Worker {
     /// Whether there are other workers, so allocations may move between
     /// workers as steering changes where datagrams arrive.
     steer: bool,
-    /// UDP 5-tuples whose allocation is being pulled from another worker.
-    pulling: HashMap<FiveTuple, Pull>,
-    /// UDP 5-tuples whose allocation this worker recently gave away, when
-    /// and to which worker: datagrams for them that still reach this worker
-    /// are forwarded there.
-    exported: HashMap<FiveTuple, (Instant, usize)>,
+    /// Allocations being pulled here from other workers, and recently
+    /// given away (UDP steering).
+    handover: Handover,
 }
 
 /// Buffers of the UDP data path, reused for every packet.
@@ -334,12 +146,13 @@ impl UdpIo {
     }
 }
 
-type Handle = Rc<RefCell<Worker>>;
+/// A worker as its tasks share it; no borrow is held across an `.await`.
+pub(super) type Handle = Rc<RefCell<Worker>>;
 
 impl Worker {
     /// Runs the core on one client message, then registers relay sockets it
     /// opened and applies its events.
-    fn client_message(
+    pub(super) fn client_message(
         &mut self,
         now: Instant,
         ft: &FiveTuple,
@@ -413,48 +226,43 @@ impl Worker {
     /// gave the allocation away is forwarded instead. Returns whether the
     /// datagram was taken.
     fn steered_elsewhere(&mut self, now: Instant, ft: &FiveTuple, link: u32, data: &[u8]) -> bool {
-        if let Some((_, held)) = self.pulling.get_mut(ft) {
-            if held.len() < MAX_HELD {
-                held.push((link, data.to_vec()));
+        let shared = &self.shared;
+        let owner = || {
+            shared
+                .steering
+                .directory
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(ft)
+                .map(|&o| usize::from(o))
+        };
+        match self.handover.orphan(now, ft, link, data, owner) {
+            Orphan::Held => true,
+            Orphan::Local => false,
+            Orphan::Forward { to } => {
+                let mail = Mail::Datagram {
+                    five_tuple: *ft,
+                    link,
+                    bytes: data.to_vec(),
+                };
+                self.mailboxes.get(to).is_some_and(|m| m.send(mail).is_ok())
             }
-            return true;
+            Orphan::Pull { from } => {
+                let mail = Mail::Pull {
+                    five_tuple: *ft,
+                    to: self.index,
+                };
+                let sent = self
+                    .mailboxes
+                    .get(from)
+                    .is_some_and(|m| m.send(mail).is_ok());
+                if !sent {
+                    // Handled here after all (the caller goes on with it).
+                    self.handover.cancel_pull(ft);
+                }
+                sent
+            }
         }
-        // Given away a moment ago: forward (the new owner gets it after the
-        // allocation itself, which went first on the same channel).
-        if let Some(&(t, to)) = self.exported.get(ft)
-            && now.duration_since(t) < STRAGGLER_WINDOW
-            && let Some(mailbox) = self.mailboxes.get(to)
-        {
-            let mail = Mail::Datagram {
-                five_tuple: *ft,
-                link,
-                bytes: data.to_vec(),
-            };
-            return mailbox.send(mail).is_ok();
-        }
-        let owner = self
-            .shared
-            .steering
-            .directory
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(ft)
-            .copied();
-        let Some(owner) = owner.map(usize::from).filter(|&o| o != self.index) else {
-            return false;
-        };
-        let Some(mailbox) = self.mailboxes.get(owner) else {
-            return false;
-        };
-        let mail = Mail::Pull {
-            five_tuple: *ft,
-            to: self.index,
-        };
-        if mailbox.send(mail).is_err() {
-            return false;
-        }
-        self.pulling.insert(*ft, (now, vec![(link, data.to_vec())]));
-        true
     }
 
     /// Handles a client message for `ft` that reached this worker by mail
@@ -467,15 +275,9 @@ impl Worker {
     /// Forgets finished moves: gives up on pulls that got no answer (their
     /// held datagrams are dropped) and stops forwarding for old exports.
     fn prune_moves(&mut self, now: Instant) {
-        self.exported
-            .retain(|_, (t, _)| now.duration_since(*t) < STRAGGLER_WINDOW);
-        self.pulling.retain(|ft, (t, _)| {
-            let alive = now.duration_since(*t) < PULL_TIMEOUT;
-            if !alive {
-                debug!("{ft}: no answer to the pull of its allocation; dropping what was held");
-            }
-            alive
-        });
+        for ft in self.handover.prune(now) {
+            debug!("{ft}: no answer to the pull of its allocation; dropping what was held");
+        }
     }
 
     /// The relay socket of allocation `id`.
@@ -486,7 +288,7 @@ impl Worker {
             .filter(|r| r.id == id)
     }
 
-    fn apply_events(&mut self) {
+    pub(super) fn apply_events(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::AllocationClosed {
@@ -533,7 +335,13 @@ impl Worker {
     }
 
     /// Carries out what the core decided about client message `data`.
-    fn dispatch(&mut self, action: ClientAction, ft: &FiveTuple, link: u32, data: &[u8]) {
+    pub(super) fn dispatch(
+        &mut self,
+        action: ClientAction,
+        ft: &FiveTuple,
+        link: u32,
+        data: &[u8],
+    ) {
         match action {
             ClientAction::None => {}
             ClientAction::Reply => self.send_to_client(link, ft, &self.out),
@@ -931,14 +739,13 @@ async fn run(
         opened: Vec::new(),
         out: Vec::with_capacity(1500),
         steer: shared.telemetry.workers.len() > 1,
-        pulling: HashMap::new(),
-        exported: HashMap::new(),
+        handover: Handover::new(index),
     }));
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
         match TcpListener::from_std(l.socket) {
             Ok(s) => {
-                tokio::task::spawn_local(tcp_listener(worker.clone(), s, l.addr));
+                tokio::task::spawn_local(stream::listen(worker.clone(), s, l.addr));
             }
             Err(e) => error!(
                 "worker {index}: cannot register TCP listener {}: {e}",
@@ -1041,18 +848,14 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                     None => Err(ErrorCode::AllocationNotFound),
                 };
                 if result.is_ok() {
-                    w.exported.insert(five_tuple, (Instant::now(), to));
+                    w.handover.gave_away(Instant::now(), &five_tuple, to);
                 }
                 if let Some(m) = w.mailboxes.get(to) {
                     let _ = m.send(Mail::Pulled { five_tuple, result });
                 }
             }
             Mail::Pulled { five_tuple, result } => {
-                let held = w
-                    .pulling
-                    .remove(&five_tuple)
-                    .map(|(_, held)| held)
-                    .unwrap_or_default();
+                let held = w.handover.pulled(&five_tuple);
                 if let Ok((moved, socket)) = result {
                     w.import(*moved, socket);
                 }
@@ -1168,218 +971,5 @@ async fn timer(worker: Handle) {
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
         w.report();
-    }
-}
-
-async fn tcp_listener(worker: Handle, listener: TcpListener, local: SocketAddr) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off briefly.
-                warn!("accept on {local}: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = worker.borrow().shared.clone();
-        if !shared.streams.acquire(peer.ip()) {
-            debug!(
-                "{peer} -> {local}: more than {} connections from this address; closing",
-                shared.streams.limit.load(Ordering::Relaxed)
-            );
-            continue;
-        }
-        let slot = StreamSlot {
-            shared,
-            ip: peer.ip(),
-        };
-        let _ = stream.set_nodelay(true);
-        let worker = worker.clone();
-        tokio::task::spawn_local(async move {
-            accept_stream(worker, stream, peer, local).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Decides TLS or plain TCP by the first byte (0x16 is a TLS handshake
-/// record), as coturn does on both of its ports, then serves the connection.
-async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
-    let acceptor = worker.borrow().shared.tls.load_full();
-    let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == 0x16,
-        Ok(Ok(_)) | Ok(Err(_)) => return,
-        Err(_) => {
-            debug!("{peer} -> {local}: no data within {HANDSHAKE_TIMEOUT:?}; closing");
-            return;
-        }
-    };
-    let ft = FiveTuple {
-        client: peer,
-        server: local,
-        transport: if is_tls {
-            Transport::Tls
-        } else {
-            Transport::Tcp
-        },
-    };
-    if !is_tls {
-        serve_stream(worker, stream, ft).await;
-        return;
-    }
-    let Some(acceptor) = acceptor else {
-        debug!("{peer} -> {local}: TLS handshake but no certificate is configured; closing");
-        return;
-    };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(mut tls)) => {
-            worker.borrow_mut().tls_handshakes += 1;
-            // The writer bounds what it hands rustls (one batch, flushed
-            // before the next), and a frame must never be cut across
-            // records because a buffer limit was reached.
-            tls.get_mut().1.set_buffer_limit(None);
-            serve_stream(worker, tls, ft).await
-        }
-        Ok(Err(e)) => {
-            worker.borrow_mut().tls_failures += 1;
-            info!("TLS handshake from {peer} on {local} failed: {e}")
-        }
-        Err(_) => {
-            worker.borrow_mut().tls_failures += 1;
-            info!("TLS handshake from {peer} on {local} timed out")
-        }
-    }
-}
-
-/// Serves one TCP or TLS client connection until it closes; its allocation
-/// ends with it (RFC 8656 §3.1).
-async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) {
-    let conn = Rc::new(Conn {
-        five_tuple: ft,
-        queue: RefCell::new(Vec::new()),
-        wake: Notify::new(),
-        dropped: Cell::new(0),
-    });
-    let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
-    let stream = Rc::new(RefCell::new(stream));
-    let mut rd = StreamHalf(stream.clone());
-    let mut wr = StreamHalf(stream.clone());
-
-    let writer = async {
-        let mut spare = Vec::new();
-        loop {
-            conn.wake.notified().await;
-            loop {
-                std::mem::swap(&mut *conn.queue.borrow_mut(), &mut spare);
-                if spare.is_empty() {
-                    break;
-                }
-                // Everything staged is flushed before the next batch is
-                // taken, so the stream's own buffer holds at most one batch
-                // (MAX_QUEUED) and the queue's limit still applies.
-                let staged = stream.borrow_mut().stage(&spare);
-                let Ok(rest) = staged else { return };
-                if wr.write_all(rest).await.is_err() || wr.flush().await.is_err() {
-                    return;
-                }
-                spare.clear();
-            }
-        }
-    };
-
-    let reader = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(4096);
-        let mut last_frame = Instant::now();
-        let mut partial_since: Option<Instant> = None;
-        loop {
-            if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(4096);
-            }
-            // A started frame must complete within FRAME_TIMEOUT; a
-            // connection without an allocation may not sit silent longer
-            // than the idle timeout.
-            let deadline = match partial_since {
-                Some(t) => Some((t + FRAME_TIMEOUT, "a frame was not completed in time")),
-                None if worker.borrow().core.allocation_for(&ft).is_none() => {
-                    let idle = Duration::from_secs(
-                        worker
-                            .borrow()
-                            .shared
-                            .idle_timeout_secs
-                            .load(Ordering::Relaxed),
-                    );
-                    Some((last_frame + idle, "idle without an allocation"))
-                }
-                None => None,
-            };
-            let read = match deadline {
-                Some((at, why)) => {
-                    match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            debug!("{ft}: {why}; closing");
-                            return;
-                        }
-                    }
-                }
-                None => rd.read_buf(&mut buf).await,
-            };
-            match read {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let mut start = 0;
-            loop {
-                let frame = match channel::stream_frame(&buf[start..]) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(_) => {
-                        debug!("{ft}: stream is neither STUN nor ChannelData; closing");
-                        return;
-                    }
-                };
-                let len = frame.len();
-                if len > MAX_FRAME {
-                    return;
-                }
-                if buf.len() - start < len {
-                    break;
-                }
-                let data = &buf[start..start + len];
-                let mut w = worker.borrow_mut();
-                let action = w.client_message(Instant::now(), &ft, link, data);
-                w.dispatch(action, &ft, link, data);
-                drop(w);
-                start += len;
-            }
-            buf.drain(..start);
-            let now = Instant::now();
-            if start > 0 {
-                last_frame = now;
-                partial_since = None;
-            }
-            if buf.is_empty() {
-                partial_since = None;
-            } else if partial_since.is_none() {
-                partial_since = Some(now);
-            }
-        }
-    };
-
-    tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
-    }
-    let mut w = worker.borrow_mut();
-    w.conns.remove((link - STREAM_LINK) as usize);
-    w.core.client_closed(Instant::now(), &ft);
-    w.apply_events();
-    if conn.dropped.get() > 0 {
-        info!(
-            "{ft}: {} frames dropped because the client was not reading",
-            conn.dropped.get()
-        );
     }
 }

@@ -293,15 +293,11 @@ impl Server {
     }
 
     fn get(&self, id: AllocationId) -> Option<&Allocation> {
-        self.allocations
-            .get(id.slot())
-            .filter(|a| a.id == id)
+        self.allocations.get(id.slot()).filter(|a| a.id == id)
     }
 
     fn get_mut(&mut self, id: AllocationId) -> Option<&mut Allocation> {
-        self.allocations
-            .get_mut(id.slot())
-            .filter(|a| a.id == id)
+        self.allocations.get_mut(id.slot()).filter(|a| a.id == id)
     }
 
     /// Handles one message from a client: a STUN message or ChannelData,
@@ -467,9 +463,7 @@ impl Server {
             Ok(Request::Allocate(req)) => {
                 self.allocate(now, ft, link, msg, &req, out, relays, key, username)
             }
-            Ok(Request::Refresh(req)) => {
-                self.refresh(now, ft, link, msg, &req, out, key, username)
-            }
+            Ok(Request::Refresh(req)) => self.refresh(now, ft, link, msg, &req, out, key, username),
             Ok(Request::CreatePermission(req)) => {
                 self.create_permission(now, ft, msg, &req, out, key)
             }

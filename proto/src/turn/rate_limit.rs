@@ -134,6 +134,10 @@ mod tests {
         assert!(l.admit(ip, t0 + Duration::from_millis(60), 20));
         // Another source has its own bucket; ::ffff:a.b.c.d is a.b.c.d.
         assert!(l.admit("192.0.2.2".parse().unwrap(), t0, 20));
-        assert!(!l.admit("::ffff:192.0.2.1".parse().unwrap(), t0 + Duration::from_millis(60), 20));
+        assert!(!l.admit(
+            "::ffff:192.0.2.1".parse().unwrap(),
+            t0 + Duration::from_millis(60),
+            20
+        ));
     }
 }

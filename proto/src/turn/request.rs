@@ -69,10 +69,10 @@ impl<'m> Request<'m> {
             method::BINDING => Request::Binding,
             method::ALLOCATE => Request::Allocate(Allocate::decode(msg)?),
             method::REFRESH => Request::Refresh(Refresh::decode(msg)?),
-            method::CREATE_PERMISSION => {
-                Request::CreatePermission(CreatePermission::decode(msg)?)
+            method::CREATE_PERMISSION => Request::CreatePermission(CreatePermission::decode(msg)?),
+            method::CHANNEL_BIND => {
+                Request::ChannelBind(ChannelBind::decode(msg, rfc5766_channels)?)
             }
-            method::CHANNEL_BIND => Request::ChannelBind(ChannelBind::decode(msg, rfc5766_channels)?),
             _ => return Err(ErrorCode::BadRequest),
         })
     }
@@ -179,8 +179,9 @@ impl CreatePermission {
         let mut peers = [None; MAX_ATTRIBUTES];
         let mut len = 0;
         for value in msg.get_all(attr::XOR_PEER_ADDRESS) {
-            let peer = attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, msg.transaction_id())
-                .map_err(|_| ErrorCode::BadRequest)?;
+            let peer =
+                attr::decode_xor_address(attr::XOR_PEER_ADDRESS, value, msg.transaction_id())
+                    .map_err(|_| ErrorCode::BadRequest)?;
             // A message holds at most MAX_ATTRIBUTES attributes.
             if let Some(slot) = peers.get_mut(len) {
                 *slot = Some(peer);
@@ -256,7 +257,11 @@ fn lifetime(msg: &Message<'_>) -> Result<Option<u32>, ErrorCode> {
 /// REQUESTED-ADDRESS-FAMILY of an Allocate: 440 for an unknown family,
 /// 400 when malformed (RFC 8656 §7.2).
 fn requested_family(msg: &Message<'_>) -> Result<Option<Family>, ErrorCode> {
-    match optional(msg, attr::REQUESTED_ADDRESS_FAMILY, attr::decode_requested_family)? {
+    match optional(
+        msg,
+        attr::REQUESTED_ADDRESS_FAMILY,
+        attr::decode_requested_family,
+    )? {
         None => Ok(None),
         Some(0x01) => Ok(Some(Family::V4)),
         Some(0x02) => Ok(Some(Family::V6)),

@@ -122,18 +122,26 @@ impl Req {
     }
     fn build(&self, creds: Option<(&str, &str, &[u8])>) -> Vec<u8> {
         let key = creds.map(|(user, password, _)| long_term_key(user, REALM, password));
-        let creds = creds.zip(key.as_ref()).map(|((username, _, nonce), key)| Credentials {
-            username,
-            realm: REALM,
-            nonce,
-            key,
-        });
+        let creds = creds
+            .zip(key.as_ref())
+            .map(|((username, _, nonce), key)| Credentials {
+                username,
+                realm: REALM,
+                nonce,
+                key,
+            });
         let attrs = |w: &mut MessageWriter<'_>| {
             for (t, v) in &self.attrs {
                 w.attr(*t, v);
             }
         };
-        request(self.method, &self.tid, attrs, creds.as_ref(), self.fingerprint)
+        request(
+            self.method,
+            &self.tid,
+            attrs,
+            creds.as_ref(),
+            self.fingerprint,
+        )
     }
 }
 

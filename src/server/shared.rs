@@ -1,0 +1,149 @@
+//! Process-wide state every worker reads or reports into: the core
+//! configuration, TLS, the relay port pool and reservations, connection
+//! counts, telemetry for metrics and the watchdog, UDP steering, and the
+//! quota counts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::ports::PortPool;
+use super::relay::Reservations;
+use crate::turn::{self, FiveTuple};
+
+/// Process-wide state every worker reads.
+pub struct Shared {
+    /// The core configuration at start; reloads reach the workers by mail.
+    pub core: Arc<turn::Config>,
+    /// TLS for `tls` listeners, and for TLS detected on plain TCP ports;
+    /// swapped when certificates are reloaded.
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub pool: PortPool,
+    pub reservations: Reservations,
+    pub relay_device: Option<String>,
+    /// `sock-buf-size` for relay sockets, bytes.
+    pub relay_buffer: Option<usize>,
+    /// UDP GRO on relay sockets (off with `no-udp-gro`).
+    pub relay_gro: bool,
+    /// Open TCP/TLS connections per source address, across workers.
+    pub streams: StreamCount,
+    /// Seconds of silence after which a stream connection without an
+    /// allocation is closed (`max-allocate-timeout`).
+    pub idle_timeout_secs: AtomicU64,
+    /// What workers report for metrics, one slot each.
+    pub telemetry: Telemetry,
+    /// UDP steering (see [`super::steering`]).
+    pub steering: Steering,
+    /// Allocations counted against quotas, by every worker's core.
+    pub quotas: super::quota::SharedCounts,
+}
+
+/// UDP steering state shared by the workers.
+#[derive(Debug, Default)]
+pub struct Steering {
+    /// Whether the configuration allows steering (`udp-steering=auto` and
+    /// no `mobility`); changed by reloads.
+    pub enabled: AtomicBool,
+    /// Whether every UDP client datagram goes to worker 0 now.
+    pub active: AtomicBool,
+    /// The worker that has each UDP client 5-tuple's allocation, kept only
+    /// with more than one worker. Written when an allocation is created,
+    /// moved or closed; read when a datagram finds no allocation on the
+    /// worker it reached.
+    pub directory: std::sync::RwLock<HashMap<FiveTuple, u16>>,
+}
+
+/// What one worker reports, refreshed every second.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub stats: turn::Stats,
+    pub gauges: turn::Gauges,
+    /// TLS handshakes completed and failed (including timeouts).
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    /// CPU time the worker's thread has used (user + system), seconds.
+    pub cpu_seconds: f64,
+    /// When the worker last reported: a heartbeat for the watchdog.
+    pub updated: Option<Instant>,
+}
+
+/// Reports of every worker.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub workers: Vec<std::sync::Mutex<WorkerReport>>,
+    /// Count allocations per user in the reports
+    /// (`prometheus-username-labels`).
+    pub per_user: AtomicBool,
+}
+
+impl Telemetry {
+    /// Whether every worker reported within `within` (its event loop runs).
+    pub fn all_alive(&self, within: Duration) -> bool {
+        self.workers.iter().all(|w| {
+            w.lock()
+                .expect("telemetry lock")
+                .updated
+                .is_some_and(|t| t.elapsed() <= within)
+        })
+    }
+
+    /// Slots for `n` workers.
+    pub fn new(n: usize) -> Self {
+        Telemetry {
+            workers: (0..n).map(|_| Default::default()).collect(),
+            per_user: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Counts TCP/TLS connections per source address, capped at `limit`
+/// (0 = unlimited; changed by reloads).
+#[derive(Debug, Default)]
+pub struct StreamCount {
+    pub limit: AtomicU32,
+    per_ip: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
+}
+
+impl StreamCount {
+    /// A counter with the given per-address limit.
+    pub fn new(limit: u32) -> Self {
+        StreamCount {
+            limit: AtomicU32::new(limit),
+            per_ip: Default::default(),
+        }
+    }
+
+    /// Counts a new connection from `ip`; false when `ip` is at the limit.
+    pub(super) fn acquire(&self, ip: std::net::IpAddr) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut m = self.per_ip.lock().expect("stream count lock");
+        let n = m.entry(ip).or_insert(0);
+        if limit > 0 && *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts a connection from `ip` as closed.
+    pub(super) fn release(&self, ip: std::net::IpAddr) {
+        let mut m = self.per_ip.lock().expect("stream count lock");
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    /// Open connections from `ip`.
+    pub fn of(&self, ip: std::net::IpAddr) -> u32 {
+        self.per_ip
+            .lock()
+            .expect("stream count lock")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+}
