@@ -12,6 +12,7 @@
 //! warnings; a bad value is a [`ConfigError`] naming the file, line and key.
 
 pub mod options;
+pub mod setting;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use crate::auth::{Authenticator, Key, Mechanism, long_term_key};
 use crate::turn::policy::{IpRange, PeerPolicy};
 use crate::turn::{DefaultFamily, ExternalIp};
-use options::{Arg, OPTIONS, Spec, Support};
+use options::{Arg, OPTIONS, Reload, Support};
 
 /// Where a setting came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +112,12 @@ pub struct User {
     pub secret: UserSecret,
 }
 
-/// The effective configuration.
-#[derive(Debug, Clone)]
+/// The effective configuration: one field per implemented option (the
+/// option table, [`options::OPTIONS`], says how each is read and printed).
+///
+/// `Config::default()` has every field empty; [`Config::defaults`] is what
+/// a configuration without options means (the table's defaults applied).
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// The configuration file read, if any.
     pub config_file: Option<PathBuf>,
@@ -159,7 +164,8 @@ pub struct Config {
     pub max_allocate_timeout: u32,
     /// Serve metrics over HTTP.
     pub prometheus: bool,
-    pub prometheus_address: IpAddr,
+    /// Always set once the defaults are applied (0.0.0.0).
+    pub prometheus_address: Option<IpAddr>,
     pub prometheus_port: u16,
     pub prometheus_path: String,
     pub prometheus_username_labels: bool,
@@ -190,7 +196,7 @@ pub struct Config {
     pub static_auth_secrets: Vec<String>,
     pub rest_api_separator: char,
     /// Nonce lifetime, seconds; 0 = never stale.
-    pub stale_nonce: u64,
+    pub stale_nonce: u32,
     pub server_name: Option<String>,
     /// Seconds.
     pub max_allocate_lifetime: u32,
@@ -210,82 +216,6 @@ pub struct Config {
     pub verbose: u8,
     pub daemon: bool,
     origins: Vec<(&'static str, Origin)>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            config_file: None,
-            listening_ips: Vec::new(),
-            listening_port: 3478,
-            tls_listening_port: 5349,
-            alt_listening_port: None,
-            alt_tls_listening_port: None,
-            listening_device: None,
-            no_udp: false,
-            no_tcp: false,
-            no_tls: false,
-            relay_ips: Vec::new(),
-            relay_device: None,
-            external_ips: Vec::new(),
-            min_port: 49152,
-            max_port: 65535,
-            relay_threads: None,
-            sock_buf_size: None,
-            default_family: DefaultFamily::Ipv4,
-            no_udp_relay: false,
-            udp_gro: true,
-            mobility: false,
-            udp_steering: true,
-            unauthorized_ratelimit_rps: crate::turn::DEFAULT_UNAUTHENTICATED_RATE,
-            secure_stun: false,
-            no_stun: false,
-            stun_only: false,
-            limits: crate::turn::quota::Limits::default(),
-            max_stream_connections_per_ip: 256,
-            max_allocate_timeout: 60,
-            prometheus: false,
-            prometheus_address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            prometheus_port: 9641,
-            prometheus_path: "/metrics".to_string(),
-            prometheus_username_labels: false,
-            pidfile: None,
-            proc_user: None,
-            proc_group: None,
-            syslog: false,
-            syslog_facility: None,
-            log_level: None,
-            alternate_servers: Vec::new(),
-            tls_alternate_servers: Vec::new(),
-            drain_timeout: 30,
-            allow_loopback_peers: false,
-            allow_private_peers: false,
-            denied_peer_ips: Vec::new(),
-            allowed_peer_ips: Vec::new(),
-            lt_cred_mech: false,
-            no_auth: false,
-            users: Vec::new(),
-            realm: None,
-            use_auth_secret: false,
-            static_auth_secrets: Vec::new(),
-            rest_api_separator: ':',
-            stale_nonce: 600,
-            server_name: None,
-            max_allocate_lifetime: 3600,
-            channel_lifetime: 600,
-            permission_lifetime: 300,
-            fingerprint: false,
-            software_attribute: false,
-            cert: None,
-            pkey: None,
-            no_tlsv1_2: false,
-            log_file: None,
-            no_stdout_log: false,
-            verbose: 0,
-            daemon: false,
-            origins: Vec::new(),
-        }
-    }
 }
 
 /// The credential mechanism the configuration selects.
@@ -456,17 +386,11 @@ pub fn command() -> clap::Command {
         );
     for spec in OPTIONS {
         let mut a = A::new(spec.name).long(spec.name).action(ArgAction::Append);
-        let note = match spec.support {
-            Support::Yes => String::new(),
-            Support::Inherent(why) => format!(" [accepted: {why}]"),
-            Support::NotYet => " [not implemented yet: ignored]".to_string(),
-            Support::Obsolete(why) => format!(" [obsolete: {why}]"),
-        };
-        a = a.help(format!("{}{note}", spec.help));
+        a = a.help(spec.full_help());
         if let Some(s) = spec.short {
             a = a.short(s);
         }
-        a = match spec.arg {
+        a = match spec.arg() {
             Arg::Flag => a
                 .num_args(0..=1)
                 .require_equals(true)
@@ -605,36 +529,6 @@ pub enum LoadError {
     Config(ConfigError),
 }
 
-fn port(origin: &Origin, key: &str, v: &str) -> Result<u16, ConfigError> {
-    match v.trim().parse::<u32>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(ConfigError::new(
-            origin,
-            key,
-            format!("'{v}' is not a port number (1-65535)"),
-        )),
-    }
-}
-
-fn ip(origin: &Origin, key: &str, v: &str) -> Result<IpAddr, ConfigError> {
-    let t = v.trim().trim_start_matches('[').trim_end_matches(']');
-    t.parse()
-        .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not an IP address")))
-}
-
-/// Lines of [`Config::render`].
-struct Lines(Vec<String>);
-
-impl Lines {
-    fn kv(&mut self, key: &str, value: &dyn fmt::Display) {
-        self.0.push(format!("{key}={value}"));
-    }
-
-    fn comment(&mut self, line: String) {
-        self.0.push(line);
-    }
-}
-
 /// Parses `ip`, `ip:port`, `[ipv6]` or `[ipv6]:port`.
 pub fn parse_host_port(v: &str, default_port: u16) -> Option<std::net::SocketAddr> {
     let v = v.trim();
@@ -671,31 +565,13 @@ pub fn syslog_facility(name: &str) -> Option<libc::c_int> {
     })
 }
 
-fn number<T: std::str::FromStr>(origin: &Origin, key: &str, v: &str) -> Result<T, ConfigError> {
-    v.trim()
-        .parse()
-        .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))
-}
-
-fn seconds(origin: &Origin, key: &str, v: Option<&str>, default: u32) -> Result<u32, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| {
-            ConfigError::new(origin, key, format!("'{v}' is not a number of seconds"))
-        }),
-    }
-}
-
-fn parse_user(origin: &Origin, v: &str) -> Result<User, ConfigError> {
+/// A `user=` value: `name:password` or `name:0x<32 hex digits>`.
+fn parse_user(v: &str) -> Result<User, String> {
     let Some((name, secret)) = v.split_once(':') else {
-        return Err(ConfigError::new(
-            origin,
-            "user",
-            "expected name:password or name:0x<32 hex digits>",
-        ));
+        return Err("expected name:password or name:0x<32 hex digits>".into());
     };
     if name.is_empty() {
-        return Err(ConfigError::new(origin, "user", "the user name is empty"));
+        return Err("the user name is empty".into());
     }
     let hex = secret
         .strip_prefix("0x")
@@ -723,7 +599,7 @@ impl Config {
         entries: impl Iterator<Item = &'e Entry>,
         warnings: &mut Vec<String>,
     ) -> Result<Config, ConfigError> {
-        let mut cfg = Config::default();
+        let mut cfg = Config::defaults();
         let mut warned = HashSet::new();
         for e in entries {
             cfg.apply(e, warnings, &mut warned)?;
@@ -747,25 +623,46 @@ impl Config {
         ConfigError::new(&self.origin(key), key, message)
     }
 
+    /// Every option at its default: what a configuration without options
+    /// means.
+    pub fn defaults() -> Config {
+        let mut cfg = Config::default();
+        for spec in OPTIONS {
+            if let (Support::Yes(setting), Some(d)) = (&spec.support, spec.default) {
+                setting
+                    .apply(&mut cfg, Some(d), None)
+                    .unwrap_or_else(|e| panic!("default of {}: {e}", spec.name));
+            }
+        }
+        cfg
+    }
+
+    /// Applies one entry as its option's table row says; an option not
+    /// implemented (or obsolete) is warned about once.
     fn apply(
         &mut self,
         e: &Entry,
         warnings: &mut Vec<String>,
         warned: &mut HashSet<String>,
     ) -> Result<(), ConfigError> {
-        let spec: &Spec = options::find(&e.key).expect("entries hold known keys");
+        let spec = options::find(&e.key).expect("entries hold known keys");
         let origin = &e.origin;
         let key = spec.name;
-        match spec.support {
-            Support::Yes => {}
-            Support::Inherent(_) => return Ok(()),
+        match &spec.support {
+            Support::Yes(setting) => {
+                self.origins.push((key, origin.clone()));
+                setting
+                    .apply(self, e.value.as_deref(), spec.default)
+                    .map_err(|m| ConfigError::new(origin, key, m))
+            }
+            Support::Inherent(_) => Ok(()),
             Support::NotYet => {
                 if warned.insert(key.to_string()) {
                     warnings.push(format!(
                         "{origin}: option '{key}' is not implemented yet and is ignored"
                     ));
                 }
-                return Ok(());
+                Ok(())
             }
             Support::Obsolete(why) => {
                 if warned.insert(key.to_string()) {
@@ -773,315 +670,20 @@ impl Config {
                         "{origin}: option '{key}' is obsolete and ignored: {why}"
                     ));
                 }
-                return Ok(());
+                Ok(())
             }
         }
-        let value = e.value.as_deref();
-        let flag = || -> Result<bool, ConfigError> {
-            parse_bool(value.unwrap_or("")).ok_or_else(|| {
-                ConfigError::new(
-                    origin,
-                    key,
-                    format!(
-                        "'{}' is not a boolean (use on/off, yes/no, true/false, 1/0)",
-                        value.unwrap_or("")
-                    ),
-                )
-            })
-        };
-        let need = || -> Result<&str, ConfigError> {
-            value.ok_or_else(|| ConfigError::new(origin, key, "needs a value"))
-        };
-        let static_key: &'static str = key;
-        self.origins.push((static_key, origin.clone()));
-        match key {
-            "listening-ip" => {
-                let a = ip(origin, key, need()?)?;
-                if !self.listening_ips.contains(&a) {
-                    self.listening_ips.push(a);
-                }
-            }
-            "listening-port" => self.listening_port = port(origin, key, need()?)?,
-            "tls-listening-port" => self.tls_listening_port = port(origin, key, need()?)?,
-            "alt-listening-port" => {
-                self.alt_listening_port = match need()?.trim() {
-                    "0" => None,
-                    v => Some(port(origin, key, v)?),
-                }
-            }
-            "alt-tls-listening-port" => {
-                self.alt_tls_listening_port = match need()?.trim() {
-                    "0" => None,
-                    v => Some(port(origin, key, v)?),
-                }
-            }
-            "listening-device" => self.listening_device = Some(need()?.to_string()),
-            "no-udp" => self.no_udp = flag()?,
-            "no-tcp" => self.no_tcp = flag()?,
-            "no-tls" => self.no_tls = flag()?,
-            "relay-ip" => {
-                let a = ip(origin, key, need()?)?;
-                if !self.relay_ips.contains(&a) {
-                    self.relay_ips.push(a);
-                }
-            }
-            "relay-device" => self.relay_device = Some(need()?.to_string()),
-            "external-ip" => {
-                let v = need()?;
-                let e = match v.split_once('/') {
-                    Some((public, private)) => ExternalIp {
-                        public: ip(origin, key, public)?,
-                        private: Some(ip(origin, key, private)?),
-                    },
-                    None => ExternalIp {
-                        public: ip(origin, key, v)?,
-                        private: None,
-                    },
-                };
-                if let Some(p) = e.private
-                    && p.is_ipv4() != e.public.is_ipv4()
-                {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        format!("'{v}' mixes IPv4 and IPv6"),
-                    ));
-                }
-                if e.private.is_none()
-                    && self
-                        .external_ips
-                        .iter()
-                        .any(|x| x.private.is_none() && x.public.is_ipv4() == e.public.is_ipv4())
-                {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        "a plain external IP of this family is already set; use public/private pairs for several",
-                    ));
-                }
-                self.external_ips.push(e);
-            }
-            "min-port" => self.min_port = port(origin, key, need()?)?,
-            "max-port" => self.max_port = port(origin, key, need()?)?,
-            "sock-buf-size" => {
-                let v: usize = number(origin, key, need()?)?;
-                if !(4096..=1 << 30).contains(&v) {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        format!("{v} bytes is outside 4096..1073741824"),
-                    ));
-                }
-                self.sock_buf_size = Some(v);
-            }
-            "relay-threads" => {
-                let v = need()?;
-                let n: usize = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
-                if n > 1024 {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        format!("{n} threads is more than the limit of 1024"),
-                    ));
-                }
-                self.relay_threads = Some(n.max(1));
-            }
-            "allocation-default-address-family" => {
-                self.default_family = match need()?.trim().to_ascii_lowercase().as_str() {
-                    "ipv4" => DefaultFamily::Ipv4,
-                    "ipv6" => DefaultFamily::Ipv6,
-                    "keep" => DefaultFamily::Keep,
-                    other => {
-                        return Err(ConfigError::new(
-                            origin,
-                            key,
-                            format!("'{other}' is not ipv4, ipv6 or keep"),
-                        ));
-                    }
-                }
-            }
-            "keep-address-family" => {
-                if flag()? {
-                    self.default_family = DefaultFamily::Keep;
-                }
-            }
-            "no-udp-relay" => self.no_udp_relay = flag()?,
-            "no-udp-gro" => self.udp_gro = !flag()?,
-            "mobility" => self.mobility = flag()?,
-            "udp-steering" => {
-                self.udp_steering = match need()?.trim().to_ascii_lowercase().as_str() {
-                    "auto" => true,
-                    "off" => false,
-                    other => {
-                        return Err(ConfigError::new(
-                            origin,
-                            key,
-                            format!("'{other}' is not auto or off"),
-                        ));
-                    }
-                }
-            }
-            "unauthorized-ratelimit-rps" => {
-                let v = need()?;
-                self.unauthorized_ratelimit_rps = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| ConfigError::new(origin, key, format!("'{v}' is not a number")))?;
-            }
-            "user-quota" => self.limits.user_quota = number(origin, key, need()?)?,
-            "max-stream-connections-per-ip" => {
-                self.max_stream_connections_per_ip = number(origin, key, need()?)?
-            }
-            "max-allocate-timeout" => {
-                self.max_allocate_timeout = seconds(origin, key, value, 60)?.max(1)
-            }
-            "prometheus" => self.prometheus = flag()?,
-            "prometheus-address" => self.prometheus_address = ip(origin, key, need()?)?,
-            "prometheus-port" => self.prometheus_port = port(origin, key, need()?)?,
-            "prometheus-path" => {
-                let v = need()?;
-                if !v.starts_with('/') {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        format!("'{v}' does not start with /"),
-                    ));
-                }
-                self.prometheus_path = v.to_string();
-            }
-            "prometheus-username-labels" => self.prometheus_username_labels = flag()?,
-            "pidfile" => self.pidfile = value.filter(|v| !v.trim().is_empty()).map(PathBuf::from),
-            "proc-user" => self.proc_user = Some(need()?.to_string()),
-            "proc-group" => self.proc_group = Some(need()?.to_string()),
-            "syslog" => self.syslog = flag()?,
-            "syslog-facility" => {
-                let v = need()?;
-                if syslog_facility(v).is_none() {
-                    return Err(ConfigError::new(
-                        origin,
-                        key,
-                        format!(
-                            "'{v}' is not a syslog facility (LOG_DAEMON, LOG_USER, LOG_LOCAL0 ... LOG_LOCAL7)"
-                        ),
-                    ));
-                }
-                self.syslog_facility = Some(v.to_string());
-            }
-            "log-level" => {
-                let v = need()?;
-                self.log_level = Some(match v.trim().to_ascii_lowercase().as_str() {
-                    "error" => tracing::Level::ERROR,
-                    "warn" | "warning" => tracing::Level::WARN,
-                    "info" => tracing::Level::INFO,
-                    "debug" => tracing::Level::DEBUG,
-                    "trace" => tracing::Level::TRACE,
-                    _ => {
-                        return Err(ConfigError::new(
-                            origin,
-                            key,
-                            format!("'{v}' is not error, warn, info, debug or trace"),
-                        ));
-                    }
-                });
-            }
-            "alternate-server" | "tls-alternate-server" => {
-                let v = need()?;
-                let default_port = if key == "alternate-server" {
-                    3478
-                } else {
-                    5349
-                };
-                let addr = parse_host_port(v, default_port).ok_or_else(|| {
-                    ConfigError::new(
-                        origin,
-                        key,
-                        format!("'{v}' is not ip[:port] or [ipv6]:port"),
-                    )
-                })?;
-                if key == "alternate-server" {
-                    self.alternate_servers.push(addr);
-                } else {
-                    self.tls_alternate_servers.push(addr);
-                }
-            }
-            "drain-timeout" => self.drain_timeout = number(origin, key, need()?)?,
-            "total-quota" => self.limits.total_quota = number(origin, key, need()?)?,
-            "max-bps" => self.limits.max_bps = number(origin, key, need()?)?,
-            "bps-capacity" => self.limits.bps_capacity = number(origin, key, need()?)?,
-            "secure-stun" => self.secure_stun = flag()?,
-            "no-stun" => self.no_stun = flag()?,
-            "stun-only" => self.stun_only = flag()?,
-            "allow-loopback-peers" => self.allow_loopback_peers = flag()?,
-            "allow-private-peers" => self.allow_private_peers = flag()?,
-            "denied-peer-ip" | "allowed-peer-ip" => {
-                let v = need()?;
-                let r: IpRange = v
-                    .parse()
-                    .map_err(|m: String| ConfigError::new(origin, key, m))?;
-                if key == "denied-peer-ip" {
-                    self.denied_peer_ips.push(r);
-                } else {
-                    self.allowed_peer_ips.push(r);
-                }
-            }
-            "lt-cred-mech" => self.lt_cred_mech = flag()?,
-            "no-auth" => self.no_auth = flag()?,
-            "user" => self.users.push(parse_user(origin, need()?)?),
-            "realm" => self.realm = Some(need()?.to_string()),
-            "use-auth-secret" => self.use_auth_secret = flag()?,
-            "static-auth-secret" => {
-                self.static_auth_secrets.push(need()?.to_string());
-                self.use_auth_secret = true;
-            }
-            "rest-api-separator" => {
-                self.rest_api_separator = need()?
-                    .chars()
-                    .next()
-                    .ok_or_else(|| ConfigError::new(origin, key, "needs a value"))?
-            }
-            "stale-nonce" => self.stale_nonce = u64::from(seconds(origin, key, value, 600)?),
-            "server-name" => self.server_name = Some(need()?.to_string()),
-            "max-allocate-lifetime" => {
-                self.max_allocate_lifetime = seconds(origin, key, value, 3600)?.max(1)
-            }
-            "channel-lifetime" => self.channel_lifetime = seconds(origin, key, value, 600)?.max(1),
-            "permission-lifetime" => {
-                self.permission_lifetime = seconds(origin, key, value, 300)?.max(1)
-            }
-            "fingerprint" => self.fingerprint = flag()?,
-            "software-attribute" => self.software_attribute = flag()?,
-            "cert" => self.cert = Some(PathBuf::from(need()?)),
-            "pkey" => self.pkey = Some(PathBuf::from(need()?)),
-            "no-tlsv1_2" => self.no_tlsv1_2 = flag()?,
-            "log-file" => {
-                let v = need()?;
-                self.log_file = match v {
-                    "stdout" | "-" => None,
-                    "syslog" => {
-                        self.syslog = true;
-                        None
-                    }
-                    path => Some(PathBuf::from(path)),
-                };
-            }
-            "no-stdout-log" => self.no_stdout_log = flag()?,
-            "verbose" => {
-                if flag()? {
-                    self.verbose = self.verbose.max(1);
-                }
-            }
-            "Verbose" => {
-                if flag()? {
-                    self.verbose = 2;
-                }
-            }
-            "daemon" => self.daemon = flag()?,
-            other => unreachable!("option {other} is marked implemented but not handled"),
-        }
-        Ok(())
+    }
+
+    /// The options a reload cannot apply (marked restart-only in the
+    /// table) whose value differs between `self` and `new`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        OPTIONS
+            .iter()
+            .filter(|s| s.reload == Reload::Restart && matches!(s.support, Support::Yes(_)))
+            .filter(|s| options::render(s, self) != options::render(s, new))
+            .map(|s| s.name)
+            .collect()
     }
 
     fn validate(&mut self, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
@@ -1173,184 +775,23 @@ impl Config {
     }
 
     /// The effective configuration in `turnserver.conf` syntax, one line per
-    /// setting, with passwords, keys and secrets masked.
+    /// setting in the order of the option table, with passwords, keys and
+    /// secrets masked; an unset option with no default is a comment saying
+    /// what that means.
     pub fn render(&self) -> String {
-        let mut l = Lines(Vec::new());
-        let onoff = |b: bool| if b { "on" } else { "off" };
-        for ip in &self.listening_ips {
-            l.kv("listening-ip", ip);
-        }
-        l.kv("listening-port", &self.listening_port);
-        l.kv("tls-listening-port", &self.tls_listening_port);
-        l.kv("alt-listening-port", &self.alt_listening_port.unwrap_or(0));
-        l.kv(
-            "alt-tls-listening-port",
-            &self.alt_tls_listening_port.unwrap_or(0),
-        );
-        if let Some(d) = &self.listening_device {
-            l.kv("listening-device", d);
-        }
-        l.kv("no-udp", &onoff(self.no_udp));
-        l.kv("no-tcp", &onoff(self.no_tcp));
-        l.kv("no-tls", &onoff(self.no_tls));
-        l.kv(
-            "max-stream-connections-per-ip",
-            &self.max_stream_connections_per_ip,
-        );
-        l.kv("max-allocate-timeout", &self.max_allocate_timeout);
-        for ip in &self.relay_ips {
-            l.kv("relay-ip", ip);
-        }
-        if let Some(d) = &self.relay_device {
-            l.kv("relay-device", d);
-        }
-        for e in &self.external_ips {
-            match e.private {
-                Some(p) => l.kv("external-ip", &format!("{}/{p}", e.public)),
-                None => l.kv("external-ip", &e.public),
-            }
-        }
-        l.kv("min-port", &self.min_port);
-        l.kv("max-port", &self.max_port);
-        match self.relay_threads {
-            Some(n) => l.kv("relay-threads", &n),
-            None => l.comment("# relay-threads: one per CPU".to_string()),
-        }
-        match self.sock_buf_size {
-            Some(n) => l.kv("sock-buf-size", &n),
-            None => l.comment(
-                "# sock-buf-size: 4 MiB for listeners, the kernel default for relays".to_string(),
-            ),
-        }
-        l.kv(
-            "allocation-default-address-family",
-            &match self.default_family {
-                DefaultFamily::Ipv4 => "ipv4",
-                DefaultFamily::Ipv6 => "ipv6",
-                DefaultFamily::Keep => "keep",
-            },
-        );
-        l.kv("no-udp-relay", &onoff(self.no_udp_relay));
-        l.kv("no-udp-gro", &onoff(!self.udp_gro));
-        l.kv("allow-loopback-peers", &onoff(self.allow_loopback_peers));
-        l.kv("allow-private-peers", &onoff(self.allow_private_peers));
-        for r in &self.allowed_peer_ips {
-            l.kv("allowed-peer-ip", r);
-        }
-        for r in &self.denied_peer_ips {
-            l.kv("denied-peer-ip", r);
-        }
-        l.comment(format!(
-            "# authentication: {}",
+        let mut out = format!(
+            "# authentication: {}\n",
             match self.auth_kind() {
                 AuthKind::None => "NONE (anyone may allocate)",
                 AuthKind::LongTerm => "long-term credentials",
                 AuthKind::RestApi => "TURN REST API",
             }
-        ));
-        l.kv("lt-cred-mech", &onoff(self.lt_cred_mech));
-        l.kv("no-auth", &onoff(self.no_auth));
-        for u in &self.users {
-            match u.secret {
-                UserSecret::Password(_) => l.kv("user", &format!("{}:******", u.name)),
-                UserSecret::Key(_) => l.kv("user", &format!("{}:0x******", u.name)),
+        );
+        for spec in OPTIONS {
+            for line in options::render(spec, self) {
+                out.push_str(&line);
+                out.push('\n');
             }
-        }
-        l.kv("use-auth-secret", &onoff(self.use_auth_secret));
-        for _ in &self.static_auth_secrets {
-            l.kv("static-auth-secret", &"******");
-        }
-        l.kv("rest-api-separator", &self.rest_api_separator);
-        match &self.realm {
-            Some(r) => l.kv("realm", r),
-            None => l.comment("# realm: server-name, else the host name".to_string()),
-        }
-        if let Some(s) = &self.server_name {
-            l.kv("server-name", s);
-        }
-        l.kv("stale-nonce", &self.stale_nonce);
-        l.kv("max-allocate-lifetime", &self.max_allocate_lifetime);
-        l.kv("channel-lifetime", &self.channel_lifetime);
-        l.kv("permission-lifetime", &self.permission_lifetime);
-        l.kv("user-quota", &self.limits.user_quota);
-        l.kv("total-quota", &self.limits.total_quota);
-        l.kv("max-bps", &self.limits.max_bps);
-        l.kv("bps-capacity", &self.limits.bps_capacity);
-        l.kv("mobility", &onoff(self.mobility));
-        l.kv(
-            "udp-steering",
-            &(if self.udp_steering { "auto" } else { "off" }),
-        );
-        l.kv(
-            "unauthorized-ratelimit-rps",
-            &self.unauthorized_ratelimit_rps,
-        );
-        l.kv("secure-stun", &onoff(self.secure_stun));
-        l.kv("no-stun", &onoff(self.no_stun));
-        l.kv("stun-only", &onoff(self.stun_only));
-        l.kv("fingerprint", &onoff(self.fingerprint));
-        l.kv("software-attribute", &onoff(self.software_attribute));
-        for a in &self.alternate_servers {
-            l.kv("alternate-server", a);
-        }
-        for a in &self.tls_alternate_servers {
-            l.kv("tls-alternate-server", a);
-        }
-        if let Some(c) = &self.cert {
-            l.kv("cert", &c.display());
-        }
-        if let Some(k) = &self.pkey {
-            l.kv("pkey", &k.display());
-        }
-        l.kv("no-tlsv1_2", &onoff(self.no_tlsv1_2));
-        l.kv(
-            "log-file",
-            &self
-                .log_file
-                .as_ref()
-                .map_or("stdout".to_string(), |p| p.display().to_string()),
-        );
-        l.kv("no-stdout-log", &onoff(self.no_stdout_log));
-        l.kv("syslog", &onoff(self.syslog));
-        if let Some(f) = &self.syslog_facility {
-            l.kv("syslog-facility", f);
-        }
-        match self.log_level {
-            Some(lv) => l.kv("log-level", &lv.to_string().to_ascii_lowercase()),
-            None => l.kv(
-                "verbose",
-                &["off", "on (-v)", "on (-V)"][usize::from(self.verbose.min(2))],
-            ),
-        }
-        l.kv("daemon", &onoff(self.daemon));
-        l.kv(
-            "pidfile",
-            &self
-                .pidfile
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string()),
-        );
-        if let Some(u) = &self.proc_user {
-            l.kv("proc-user", u);
-        }
-        if let Some(g) = &self.proc_group {
-            l.kv("proc-group", g);
-        }
-        l.kv("drain-timeout", &self.drain_timeout);
-        l.kv("prometheus", &onoff(self.prometheus));
-        if self.prometheus {
-            l.kv("prometheus-address", &self.prometheus_address);
-            l.kv("prometheus-port", &self.prometheus_port);
-            l.kv("prometheus-path", &self.prometheus_path);
-            l.kv(
-                "prometheus-username-labels",
-                &onoff(self.prometheus_username_labels),
-            );
-        }
-        let mut out = String::new();
-        for line in l.0 {
-            out.push_str(&line);
-            out.push('\n');
         }
         out
     }

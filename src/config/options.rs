@@ -1,8 +1,23 @@
 //! The table of every option coturn knows (4.6.1 plus the names added up to
 //! 4.17), with how this server treats each one.
 //!
-//! The same table drives the config-file parser and the command line, so
-//! every file key is also a `--long-option`.
+//! Each option is declared once, here: its names, value kind, default, help
+//! text, how its value is applied to [`Config`] and printed back
+//! (`--check-config`), and whether a reload applies it or only a restart.
+//! The config-file parser, the command line and `--help`, the effective
+//! configuration, the reload's restart-only warning and the "not
+//! implemented" warning all read this table. Adding an option is one line
+//! here (and a `Config` field) plus the code that uses it.
+
+use std::net::SocketAddr;
+
+use super::setting::Setting::{
+    Flag, Inverted, Ip, Ips, Path, Port, PortOrNone, Seconds, Text, U32, U64,
+};
+use super::setting::{Lines, Setting, field, flag, need, number};
+use super::{Config, User, UserSecret, parse_host_port, parse_user, syslog_facility};
+use crate::turn::policy::IpRange;
+use crate::turn::{DefaultFamily, ExternalIp};
 
 /// How an option takes its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,10 +32,9 @@ pub enum Arg {
 }
 
 /// What this server does with an option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Support {
-    /// Implemented.
-    Yes,
+    /// Implemented: how the value is applied and printed.
+    Yes(Setting),
     /// Accepted; this server already behaves that way, so it changes nothing.
     /// The text explains why, for `--help`.
     Inherent(&'static str),
@@ -30,39 +44,191 @@ pub enum Support {
     Obsolete(&'static str),
 }
 
+/// When a changed value takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// On SIGHUP, for new requests and connections.
+    Live,
+    /// Only after a restart (a reload logs that it changed).
+    Restart,
+}
+
 /// One option.
-#[derive(Debug, Clone, Copy)]
 pub struct Spec {
     /// Long name, as in the config file.
     pub name: &'static str,
     pub short: Option<char>,
-    pub arg: Arg,
-    /// May be given several times; values accumulate.
-    pub repeat: bool,
+    /// How it takes a value (for options that are not implemented; an
+    /// implemented one's follows from its [`Setting`]).
+    arg: Arg,
     pub support: Support,
+    /// The value in force when the option is not given, applied like a
+    /// given one.
+    pub default: Option<&'static str>,
+    /// What not giving the option means, when that is not a value
+    /// ("one per CPU").
+    pub note: Option<&'static str>,
+    pub reload: Reload,
     pub help: &'static str,
 }
 
-const fn opt(
+impl Spec {
+    /// How the option takes its value.
+    pub fn arg(&self) -> Arg {
+        match &self.support {
+            Support::Yes(s) if s.is_flag() => Arg::Flag,
+            Support::Yes(s) if s.is_optional() => Arg::Optional,
+            Support::Yes(_) => Arg::Value,
+            _ => self.arg,
+        }
+    }
+
+    /// Whether the option may be given several times, its values adding up.
+    pub fn repeatable(&self) -> bool {
+        matches!(&self.support, Support::Yes(s) if s.is_repeatable())
+    }
+
+    /// The help text with the default and what the option's support is.
+    pub fn full_help(&self) -> String {
+        let mut h = self.help.to_string();
+        match (self.default, self.note) {
+            (Some(d), _) if !d.is_empty() => h.push_str(&format!(" Default: {d}.")),
+            (_, Some(n)) => h.push_str(&format!(" Default: {n}.")),
+            _ => {}
+        }
+        match &self.support {
+            Support::Yes(_) if self.reload == Reload::Restart => h.push_str(" [restart to change]"),
+            Support::Yes(_) => {}
+            Support::Inherent(why) => h.push_str(&format!(" [accepted: {why}]")),
+            Support::NotYet => h.push_str(" [not implemented yet: ignored]"),
+            Support::Obsolete(why) => h.push_str(&format!(" [obsolete: {why}]")),
+        }
+        h
+    }
+
+    /// Sets the default value.
+    const fn default(mut self, value: &'static str) -> Spec {
+        self.default = Some(value);
+        self
+    }
+
+    /// Says what leaving the option out means.
+    const fn note(mut self, note: &'static str) -> Spec {
+        self.note = Some(note);
+        self
+    }
+}
+
+const fn spec(
     name: &'static str,
     short: Option<char>,
     arg: Arg,
-    repeat: bool,
     support: Support,
+    reload: Reload,
     help: &'static str,
 ) -> Spec {
     Spec {
         name,
         short,
         arg,
-        repeat,
         support,
+        default: None,
+        note: None,
+        reload,
         help,
     }
 }
 
-use Arg::{Flag, Optional, Value};
-use Support::{Inherent, NotYet, Obsolete, Yes};
+/// An implemented option.
+const fn yes(
+    name: &'static str,
+    short: Option<char>,
+    setting: Setting,
+    reload: Reload,
+    help: &'static str,
+) -> Spec {
+    spec(name, short, Arg::Value, Support::Yes(setting), reload, help)
+}
+
+/// An option not implemented yet that takes a value.
+const fn not_yet(name: &'static str, short: Option<char>, help: &'static str) -> Spec {
+    spec(name, short, Arg::Value, Support::NotYet, Reload::Live, help)
+}
+
+/// A flag not implemented yet.
+const fn not_yet_flag(name: &'static str, short: Option<char>, help: &'static str) -> Spec {
+    spec(name, short, Arg::Flag, Support::NotYet, Reload::Live, help)
+}
+
+/// An option taking a value that asks for what this server does anyway.
+const fn inherent(
+    name: &'static str,
+    short: Option<char>,
+    why: &'static str,
+    help: &'static str,
+) -> Spec {
+    spec(
+        name,
+        short,
+        Arg::Value,
+        Support::Inherent(why),
+        Reload::Live,
+        help,
+    )
+}
+
+/// A flag that asks for what this server does anyway.
+const fn inherent_flag(
+    name: &'static str,
+    short: Option<char>,
+    why: &'static str,
+    help: &'static str,
+) -> Spec {
+    spec(
+        name,
+        short,
+        Arg::Flag,
+        Support::Inherent(why),
+        Reload::Live,
+        help,
+    )
+}
+
+/// An obsolete option taking a value.
+const fn obsolete(
+    name: &'static str,
+    short: Option<char>,
+    why: &'static str,
+    help: &'static str,
+) -> Spec {
+    spec(
+        name,
+        short,
+        Arg::Value,
+        Support::Obsolete(why),
+        Reload::Live,
+        help,
+    )
+}
+
+/// An obsolete flag.
+const fn obsolete_flag(
+    name: &'static str,
+    short: Option<char>,
+    why: &'static str,
+    help: &'static str,
+) -> Spec {
+    spec(
+        name,
+        short,
+        Arg::Flag,
+        Support::Obsolete(why),
+        Reload::Live,
+        help,
+    )
+}
+
+use Reload::{Live, Restart};
 
 /// Names that are accepted as another option's name.
 pub const ALIASES: &[(&str, &str)] = &[
@@ -76,168 +242,496 @@ pub const ALIASES: &[(&str, &str)] = &[
 #[rustfmt::skip]
 pub const OPTIONS: &[Spec] = &[
     // Listeners
-    opt("listening-ip", Some('L'), Value, true, Yes, "Listener IP address; repeatable. Default: every local address."),
-    opt("listening-port", Some('p'), Value, false, Yes, "UDP and TCP listener port. Default: 3478."),
-    opt("tls-listening-port", None, Value, false, Yes, "TLS listener port. Default: 5349."),
-    opt("alt-listening-port", None, Value, false, Yes, "Extra plain UDP/TCP listener port. Default: none."),
-    opt("alt-tls-listening-port", None, Value, false, Yes, "Extra TLS listener port. Default: none."),
-    opt("listening-device", Some('d'), Value, false, Yes, "Bind listeners to this network interface (SO_BINDTODEVICE)."),
-    opt("no-udp", None, Flag, false, Yes, "Do not start UDP listeners."),
-    opt("no-tcp", None, Flag, false, Yes, "Do not start TCP listeners."),
-    opt("no-tls", None, Flag, false, Yes, "Do not start TLS listeners."),
-    opt("no-dtls", None, Flag, false, Inherent("DTLS is not offered"), "Do not start DTLS listeners."),
-    opt("dtls", None, Flag, false, NotYet, "Start DTLS listeners."),
-    opt("aux-server", None, Value, true, NotYet, "Auxiliary listener ip:port."),
-    opt("udp-self-balance", None, Flag, false, NotYet, "Balance UDP over aux servers with ALTERNATE-SERVER."),
-    opt("tcp-proxy-port", None, Value, false, NotYet, "TCP listener expecting the PROXY protocol."),
-    opt("max-stream-connections-per-ip", None, Value, false, Yes, "TCP/TLS connections one source address may hold open; 0 = unlimited. Default: 256."),
+    yes("listening-ip", Some('L'), Ips(field!(listening_ips)), Restart, "Listener IP address; repeatable.").note("every local address"),
+    yes("listening-port", Some('p'), Port(field!(listening_port)), Restart, "UDP and TCP listener port.").default("3478"),
+    yes("tls-listening-port", None, Port(field!(tls_listening_port)), Restart, "TLS listener port.").default("5349"),
+    yes("alt-listening-port", None, PortOrNone(field!(alt_listening_port)), Restart, "Extra plain UDP/TCP listener port; 0 = none.").default("0"),
+    yes("alt-tls-listening-port", None, PortOrNone(field!(alt_tls_listening_port)), Restart, "Extra TLS listener port; 0 = none.").default("0"),
+    yes("listening-device", Some('d'), Text(field!(listening_device)), Restart, "Bind listeners to this network interface (SO_BINDTODEVICE)."),
+    yes("no-udp", None, Flag(field!(no_udp)), Restart, "Do not start UDP listeners."),
+    yes("no-tcp", None, Flag(field!(no_tcp)), Restart, "Do not start TCP listeners."),
+    yes("no-tls", None, Flag(field!(no_tls)), Restart, "Do not start TLS listeners."),
+    inherent_flag("no-dtls", None, "DTLS is not offered", "Do not start DTLS listeners."),
+    not_yet_flag("dtls", None, "Start DTLS listeners."),
+    not_yet("aux-server", None, "Auxiliary listener ip:port."),
+    not_yet_flag("udp-self-balance", None, "Balance UDP over aux servers with ALTERNATE-SERVER."),
+    not_yet("tcp-proxy-port", None, "TCP listener expecting the PROXY protocol."),
+    yes("max-stream-connections-per-ip", None, U32(field!(max_stream_connections_per_ip)), Live, "TCP/TLS connections one source address may hold open; 0 = unlimited.").default("256"),
     // Relay
-    opt("relay-ip", Some('E'), Value, true, Yes, "Relay (allocation) IP address; repeatable. Default: the address the client connected to."),
-    opt("relay-device", Some('i'), Value, false, Yes, "Bind relay sockets to this network interface."),
-    opt("external-ip", Some('X'), Value, true, Yes, "Public address to advertise: public or public/private; repeatable."),
-    opt("min-port", None, Value, false, Yes, "Lowest relay port. Default: 49152."),
-    opt("max-port", None, Value, false, Yes, "Highest relay port. Default: 65535."),
-    opt("relay-threads", Some('m'), Value, false, Yes, "Worker threads. Default: number of CPUs."),
-    opt("cpus", None, Value, false, NotYet, "Override the detected CPU count."),
-    opt("allocation-default-address-family", Some('A'), Value, false, Yes, "Relay family without REQUESTED-ADDRESS-FAMILY: ipv4, ipv6 or keep. Default: ipv4."),
-    opt("keep-address-family", Some('K'), Flag, false, Yes, "Deprecated: same as allocation-default-address-family=keep."),
-    opt("no-udp-relay", None, Flag, false, Yes, "Refuse UDP relay allocations (442)."),
-    opt("no-tcp-relay", None, Flag, false, Inherent("TCP relaying (RFC 6062) is not offered"), "Refuse TCP relay allocations."),
-    opt("server-relay", None, Flag, false, NotYet, "Non-standard: skip permission checks."),
-    opt("ne", None, Value, false, Obsolete("network engine selection was removed in coturn 4.10"), "Network engine version."),
-    opt("sock-buf-size", None, Value, false, Yes, "Receive and send buffer of every UDP listener and relay socket, bytes (capped by net.core.rmem_max/wmem_max). Default: 4 MiB for listeners, the kernel's default for relays."),
-    opt("multiplex-peer", None, Flag, false, NotYet, "Share relay sockets between allocations."),
-    opt("multiplex-peer-port", None, Value, false, NotYet, "Port for multiplex-peer."),
-    opt("multiplex-peer-max-peers", None, Value, false, NotYet, "Peers per multiplexed socket."),
-    opt("udp-recvmmsg", None, Flag, false, Inherent("UDP is always received with recvmmsg and sent to clients with sendmmsg"), "Batch UDP receives."),
-    opt("udp-recvmmsg-log", None, Flag, false, NotYet, "Log recvmmsg statistics."),
-    opt("udp-sendmmsg-log", None, Flag, false, NotYet, "Log sendmmsg statistics."),
-    opt("no-udp-gro", None, Flag, false, Yes, "Leave UDP GRO off: by default every UDP listener and relay socket takes runs of datagrams the network card coalesced in one receive, which turnserver splits again."),
-    opt("udp-gso", None, Flag, false, Inherent("runs of datagrams to one destination are always sent with UDP GSO where the kernel and device allow it"), "Use UDP GSO."),
+    yes("relay-ip", Some('E'), Ips(field!(relay_ips)), Live, "Relay (allocation) IP address; repeatable.").note("the address the client connected to"),
+    yes("relay-device", Some('i'), Text(field!(relay_device)), Restart, "Bind relay sockets to this network interface."),
+    yes("external-ip", Some('X'), EXTERNAL_IP, Live, "Public address to advertise: public or public/private; repeatable."),
+    yes("min-port", None, Port(field!(min_port)), Restart, "Lowest relay port.").default("49152"),
+    yes("max-port", None, Port(field!(max_port)), Restart, "Highest relay port.").default("65535"),
+    yes("relay-threads", Some('m'), RELAY_THREADS, Restart, "Worker threads.").note("one per CPU"),
+    not_yet("cpus", None, "Override the detected CPU count."),
+    yes("allocation-default-address-family", Some('A'), DEFAULT_FAMILY, Live, "Relay family without REQUESTED-ADDRESS-FAMILY: ipv4, ipv6 or keep.").default("ipv4"),
+    yes("keep-address-family", Some('K'), KEEP_FAMILY, Live, "Deprecated: same as allocation-default-address-family=keep."),
+    yes("no-udp-relay", None, Flag(field!(no_udp_relay)), Live, "Refuse UDP relay allocations (442)."),
+    inherent_flag("no-tcp-relay", None, "TCP relaying (RFC 6062) is not offered", "Refuse TCP relay allocations."),
+    not_yet_flag("server-relay", None, "Non-standard: skip permission checks."),
+    obsolete("ne", None, "network engine selection was removed in coturn 4.10", "Network engine version."),
+    yes("sock-buf-size", None, SOCK_BUF_SIZE, Restart, "Receive and send buffer of every UDP listener and relay socket, bytes (capped by net.core.rmem_max/wmem_max).").note("4 MiB for listeners, the kernel's default for relays"),
+    not_yet_flag("multiplex-peer", None, "Share relay sockets between allocations."),
+    not_yet("multiplex-peer-port", None, "Port for multiplex-peer."),
+    not_yet("multiplex-peer-max-peers", None, "Peers per multiplexed socket."),
+    inherent_flag("udp-recvmmsg", None, "UDP is always received with recvmmsg and sent to clients with sendmmsg", "Batch UDP receives."),
+    not_yet_flag("udp-recvmmsg-log", None, "Log recvmmsg statistics."),
+    not_yet_flag("udp-sendmmsg-log", None, "Log sendmmsg statistics."),
+    yes("no-udp-gro", None, Inverted(field!(udp_gro)), Restart, "Leave UDP GRO off: by default every UDP listener and relay socket takes runs of datagrams the network card coalesced in one receive, which turnserver splits again.").default("off"),
+    inherent_flag("udp-gso", None, "runs of datagrams to one destination are always sent with UDP GSO where the kernel and device allow it", "Use UDP GSO."),
     // Peer access
-    opt("allow-loopback-peers", None, Flag, false, Yes, "Allow relaying to loopback peers (127.0.0.0/8, ::1). Default: denied."),
-    opt("allow-private-peers", None, Flag, false, Yes, "Allow relaying to private peers (RFC 1918, 100.64/10, fc00::/7), as coturn 4.6.1 did. Default: denied."),
-    opt("no-loopback-peers", None, Flag, false, Inherent("loopback peers are denied by default"), "Legacy: deny loopback peers."),
-    opt("no-multicast-peers", None, Flag, false, Inherent("multicast and broadcast peers are always denied"), "Deny multicast and broadcast peers."),
-    opt("denied-peer-ip", None, Value, true, Yes, "Deny peers in this IP, range a-b or CIDR; repeatable."),
-    opt("allowed-peer-ip", None, Value, true, Yes, "Allow peers in this IP, range a-b or CIDR; wins over denials; repeatable."),
+    yes("allow-loopback-peers", None, Flag(field!(allow_loopback_peers)), Live, "Allow relaying to loopback peers (127.0.0.0/8, ::1).").default("off"),
+    yes("allow-private-peers", None, Flag(field!(allow_private_peers)), Live, "Allow relaying to private peers (RFC 1918, 100.64/10, fc00::/7), as coturn 4.6.1 did.").default("off"),
+    inherent_flag("no-loopback-peers", None, "loopback peers are denied by default", "Legacy: deny loopback peers."),
+    inherent_flag("no-multicast-peers", None, "multicast and broadcast peers are always denied", "Deny multicast and broadcast peers."),
+    yes("denied-peer-ip", None, DENIED_PEER_IP, Live, "Deny peers in this IP, range a-b or CIDR; repeatable."),
+    yes("allowed-peer-ip", None, ALLOWED_PEER_IP, Live, "Allow peers in this IP, range a-b or CIDR; wins over denials; repeatable."),
     // Authentication
-    opt("lt-cred-mech", Some('a'), Flag, false, Yes, "Use long-term credentials."),
-    opt("no-auth", Some('z'), Flag, false, Yes, "Allow anonymous access."),
-    opt("user", Some('u'), Value, true, Yes, "User account name:password or name:0x<32 hex key>; repeatable."),
-    opt("realm", Some('r'), Value, false, Yes, "Realm for long-term credentials. Default: the host name."),
-    opt("use-auth-secret", None, Flag, false, Yes, "TURN REST API: time-limited credentials."),
-    opt("static-auth-secret", None, Value, true, Yes, "TURN REST API shared secret; repeatable, every one is tried."),
-    opt("rest-api-separator", Some('C'), Value, false, Yes, "Separator between timestamp and user in REST usernames. Default: ':'."),
-    opt("secret-ts-exp-time", None, Value, false, Obsolete("it had no effect since coturn 4.5 and was removed in 4.7"), "Deprecated."),
-    opt("stale-nonce", None, Optional, false, Yes, "Nonce lifetime, seconds; 0 = never stale. Default: 600."),
-    opt("server-name", None, Value, false, Yes, "Server name (default realm when realm is not set)."),
-    opt("oauth", None, Flag, false, NotYet, "RFC 7635 third-party authorization."),
-    opt("check-origin-consistency", None, Flag, false, NotYet, "Require a constant ORIGIN per session."),
-    opt("secure-stun", None, Flag, false, Yes, "Require authentication for Binding."),
-    opt("stateless-nonce", None, Flag, false, Inherent("nonces are always stateless"), "Stateless nonces."),
-    opt("stateless-nonce-secret", None, Value, false, NotYet, "Shared secret for stateless nonces."),
-    opt("unauthorized-ratelimit", None, Flag, false, Inherent("answers to unauthenticated requests are always rate-limited; unauthorized-ratelimit-rps=0 turns it off"), "Rate-limit 401 responses."),
-    opt("unauthorized-ratelimit-rps", None, Value, false, Yes, "Answers to unauthenticated requests (401, 438, 400, 420) per second per source address, burst 5 s worth; 0 = unlimited. Default: 20."),
-    opt("userdb", Some('b'), Value, false, NotYet, "SQLite user database."),
-    opt("psql-userdb", Some('e'), Value, false, NotYet, "PostgreSQL user database."),
-    opt("mysql-userdb", Some('M'), Value, false, NotYet, "MySQL user database."),
-    opt("mongo-userdb", Some('J'), Value, false, NotYet, "MongoDB user database."),
-    opt("redis-userdb", Some('N'), Value, false, NotYet, "Redis user database."),
-    opt("redis-statsdb", Some('O'), Value, false, NotYet, "Redis statistics database."),
-    opt("secret-key-file", None, Value, false, NotYet, "AES key for encrypted database passwords."),
-    opt("no-auth-pings", None, Flag, false, Inherent("there is no database to ping"), "Disable database health checks."),
-    opt("no-dynamic-ip-list", None, Flag, false, Inherent("peer lists come only from the configuration"), "Do not read peer lists from the database."),
-    opt("no-dynamic-realms", None, Flag, false, Inherent("realms come only from the configuration"), "Do not read realms from the database."),
+    yes("lt-cred-mech", Some('a'), Flag(field!(lt_cred_mech)), Live, "Use long-term credentials."),
+    yes("no-auth", Some('z'), Flag(field!(no_auth)), Live, "Allow anonymous access."),
+    yes("user", Some('u'), USER, Live, "User account name:password or name:0x<32 hex key>; repeatable."),
+    yes("realm", Some('r'), Text(field!(realm)), Live, "Realm for long-term credentials.").note("server-name, else the host name"),
+    yes("use-auth-secret", None, Flag(field!(use_auth_secret)), Live, "TURN REST API: time-limited credentials."),
+    yes("static-auth-secret", None, STATIC_AUTH_SECRET, Live, "TURN REST API shared secret; repeatable, every one is tried."),
+    yes("rest-api-separator", Some('C'), REST_API_SEPARATOR, Live, "Separator between timestamp and user in REST usernames.").default(":"),
+    obsolete("secret-ts-exp-time", None, "it had no effect since coturn 4.5 and was removed in 4.7", "Deprecated."),
+    yes("stale-nonce", None, Seconds { field: field!(stale_nonce), min: 0, optional: true }, Live, "Nonce lifetime, seconds; 0 = never stale.").default("600"),
+    yes("server-name", None, Text(field!(server_name)), Live, "Server name (default realm when realm is not set)."),
+    not_yet_flag("oauth", None, "RFC 7635 third-party authorization."),
+    not_yet_flag("check-origin-consistency", None, "Require a constant ORIGIN per session."),
+    yes("secure-stun", None, Flag(field!(secure_stun)), Live, "Require authentication for Binding."),
+    inherent_flag("stateless-nonce", None, "nonces are always stateless", "Stateless nonces."),
+    not_yet("stateless-nonce-secret", None, "Shared secret for stateless nonces."),
+    inherent_flag("unauthorized-ratelimit", None, "answers to unauthenticated requests are always rate-limited; unauthorized-ratelimit-rps=0 turns it off", "Rate-limit 401 responses."),
+    yes("unauthorized-ratelimit-rps", None, U32(field!(unauthorized_ratelimit_rps)), Live, "Answers to unauthenticated requests (401, 438, 400, 420) per second per source address, burst 5 s worth; 0 = unlimited.").default("20"),
+    not_yet("userdb", Some('b'), "SQLite user database."),
+    not_yet("psql-userdb", Some('e'), "PostgreSQL user database."),
+    not_yet("mysql-userdb", Some('M'), "MySQL user database."),
+    not_yet("mongo-userdb", Some('J'), "MongoDB user database."),
+    not_yet("redis-userdb", Some('N'), "Redis user database."),
+    not_yet("redis-statsdb", Some('O'), "Redis statistics database."),
+    not_yet("secret-key-file", None, "AES key for encrypted database passwords."),
+    inherent_flag("no-auth-pings", None, "there is no database to ping", "Disable database health checks."),
+    inherent_flag("no-dynamic-ip-list", None, "peer lists come only from the configuration", "Do not read peer lists from the database."),
+    inherent_flag("no-dynamic-realms", None, "realms come only from the configuration", "Do not read realms from the database."),
     // Quotas and lifetimes
-    opt("user-quota", Some('q'), Value, false, Yes, "Concurrent allocations per user (486 beyond); 0 = unlimited. Default: 0."),
-    opt("total-quota", Some('Q'), Value, false, Yes, "Concurrent allocations in total (486 beyond); 0 = unlimited. Default: 0."),
-    opt("max-bps", Some('s'), Value, false, Yes, "Bytes per second per allocation, each direction; excess is dropped; 0 = unlimited. Default: 0."),
-    opt("bps-capacity", Some('B'), Value, false, Yes, "Bytes per second to hand out in total, max-bps per allocation (486 beyond); needs max-bps; 0 = unlimited."),
-    opt("max-allocate-lifetime", None, Optional, false, Yes, "Cap on allocation lifetime, seconds. Default: 3600."),
-    opt("channel-lifetime", None, Optional, false, Yes, "Channel binding lifetime, seconds. Default: 600."),
-    opt("permission-lifetime", None, Optional, false, Yes, "Permission lifetime, seconds. Default: 300."),
-    opt("max-allocate-timeout", None, Value, false, Yes, "Seconds a TCP/TLS connection may stay silent without an allocation. Default: 60."),
-    opt("mobility", None, Flag, false, Yes, "RFC 8016 mobility: clients may move their allocation to a new address."),
-    opt("udp-steering", None, Value, false, Yes, "auto (default): while the load is light, every UDP client datagram goes to the first relay thread (fewer wake-ups), and the kernel spreads them again when it gets busy; off: always spread. Off with mobility."),
-    opt("drain-min-allocations", None, Value, false, NotYet, "Drain mode threshold."),
+    yes("user-quota", Some('q'), U32(field!(limits.user_quota)), Live, "Concurrent allocations per user (486 beyond); 0 = unlimited.").default("0"),
+    yes("total-quota", Some('Q'), U32(field!(limits.total_quota)), Live, "Concurrent allocations in total (486 beyond); 0 = unlimited.").default("0"),
+    yes("max-bps", Some('s'), U64(field!(limits.max_bps)), Live, "Bytes per second per allocation, each direction; excess is dropped; 0 = unlimited.").default("0"),
+    yes("bps-capacity", Some('B'), U64(field!(limits.bps_capacity)), Live, "Bytes per second to hand out in total, max-bps per allocation (486 beyond); needs max-bps; 0 = unlimited.").default("0"),
+    yes("max-allocate-lifetime", None, Seconds { field: field!(max_allocate_lifetime), min: 1, optional: true }, Live, "Cap on allocation lifetime, seconds.").default("3600"),
+    yes("channel-lifetime", None, Seconds { field: field!(channel_lifetime), min: 1, optional: true }, Live, "Channel binding lifetime, seconds.").default("600"),
+    yes("permission-lifetime", None, Seconds { field: field!(permission_lifetime), min: 1, optional: true }, Live, "Permission lifetime, seconds.").default("300"),
+    yes("max-allocate-timeout", None, Seconds { field: field!(max_allocate_timeout), min: 1, optional: false }, Live, "Seconds a TCP/TLS connection may stay silent without an allocation.").default("60"),
+    yes("mobility", None, Flag(field!(mobility)), Live, "RFC 8016 mobility: clients may move their allocation to a new address."),
+    yes("udp-steering", None, UDP_STEERING, Live, "auto: while the load is light, every UDP client datagram goes to the first relay thread (fewer wake-ups), and the kernel spreads them again when it gets busy; off: always spread. Off with mobility.").default("auto"),
+    not_yet("drain-min-allocations", None, "Drain mode threshold."),
     // STUN behaviour
-    opt("fingerprint", Some('f'), Flag, false, Yes, "Add FINGERPRINT to every response."),
-    opt("stun-only", Some('S'), Flag, false, Yes, "Serve STUN only: TURN requests are ignored."),
-    opt("no-stun", None, Flag, false, Yes, "Do not answer Binding (TURN only)."),
-    opt("no-software-attribute", None, Flag, false, Inherent("SOFTWARE is not sent unless software-attribute is set"), "Do not send SOFTWARE."),
-    opt("software-attribute", None, Flag, false, Yes, "Send SOFTWARE in responses."),
-    opt("no-rfc5780", None, Flag, false, Inherent("RFC 5780 NAT discovery is not offered"), "Disable RFC 5780."),
-    opt("rfc5780", None, Flag, false, NotYet, "Enable RFC 5780 NAT discovery."),
-    opt("no-stun-backward-compatibility", None, Flag, false, Inherent("RFC 3489 requests are not answered"), "Only RFC 5389 STUN."),
-    opt("stun-backward-compatibility", None, Flag, false, NotYet, "Answer RFC 3489 requests."),
-    opt("rfc3489-compatibility", None, Flag, false, NotYet, "Answer RFC 3489 requests."),
-    opt("response-origin-only-with-rfc5780", None, Flag, false, Inherent("RESPONSE-ORIGIN is never sent"), "RESPONSE-ORIGIN only with RFC 5780."),
-    opt("rfc5766-channel-numbers", None, Flag, false, Inherent("channel numbers 0x4000-0x7FFF are always accepted"), "Accept RFC 5766 channel numbers."),
-    opt("include-reason-string", None, Flag, false, Inherent("error responses always carry a reason phrase"), "Descriptive error reasons."),
-    opt("log-binding", None, Flag, false, Inherent("Binding requests are never logged"), "Log Binding requests."),
-    opt("respond-http-unsupported", None, Flag, false, NotYet, "Answer HTTP on TURN ports."),
-    opt("drop-invalid-packets", None, Flag, false, Inherent("invalid packets are always dropped"), "Drop invalid packets."),
-    opt("drop-invalid-packets-log", None, Flag, false, NotYet, "Log dropped packets."),
+    yes("fingerprint", Some('f'), Flag(field!(fingerprint)), Live, "Add FINGERPRINT to every response."),
+    yes("stun-only", Some('S'), Flag(field!(stun_only)), Live, "Serve STUN only: TURN requests are ignored."),
+    yes("no-stun", None, Flag(field!(no_stun)), Live, "Do not answer Binding (TURN only)."),
+    inherent_flag("no-software-attribute", None, "SOFTWARE is not sent unless software-attribute is set", "Do not send SOFTWARE."),
+    yes("software-attribute", None, Flag(field!(software_attribute)), Live, "Send SOFTWARE in responses."),
+    inherent_flag("no-rfc5780", None, "RFC 5780 NAT discovery is not offered", "Disable RFC 5780."),
+    not_yet_flag("rfc5780", None, "Enable RFC 5780 NAT discovery."),
+    inherent_flag("no-stun-backward-compatibility", None, "RFC 3489 requests are not answered", "Only RFC 5389 STUN."),
+    not_yet_flag("stun-backward-compatibility", None, "Answer RFC 3489 requests."),
+    not_yet_flag("rfc3489-compatibility", None, "Answer RFC 3489 requests."),
+    inherent_flag("response-origin-only-with-rfc5780", None, "RESPONSE-ORIGIN is never sent", "RESPONSE-ORIGIN only with RFC 5780."),
+    inherent_flag("rfc5766-channel-numbers", None, "channel numbers 0x4000-0x7FFF are always accepted", "Accept RFC 5766 channel numbers."),
+    inherent_flag("include-reason-string", None, "error responses always carry a reason phrase", "Descriptive error reasons."),
+    inherent_flag("log-binding", None, "Binding requests are never logged", "Log Binding requests."),
+    not_yet_flag("respond-http-unsupported", None, "Answer HTTP on TURN ports."),
+    inherent_flag("drop-invalid-packets", None, "invalid packets are always dropped", "Drop invalid packets."),
+    not_yet_flag("drop-invalid-packets-log", None, "Log dropped packets."),
     // TLS
-    opt("cert", None, Value, false, Yes, "TLS certificate chain (PEM)."),
-    opt("pkey", None, Value, false, Yes, "TLS private key (PEM)."),
-    opt("pkey-pwd", None, Value, false, NotYet, "Private key password."),
-    opt("cipher-list", None, Value, false, NotYet, "OpenSSL cipher list."),
-    opt("CA-file", None, Value, false, NotYet, "CA for client certificates."),
-    opt("ec-curve-name", None, Value, false, Inherent("curves are negotiated by rustls"), "ECDH curve."),
-    opt("dh566", None, Flag, false, Inherent("DHE is not used; ECDHE only"), "566-bit DH."),
-    opt("dh1066", None, Flag, false, Inherent("DHE is not used; ECDHE only"), "1066-bit DH."),
-    opt("dh-file", None, Value, false, Inherent("DHE is not used; ECDHE only"), "DH parameters file."),
-    opt("no-tlsv1", None, Flag, false, Inherent("TLS 1.0 is never offered"), "Disable TLS 1.0."),
-    opt("no-tlsv1_1", None, Flag, false, Inherent("TLS 1.1 is never offered"), "Disable TLS 1.1."),
-    opt("no-tlsv1_2", None, Flag, false, Yes, "Disable TLS 1.2 (TLS 1.3 only)."),
-    opt("tlsv1", None, Flag, false, NotYet, "Enable TLS 1.0."),
-    opt("tlsv1_1", None, Flag, false, NotYet, "Enable TLS 1.1."),
-    opt("no-sslv2", None, Flag, false, Obsolete("SSL is never offered"), "Deprecated."),
-    opt("no-sslv3", None, Flag, false, Obsolete("SSL is never offered"), "Deprecated."),
-    opt("raw-public-keys", None, Flag, false, NotYet, "TLS raw public keys."),
-    opt("acme-redirect", None, Value, false, NotYet, "Redirect ACME challenges."),
+    yes("cert", None, Path(field!(cert)), Live, "TLS certificate chain (PEM); reloaded on SIGHUP and SIGUSR2."),
+    yes("pkey", None, Path(field!(pkey)), Live, "TLS private key (PEM); reloaded on SIGHUP and SIGUSR2."),
+    not_yet("pkey-pwd", None, "Private key password."),
+    not_yet("cipher-list", None, "OpenSSL cipher list."),
+    not_yet("CA-file", None, "CA for client certificates."),
+    inherent("ec-curve-name", None, "curves are negotiated by rustls", "ECDH curve."),
+    inherent_flag("dh566", None, "DHE is not used; ECDHE only", "566-bit DH."),
+    inherent_flag("dh1066", None, "DHE is not used; ECDHE only", "1066-bit DH."),
+    inherent("dh-file", None, "DHE is not used; ECDHE only", "DH parameters file."),
+    inherent_flag("no-tlsv1", None, "TLS 1.0 is never offered", "Disable TLS 1.0."),
+    inherent_flag("no-tlsv1_1", None, "TLS 1.1 is never offered", "Disable TLS 1.1."),
+    yes("no-tlsv1_2", None, Flag(field!(no_tlsv1_2)), Live, "Disable TLS 1.2 (TLS 1.3 only)."),
+    not_yet_flag("tlsv1", None, "Enable TLS 1.0."),
+    not_yet_flag("tlsv1_1", None, "Enable TLS 1.1."),
+    obsolete_flag("no-sslv2", None, "SSL is never offered", "Deprecated."),
+    obsolete_flag("no-sslv3", None, "SSL is never offered", "Deprecated."),
+    not_yet_flag("raw-public-keys", None, "TLS raw public keys."),
+    not_yet("acme-redirect", None, "Redirect ACME challenges."),
     // Logging
-    opt("log-file", Some('l'), Value, false, Yes, "Log file path, or stdout. Default: stdout."),
-    opt("no-stdout-log", None, Flag, false, Yes, "With log-file, do not also log to stdout."),
-    opt("syslog", None, Flag, false, Yes, "Log to syslog as well."),
-    opt("syslog-facility", None, Value, false, Yes, "Syslog facility, e.g. LOG_LOCAL1. Default: LOG_DAEMON."),
-    opt("simple-log", None, Flag, false, Inherent("the log file name is used as given"), "No pid/date in the log file name."),
-    opt("new-log-timestamp", None, Flag, false, Inherent("timestamps are always ISO 8601"), "ISO 8601 timestamps."),
-    opt("new-log-timestamp-format", None, Value, false, NotYet, "Timestamp format."),
-    opt("log-level", None, Value, false, Yes, "Log level: error, warn, info, debug or trace (overrides -v/-V). Default: info."),
-    opt("verbose", Some('v'), Flag, false, Yes, "Verbose: log every request."),
-    opt("Verbose", Some('V'), Flag, false, Yes, "Extra verbose."),
+    yes("log-file", Some('l'), LOG_FILE, Live, "Log file path, or stdout; reopened on SIGHUP (logrotate).").default("stdout"),
+    yes("no-stdout-log", None, Flag(field!(no_stdout_log)), Restart, "With log-file, do not also log to stdout."),
+    yes("syslog", None, Flag(field!(syslog)), Restart, "Log to syslog as well."),
+    yes("syslog-facility", None, SYSLOG_FACILITY, Restart, "Syslog facility, e.g. LOG_LOCAL1.").note("LOG_DAEMON"),
+    inherent_flag("simple-log", None, "the log file name is used as given", "No pid/date in the log file name."),
+    inherent_flag("new-log-timestamp", None, "timestamps are always ISO 8601", "ISO 8601 timestamps."),
+    not_yet("new-log-timestamp-format", None, "Timestamp format."),
+    yes("log-level", None, LOG_LEVEL, Live, "Log level: error, warn, info, debug or trace (overrides -v/-V).").note("info"),
+    yes("verbose", Some('v'), VERBOSE, Live, "Verbose: log every request."),
+    yes("Verbose", Some('V'), VERY_VERBOSE, Live, "Extra verbose (coturn's -V; the version is --version)."),
     // Process and management
-    opt("daemon", Some('o'), Flag, false, Yes, "Detach and run in the background."),
-    opt("pidfile", None, Value, false, Yes, "Write the process id to this file (empty: none). Default: none."),
-    opt("proc-user", None, Value, false, Yes, "Run as this user once ports are bound and keys read."),
-    opt("proc-group", None, Value, false, Yes, "Run as this group once ports are bound and keys read."),
-    opt("drain-timeout", None, Value, false, Yes, "Seconds SIGTERM waits for allocations to end before exiting. Default: 30."),
-    opt("no-cli", None, Flag, false, Inherent("there is no telnet CLI"), "Disable the telnet CLI."),
-    opt("cli", None, Flag, false, NotYet, "Enable the telnet CLI."),
-    opt("cli-ip", None, Value, false, Inherent("there is no telnet CLI"), "Telnet CLI address."),
-    opt("cli-port", None, Value, false, Inherent("there is no telnet CLI"), "Telnet CLI port."),
-    opt("cli-password", None, Value, false, Inherent("there is no telnet CLI"), "Telnet CLI password."),
-    opt("cli-max-output-sessions", None, Value, false, Inherent("there is no telnet CLI"), "Telnet CLI output limit."),
-    opt("web-admin", None, Flag, false, NotYet, "HTTPS admin interface."),
-    opt("web-admin-ip", None, Value, false, NotYet, "Web admin address."),
-    opt("web-admin-port", None, Value, false, NotYet, "Web admin port."),
-    opt("web-admin-listen-on-workers", None, Flag, false, NotYet, "Web admin on TURN ports."),
-    opt("prometheus", None, Flag, false, Yes, "Serve Prometheus metrics over HTTP, with / and /health for health checks."),
-    opt("prometheus-port", None, Value, false, Yes, "Metrics port. Default: 9641."),
-    opt("prometheus-address", None, Value, false, Yes, "Metrics address. Default: 0.0.0.0."),
-    opt("prometheus-path", None, Value, false, Yes, "Metrics path. Default: /metrics."),
-    opt("prometheus-username-labels", None, Flag, false, Yes, "Allocations per user as a labelled gauge (at most 1000 users)."),
-    opt("prometheus-tls", None, Flag, false, NotYet, "TLS for the metrics endpoint."),
-    opt("prometheus-cert", None, Value, false, NotYet, "Metrics endpoint certificate."),
-    opt("prometheus-key", None, Value, false, NotYet, "Metrics endpoint key."),
-    opt("alternate-server", None, Value, true, Yes, "Redirect Allocates over UDP/TCP to ip[:port] with 300 Try Alternate; repeatable (round-robin)."),
-    opt("tls-alternate-server", None, Value, true, Yes, "Redirect Allocates over TLS to ip[:port] (default port 5349); repeatable."),
-    opt("udp-alternate-server", None, Value, true, NotYet, "ALTERNATE-SERVER for UDP."),
-    opt("tcp-alternate-server", None, Value, true, NotYet, "ALTERNATE-SERVER for TCP."),
+    yes("daemon", Some('o'), Flag(field!(daemon)), Restart, "Detach and run in the background."),
+    yes("pidfile", None, Path(field!(pidfile)), Restart, "Write the process id to this file (empty: none).").note("none"),
+    yes("proc-user", None, Text(field!(proc_user)), Restart, "Run as this user once ports are bound and keys read."),
+    yes("proc-group", None, Text(field!(proc_group)), Restart, "Run as this group once ports are bound and keys read."),
+    yes("drain-timeout", None, U32(field!(drain_timeout)), Live, "Seconds SIGTERM waits for allocations to end before exiting.").default("30"),
+    inherent_flag("no-cli", None, "there is no telnet CLI", "Disable the telnet CLI."),
+    not_yet_flag("cli", None, "Enable the telnet CLI."),
+    inherent("cli-ip", None, "there is no telnet CLI", "Telnet CLI address."),
+    inherent("cli-port", None, "there is no telnet CLI", "Telnet CLI port."),
+    inherent("cli-password", None, "there is no telnet CLI", "Telnet CLI password."),
+    inherent("cli-max-output-sessions", None, "there is no telnet CLI", "Telnet CLI output limit."),
+    not_yet_flag("web-admin", None, "HTTPS admin interface."),
+    not_yet("web-admin-ip", None, "Web admin address."),
+    not_yet("web-admin-port", None, "Web admin port."),
+    not_yet_flag("web-admin-listen-on-workers", None, "Web admin on TURN ports."),
+    yes("prometheus", None, Flag(field!(prometheus)), Restart, "Serve Prometheus metrics over HTTP, with / and /health for health checks."),
+    yes("prometheus-port", None, Port(field!(prometheus_port)), Restart, "Metrics port.").default("9641"),
+    yes("prometheus-address", None, Ip(field!(prometheus_address)), Restart, "Metrics address.").default("0.0.0.0"),
+    yes("prometheus-path", None, PROMETHEUS_PATH, Restart, "Metrics path.").default("/metrics"),
+    yes("prometheus-username-labels", None, Flag(field!(prometheus_username_labels)), Live, "Allocations per user as a labelled gauge (at most 1000 users)."),
+    not_yet_flag("prometheus-tls", None, "TLS for the metrics endpoint."),
+    not_yet("prometheus-cert", None, "Metrics endpoint certificate."),
+    not_yet("prometheus-key", None, "Metrics endpoint key."),
+    yes("alternate-server", None, ALTERNATE_SERVER, Live, "Redirect Allocates over UDP/TCP to ip[:port] (default port 3478) with 300 Try Alternate; repeatable (round-robin)."),
+    yes("tls-alternate-server", None, TLS_ALTERNATE_SERVER, Live, "Redirect Allocates over TLS to ip[:port] (default port 5349); repeatable."),
+    not_yet("udp-alternate-server", None, "ALTERNATE-SERVER for UDP."),
+    not_yet("tcp-alternate-server", None, "ALTERNATE-SERVER for TCP."),
 ];
+
+// The options with a value of their own kind.
+
+const EXTERNAL_IP: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?;
+        let ip = super::setting::ip;
+        let e = match v.split_once('/') {
+            Some((public, private)) => ExternalIp {
+                public: ip(public)?,
+                private: Some(ip(private)?),
+            },
+            None => ExternalIp {
+                public: ip(v)?,
+                private: None,
+            },
+        };
+        if let Some(p) = e.private
+            && p.is_ipv4() != e.public.is_ipv4()
+        {
+            return Err(format!("'{v}' mixes IPv4 and IPv6"));
+        }
+        if e.private.is_none()
+            && c.external_ips
+                .iter()
+                .any(|x| x.private.is_none() && x.public.is_ipv4() == e.public.is_ipv4())
+        {
+            return Err(
+                "a plain external IP of this family is already set; use public/private pairs for several"
+                    .into(),
+            );
+        }
+        c.external_ips.push(e);
+        Ok(())
+    },
+    render: |c, key, out| {
+        for e in &c.external_ips {
+            match e.private {
+                Some(p) => out.push(format!("{key}={}/{p}", e.public)),
+                None => out.push(format!("{key}={}", e.public)),
+            }
+        }
+    },
+    repeat: true,
+    flag: false,
+};
+
+const RELAY_THREADS: Setting = Setting::Custom {
+    apply: |c, v| {
+        let n: usize = number(need(v)?)?;
+        if n > 1024 {
+            return Err(format!("{n} threads is more than the limit of 1024"));
+        }
+        c.relay_threads = Some(n.max(1));
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.relay_threads.map(|n| format!("{key}={n}"))),
+    repeat: false,
+    flag: false,
+};
+
+const DEFAULT_FAMILY: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.default_family = match need(v)?.trim().to_ascii_lowercase().as_str() {
+            "ipv4" => DefaultFamily::Ipv4,
+            "ipv6" => DefaultFamily::Ipv6,
+            "keep" => DefaultFamily::Keep,
+            other => return Err(format!("'{other}' is not ipv4, ipv6 or keep")),
+        };
+        Ok(())
+    },
+    render: |c, key, out| {
+        let v = match c.default_family {
+            DefaultFamily::Ipv4 => "ipv4",
+            DefaultFamily::Ipv6 => "ipv6",
+            DefaultFamily::Keep => "keep",
+        };
+        out.push(format!("{key}={v}"));
+    },
+    repeat: false,
+    flag: false,
+};
+
+/// `keep-address-family`: printed as allocation-default-address-family.
+const KEEP_FAMILY: Setting = Setting::Custom {
+    apply: |c, v| {
+        if flag(v)? {
+            c.default_family = DefaultFamily::Keep;
+        }
+        Ok(())
+    },
+    render: |_, _, _| {},
+    repeat: false,
+    flag: true,
+};
+
+const SOCK_BUF_SIZE: Setting = Setting::Custom {
+    apply: |c, v| {
+        let n: usize = number(need(v)?)?;
+        if !(4096..=1 << 30).contains(&n) {
+            return Err(format!("{n} bytes is outside 4096..1073741824"));
+        }
+        c.sock_buf_size = Some(n);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.sock_buf_size.map(|n| format!("{key}={n}"))),
+    repeat: false,
+    flag: false,
+};
+
+const UDP_STEERING: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.udp_steering = match need(v)?.trim().to_ascii_lowercase().as_str() {
+            "auto" => true,
+            "off" => false,
+            other => return Err(format!("'{other}' is not auto or off")),
+        };
+        Ok(())
+    },
+    render: |c, key, out| {
+        out.push(format!(
+            "{key}={}",
+            if c.udp_steering { "auto" } else { "off" }
+        ))
+    },
+    repeat: false,
+    flag: false,
+};
+
+/// Peer ranges: `denied-peer-ip` and `allowed-peer-ip`.
+fn peer_ranges(v: Option<&str>) -> Result<IpRange, String> {
+    need(v)?.parse()
+}
+
+const DENIED_PEER_IP: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.denied_peer_ips.push(peer_ranges(v)?);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.denied_peer_ips.iter().map(|r| format!("{key}={r}"))),
+    repeat: true,
+    flag: false,
+};
+
+const ALLOWED_PEER_IP: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.allowed_peer_ips.push(peer_ranges(v)?);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.allowed_peer_ips.iter().map(|r| format!("{key}={r}"))),
+    repeat: true,
+    flag: false,
+};
+
+/// `user=name:password`, printed with the secret masked.
+const USER: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.users.push(parse_user(need(v)?)?);
+        Ok(())
+    },
+    render: |c, key, out| {
+        for User { name, secret } in &c.users {
+            match secret {
+                UserSecret::Password(_) => out.push(format!("{key}={name}:******")),
+                UserSecret::Key(_) => out.push(format!("{key}={name}:0x******")),
+            }
+        }
+    },
+    repeat: true,
+    flag: false,
+};
+
+/// `static-auth-secret`: implies use-auth-secret; printed masked.
+const STATIC_AUTH_SECRET: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.static_auth_secrets.push(need(v)?.to_string());
+        c.use_auth_secret = true;
+        Ok(())
+    },
+    render: |c, key, out| {
+        out.extend(
+            c.static_auth_secrets
+                .iter()
+                .map(|_| format!("{key}=******")),
+        )
+    },
+    repeat: true,
+    flag: false,
+};
+
+const REST_API_SEPARATOR: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.rest_api_separator = need(v)?.chars().next().ok_or("needs a value")?;
+        Ok(())
+    },
+    render: |c, key, out| out.push(format!("{key}={}", c.rest_api_separator)),
+    repeat: false,
+    flag: false,
+};
+
+/// `log-file`: a path, `stdout` (or `-`), or `syslog`.
+const LOG_FILE: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.log_file = match need(v)? {
+            "stdout" | "-" => None,
+            "syslog" => {
+                c.syslog = true;
+                None
+            }
+            path => Some(path.into()),
+        };
+        Ok(())
+    },
+    render: |c, key, out| {
+        let v = c
+            .log_file
+            .as_ref()
+            .map_or("stdout".to_string(), |p| p.display().to_string());
+        out.push(format!("{key}={v}"));
+    },
+    repeat: false,
+    flag: false,
+};
+
+const SYSLOG_FACILITY: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?;
+        if syslog_facility(v).is_none() {
+            return Err(format!(
+                "'{v}' is not a syslog facility (LOG_DAEMON, LOG_USER, LOG_LOCAL0 ... LOG_LOCAL7)"
+            ));
+        }
+        c.syslog_facility = Some(v.to_string());
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.syslog_facility.as_ref().map(|f| format!("{key}={f}"))),
+    repeat: false,
+    flag: false,
+};
+
+const LOG_LEVEL: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?;
+        c.log_level = Some(match v.trim().to_ascii_lowercase().as_str() {
+            "error" => tracing::Level::ERROR,
+            "warn" | "warning" => tracing::Level::WARN,
+            "info" => tracing::Level::INFO,
+            "debug" => tracing::Level::DEBUG,
+            "trace" => tracing::Level::TRACE,
+            _ => return Err(format!("'{v}' is not error, warn, info, debug or trace")),
+        });
+        Ok(())
+    },
+    render: |c, key, out| {
+        out.extend(
+            c.log_level
+                .map(|l| format!("{key}={}", l.to_string().to_ascii_lowercase())),
+        )
+    },
+    repeat: false,
+    flag: false,
+};
+
+/// `-v`: one line per request.
+const VERBOSE: Setting = Setting::Custom {
+    apply: |c, v| {
+        if flag(v)? {
+            c.verbose = c.verbose.max(1);
+        }
+        Ok(())
+    },
+    render: |c, key, out| out.push(format!("{key}={}", super::setting::on_off(c.verbose >= 1))),
+    repeat: false,
+    flag: true,
+};
+
+/// `-V`: coturn's "very verbose" (not the version).
+const VERY_VERBOSE: Setting = Setting::Custom {
+    apply: |c, v| {
+        if flag(v)? {
+            c.verbose = 2;
+        }
+        Ok(())
+    },
+    render: |c, key, out| out.push(format!("{key}={}", super::setting::on_off(c.verbose >= 2))),
+    repeat: false,
+    flag: true,
+};
+
+const PROMETHEUS_PATH: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?;
+        if !v.starts_with('/') {
+            return Err(format!("'{v}' does not start with /"));
+        }
+        c.prometheus_path = v.to_string();
+        Ok(())
+    },
+    render: |c, key, out| out.push(format!("{key}={}", c.prometheus_path)),
+    repeat: false,
+    flag: false,
+};
+
+/// `alternate-server` and `tls-alternate-server`: `ip[:port]`.
+fn alternate(v: Option<&str>, default_port: u16) -> Result<SocketAddr, String> {
+    let v = need(v)?;
+    parse_host_port(v, default_port).ok_or_else(|| format!("'{v}' is not ip[:port] or [ipv6]:port"))
+}
+
+const ALTERNATE_SERVER: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.alternate_servers.push(alternate(v, 3478)?);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.alternate_servers.iter().map(|a| format!("{key}={a}"))),
+    repeat: true,
+    flag: false,
+};
+
+const TLS_ALTERNATE_SERVER: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.tls_alternate_servers.push(alternate(v, 5349)?);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.tls_alternate_servers.iter().map(|a| format!("{key}={a}"))),
+    repeat: true,
+    flag: false,
+};
 
 /// Looks an option up by its long name or an alias.
 pub fn find(name: &str) -> Option<&'static Spec> {
@@ -246,6 +740,21 @@ pub fn find(name: &str) -> Option<&'static Spec> {
         .find(|(alias, _)| *alias == name)
         .map_or(name, |(_, real)| real);
     OPTIONS.iter().find(|s| s.name == name)
+}
+
+/// The lines `--check-config` prints for `spec` in `cfg`: its setting, or
+/// a comment saying what its absence means.
+pub fn render(spec: &Spec, cfg: &Config) -> Lines {
+    let mut out = Lines::new();
+    if let Support::Yes(s) = &spec.support {
+        s.render(cfg, spec.name, &mut out);
+        if out.is_empty()
+            && let Some(n) = spec.note
+        {
+            out.push(format!("# {}: {n}", spec.name));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -299,7 +808,10 @@ mod tests {
             "denied-peer-ip",
             "allowed-peer-ip",
         ] {
-            assert_eq!(find(name).unwrap().support, Support::Yes, "{name}");
+            assert!(
+                matches!(find(name).unwrap().support, Support::Yes(_)),
+                "{name}"
+            );
         }
         // Accepted, and already our behaviour.
         for name in [

@@ -80,7 +80,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     } else {
         cfg.relay_ips.clone()
     };
-    let stale = (cfg.stale_nonce > 0).then_some(cfg.stale_nonce);
+    let stale = (cfg.stale_nonce > 0).then_some(u64::from(cfg.stale_nonce));
     let mut core = turn::Config::new(
         cfg.authenticator(&realm),
         NonceIssuer::new(fixed.nonce_secret, stale),
@@ -135,72 +135,16 @@ fn describe(cfg: &Config, core: &turn::Config) {
     info!("{}", core.policy.describe());
 }
 
-/// Settings that only a restart applies, changed between `old` and `new`.
+/// Settings that only a restart applies, changed between `old` and `new`:
+/// the options marked restart-only in the table, and TLS listeners turned
+/// on or off by a certificate appearing or going (certificates themselves
+/// reload live).
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    let mut check = |name: &'static str, differs: bool| {
-        if differs {
-            changed.push(name);
-        }
-    };
-    check("listening-ip", old.listening_ips != new.listening_ips);
-    check("listening-port", old.listening_port != new.listening_port);
-    check(
-        "tls-listening-port",
-        old.tls_listening_port != new.tls_listening_port,
-    );
-    check(
-        "alt-listening-port",
-        old.alt_listening_port != new.alt_listening_port,
-    );
-    check(
-        "alt-tls-listening-port",
-        old.alt_tls_listening_port != new.alt_tls_listening_port,
-    );
-    check(
-        "listening-device",
-        old.listening_device != new.listening_device,
-    );
-    check("relay-device", old.relay_device != new.relay_device);
-    check("no-udp", old.no_udp != new.no_udp);
-    check("no-tcp", old.no_tcp != new.no_tcp);
+    let mut changed = old.restart_only_changes(new);
     let tls_on = |c: &Config| !c.no_tls && c.cert.is_some() && c.pkey.is_some();
-    check(
-        "no-tls/cert/pkey (TLS listeners)",
-        tls_on(old) != tls_on(new),
-    );
-    check(
-        "min-port/max-port",
-        (old.min_port, old.max_port) != (new.min_port, new.max_port),
-    );
-    check("relay-threads", old.relay_threads != new.relay_threads);
-    check("sock-buf-size", old.sock_buf_size != new.sock_buf_size);
-    check("no-udp-gro", old.udp_gro != new.udp_gro);
-    check("daemon", old.daemon != new.daemon);
-    check("pidfile", old.pidfile != new.pidfile);
-    check(
-        "proc-user/proc-group",
-        (&old.proc_user, &old.proc_group) != (&new.proc_user, &new.proc_group),
-    );
-    check(
-        "prometheus settings",
-        (
-            old.prometheus,
-            old.prometheus_address,
-            old.prometheus_port,
-            &old.prometheus_path,
-        ) != (
-            new.prometheus,
-            new.prometheus_address,
-            new.prometheus_port,
-            &new.prometheus_path,
-        ),
-    );
-    check(
-        "syslog/no-stdout-log",
-        (old.syslog, &old.syslog_facility, old.no_stdout_log)
-            != (new.syslog, &new.syslog_facility, new.no_stdout_log),
-    );
+    if tls_on(old) != tls_on(new) {
+        changed.push("cert/pkey (TLS listeners)");
+    }
     changed
 }
 
@@ -593,7 +537,10 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         fixed,
     } = prepare(&cfg)?;
     let metrics_listener = if cfg.prometheus {
-        let addr = SocketAddr::new(cfg.prometheus_address, cfg.prometheus_port);
+        let ip = cfg
+            .prometheus_address
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let addr = SocketAddr::new(ip, cfg.prometheus_port);
         let l = std::net::TcpListener::bind(addr)
             .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
