@@ -48,6 +48,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use turnserver::bench::Report;
 
 const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
 const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
@@ -419,8 +420,8 @@ fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
-/// Runs turnbench with `args`, returning its JSON report.
-fn turnbench(args: &[String]) -> Value {
+/// Runs turnbench with `args`, returning its report.
+fn turnbench(args: &[String]) -> Report {
     let out = Command::new(TURNBENCH)
         .arg("run")
         .args(args)
@@ -497,8 +498,13 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 
 /// Packets the server relayed in a turnbench run: round trips received
 /// times the relayed packets each took.
-fn relayed_packets(r: &Value) -> f64 {
-    r["received"].as_f64().unwrap() * r["relayed_per_round_trip"].as_f64().unwrap()
+fn relayed_packets(r: &Report) -> f64 {
+    (r.received * r.relayed_per_round_trip) as f64
+}
+
+/// The p99 round-trip time of a run, microseconds (NaN without one).
+fn p99(r: &Report) -> f64 {
+    r.rtt_us.as_ref().map_or(f64::NAN, |l| l.p99)
 }
 
 /// One fixed-load run: the server's CPU per relayed packet and the
@@ -516,15 +522,15 @@ fn fixed_run(p: &Proc, server: SocketAddr, env: &Env, raw: bool, load: Load) -> 
     eprintln!(
         "    {:<20} {us:.2} µs/relayed packet, p99 {:.0} µs, loss {:.3} %",
         p.name,
-        r["rtt_us"]["p99"].as_f64().unwrap_or(f64::NAN),
-        r["loss_percent"].as_f64().unwrap_or(f64::NAN),
+        p99(&r),
+        r.loss_percent,
     );
     json!({
         "cpu_seconds": cpu,
         "relayed_packets": relayed,
         "cpu_us_per_relayed_packet": us,
-        "loss_percent": r["loss_percent"],
-        "rtt_us": r["rtt_us"],
+        "loss_percent": r.loss_percent,
+        "rtt_us": r.rtt_us,
     })
 }
 
@@ -627,8 +633,7 @@ fn ramps(servers: &[Loaded], env: &Env) -> Vec<Value> {
             Load::burst(rate),
             scale().ramp_seconds,
         ));
-        let loss = r["loss_percent"].as_f64().unwrap();
-        let relayed = r["relayed_packets_per_second"].as_f64().unwrap();
+        let (loss, relayed) = (r.loss_percent, r.relayed_packets_per_second);
         eprintln!(
             "    {:<20} offered {rate:.0}/s -> {relayed:.0} relayed/s, loss {loss:.3} %",
             s.proc.name
@@ -639,7 +644,7 @@ fn ramps(servers: &[Loaded], env: &Env) -> Vec<Value> {
             "relayed_per_second": relayed,
             "loss_percent": loss,
         }));
-        let failed = loss >= MAX_LOSS_PERCENT || r["local_drops"].as_u64().unwrap_or(0) > 0;
+        let failed = loss >= MAX_LOSS_PERCENT || r.local_drops > 0;
         (!failed).then_some(relayed)
     };
     let rounds = scale().ramps;
@@ -751,17 +756,17 @@ fn idle_allocations(p: &Proc, server: SocketAddr, echo: SocketAddr) -> Value {
         }
     }
     let out = child.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&out.stdout).expect("turnbench JSON");
+    let r: Report = serde_json::from_slice(&out.stdout).expect("turnbench JSON");
     let during = during.expect("turnbench never reported its allocations ready");
     json!({
-        "allocations": r["allocations_ok"],
+        "allocations": r.allocations_ok,
         "rss_before_kib": before,
         "rss_with_allocations_kib": during,
         "added_kib": during.saturating_sub(before),
         "added_kib_per_10000": (during.saturating_sub(before)) as f64
-            * 10_000.0 / r["allocations_ok"].as_f64().unwrap().max(1.0),
-        "allocation_rate": r["allocation_rate"],
-        "setup_errors": r["setup_errors"],
+            * 10_000.0 / (r.allocations_ok as f64).max(1.0),
+        "allocation_rate": r.allocation_rate,
+        "setup_errors": r.setup_errors,
     })
 }
 
@@ -918,7 +923,7 @@ fn instructions(
     let per_packet = (run - setup) / relayed.max(1.0);
     eprintln!(
         "    {per_packet:.0} instructions/relayed packet ({relayed:.0} packets, loss {:.3} %)",
-        r["loss_percent"].as_f64().unwrap_or(f64::NAN)
+        r.loss_percent
     );
     json!({
         "offered_round_trips_per_second": INSTRUCTION_LOAD.rate,
@@ -926,7 +931,7 @@ fn instructions(
         "setup_instructions": setup,
         "run_instructions": run,
         "relayed_packets": relayed,
-        "loss_percent": r["loss_percent"],
+        "loss_percent": r.loss_percent,
         "per_relayed_packet": per_packet,
     })
 }

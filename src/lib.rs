@@ -9,6 +9,7 @@
 
 pub use turnserver_proto::{auth, stun, turn};
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod server;

@@ -17,7 +17,7 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use turnserver::auth::{Key, long_term_key};
 use turnserver::stun::channel::{Frame, stream_frame};
-use turnserver::stun::{Class, Message, MessageWriter, attr, method};
+use turnserver::stun::{self, Class, Message, MessageWriter, attr, method};
 
 /// A byte stream to the server: TCP or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin {}
@@ -27,12 +27,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
 pub type BoxIo = Pin<Box<dyn Io>>;
 
 /// How the client reaches the server (`turn:` over UDP or TCP, `turns:`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
     Udp,
     Tcp,
     Tls,
+}
+
+impl Transport {
+    /// "udp", "tcp" or "tls".
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
 }
 
 /// Credentials every allocation logs in with.
@@ -49,6 +59,18 @@ pub struct Auth {
     pub realm: String,
     pub nonce: Vec<u8>,
     pub key: Key,
+}
+
+impl Auth {
+    /// The credentials to sign a request with.
+    pub fn credentials(&self) -> stun::client::Credentials<'_> {
+        stun::client::Credentials {
+            username: &self.username,
+            realm: &self.realm,
+            nonce: &self.nonce,
+            key: &self.key,
+        }
+    }
 }
 
 /// A request that failed for good.
@@ -303,17 +325,7 @@ impl Conn {
     ) -> Result<usize, Error> {
         for _ in 0..3 {
             let tid = self.next_tid();
-            {
-                let mut w = MessageWriter::new(&mut self.out, method, Class::Request, &tid);
-                build(&mut w);
-                if let Some(a) = auth.as_ref() {
-                    w.attr(attr::USERNAME, a.username.as_bytes())
-                        .attr(attr::REALM, a.realm.as_bytes())
-                        .attr(attr::NONCE, &a.nonce)
-                        .integrity(&a.key);
-                }
-                w.fingerprint();
-            }
+            write_request(&mut self.out, method, &tid, auth.as_ref(), build);
             let n = self.transact(what, tid).await?;
             let msg = Message::parse(&self.rbuf[..n])
                 .map_err(|_| Error::Protocol(what, "unparsable response"))?;
@@ -434,8 +446,8 @@ impl Conn {
     }
 }
 
-/// Builds a request for use outside [`Conn`] (refreshes sent while traffic
-/// flows): `build` adds the method's attributes, then the credentials.
+/// Builds a request into `out` (cleared first): `build` adds the method's
+/// attributes, then it is signed with `auth` if any, then FINGERPRINT.
 pub fn write_request(
     out: &mut Vec<u8>,
     method: u16,
@@ -443,15 +455,8 @@ pub fn write_request(
     auth: Option<&Auth>,
     build: &dyn Fn(&mut MessageWriter<'_>),
 ) {
-    let mut w = MessageWriter::new(out, method, Class::Request, tid);
-    build(&mut w);
-    if let Some(a) = auth {
-        w.attr(attr::USERNAME, a.username.as_bytes())
-            .attr(attr::REALM, a.realm.as_bytes())
-            .attr(attr::NONCE, &a.nonce)
-            .integrity(&a.key);
-    }
-    w.fingerprint();
+    let creds = auth.map(Auth::credentials);
+    stun::client::write_request(out, method, tid, build, creds.as_ref(), true);
 }
 
 /// ERROR-CODE of an error response: the code (0 when it has none) and the

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
+use turnserver::bench::{Latency, Report};
 
 use client::{Credentials, Tls, Transport};
 use engine::{MIN_PAYLOAD, Plan};
@@ -143,62 +143,6 @@ struct RunArgs {
     /// Progress on stderr.
     #[arg(short, long)]
     verbose: bool,
-}
-
-/// Round-trip latency percentiles, microseconds.
-#[derive(Serialize)]
-struct Latency {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    p999: f64,
-    max: f64,
-    mean: f64,
-}
-
-/// What `turnbench run` reports.
-#[derive(Serialize)]
-struct Report {
-    server: String,
-    transport: Transport,
-    /// "echo", "pairs" or "raw".
-    mode: &'static str,
-    /// "channel" or "indication".
-    send: &'static str,
-    payload_bytes: usize,
-    allocations_requested: usize,
-    allocations_ok: u64,
-    /// Seconds from start until every allocation was ready (401, Allocate,
-    /// ChannelBind or CreatePermission).
-    setup_seconds: f64,
-    /// Complete allocations per second during setup.
-    allocation_rate: f64,
-    /// Setup requests sent again for want of an answer within the RTO
-    /// (UDP; 0 over TCP and TLS).
-    setup_retransmissions: u64,
-    setup_errors: BTreeMap<String, u64>,
-    /// Packets per second asked for (null when windowed).
-    offered_rate: Option<f64>,
-    /// Pacing step, microseconds (null when windowed).
-    step_us: Option<u64>,
-    duration_seconds: f64,
-    sent: u64,
-    received: u64,
-    lost: u64,
-    loss_percent: f64,
-    /// Packets the generator could not send (socket buffer or queue full).
-    local_drops: u64,
-    /// Packets the partner allocations sent back (pairs mode).
-    reflected: u64,
-    /// Completed round trips per second.
-    round_trips_per_second: f64,
-    /// Packets the server relays per round trip (2 via an echo peer, 4
-    /// between pairs).
-    relayed_per_round_trip: u64,
-    /// Packets per second the server relayed, counted from round trips.
-    relayed_packets_per_second: f64,
-    rtt_us: Option<Latency>,
-    allocations_deleted: u64,
 }
 
 /// Resolves "host:port", "host", "ip" or "[v6]:port".
@@ -454,19 +398,21 @@ fn run(args: RunArgs) -> Result<(), String> {
     let us = |ns: u64| ns as f64 / 1000.0;
     let report = Report {
         server: server.to_string(),
-        transport: args.transport,
+        transport: args.transport.name().to_string(),
         mode: if args.raw {
             "raw"
         } else if peer.is_some() {
             "echo"
         } else {
             "pairs"
-        },
+        }
+        .to_string(),
         send: if args.indications {
             "indication"
         } else {
             "channel"
-        },
+        }
+        .to_string(),
         payload_bytes: args.size,
         allocations_requested: args.allocations,
         allocations_ok: ok,
@@ -519,11 +465,7 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 fn print_text(r: &Report) {
-    let transport = match r.transport {
-        Transport::Udp => "udp",
-        Transport::Tcp => "tcp",
-        Transport::Tls => "tls",
-    };
+    let transport = &r.transport;
     println!(
         "turnbench: {} {} flows over {transport} to {}, {} payload {} B",
         r.allocations_requested, r.mode, r.server, r.send, r.payload_bytes
