@@ -78,12 +78,14 @@ echo "==> npm ci (tests/browser)"
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
 echo "==> cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml
+# The workspace: the turnserver package and its sans-IO core (proto/, whose
+# clippy.toml refuses clocks, sockets and threads).
 echo "==> cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> cargo test"
-cargo test --locked
+cargo test --locked --workspace
 echo "==> Debian package (tests/package.sh, in a Debian root of its own)"
 as_root env "PATH=$PATH" "TMPDIR=$TMPDIR" ./tests/package.sh
 # The documented comparison against coturn and the kernel floor, one short
