@@ -20,15 +20,34 @@ fn cargo() -> Command {
 fn the_core_depends_on_no_io_crate() {
     let out = cargo()
         .current_dir(ROOT)
-        .args(["tree", "--offline", "-p", "turnserver-proto", "-e", "normal"])
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "turnserver-proto",
+            "-e",
+            "normal",
+        ])
         .args(["--prefix", "none", "--format", "{p}"])
         .output()
         .expect("cargo tree");
     let tree = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(tree.contains("turnserver-proto"), "{tree}");
     for io in [
-        "tokio", "mio", "nix", "libc", "socket2", "rustls", "hyper", "rand", "getrandom",
+        "tokio",
+        "mio",
+        "nix",
+        "libc",
+        "socket2",
+        "rustls",
+        "hyper",
+        "rand",
+        "getrandom",
     ] {
         assert!(
             !tree.lines().any(|l| l.split(' ').next() == Some(io)),
@@ -69,12 +88,18 @@ fn a_clock_a_socket_or_a_thread_in_the_core_fails_the_build() {
     std::fs::write(&lib, text).unwrap();
     let out = cargo()
         .current_dir(&copy)
-        .env("CARGO_TARGET_DIR", Path::new(ROOT).join("target/boundary-check"))
+        .env(
+            "CARGO_TARGET_DIR",
+            Path::new(ROOT).join("target/boundary-check"),
+        )
         .args(["clippy", "--offline", "--quiet", "--", "-D", "warnings"])
         .output()
         .expect("cargo clippy");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "clippy passed a core that reaches out:\n{err}");
+    assert!(
+        !out.status.success(),
+        "clippy passed a core that reaches out:\n{err}"
+    );
     for call in [
         "std::time::Instant::now",
         "std::net::UdpSocket::bind",

@@ -28,12 +28,14 @@ pub fn build_request(
     fingerprint: bool,
 ) -> Vec<u8> {
     let key = creds.map(|(user, pw)| long_term_key(user, realm, pw));
-    let creds = creds.zip(key.as_ref()).map(|((username, _), key)| Credentials {
-        username,
-        realm,
-        nonce,
-        key,
-    });
+    let creds = creds
+        .zip(key.as_ref())
+        .map(|((username, _), key)| Credentials {
+            username,
+            realm,
+            nonce,
+            key,
+        });
     let attrs = |w: &mut MessageWriter<'_>| {
         for (t, v) in attrs {
             w.attr(*t, v);
@@ -182,7 +184,16 @@ impl Client {
     ) -> Response {
         let tid = self.next_tid();
         let creds = Some((user, pw));
-        let out = build_request(m, &tid, attrs, Some(peer), creds, &self.realm, &self.nonce, true);
+        let out = build_request(
+            m,
+            &tid,
+            attrs,
+            Some(peer),
+            creds,
+            &self.realm,
+            &self.nonce,
+            true,
+        );
         self.transact(&out)
     }
 

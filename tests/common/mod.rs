@@ -21,7 +21,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_turnserver");
 
