@@ -241,7 +241,9 @@ setpriv --reuid=turnserver --regid=turnserver --init-groups -- \
 pids+=($!)
 server_pid=$!
 for _ in $(seq 50); do
-    turnutils_stunclient -p "$port" 127.0.0.1 >"$work/stun.out" 2>&1 && break
+    # stunclient never retransmits: a request sent before the server
+    # listened would wait forever.
+    timeout 2 turnutils_stunclient -p "$port" 127.0.0.1 >"$work/stun.out" 2>&1 && break
     sleep 0.2
 done
 check "the installed server answers STUN as user turnserver" \
