@@ -13,3 +13,4 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod server;
+pub mod userdb;

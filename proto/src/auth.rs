@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
@@ -16,6 +17,7 @@ use md5::{Digest, Md5};
 use sha1::Sha1;
 
 use crate::stun::Message;
+use crate::turn::directory::{Directory, Lookup, Wanted};
 
 /// A long-term credential key: MD5(username ":" realm ":" password), 16 bytes.
 pub type Key = [u8; 16];
@@ -189,11 +191,28 @@ impl fmt::Display for AuthFailure {
     }
 }
 
-/// Credential checking for one realm.
+/// The outcome of checking a request's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// MESSAGE-INTEGRITY verified with `key`; `from_directory` when the
+    /// key came from the user database rather than the configuration.
+    Ok {
+        key: Key,
+        from_directory: bool,
+    },
+    Refused(AuthFailure),
+    /// The directory must be asked first.
+    Pending(Wanted),
+}
+
+/// Credential checking: the configuration's users or secrets (for the
+/// default realm) and, for any realm, the [`Directory`]'s.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
-    /// The realm sent in 401 responses and used in every key.
-    pub realm: String,
+    /// The default realm: sent in 401 responses to requests of no other
+    /// realm (an ORIGIN the directory maps), and the realm of the
+    /// configuration's users and secrets.
+    pub realm: Arc<str>,
     pub mechanism: Mechanism,
 }
 
@@ -203,39 +222,80 @@ impl Authenticator {
         !matches!(self.mechanism, Mechanism::None)
     }
 
-    /// Checks `msg`'s MESSAGE-INTEGRITY for `username` and returns the key it
-    /// verified with. `unix_now` is the current time in UNIX seconds (REST
-    /// expiry is accepted while `expiry >= unix_now`).
+    /// Checks `msg`'s MESSAGE-INTEGRITY for `username` in `realm` and
+    /// returns the key it verified with. Keys are looked for in the
+    /// configuration (default realm only), then in `dir`. `unix_now` is the
+    /// current time in UNIX seconds (REST expiry is accepted while `expiry
+    /// >= unix_now`).
     pub fn authenticate(
         &self,
+        dir: &dyn Directory,
+        realm: &str,
         msg: &Message<'_>,
         username: &str,
         unix_now: u64,
-    ) -> Result<Key, AuthFailure> {
+    ) -> Verdict {
+        let verify = |key: &Key, from_directory: bool| {
+            if msg.verify_integrity(key) {
+                Verdict::Ok {
+                    key: *key,
+                    from_directory,
+                }
+            } else {
+                Verdict::Refused(AuthFailure::BadIntegrity)
+            }
+        };
+        let default_realm = realm == &*self.realm;
         match &self.mechanism {
-            Mechanism::None => Ok([0; 16]),
+            Mechanism::None => Verdict::Ok {
+                key: [0; 16],
+                from_directory: false,
+            },
             Mechanism::LongTerm(users) => {
-                let key = users.get(username).ok_or(AuthFailure::UnknownUser)?;
-                if msg.verify_integrity(key) {
-                    Ok(*key)
-                } else {
-                    Err(AuthFailure::BadIntegrity)
+                if let Some(key) = users.get(username).filter(|_| default_realm) {
+                    return verify(key, false);
+                }
+                match dir.user_key(realm, username) {
+                    Lookup::Found(key) => verify(&key, true),
+                    Lookup::Absent => Verdict::Refused(AuthFailure::UnknownUser),
+                    Lookup::Pending => Verdict::Pending(Wanted::User {
+                        realm: realm.into(),
+                        name: username.into(),
+                    }),
                 }
             }
             Mechanism::RestApi { secrets, separator } => {
-                let expiry =
-                    rest_expiry(username, *separator).ok_or(AuthFailure::BadRestUsername)?;
+                let Some(expiry) = rest_expiry(username, *separator) else {
+                    return Verdict::Refused(AuthFailure::BadRestUsername);
+                };
                 if expiry < unix_now {
-                    return Err(AuthFailure::Expired);
+                    return Verdict::Refused(AuthFailure::Expired);
                 }
-                for secret in secrets {
+                let try_secret = |secret: &[u8]| {
                     let password = rest_password(secret, username);
-                    let key = long_term_key(username, &self.realm, &password);
-                    if msg.verify_integrity(&key) {
-                        return Ok(key);
-                    }
+                    let key = long_term_key(username, realm, &password);
+                    msg.verify_integrity(&key).then_some(key)
+                };
+                let configured = secrets.iter().filter(|_| default_realm);
+                if let Some(key) = configured.filter_map(|s| try_secret(s)).next() {
+                    return Verdict::Ok {
+                        key,
+                        from_directory: false,
+                    };
                 }
-                Err(AuthFailure::BadIntegrity)
+                match dir.secrets(realm) {
+                    Lookup::Found(list) => match list.iter().find_map(|s| try_secret(s)) {
+                        Some(key) => Verdict::Ok {
+                            key,
+                            from_directory: false,
+                        },
+                        None => Verdict::Refused(AuthFailure::BadIntegrity),
+                    },
+                    Lookup::Absent => Verdict::Refused(AuthFailure::BadIntegrity),
+                    Lookup::Pending => Verdict::Pending(Wanted::Secrets {
+                        realm: realm.into(),
+                    }),
+                }
             }
         }
     }
@@ -344,6 +404,7 @@ impl NonceIssuer {
 mod tests {
     use super::*;
     use crate::stun::{Class, MessageWriter, attr, method};
+    use crate::turn::directory::NoDirectory;
 
     fn signed(username: &str, key: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -401,16 +462,19 @@ mod tests {
         };
         let raw = signed("alice", &key);
         let m = Message::parse(&raw).unwrap();
-        assert_eq!(auth.authenticate(&m, "alice", 0), Ok(key));
         assert_eq!(
-            auth.authenticate(&m, "bob", 0),
-            Err(AuthFailure::UnknownUser)
+            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", 0),
+            ok(key)
+        );
+        assert_eq!(
+            auth.authenticate(&NoDirectory, &auth.realm, &m, "bob", 0),
+            Verdict::Refused(AuthFailure::UnknownUser)
         );
         let raw = signed("alice", &long_term_key("alice", "example.org", "wrong"));
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&m, "alice", 0),
-            Err(AuthFailure::BadIntegrity)
+            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", 0),
+            Verdict::Refused(AuthFailure::BadIntegrity)
         );
     }
 
@@ -429,11 +493,14 @@ mod tests {
             let key = long_term_key(&user, "r", &rest_password(secret, &user));
             let raw = signed(&user, &key);
             let m = Message::parse(&raw).unwrap();
-            assert_eq!(auth.authenticate(&m, &user, now), Ok(key));
+            assert_eq!(
+                auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now),
+                ok(key)
+            );
             // The same credential after its expiry.
             assert_eq!(
-                auth.authenticate(&m, &user, now + 61),
-                Err(AuthFailure::Expired)
+                auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now + 61),
+                Verdict::Refused(AuthFailure::Expired)
             );
         }
         let user = format!("{}", now + 60);
@@ -441,12 +508,116 @@ mod tests {
         let raw = signed(&user, &key);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&m, &user, now),
-            Err(AuthFailure::BadIntegrity)
+            auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now),
+            Verdict::Refused(AuthFailure::BadIntegrity)
         );
         assert_eq!(
-            auth.authenticate(&m, "alice", now),
-            Err(AuthFailure::BadRestUsername)
+            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", now),
+            Verdict::Refused(AuthFailure::BadRestUsername)
+        );
+    }
+
+    fn ok(key: Key) -> Verdict {
+        Verdict::Ok {
+            key,
+            from_directory: false,
+        }
+    }
+
+    /// A directory with one user and one secret in realm "db.org", and
+    /// "pending.org" whose every lookup is pending.
+    struct TestDirectory;
+
+    impl Directory for TestDirectory {
+        fn user_key(&self, realm: &str, user: &str) -> Lookup<Key> {
+            match (realm, user) {
+                ("db.org", "carol") => Lookup::Found(long_term_key("carol", "db.org", "cpw")),
+                ("pending.org", _) => Lookup::Pending,
+                _ => Lookup::Absent,
+            }
+        }
+        fn secrets(&self, realm: &str) -> Lookup<crate::turn::directory::Secrets> {
+            match realm {
+                "db.org" => Lookup::Found(vec![b"dbsecret".to_vec().into_boxed_slice()].into()),
+                "pending.org" => Lookup::Pending,
+                _ => Lookup::Absent,
+            }
+        }
+        fn realm_of_origin(&self, _: &str) -> Option<Arc<str>> {
+            None
+        }
+        fn realm_settings(&self, _: &str) -> Option<Arc<crate::turn::directory::RealmSettings>> {
+            None
+        }
+    }
+
+    #[test]
+    fn directory_users_and_secrets_beside_the_configuration() {
+        let alice = long_term_key("alice", "example.org", "pw");
+        let auth = Authenticator {
+            realm: "example.org".into(),
+            mechanism: Mechanism::LongTerm(HashMap::from([("alice".to_string(), alice)])),
+        };
+        let carol = long_term_key("carol", "db.org", "cpw");
+        let raw = signed("carol", &carol);
+        let m = Message::parse(&raw).unwrap();
+        let d = TestDirectory;
+        assert_eq!(
+            auth.authenticate(&d, "db.org", &m, "carol", 0),
+            Verdict::Ok {
+                key: carol,
+                from_directory: true
+            }
+        );
+        assert_eq!(
+            auth.authenticate(&d, "pending.org", &m, "carol", 0),
+            Verdict::Pending(Wanted::User {
+                realm: "pending.org".into(),
+                name: "carol".into()
+            })
+        );
+        // The configuration's users belong to the default realm only.
+        let raw = signed("alice", &alice);
+        let m = Message::parse(&raw).unwrap();
+        assert_eq!(
+            auth.authenticate(&d, "example.org", &m, "alice", 0),
+            ok(alice)
+        );
+        assert_eq!(
+            auth.authenticate(&d, "db.org", &m, "alice", 0),
+            Verdict::Refused(AuthFailure::UnknownUser)
+        );
+        let rest = Authenticator {
+            realm: "example.org".into(),
+            mechanism: Mechanism::RestApi {
+                secrets: vec![b"file".to_vec()],
+                separator: ':',
+            },
+        };
+        let user = "1900000000:dave";
+        for (realm, secret, want) in [
+            ("db.org", &b"dbsecret"[..], true),
+            ("example.org", b"file", true),
+            ("example.org", b"dbsecret", false),
+            ("db.org", b"file", false),
+        ] {
+            let key = long_term_key(user, realm, &rest_password(secret, user));
+            let raw = signed(user, &key);
+            let m = Message::parse(&raw).unwrap();
+            let v = rest.authenticate(&d, realm, &m, user, 1_800_000_000);
+            assert_eq!(
+                matches!(v, Verdict::Ok { .. }),
+                want,
+                "{realm} {secret:?}: {v:?}"
+            );
+        }
+        let raw = signed(user, &[0; 16]);
+        let m = Message::parse(&raw).unwrap();
+        assert_eq!(
+            rest.authenticate(&d, "pending.org", &m, user, 1_800_000_000),
+            Verdict::Pending(Wanted::Secrets {
+                realm: "pending.org".into()
+            })
         );
     }
 

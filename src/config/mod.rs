@@ -156,6 +156,18 @@ pub struct Config {
     pub secure_stun: bool,
     pub no_stun: bool,
     pub stun_only: bool,
+    /// `check-origin-consistency`.
+    pub check_origin_consistency: bool,
+    /// The user database (`userdb`, `psql-userdb`, `mysql-userdb`,
+    /// `redis-userdb`), if any.
+    pub userdb: Option<crate::userdb::UserDb>,
+    /// Staleness bound of what is read from the user database, seconds.
+    pub userdb_cache_seconds: u32,
+    /// `no-dynamic-ip-list`: peer lists only from the configuration.
+    pub no_dynamic_ip_list: bool,
+    /// `no-dynamic-realms`: no realm options or ORIGIN mappings from the
+    /// database.
+    pub no_dynamic_realms: bool,
     /// Quotas and bandwidth limits (0 = unlimited).
     pub limits: crate::turn::quota::Limits,
     /// TCP/TLS connections per source address; 0 = unlimited.
@@ -672,6 +684,14 @@ impl Config {
                 }
                 Ok(())
             }
+            Support::Unsupported(why) => {
+                if warned.insert(key.to_string()) {
+                    warnings.push(format!(
+                        "{origin}: option '{key}' is not supported and is ignored: {why}"
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -699,6 +719,19 @@ impl Config {
                     "min-port {} is greater than max-port {}",
                     self.min_port, self.max_port
                 ),
+            ));
+        }
+        let dbs = ["userdb", "psql-userdb", "mysql-userdb", "redis-userdb"];
+        let mut set: Vec<&'static str> = Vec::new();
+        for (k, _) in &self.origins {
+            if dbs.contains(k) && !set.contains(k) {
+                set.push(k);
+            }
+        }
+        if let [first, second, ..] = set[..] {
+            return Err(self.error(
+                second,
+                format!("only one user database can be used, and {first} is set too"),
             ));
         }
         if self.limits.bps_capacity > 0 && self.limits.max_bps == 0 {
@@ -737,7 +770,7 @@ impl Config {
                     );
                 }
             }
-            AuthKind::LongTerm if self.users.is_empty() => {
+            AuthKind::LongTerm if self.users.is_empty() && self.userdb.is_none() => {
                 warnings.push(
                     "lt-cred-mech is set but there is no user=: every client will be refused"
                         .to_string(),
@@ -804,7 +837,7 @@ impl Config {
             AuthKind::None
         } else if self.use_auth_secret {
             AuthKind::RestApi
-        } else if self.lt_cred_mech || !self.users.is_empty() {
+        } else if self.lt_cred_mech || !self.users.is_empty() || self.userdb.is_some() {
             AuthKind::LongTerm
         } else {
             AuthKind::None
@@ -845,7 +878,7 @@ impl Config {
             ),
         };
         Authenticator {
-            realm: realm.to_string(),
+            realm: realm.into(),
             mechanism,
         }
     }

@@ -18,6 +18,7 @@ use super::setting::{Lines, Setting, field, flag, need, number};
 use super::{Config, User, UserSecret, parse_host_port, parse_user, syslog_facility};
 use crate::turn::policy::IpRange;
 use crate::turn::{DefaultFamily, ExternalIp};
+use crate::userdb::UserDb;
 
 /// How an option takes its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub enum Support {
     NotYet,
     /// Deprecated or removed in coturn; accepted with a warning.
     Obsolete(&'static str),
+    /// Accepted with a warning: this server does not offer it (why).
+    Unsupported(&'static str),
 }
 
 /// When a changed value takes effect.
@@ -102,6 +105,7 @@ impl Spec {
             Support::Inherent(why) => h.push_str(&format!(" [accepted: {why}]")),
             Support::NotYet => h.push_str(" [not implemented yet: ignored]"),
             Support::Obsolete(why) => h.push_str(&format!(" [obsolete: {why}]")),
+            Support::Unsupported(why) => h.push_str(&format!(" [not supported: {why}]")),
         }
         h
     }
@@ -189,6 +193,23 @@ const fn inherent_flag(
         short,
         Arg::Flag,
         Support::Inherent(why),
+        Reload::Live,
+        help,
+    )
+}
+
+/// An option accepted with a warning that it is not supported.
+const fn unsupported(
+    name: &'static str,
+    short: Option<char>,
+    why: &'static str,
+    help: &'static str,
+) -> Spec {
+    spec(
+        name,
+        short,
+        Arg::Value,
+        Support::Unsupported(why),
         Reload::Live,
         help,
     )
@@ -299,22 +320,23 @@ pub const OPTIONS: &[Spec] = &[
     yes("stale-nonce", None, Seconds { field: field!(stale_nonce), min: 0, optional: true }, Live, "Nonce lifetime, seconds; 0 = never stale.").default("600"),
     yes("server-name", None, Text(field!(server_name)), Live, "Server name (default realm when realm is not set)."),
     not_yet_flag("oauth", None, "RFC 7635 third-party authorization."),
-    not_yet_flag("check-origin-consistency", None, "Require a constant ORIGIN per session."),
+    yes("check-origin-consistency", None, Flag(field!(check_origin_consistency)), Live, "Every request on an allocation must carry the ORIGIN its Allocate carried (441 otherwise)."),
     yes("secure-stun", None, Flag(field!(secure_stun)), Live, "Require authentication for Binding."),
     inherent_flag("stateless-nonce", None, "nonces are always stateless", "Stateless nonces."),
     not_yet("stateless-nonce-secret", None, "Shared secret for stateless nonces."),
     inherent_flag("unauthorized-ratelimit", None, "answers to unauthenticated requests are always rate-limited; unauthorized-ratelimit-rps=0 turns it off", "Rate-limit 401 responses."),
     yes("unauthorized-ratelimit-rps", None, U32(field!(unauthorized_ratelimit_rps)), Live, "Answers to unauthenticated requests (401, 438, 400, 420) per second per source address, burst 5 s worth; 0 = unlimited.").default("20"),
-    not_yet("userdb", Some('b'), "SQLite user database."),
-    not_yet("psql-userdb", Some('e'), "PostgreSQL user database."),
-    not_yet("mysql-userdb", Some('M'), "MySQL user database."),
-    not_yet("mongo-userdb", Some('J'), "MongoDB user database."),
-    not_yet("redis-userdb", Some('N'), "Redis user database."),
+    yes("userdb", Some('b'), USERDB_SQLITE, Restart, "SQLite user database file with coturn's schema (coturn's Debian package: /var/lib/turn/turndb); created when missing."),
+    yes("psql-userdb", Some('e'), USERDB_POSTGRES, Restart, "PostgreSQL user database: a libpq conninfo string (host=... dbname=... user=... password=... port=... connect_timeout=...) or a postgresql:// URI."),
+    yes("mysql-userdb", Some('M'), USERDB_MYSQL, Restart, "MySQL/MariaDB user database: host=... dbname=... user=... password=... port=... connect_timeout=... read_timeout=..."),
+    unsupported("mongo-userdb", Some('J'), "MongoDB is not supported (Debian's coturn is built without it either): move the users to SQLite, PostgreSQL, MySQL or Redis", "MongoDB user database."),
+    yes("redis-userdb", Some('N'), USERDB_REDIS, Restart, "Redis user database: ip=... dbname=... password=... port=... connect_timeout=..."),
+    yes("userdb-cache-seconds", None, U32(field!(userdb_cache_seconds)), Restart, "How stale what is read from the user database may get, seconds: users are looked up again, and secrets, realm options, ORIGIN mappings and peer lists re-read, within this time of a change.").default("3"),
     not_yet("redis-statsdb", Some('O'), "Redis statistics database."),
     not_yet("secret-key-file", None, "AES key for encrypted database passwords."),
-    inherent_flag("no-auth-pings", None, "there is no database to ping", "Disable database health checks."),
-    inherent_flag("no-dynamic-ip-list", None, "peer lists come only from the configuration", "Do not read peer lists from the database."),
-    inherent_flag("no-dynamic-realms", None, "realms come only from the configuration", "Do not read realms from the database."),
+    inherent_flag("no-auth-pings", None, "the user database is only asked when needed, and an outage is noticed on the next query", "Disable database health checks."),
+    yes("no-dynamic-ip-list", None, Flag(field!(no_dynamic_ip_list)), Restart, "Do not read peer lists (allowed_peer_ip, denied_peer_ip) from the user database."),
+    yes("no-dynamic-realms", None, Flag(field!(no_dynamic_realms)), Restart, "Do not read realm options and ORIGIN mappings from the user database."),
     // Quotas and lifetimes
     yes("user-quota", Some('q'), U32(field!(limits.user_quota)), Live, "Concurrent allocations per user (486 beyond); 0 = unlimited.").default("0"),
     yes("total-quota", Some('Q'), U32(field!(limits.total_quota)), Live, "Concurrent allocations in total (486 beyond); 0 = unlimited.").default("0"),
@@ -730,6 +752,96 @@ const TLS_ALTERNATE_SERVER: Setting = Setting::Custom {
     },
     render: |c, key, out| out.extend(c.tls_alternate_servers.iter().map(|a| format!("{key}={a}"))),
     repeat: true,
+    flag: false,
+};
+
+/// A user database option: which kind it opens.
+fn userdb(
+    c: &mut Config,
+    v: Option<&str>,
+    parse: fn(&str) -> Result<UserDb, String>,
+) -> Result<(), String> {
+    c.userdb = Some(parse(need(v)?)?);
+    Ok(())
+}
+
+/// Prints the database of kind `kind` with its password masked.
+fn render_userdb(c: &Config, key: &str, out: &mut Lines, kind: fn(&UserDb) -> Option<String>) {
+    out.extend(
+        c.userdb
+            .as_ref()
+            .and_then(kind)
+            .map(|v| format!("{key}={v}")),
+    );
+}
+
+/// `key=value` words of a database endpoint, the password masked.
+fn endpoint_text(e: &crate::userdb::conn::Endpoint, host: &str) -> String {
+    if e.uri.is_some() {
+        return "******".into();
+    }
+    let mut words = vec![
+        format!("{host}={}", e.host),
+        format!("dbname={}", e.database),
+    ];
+    if let Some(p) = e.port {
+        words.push(format!("port={p}"));
+    }
+    if let Some(u) = &e.user {
+        words.push(format!("user={u}"));
+    }
+    if e.password.is_some() {
+        words.push("password=******".into());
+    }
+    words.push(format!("connect_timeout={}", e.connect_timeout.as_secs()));
+    format!("\"{}\"", words.join(" "))
+}
+
+const USERDB_SQLITE: Setting = Setting::Custom {
+    apply: |c, v| userdb(c, v, UserDb::sqlite),
+    render: |c, key, out| {
+        render_userdb(c, key, out, |d| match d {
+            UserDb::Sqlite(p) => Some(p.display().to_string()),
+            _ => None,
+        })
+    },
+    repeat: false,
+    flag: false,
+};
+
+const USERDB_POSTGRES: Setting = Setting::Custom {
+    apply: |c, v| userdb(c, v, UserDb::postgres),
+    render: |c, key, out| {
+        render_userdb(c, key, out, |d| match d {
+            UserDb::Postgres(e) => Some(endpoint_text(e, "host")),
+            _ => None,
+        })
+    },
+    repeat: false,
+    flag: false,
+};
+
+const USERDB_MYSQL: Setting = Setting::Custom {
+    apply: |c, v| userdb(c, v, UserDb::mysql),
+    render: |c, key, out| {
+        render_userdb(c, key, out, |d| match d {
+            UserDb::MySql(e) => Some(endpoint_text(e, "host")),
+            _ => None,
+        })
+    },
+    repeat: false,
+    flag: false,
+};
+
+const USERDB_REDIS: Setting = Setting::Custom {
+    apply: |c, v| userdb(c, v, UserDb::redis),
+    render: |c, key, out| {
+        render_userdb(c, key, out, |d| match d {
+            UserDb::Redis(e) => Some(endpoint_text(e, "ip")),
+            _ => None,
+        })
+    },
+    repeat: false,
     flag: false,
 };
 

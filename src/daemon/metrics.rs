@@ -285,6 +285,31 @@ impl Collector for TurnCollector {
             "1 while the server refuses new allocations",
             i64::from(self.draining.load(Ordering::Relaxed)),
         )?;
+        if let Some(d) = &self.shared.directory {
+            let st = &d.stats;
+            gauge(
+                e,
+                "turn_userdb_up",
+                "1 while the user database answers, 0 during an outage",
+                i64::from(st.up.load(Ordering::Relaxed)),
+            )?;
+            counters(
+                e,
+                "turn_userdb_lookups",
+                "Users looked up in the user database, by result",
+                "result",
+                &[
+                    ("found", st.found.load(Ordering::Relaxed)),
+                    ("absent", st.absent.load(Ordering::Relaxed)),
+                ],
+            )?;
+            counter(
+                e,
+                "turn_userdb_errors_total",
+                "Queries to the user database that failed or timed out",
+                st.errors.load(Ordering::Relaxed),
+            )?;
+        }
         gauge(
             e,
             "turn_udp_steering",
@@ -355,6 +380,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     path: String,
     draining: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -368,10 +394,11 @@ pub async fn serve(
         let registry = registry.clone();
         let path = path.clone();
         let draining = draining.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, content_type, body) =
-                    answer(req.uri().path(), &path, &registry, &draining);
+                    answer(req.uri().path(), &path, &registry, &draining, &shared);
                 async move {
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = status;
@@ -398,6 +425,7 @@ fn answer(
     metrics_path: &str,
     registry: &Registry,
     draining: &AtomicBool,
+    shared: &Shared,
 ) -> (StatusCode, &'static str, String) {
     if request_path == metrics_path {
         let mut body = String::new();
@@ -421,7 +449,22 @@ fn answer(
                 "draining\n".into(),
             )
         } else {
-            (StatusCode::OK, "text/plain", "ok\n".into())
+            // Relaying goes on through a user database outage: still 200,
+            // with the detail.
+            let mut body = "ok\n".to_string();
+            if let Some(d) = &shared.directory {
+                match d.outage() {
+                    Some((since, why)) => {
+                        let _ = writeln!(
+                            body,
+                            "userdb: unreachable for {} s ({why}); known users keep working",
+                            since.elapsed().as_secs()
+                        );
+                    }
+                    None => body.push_str("userdb: ok\n"),
+                }
+            }
+            (StatusCode::OK, "text/plain", body)
         }
     } else {
         let mut body = String::new();

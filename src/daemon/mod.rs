@@ -135,6 +135,25 @@ fn describe(cfg: &Config, core: &turn::Config) {
     info!("{}", core.policy.describe());
 }
 
+/// The option that names `db`, for errors.
+fn userdb_option(db: &crate::userdb::UserDb) -> &'static str {
+    match db {
+        crate::userdb::UserDb::Sqlite(_) => "userdb",
+        crate::userdb::UserDb::Postgres(_) => "psql-userdb",
+        crate::userdb::UserDb::MySql(_) => "mysql-userdb",
+        crate::userdb::UserDb::Redis(_) => "redis-userdb",
+    }
+}
+
+/// Opens the user database for the server: an SQLite file is created with
+/// coturn's schema when missing; servers are connected to when first
+/// queried (an unreachable one is an outage, not a start-up error).
+async fn open_userdb(db: &crate::userdb::UserDb) -> Result<crate::userdb::Store, String> {
+    crate::userdb::Store::open(db, true, false)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Settings that only a restart applies, changed between `old` and `new`:
 /// the options marked restart-only in the table, and TLS listeners turned
 /// on or off by a certificate appearing or going (certificates themselves
@@ -426,6 +445,8 @@ pub struct Prepared {
     pub bound: server::Bound,
     pub shared: Arc<Shared>,
     fixed: Fixed,
+    /// The lookups the user database's task serves, with a database.
+    userdb: Option<server::directory::Requests>,
 }
 
 /// Reads the certificates, works out the listeners, binds them and builds
@@ -481,6 +502,18 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
             None => info!("advertising {} for every relay of its family", e.public),
         }
     }
+    let (directory, requests) = match &cfg.userdb {
+        Some(db) => {
+            let (cache, requests) = server::directory::Cache::new(
+                db.clone(),
+                Duration::from_secs(u64::from(cfg.userdb_cache_seconds.max(1))),
+                !cfg.no_dynamic_ip_list,
+                !cfg.no_dynamic_realms,
+            );
+            (Some(cache), Some(requests))
+        }
+        None => (None, None),
+    };
     let workers = bound.workers();
     let shared = Arc::new(Shared {
         core: Arc::new(core),
@@ -494,6 +527,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
         quotas: server::quota::SharedCounts::default(),
+        directory,
         steering: Steering::default(),
     });
     shared
@@ -508,6 +542,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         bound,
         shared,
         fixed,
+        userdb: requests,
     })
 }
 
@@ -535,6 +570,7 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         bound,
         shared,
         fixed,
+        userdb,
     } = prepare(&cfg)?;
     let metrics_listener = if cfg.prometheus {
         let ip = cfg
@@ -565,8 +601,38 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         info!("running as user {uid}");
     }
 
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the control loop: {e}"))?;
+    // The user database, opened as the service user: its tables are read
+    // before the first client is served (waiting at most its connect
+    // timeout), and its task runs on the control loop.
+    let userdb = match (&shared.directory, userdb) {
+        (Some(cache), Some(requests)) => {
+            let store = rt
+                .block_on(open_userdb(&cache.db))
+                .map_err(|e| format!("{}: {e}", userdb_option(&cache.db)))?;
+            rt.block_on(server::directory::warm_up(
+                cache,
+                &store,
+                Duration::from_secs(5),
+            ));
+            Some((cache.clone(), store, requests))
+        }
+        _ => None,
+    };
     let server =
         server::start(bound, shared.clone()).map_err(|e| format!("cannot start workers: {e}"))?;
+    if let Some((cache, store, requests)) = userdb {
+        info!(
+            "users, secrets and realm settings from {} (at most {} s stale)",
+            cache.db,
+            cache.ttl().as_secs_f32()
+        );
+        let notify = server.credentials_notifier();
+        rt.spawn(server::directory::serve(cache, store, requests, notify));
+    }
     let draining = Arc::new(AtomicBool::new(false));
     let mut daemon = Daemon {
         args,
@@ -581,10 +647,6 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
     notify(&[NotifyState::Ready]);
     daemon.status();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the control loop: {e}"))?;
     rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         if let Some(l) = metrics_listener {
@@ -600,6 +662,7 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
                         registry,
                         daemon.cfg.prometheus_path.clone(),
                         draining.clone(),
+                        shared.clone(),
                     ));
                 }
                 Err(e) => error!("metrics listener: {e}"),

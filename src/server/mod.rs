@@ -6,6 +6,7 @@
 //! then runs the workers.
 
 pub mod batch;
+pub mod directory;
 pub mod exclusive;
 mod handover;
 pub mod net;
@@ -146,6 +147,17 @@ impl Server {
     /// Swaps the TLS certificate for new connections.
     pub fn set_tls(&self, tls: Option<tokio_rustls::TlsAcceptor>) {
         self.shared.tls.store(tls.map(Arc::new));
+    }
+
+    /// What the user database's task calls to tell a worker that the
+    /// credentials its held messages wait for are in the cache.
+    pub fn credentials_notifier(&self) -> directory::Notify {
+        let mailboxes = self.mailboxes.clone();
+        Box::new(move |worker, wanted| {
+            if let Some(m) = mailboxes.get(worker) {
+                let _ = m.send(worker::Mail::Credentials(wanted));
+            }
+        })
     }
 
     /// Live allocations on the whole server.

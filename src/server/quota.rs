@@ -22,15 +22,16 @@ impl SharedCounts {
         self.lock().allocations()
     }
 
-    /// Live allocations of `user` (counted while `user-quota` is on).
-    pub fn of_user(&self, user: &str) -> u32 {
-        self.lock().of_user(user)
+    /// Live allocations of `user` in `realm` (counted while `user-quota`
+    /// is on).
+    pub fn of_user(&self, realm: &str, user: &str) -> u32 {
+        self.lock().of_user(realm, user)
     }
 }
 
 impl Ledger for SharedCounts {
-    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        self.lock().acquire(user, limits)
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+        self.lock().acquire(realm, user, limits)
     }
 
     fn release(&mut self, claim: &Claim) {
@@ -53,7 +54,9 @@ mod tests {
             .map(|_| {
                 let mut c = counts.clone();
                 std::thread::spawn(move || {
-                    (0..50).filter(|_| c.acquire("u", &limits).is_ok()).count()
+                    (0..50)
+                        .filter(|_| c.acquire("r", "u", &limits).is_ok())
+                        .count()
                 })
             })
             .collect();

@@ -37,6 +37,8 @@ pub struct Shared {
     pub steering: Steering,
     /// Allocations counted against quotas, by every worker's core.
     pub quotas: super::quota::SharedCounts,
+    /// The user database's cache, when one is configured.
+    pub directory: Option<Arc<super::directory::Cache>>,
 }
 
 /// UDP steering state shared by the workers.

@@ -50,7 +50,9 @@ use super::steering;
 use super::stream::{self, Conn};
 use crate::stun::ErrorCode;
 use crate::stun::channel::{HEADROOM, TAILROOM};
-use crate::turn::{self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport};
+use crate::turn::{
+    self, AllocationId, ClientAction, Event, FiveTuple, MovedAllocation, Transport, Wanted,
+};
 
 /// Links at or above this value are stream connections; below, UDP listener
 /// indexes.
@@ -115,7 +117,21 @@ pub(super) struct Worker {
     /// Allocations being pulled here from other workers, and recently
     /// given away (UDP steering).
     handover: Handover,
+    /// Client messages waiting for credentials from the user database:
+    /// since when, and each message with its 5-tuple and link.
+    held: HashMap<Wanted, (Instant, Vec<HeldMessage>)>,
+    /// Messages in `held`.
+    held_count: usize,
 }
+
+/// A client message waiting for credentials: its 5-tuple, link and bytes.
+type HeldMessage = (FiveTuple, u32, Vec<u8>);
+
+/// Most client messages one worker holds for the user database; more are
+/// dropped (the client retransmits).
+const MAX_HELD_FOR_CREDENTIALS: usize = 4096;
+/// How long a message waits for credentials before it is dropped.
+const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Buffers of the UDP data path, reused for every packet.
 struct UdpIo {
@@ -272,6 +288,33 @@ impl Worker {
         self.dispatch(action, ft, link, data);
     }
 
+    /// The user database answered `wanted`: hands the messages that waited
+    /// for it to the core again.
+    fn credentials_arrived(&mut self, wanted: &Wanted) {
+        let Some((_, held)) = self.held.remove(wanted) else {
+            return;
+        };
+        self.held_count -= held.len();
+        for (ft, link, data) in held {
+            let action = self.client_message(Instant::now(), &ft, link, &data);
+            self.dispatch(action, &ft, link, &data);
+        }
+    }
+
+    /// Drops messages that waited too long for the user database (their
+    /// clients retransmit).
+    fn prune_held(&mut self, now: Instant) {
+        let mut dropped = 0;
+        self.held.retain(|_, (since, held)| {
+            let keep = now.saturating_duration_since(*since) < CREDENTIALS_TIMEOUT;
+            if !keep {
+                dropped += held.len();
+            }
+            keep
+        });
+        self.held_count -= dropped;
+    }
+
     /// Forgets finished moves: gives up on pulls that got no answer (their
     /// held datagrams are dropped) and stops forwarding for old exports.
     fn prune_moves(&mut self, now: Instant) {
@@ -350,6 +393,16 @@ impl Worker {
                 peer,
                 payload,
             } => self.relay_to_peer(allocation, peer, &data[payload]),
+            ClientAction::AwaitCredentials(wanted) => {
+                if self.held_count < MAX_HELD_FOR_CREDENTIALS {
+                    let (_, held) = self
+                        .held
+                        .entry(wanted)
+                        .or_insert_with(|| (Instant::now(), Vec::new()));
+                    held.push((*ft, link, data.to_vec()));
+                    self.held_count += 1;
+                }
+            }
             ClientAction::Migrate {
                 owner,
                 allocation,
@@ -643,6 +696,8 @@ pub enum Mail {
         link: u32,
         bytes: Vec<u8>,
     },
+    /// The user database answered what messages held here waited for.
+    Credentials(Wanted),
     /// A reloaded configuration for new requests.
     Config(Arc<turn::Config>),
     /// Start or stop draining.
@@ -710,7 +765,7 @@ async fn run(
 ) {
     let now = Instant::now();
     let seed = rand::random::<u64>() ^ index as u64;
-    let core = turn::Server::new(
+    let mut core = turn::Server::new(
         shared.core.clone(),
         Box::new(shared.quotas.clone()),
         index as u16,
@@ -718,6 +773,9 @@ async fn run(
         unix_now(),
         seed,
     );
+    if let Some(cache) = &shared.directory {
+        core = core.with_directory(cache.for_worker(index));
+    }
     let epoll = match udp_epoll(&sockets.udp) {
         Ok(e) => Rc::new(e),
         Err(e) => {
@@ -740,6 +798,8 @@ async fn run(
         out: Vec::with_capacity(1500),
         steer: shared.telemetry.workers.len() > 1,
         handover: Handover::new(index),
+        held: HashMap::new(),
+        held_count: 0,
     }));
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
@@ -868,6 +928,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 link,
                 bytes,
             } => w.replay(&five_tuple, link, &bytes),
+            Mail::Credentials(wanted) => w.credentials_arrived(&wanted),
             Mail::Config(cfg) => {
                 w.core.set_config(cfg);
                 w.report();
@@ -968,6 +1029,7 @@ async fn timer(worker: Handle) {
         w.core.handle_timeout(now);
         w.apply_events();
         w.prune_moves(now);
+        w.prune_held(now);
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
         w.report();

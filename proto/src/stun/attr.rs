@@ -80,6 +80,9 @@ pub const ALTERNATE_DOMAIN: u16 = 0x8003;
 pub const ICMP: u16 = 0x8004;
 /// SOFTWARE (RFC 8489 §14.14).
 pub const SOFTWARE: u16 = 0x8022;
+/// ORIGIN (draft-ietf-tram-stun-origin, as coturn): the web origin of the
+/// page that made the request; maps the request to a realm.
+pub const ORIGIN: u16 = 0x802F;
 /// ALTERNATE-SERVER (RFC 8489 §14.15).
 pub const ALTERNATE_SERVER: u16 = 0x8023;
 /// FINGERPRINT (RFC 8489 §14.7), CRC-32 of the message XOR 0x5354554E.

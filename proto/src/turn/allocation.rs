@@ -2,6 +2,7 @@
 //! and the end of an allocation.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::info;
@@ -31,8 +32,15 @@ pub(super) struct Allocation {
     /// The address sent in XOR-RELAYED-ADDRESS (`external-ip` applied).
     pub(super) advertised: SocketAddr,
     pub(super) username: Box<str>,
+    /// The realm it belongs to (the default one, or its ORIGIN's).
+    pub(super) realm: Arc<str>,
+    /// The ORIGIN its Allocate carried (`check-origin-consistency`).
+    pub(super) origin: Option<Box<str>>,
     /// The key it was created with (`None` without authentication).
     pub(super) key: Option<Key>,
+    /// Its user came from the user database: later requests are checked
+    /// against the database's key, and a deleted user loses it.
+    pub(super) from_directory: bool,
     pub(super) created: Instant,
     pub(super) expires: Instant,
     /// The Allocate's transaction ID, to answer retransmissions alike.
@@ -81,7 +89,28 @@ impl Allocation {
     }
 }
 
+/// Who asks for an allocation: the authenticated user, their realm and key.
+pub(super) struct Owner<'u> {
+    pub(super) username: &'u str,
+    pub(super) realm: Arc<str>,
+    pub(super) key: Option<Key>,
+    /// The key came from the user database.
+    pub(super) from_directory: bool,
+}
+
 impl Server {
+    /// The quota and bandwidth limits in `realm`: the configuration's,
+    /// with what the user database sets for the realm instead.
+    pub(super) fn limits_in(&self, realm: &str) -> quota::Limits {
+        let mut limits = self.cfg.limits;
+        if let Some(r) = self.directory.realm_settings(realm) {
+            limits.max_bps = r.max_bps.unwrap_or(limits.max_bps);
+            limits.user_quota = r.user_quota.unwrap_or(limits.user_quota);
+            limits.total_quota = r.total_quota.unwrap_or(limits.total_quota);
+        }
+        limits
+    }
+
     /// The lifetime to grant for a requested one, seconds: capped by
     /// `max-allocate-lifetime`, the default when none is asked.
     fn lifetime(&self, requested: Option<u32>) -> u32 {
@@ -165,7 +194,7 @@ impl Server {
         ClientAction::Reply
     }
 
-    /// Allocate (RFC 8656 §7.2), authenticated as `username` with `key`.
+    /// Allocate (RFC 8656 §7.2), authenticated as `who`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn allocate(
         &mut self,
@@ -176,9 +205,9 @@ impl Server {
         req: &request::Allocate<'_>,
         out: &mut Vec<u8>,
         relays: &mut dyn RelayProvider,
-        key: Option<Key>,
-        username: &str,
+        who: Owner<'_>,
     ) -> ClientAction {
+        let (username, key) = (who.username, who.key);
         let k = key.as_ref();
         if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
             if a.allocate_tid == *msg.transaction_id() {
@@ -238,7 +267,8 @@ impl Server {
 
         let id = AllocationId::new(self.allocations.vacant_key() as u32, self.next_generation);
         let quota_user = self.quota_user(username);
-        let claim = match self.ledger.acquire(quota_user, &self.cfg.limits) {
+        let limits = self.limits_in(&who.realm);
+        let claim = match self.ledger.acquire(&who.realm, quota_user, &limits) {
             Ok(c) => c,
             Err(why) => {
                 self.stats.quota_refusals += 1;
@@ -261,7 +291,7 @@ impl Server {
             }
         };
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let max_bps = self.cfg.limits.max_bps;
+        let max_bps = limits.max_bps;
         let allocation = Allocation {
             id,
             mobile,
@@ -270,7 +300,10 @@ impl Server {
             relayed: opened.addr,
             advertised: self.advertised(opened.addr),
             username: username.into(),
+            realm: who.realm,
+            origin: msg.text(attr::ORIGIN).and_then(Result::ok).map(Into::into),
             key,
+            from_directory: who.from_directory,
             created: now,
             expires: now + Duration::from_secs(u64::from(lifetime)),
             allocate_tid: *msg.transaction_id(),

@@ -49,6 +49,9 @@ pub struct Config {
     /// `None` = unlimited (`unauthorized-ratelimit-rps`). Each worker counts
     /// its own clients.
     pub unauthenticated_rate: Option<u32>,
+    /// Every request on an allocation must carry the ORIGIN its Allocate
+    /// carried, else 441 (`check-origin-consistency`).
+    pub check_origin_consistency: bool,
     /// Binding requires long-term credentials too (`secure-stun`).
     pub secure_stun: bool,
     /// Binding requests are ignored (`no-stun`).
@@ -90,6 +93,7 @@ impl Config {
             mobility: false,
             ticket_key: [0; 32],
             unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),
+            check_origin_consistency: false,
             secure_stun: false,
             no_stun: false,
             stun_only: false,

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
-use super::{AllocationId, FiveTuple};
+use super::{AllocationId, FiveTuple, Wanted};
 
 /// Which relay port the core needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +83,11 @@ pub enum ClientAction {
         allocation: AllocationId,
         username: String,
     },
+    /// The request needs credentials the [`super::Directory`] does not know
+    /// yet. The driver looks them up (holding this request, and nothing
+    /// else), then hands the same message to [`Server::handle_client`]
+    /// again; the directory then answers without [`super::Lookup::Pending`].
+    AwaitCredentials(Wanted),
 }
 
 /// Where to send framed peer data (see [`Server::handle_peer`]).
@@ -105,14 +110,18 @@ pub enum CloseReason {
     Expired,
     /// The client's TCP/TLS connection closed.
     ConnectionClosed,
+    /// Its user was deleted from the user database (seen at its next
+    /// request).
+    UserRemoved,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Stats::ended`].
-    pub const ALL: [CloseReason; 3] = [
+    pub const ALL: [CloseReason; 4] = [
         CloseReason::Deleted,
         CloseReason::Expired,
         CloseReason::ConnectionClosed,
+        CloseReason::UserRemoved,
     ];
 
     /// A short label for metrics.
@@ -121,6 +130,7 @@ impl CloseReason {
             CloseReason::Deleted => "deleted",
             CloseReason::Expired => "expired",
             CloseReason::ConnectionClosed => "connection_closed",
+            CloseReason::UserRemoved => "user_removed",
         }
     }
 
@@ -136,6 +146,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Deleted => "refresh with lifetime 0",
             CloseReason::Expired => "lifetime expired",
             CloseReason::ConnectionClosed => "client connection closed",
+            CloseReason::UserRemoved => "user removed from the user database",
         })
     }
 }

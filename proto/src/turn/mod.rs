@@ -26,6 +26,7 @@
 mod allocation;
 mod auth_log;
 mod config;
+pub mod directory;
 mod driver;
 mod five_tuple;
 mod mobility;
@@ -40,18 +41,20 @@ pub mod sim;
 mod stats;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use slab::Slab;
 use tracing::{debug, info};
 
-use crate::auth::{AuthFailure, Key, NonceCheck};
+use crate::auth::{AuthFailure, Key, NonceCheck, Verdict};
 use crate::stun::{Class, ErrorCode, Message, MessageWriter, attr, method};
 use allocation::Allocation;
 use rate_limit::{RateLimiter, SeededMap, SeededState};
 use request::{Credentials, Request};
 
 pub use config::Config;
+pub use directory::{Directory, Lookup, NoDirectory, RealmSettings, Secrets, Wanted};
 pub use driver::{
     ClientAction, CloseReason, Delivery, Event, OpenedRelay, PortRequest, RelayError,
     RelayProvider, RelayRequest,
@@ -82,6 +85,8 @@ pub struct Server {
     cfg: std::sync::Arc<Config>,
     /// Where allocations are counted against quotas (shared by the driver).
     ledger: Box<dyn quota::Ledger>,
+    /// Users, secrets and realm settings of a user database.
+    directory: Box<dyn Directory>,
     allocations: Slab<Allocation>,
     by_five_tuple: SeededMap<FiveTuple, AllocationId>,
     events: VecDeque<Event>,
@@ -102,10 +107,18 @@ pub struct Server {
 
 /// The outcome of authenticating a request.
 enum Authed<'m> {
-    /// Authenticated (or auth disabled: no key, empty username).
-    Ok { key: Option<Key>, username: &'m str },
+    /// Authenticated (or auth disabled: no key, empty username) in `realm`;
+    /// `from_directory` when the key came from the user database.
+    Ok {
+        key: Option<Key>,
+        username: &'m str,
+        realm: Arc<str>,
+        from_directory: bool,
+    },
     /// An error response is in `out`.
     Answered,
+    /// The directory must be asked first.
+    Pending(Wanted),
 }
 
 impl Server {
@@ -125,6 +138,7 @@ impl Server {
         Server {
             cfg,
             ledger,
+            directory: Box::new(NoDirectory),
             allocations: Slab::new(),
             by_five_tuple: SeededMap::with_hasher(SeededState::new(seed)),
             events: VecDeque::new(),
@@ -140,6 +154,13 @@ impl Server {
             draining: false,
             alternate_rr: 0,
         }
+    }
+
+    /// Takes users, secrets and realm settings from `directory` as well as
+    /// from the configuration (a user database).
+    pub fn with_directory(mut self, directory: Box<dyn Directory>) -> Self {
+        self.directory = directory;
+        self
     }
 
     /// Re-anchors the wall clock (the driver does this periodically).
@@ -384,7 +405,9 @@ impl Server {
         ClientAction::Reply
     }
 
-    /// 401 or 438 with REALM and a fresh NONCE, never MESSAGE-INTEGRITY.
+    /// 401 or 438 with REALM (`realm`) and a fresh NONCE, never
+    /// MESSAGE-INTEGRITY.
+    #[allow(clippy::too_many_arguments)]
     fn challenge(
         &self,
         now: Instant,
@@ -392,11 +415,12 @@ impl Server {
         ft: &FiveTuple,
         req: &Message<'_>,
         code: ErrorCode,
+        realm: &str,
     ) -> ClientAction {
         let nonce = self.cfg.nonces.issue(self.unix(now), ft.client.ip());
         let mut w = self.response(out, req, Class::Error);
         w.error(code)
-            .attr(attr::REALM, self.cfg.auth.realm.as_bytes())
+            .attr(attr::REALM, realm.as_bytes())
             .attr(attr::NONCE, &nonce);
         self.seal(&mut w, req, None);
         ClientAction::Reply
@@ -451,9 +475,15 @@ impl Server {
             self.error(out, msg, ErrorCode::BadRequest, None);
             return self.limit(now, ft, out);
         }
-        let (key, username) = match self.authenticate(now, ft, msg, out) {
-            Authed::Ok { key, username } => (key, username),
+        let (key, username, realm, from_directory) = match self.authenticate(now, ft, msg, out) {
+            Authed::Ok {
+                key,
+                username,
+                realm,
+                from_directory,
+            } => (key, username, realm, from_directory),
             Authed::Answered => return self.limit(now, ft, out),
+            Authed::Pending(wanted) => return ClientAction::AwaitCredentials(wanted),
         };
         let k = key.as_ref();
         let action = match Request::decode(msg, self.cfg.rfc5766_channels) {
@@ -461,7 +491,13 @@ impl Server {
             // secure-stun: an authenticated Binding.
             Ok(Request::Binding) => return self.binding(out, ft, msg, k),
             Ok(Request::Allocate(req)) => {
-                self.allocate(now, ft, link, msg, &req, out, relays, key, username)
+                let who = allocation::Owner {
+                    username,
+                    realm,
+                    key,
+                    from_directory,
+                };
+                self.allocate(now, ft, link, msg, &req, out, relays, who)
             }
             Ok(Request::Refresh(req)) => self.refresh(now, ft, link, msg, &req, out, key, username),
             Ok(Request::CreatePermission(req)) => {
@@ -483,7 +519,19 @@ impl Server {
         action
     }
 
-    /// RFC 8489 §9.2.4 for long-term credentials.
+    /// The realm of a request on `ft`: its allocation's, else the one the
+    /// directory maps its ORIGIN to, else the default realm.
+    fn realm_of(&self, ft: &FiveTuple, msg: &Message<'_>) -> Arc<str> {
+        if let Some(a) = self.allocation_for(ft).and_then(|id| self.get(id)) {
+            return a.realm.clone();
+        }
+        msg.text(attr::ORIGIN)
+            .and_then(Result::ok)
+            .and_then(|origin| self.directory.realm_of_origin(origin))
+            .unwrap_or_else(|| self.cfg.auth.realm.clone())
+    }
+
+    /// RFC 8489 §9.2.4 for long-term credentials, in the request's realm.
     fn authenticate<'m>(
         &mut self,
         now: Instant,
@@ -491,14 +539,17 @@ impl Server {
         msg: &Message<'m>,
         out: &mut Vec<u8>,
     ) -> Authed<'m> {
+        let realm = self.realm_of(ft, msg);
         if !self.cfg.auth.enabled() {
             return Authed::Ok {
                 key: None,
                 username: "",
+                realm,
+                from_directory: false,
             };
         }
         if !msg.has_integrity() {
-            self.challenge(now, out, ft, msg, ErrorCode::Unauthorized);
+            self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
             return Authed::Answered;
         }
         let creds = match Credentials::decode(msg) {
@@ -516,38 +567,92 @@ impl Server {
         {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
-                self.auth_failed(now, ft, username, msg, AuthFailure::StaleNonce);
-                self.challenge(now, out, ft, msg, ErrorCode::StaleNonce);
+                self.auth_failed(now, ft, username, &realm, msg, AuthFailure::StaleNonce);
+                self.challenge(now, out, ft, msg, ErrorCode::StaleNonce, &realm);
                 return Authed::Answered;
             }
         }
-        // Requests on an existing allocation must come from its user and are
-        // checked with the key it was created with (a REST credential may
-        // expire while its allocation lives on, as in coturn).
-        if let Some(a) = self.by_five_tuple.get(ft).and_then(|id| self.get(*id)) {
-            if *a.username != *username {
-                info!(five_tuple = %ft, user = username, allocation_user = &*a.username, "441: request for another user's allocation");
-                self.error(out, msg, ErrorCode::WrongCredentials, None);
-                return Authed::Answered;
-            }
-            if let Some(key) = a.key
-                && msg.verify_integrity(&key)
-            {
-                return Authed::Ok {
-                    key: Some(key),
-                    username,
-                };
+        if let Some(id) = self.allocation_for(ft) {
+            match self.authenticate_on(now, id, ft, msg, username, out) {
+                Some(Ok(key)) => {
+                    return Authed::Ok {
+                        key: Some(key),
+                        username,
+                        realm,
+                        from_directory: self.get(id).is_some_and(|a| a.from_directory),
+                    };
+                }
+                Some(Err(authed)) => return authed,
+                None => {}
             }
         }
-        match self.cfg.auth.authenticate(msg, username, self.unix(now)) {
-            Ok(key) => Authed::Ok {
+        let verdict =
+            self.cfg
+                .auth
+                .authenticate(&*self.directory, &realm, msg, username, self.unix(now));
+        match verdict {
+            Verdict::Ok {
+                key,
+                from_directory,
+            } => Authed::Ok {
                 key: Some(key),
                 username,
+                realm,
+                from_directory,
             },
-            Err(why) => {
-                self.auth_failed(now, ft, username, msg, why);
-                self.challenge(now, out, ft, msg, ErrorCode::Unauthorized);
+            Verdict::Refused(why) => {
+                self.auth_failed(now, ft, username, &realm, msg, why);
+                self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
                 Authed::Answered
+            }
+            Verdict::Pending(wanted) => Authed::Pending(wanted),
+        }
+    }
+
+    /// Requests on an existing allocation must come from its user (and,
+    /// with `check-origin-consistency`, its ORIGIN); they are checked with
+    /// the key it was created with (a REST credential may expire while its
+    /// allocation lives on, as in coturn), or, for a user of the database,
+    /// with the user's key there now: a user deleted from the database
+    /// loses the allocation. `None`: check the credentials as for a new
+    /// client.
+    fn authenticate_on<'m>(
+        &mut self,
+        now: Instant,
+        id: AllocationId,
+        ft: &FiveTuple,
+        msg: &Message<'m>,
+        username: &str,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<Key, Authed<'m>>> {
+        let a = self.get(id)?;
+        if *a.username != *username {
+            info!(five_tuple = %ft, user = username, allocation_user = &*a.username, "441: request for another user's allocation");
+            self.error(out, msg, ErrorCode::WrongCredentials, None);
+            return Some(Err(Authed::Answered));
+        }
+        let origin = msg.text(attr::ORIGIN).and_then(Result::ok);
+        if self.cfg.check_origin_consistency && a.origin.as_deref() != origin {
+            info!(five_tuple = %ft, user = username, "441: ORIGIN differs from the allocation's");
+            self.error(out, msg, ErrorCode::WrongCredentials, None);
+            return Some(Err(Authed::Answered));
+        }
+        if !a.from_directory {
+            return a.key.filter(|k| msg.verify_integrity(k)).map(Ok);
+        }
+        let realm = a.realm.clone();
+        match self.directory.user_key(&realm, username) {
+            Lookup::Found(key) if msg.verify_integrity(&key) => Some(Ok(key)),
+            Lookup::Found(_) => None,
+            Lookup::Pending => Some(Err(Authed::Pending(Wanted::User {
+                realm,
+                name: username.into(),
+            }))),
+            Lookup::Absent => {
+                self.auth_failed(now, ft, username, &realm, msg, AuthFailure::UnknownUser);
+                self.close(id, CloseReason::UserRemoved, now);
+                self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
+                Some(Err(Authed::Answered))
             }
         }
     }
@@ -555,18 +660,20 @@ impl Server {
     /// Counts a refused credential and logs it, once per client, user and
     /// reason per [`auth_log::WINDOW`] (retransmissions and retrying clients
     /// would otherwise log a line each).
+    #[allow(clippy::too_many_arguments)]
     fn auth_failed(
         &mut self,
         now: Instant,
         ft: &FiveTuple,
         username: &str,
+        realm: &str,
         msg: &Message<'_>,
         why: AuthFailure,
     ) {
         self.stats.auth_failures[why.index()] += 1;
         if self.auth_log.record(now, ft.client.ip(), username, why) {
             let code = refusal_code(why);
-            info!(five_tuple = %ft, user = username, realm = %self.cfg.auth.realm, method = method::name(msg.method()), "{}: {why}", code.code());
+            info!(five_tuple = %ft, user = username, realm = %realm, method = method::name(msg.method()), "{}: {why}", code.code());
         }
     }
 

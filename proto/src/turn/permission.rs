@@ -108,24 +108,29 @@ impl Allocation {
 }
 
 impl Server {
-    /// Vets a peer for an allocation relaying on `relay_family`: 443 for
-    /// another family, 403 when the peer policy refuses it. `with_port`:
+    /// Vets a peer for an allocation relaying on `relay_family` in `realm`:
+    /// 443 for another family, 403 when the peer policy (with the realm's
+    /// own lists) refuses it. `with_port`:
     /// the request relays to this exact transport address (ChannelBind),
     /// not to the whole IP (CreatePermission).
     fn vet_peer(
         &mut self,
         peer: SocketAddr,
-        relay_family: Family,
+        (relay_family, realm): &(Family, std::sync::Arc<str>),
         ft: &FiveTuple,
         with_port: bool,
     ) -> Result<(), ErrorCode> {
-        if Family::of(peer.ip()) != relay_family {
+        if Family::of(peer.ip()) != *relay_family {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
+        let realm = self.directory.realm_settings(realm);
+        let (allowed, denied) = realm
+            .as_deref()
+            .map_or((&[][..], &[][..]), |r| (&r.allowed_peers, &r.denied_peers));
         let verdict = if with_port {
-            self.cfg.policy.check_addr(peer)
+            self.cfg.policy.check_addr_with(peer, allowed, denied)
         } else {
-            self.cfg.policy.check(peer.ip())
+            self.cfg.policy.check_with(peer.ip(), allowed, denied)
         };
         if let Err(why) = verdict {
             self.stats.forbidden_peers += 1;
@@ -150,11 +155,11 @@ impl Server {
         let Some(id) = self.allocation_for(ft) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
-        let Some(relay_family) = self.get(id).map(Allocation::family) else {
+        let Some(relay) = self.get(id).map(|a| (a.family(), a.realm.clone())) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
         for peer in req.peers() {
-            if let Err(code) = self.vet_peer(peer, relay_family, ft, false) {
+            if let Err(code) = self.vet_peer(peer, &relay, ft, false) {
                 return self.error(out, msg, code, k);
             }
         }
@@ -197,11 +202,11 @@ impl Server {
         let Some(id) = self.allocation_for(ft) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
-        let Some(relay_family) = self.get(id).map(Allocation::family) else {
+        let Some(relay) = self.get(id).map(|a| (a.family(), a.realm.clone())) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
         let (number, peer) = (req.number, req.peer);
-        if let Err(code) = self.vet_peer(peer, relay_family, ft, true) {
+        if let Err(code) = self.vet_peer(peer, &relay, ft, true) {
             return self.error(out, msg, code, k);
         }
         let channel_expires = now + Duration::from_secs(u64::from(self.cfg.channel_lifetime));

@@ -330,14 +330,26 @@ impl PeerPolicy {
     /// Whether relaying to `ip` may be permitted (CreatePermission, which
     /// names no port).
     pub fn check(&self, ip: IpAddr) -> Result<(), Denied> {
-        if Self::listed(&self.allowed, ip) {
+        self.check_with(ip, &[], &[])
+    }
+
+    /// [`PeerPolicy::check`] with a realm's own lists on top of the
+    /// configuration's (`allowed_peer_ip` / `denied_peer_ip` of a user
+    /// database).
+    pub fn check_with(
+        &self,
+        ip: IpAddr,
+        allowed: &[IpRange],
+        denied: &[IpRange],
+    ) -> Result<(), Denied> {
+        if Self::listed(&self.allowed, ip) || Self::listed(allowed, ip) {
             return Ok(());
         }
         let (open, own) = self.open(ip);
         if !open && !own {
             return Err(Denied::Kind(kind(ip)));
         }
-        if Self::listed(&self.denied, ip) {
+        if Self::listed(&self.denied, ip) || Self::listed(denied, ip) {
             return Err(Denied::DeniedList);
         }
         Ok(())
@@ -347,8 +359,18 @@ impl PeerPolicy {
     /// which name a port): [`PeerPolicy::check`], and the server's own relay
     /// addresses only on relay ports unless the address is open anyway.
     pub fn check_addr(&self, peer: SocketAddr) -> Result<(), Denied> {
-        self.check(peer.ip())?;
-        if Self::listed(&self.allowed, peer.ip()) {
+        self.check_addr_with(peer, &[], &[])
+    }
+
+    /// [`PeerPolicy::check_addr`] with a realm's own lists on top.
+    pub fn check_addr_with(
+        &self,
+        peer: SocketAddr,
+        allowed: &[IpRange],
+        denied: &[IpRange],
+    ) -> Result<(), Denied> {
+        self.check_with(peer.ip(), allowed, denied)?;
+        if Self::listed(&self.allowed, peer.ip()) || Self::listed(allowed, peer.ip()) {
             return Ok(());
         }
         let (open, own) = self.open(peer.ip());

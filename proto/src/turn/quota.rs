@@ -28,6 +28,8 @@ pub struct Limits {
 /// What one allocation holds, to give back when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
+    /// The realm it counts in.
+    pub realm: Box<str>,
     /// The user whose count it holds, if `user-quota` was on.
     pub user: Option<Box<str>>,
     /// Bandwidth reserved from `bps-capacity`, bytes per second.
@@ -56,27 +58,36 @@ impl std::fmt::Display for Refused {
 /// implementation is shared by every worker (and may be shared further).
 pub trait Ledger {
     /// Counts a new allocation of `user` (its quota key; empty for
-    /// anonymous clients, which count only towards the total) against
-    /// `limits`. Error: the limit that refused it.
-    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused>;
+    /// anonymous clients, which count only towards the totals) in `realm`
+    /// against `limits`, the realm's: `total-quota` counts the realm's
+    /// allocations, `user-quota` those of the user in the realm. Error: the
+    /// limit that refused it.
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused>;
 
     /// Gives back what `claim` holds (an allocation ended or was refused
     /// after its claim).
     fn release(&mut self, claim: &Claim);
 }
 
-/// Allocation counts: the total, the bandwidth reserved, and per user.
+/// Allocation counts: in all, per realm, per user of a realm, and the
+/// bandwidth reserved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     total: u32,
     reserved_bps: u64,
-    users: BTreeMap<Box<str>, u32>,
+    realms: BTreeMap<Box<str>, u32>,
+    users: BTreeMap<(Box<str>, Box<str>), u32>,
 }
 
 impl Counts {
-    /// Live allocations counted.
+    /// Live allocations counted, in every realm.
     pub fn allocations(&self) -> u32 {
         self.total
+    }
+
+    /// Live allocations in `realm`.
+    pub fn in_realm(&self, realm: &str) -> u32 {
+        self.realms.get(realm).copied().unwrap_or(0)
     }
 
     /// Bandwidth reserved from `bps-capacity`, bytes per second.
@@ -84,15 +95,19 @@ impl Counts {
         self.reserved_bps
     }
 
-    /// Live allocations of `user` (counted only while `user-quota` is on).
-    pub fn of_user(&self, user: &str) -> u32 {
-        self.users.get(user).copied().unwrap_or(0)
+    /// Live allocations of `user` in `realm` (counted only while
+    /// `user-quota` is on).
+    pub fn of_user(&self, realm: &str, user: &str) -> u32 {
+        self.users
+            .get(&(Box::from(realm), Box::from(user)))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
 impl Ledger for Counts {
-    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        if limits.total_quota > 0 && self.total >= limits.total_quota {
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+        if limits.total_quota > 0 && self.in_realm(realm) >= limits.total_quota {
             return Err(Refused::TotalQuota);
         }
         let bps = if limits.bps_capacity > 0 {
@@ -104,7 +119,7 @@ impl Ledger for Counts {
             return Err(Refused::BandwidthCapacity);
         }
         let counted_user = if limits.user_quota > 0 && !user.is_empty() {
-            let n = self.users.entry(user.into()).or_insert(0);
+            let n = self.users.entry((realm.into(), user.into())).or_insert(0);
             if *n >= limits.user_quota {
                 return Err(Refused::UserQuota);
             }
@@ -114,8 +129,10 @@ impl Ledger for Counts {
             None
         };
         self.total += 1;
+        *self.realms.entry(realm.into()).or_insert(0) += 1;
         self.reserved_bps += bps;
         Ok(Claim {
+            realm: realm.into(),
             user: counted_user,
             bps,
         })
@@ -124,12 +141,19 @@ impl Ledger for Counts {
     fn release(&mut self, claim: &Claim) {
         self.total = self.total.saturating_sub(1);
         self.reserved_bps = self.reserved_bps.saturating_sub(claim.bps);
-        if let Some(u) = &claim.user
-            && let Some(n) = self.users.get_mut(u)
-        {
+        if let Some(n) = self.realms.get_mut(&claim.realm) {
             *n -= 1;
             if *n == 0 {
-                self.users.remove(u);
+                self.realms.remove(&claim.realm);
+            }
+        }
+        if let Some(u) = &claim.user {
+            let key = (claim.realm.clone(), u.clone());
+            if let Some(n) = self.users.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.users.remove(&key);
+                }
             }
         }
     }
@@ -138,8 +162,8 @@ impl Ledger for Counts {
 /// A ledger one core owns alone and a test can still read (for tests and
 /// the simulation; the driver shares its counts between threads).
 impl Ledger for std::rc::Rc<std::cell::RefCell<Counts>> {
-    fn acquire(&mut self, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        self.borrow_mut().acquire(user, limits)
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+        self.borrow_mut().acquire(realm, user, limits)
     }
 
     fn release(&mut self, claim: &Claim) {
@@ -200,27 +224,31 @@ mod tests {
             total_quota: 3,
             ..Limits::default()
         };
-        let a1 = u.acquire("alice", &l).unwrap();
-        let a2 = u.acquire("alice", &l).unwrap();
-        assert_eq!(u.acquire("alice", &l), Err(Refused::UserQuota));
-        let b1 = u.acquire("bob", &l).unwrap();
-        assert_eq!(u.acquire("carol", &l), Err(Refused::TotalQuota));
+        let a1 = u.acquire("r", "alice", &l).unwrap();
+        let a2 = u.acquire("r", "alice", &l).unwrap();
+        assert_eq!(u.acquire("r", "alice", &l), Err(Refused::UserQuota));
+        let b1 = u.acquire("r", "bob", &l).unwrap();
+        assert_eq!(u.acquire("r", "carol", &l), Err(Refused::TotalQuota));
         assert_eq!(u.allocations(), 3);
         u.release(&a1);
-        assert_eq!(u.of_user("alice"), 1);
-        assert!(u.acquire("carol", &l).is_ok());
+        assert_eq!(u.of_user("r", "alice"), 1);
+        assert!(u.acquire("r", "carol", &l).is_ok());
         u.release(&a2);
         u.release(&b1);
-        assert_eq!(u.of_user("alice"), 0);
-        assert_eq!(u.of_user("bob"), 0);
+        assert_eq!(u.of_user("r", "alice"), 0);
+        assert_eq!(u.of_user("r", "bob"), 0);
         assert_eq!(u.allocations(), 1);
         // Anonymous allocations only count towards the total.
-        assert!(u.acquire("", &l).is_ok());
-        assert!(u.acquire("dave", &l).is_ok());
+        assert!(u.acquire("r", "", &l).is_ok());
+        assert!(u.acquire("r", "dave", &l).is_ok());
         // A refusal holds nothing.
-        assert_eq!(u.acquire("eve", &l), Err(Refused::TotalQuota));
-        assert_eq!(u.of_user("eve"), 0);
+        assert_eq!(u.acquire("r", "eve", &l), Err(Refused::TotalQuota));
+        assert_eq!(u.of_user("r", "eve"), 0);
         assert_eq!(u.allocations(), 3);
+        // Another realm has quotas of its own.
+        assert!(u.acquire("other", "alice", &l).is_ok());
+        assert_eq!(u.in_realm("other"), 1);
+        assert_eq!(u.allocations(), 4);
     }
 
     #[test]
@@ -231,13 +259,13 @@ mod tests {
             bps_capacity: 2500,
             ..Limits::default()
         };
-        let a = u.acquire("a", &l).unwrap();
-        let _b = u.acquire("b", &l).unwrap();
-        assert_eq!(u.acquire("c", &l), Err(Refused::BandwidthCapacity));
+        let a = u.acquire("r", "a", &l).unwrap();
+        let _b = u.acquire("r", "b", &l).unwrap();
+        assert_eq!(u.acquire("r", "c", &l), Err(Refused::BandwidthCapacity));
         assert_eq!(u.allocations(), 2, "a refused allocation holds nothing");
         assert_eq!(u.reserved_bps(), 2000);
         u.release(&a);
-        assert!(u.acquire("c", &l).is_ok());
+        assert!(u.acquire("r", "c", &l).is_ok());
     }
 
     #[test]

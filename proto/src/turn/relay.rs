@@ -69,7 +69,19 @@ impl Server {
             trace!(five_tuple = %ft, "Send indication without XOR-PEER-ADDRESS or DATA dropped");
             return ClientAction::None;
         };
-        if self.cfg.policy.check_addr(peer).is_err() {
+        let Some(realm) = self.get(id).map(|a| a.realm.clone()) else {
+            return ClientAction::None;
+        };
+        let lists = self.directory.realm_settings(&realm);
+        let (allowed, denied) = lists
+            .as_deref()
+            .map_or((&[][..], &[][..]), |r| (&r.allowed_peers, &r.denied_peers));
+        if self
+            .cfg
+            .policy
+            .check_addr_with(peer, allowed, denied)
+            .is_err()
+        {
             trace!(five_tuple = %ft, %peer, "Send indication to a forbidden peer dropped");
             return ClientAction::None;
         }

@@ -1298,7 +1298,7 @@ fn quotas_answer_486_and_free_up_when_allocations_end() {
     assert!(h.allocate(&fts[3], "alice", "alicepw").ok());
     h.advance(601);
     assert_eq!(h.counts.borrow().allocations(), 0);
-    assert_eq!(h.counts.borrow().of_user("alice"), 0);
+    assert_eq!(h.counts.borrow().of_user(REALM, "alice"), 0);
     // A refused relay socket gives its quota back.
     h.relays.fail = true;
     assert_eq!(h.allocate(&fts[4], "alice", "alicepw").code(), Some(508));
@@ -1424,4 +1424,224 @@ fn permission_and_channel_caps_answer_508() {
         .peer("93.184.216.7:1")
         .peer("93.184.216.8:1");
     assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+}
+
+/// A user database as the driver's cache presents it: users known (with a
+/// key, or known to be absent) or not yet known (pending).
+#[derive(Default)]
+struct DbState {
+    users: HashMap<(String, String), Option<Key>>,
+    origins: HashMap<String, Arc<str>>,
+    realms: HashMap<String, Arc<RealmSettings>>,
+}
+
+#[derive(Clone, Default)]
+struct Db(Rc<RefCell<DbState>>);
+
+impl Directory for Db {
+    fn user_key(&self, realm: &str, user: &str) -> Lookup<Key> {
+        match self.0.borrow().users.get(&(realm.into(), user.into())) {
+            Some(Some(k)) => Lookup::Found(*k),
+            Some(None) => Lookup::Absent,
+            None => Lookup::Pending,
+        }
+    }
+    fn secrets(&self, _: &str) -> Lookup<Secrets> {
+        Lookup::Absent
+    }
+    fn realm_of_origin(&self, origin: &str) -> Option<Arc<str>> {
+        self.0.borrow().origins.get(origin).cloned()
+    }
+    fn realm_settings(&self, realm: &str) -> Option<Arc<RealmSettings>> {
+        self.0.borrow().realms.get(realm).cloned()
+    }
+}
+
+impl Db {
+    fn set_user(&self, realm: &str, user: &str, password: Option<&str>) {
+        let key = password.map(|p| long_term_key(user, realm, p));
+        self.0
+            .borrow_mut()
+            .users
+            .insert((realm.into(), user.into()), key);
+    }
+}
+
+/// A harness whose server also reads `db`.
+fn with_db(cfg: Config, db: &Db) -> Harness {
+    let mut h = Harness::new(cfg);
+    let server = std::mem::replace(
+        &mut h.server,
+        Server::new(
+            Arc::new(users_config()),
+            Box::new(h.counts.clone()),
+            0,
+            h.t0,
+            UNIX0,
+            1,
+        ),
+    );
+    h.server = server.with_directory(Box::new(db.clone()));
+    h
+}
+
+/// A request signed for `user` in `realm`, with ORIGIN `origin` if given.
+fn realm_request(
+    h: &mut Harness,
+    m: u16,
+    attrs: &[(u16, Vec<u8>)],
+    origin: Option<&str>,
+    creds: Option<(&str, &str, &str, &[u8])>,
+) -> Vec<u8> {
+    let tid = h.req(m).tid;
+    let key = creds.map(|(realm, user, pw, _)| long_term_key(user, realm, pw));
+    let creds = creds
+        .zip(key.as_ref())
+        .map(|((realm, username, _, nonce), key)| Credentials {
+            username,
+            realm,
+            nonce,
+            key,
+        });
+    let build = |w: &mut MessageWriter<'_>| {
+        for (t, v) in attrs {
+            w.attr(*t, v);
+        }
+        if let Some(o) = origin {
+            w.attr(attr::ORIGIN, o.as_bytes());
+        }
+    };
+    request(m, &tid, build, creds.as_ref(), false)
+}
+
+fn udp_transport() -> Vec<(u16, Vec<u8>)> {
+    vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])]
+}
+
+#[test]
+fn a_database_user_is_looked_up_without_an_answer_then_served() {
+    let db = Db::default();
+    let mut h = with_db(users_config(), &db);
+    let ft = udp("203.0.113.5:40000");
+    let t = udp_transport();
+    let first = realm_request(&mut h, method::ALLOCATE, &t, None, None);
+    let challenge = h.ask(&ft, &first);
+    assert_eq!(challenge.code(), Some(401));
+    let nonce = challenge.nonce();
+    let req = realm_request(
+        &mut h,
+        method::ALLOCATE,
+        &t,
+        None,
+        Some((REALM, "carol", "cpw", &nonce)),
+    );
+    // Not known yet: no answer, the driver is asked to look carol up.
+    assert_eq!(
+        h.send(&ft, &req),
+        ClientAction::AwaitCredentials(Wanted::User {
+            realm: REALM.into(),
+            name: "carol".into()
+        })
+    );
+    assert_eq!(h.server.allocation_count(), 0);
+    // The driver learnt the key and hands the same request in again.
+    db.set_user(REALM, "carol", Some("cpw"));
+    assert!(h.ask(&ft, &req).ok());
+    // The configuration's users are not asked for.
+    let other = udp("203.0.113.6:40000");
+    assert!(h.allocate(&other, "alice", "alicepw").ok());
+    // Deleted from the database: the next Refresh is refused and the
+    // allocation ends.
+    db.set_user(REALM, "carol", None);
+    let refresh = realm_request(
+        &mut h,
+        method::REFRESH,
+        &[],
+        None,
+        Some((REALM, "carol", "cpw", &nonce)),
+    );
+    assert_eq!(h.ask(&ft, &refresh).code(), Some(401));
+    assert_eq!(h.server.allocation_for(&ft), None);
+    assert!(matches!(h.events()[..], [Event::AllocationClosed { .. }]));
+    assert_eq!(h.server.stats().ended[CloseReason::UserRemoved.index()], 1);
+}
+
+#[test]
+fn an_origin_selects_a_realm_with_its_users_limits_and_peers() {
+    let db = Db::default();
+    db.set_user("tenant.example", "dave", Some("dpw"));
+    db.0.borrow_mut()
+        .origins
+        .insert("https://tenant.example".into(), "tenant.example".into());
+    db.0.borrow_mut().realms.insert(
+        "tenant.example".into(),
+        Arc::new(RealmSettings {
+            user_quota: Some(1),
+            denied_peers: vec!["93.184.216.0/24".parse().unwrap()],
+            ..RealmSettings::default()
+        }),
+    );
+    let mut h = with_db(users_config(), &db);
+    let origin = Some("https://tenant.example");
+    let t = udp_transport();
+    let ft = udp("203.0.113.5:40000");
+    let first = realm_request(&mut h, method::ALLOCATE, &t, origin, None);
+    let challenge = h.ask(&ft, &first);
+    assert_eq!(challenge.code(), Some(401));
+    assert_eq!(
+        challenge.msg().text(attr::REALM),
+        Some(Ok("tenant.example")),
+        "the 401 names the ORIGIN's realm"
+    );
+    let nonce = challenge.nonce();
+    let dave = Some(("tenant.example", "dave", "dpw", &nonce[..]));
+    let r = realm_request(&mut h, method::ALLOCATE, &t, origin, dave);
+    assert!(h.ask(&ft, &r).ok());
+    // The realm's user-quota of 1.
+    let second = udp("203.0.113.5:40001");
+    let r = realm_request(&mut h, method::ALLOCATE, &t, origin, dave);
+    assert_eq!(h.ask(&second, &r).code(), Some(486));
+    // The realm's denied peers, on top of the configuration's policy.
+    let perm = |h: &mut Harness, peer: &str| {
+        let tid = h.req(method::CREATE_PERMISSION).tid;
+        let a: SocketAddr = peer.parse().unwrap();
+        let x = attr::xor_address(a, &tid);
+        let mut v = [0u8; 20];
+        let n = crate::stun::encode_address(&mut v, x);
+        let attrs = vec![(attr::XOR_PEER_ADDRESS, v[..n].to_vec())];
+        realm_request(h, method::CREATE_PERMISSION, &attrs, origin, dave)
+    };
+    let denied = perm(&mut h, "93.184.216.34:1");
+    assert_eq!(h.ask(&ft, &denied).code(), Some(403));
+    let fine = perm(&mut h, "93.184.217.34:1");
+    assert!(h.ask(&ft, &fine).ok());
+    // The default realm's users are not the tenant's.
+    let third = udp("203.0.113.5:40002");
+    let alice = Some(("tenant.example", "alice", "alicepw", &nonce[..]));
+    db.set_user("tenant.example", "alice", None);
+    let r = realm_request(&mut h, method::ALLOCATE, &t, origin, alice);
+    assert_eq!(h.ask(&third, &r).code(), Some(401));
+}
+
+#[test]
+fn origin_consistency_is_checked_when_asked() {
+    let db = Db::default();
+    db.set_user(REALM, "carol", Some("cpw"));
+    let mut h = with_db(users_config(), &db);
+    h.server.set_config(Arc::new({
+        let mut c = users_config();
+        c.check_origin_consistency = true;
+        c
+    }));
+    let ft = udp("203.0.113.5:40000");
+    let t = udp_transport();
+    let first = realm_request(&mut h, method::ALLOCATE, &t, Some("https://a"), None);
+    let nonce = h.ask(&ft, &first).nonce();
+    let carol = Some((REALM, "carol", "cpw", &nonce[..]));
+    let r = realm_request(&mut h, method::ALLOCATE, &t, Some("https://a"), carol);
+    assert!(h.ask(&ft, &r).ok());
+    let refresh = realm_request(&mut h, method::REFRESH, &[], Some("https://b"), carol);
+    assert_eq!(h.ask(&ft, &refresh).code(), Some(441));
+    let refresh = realm_request(&mut h, method::REFRESH, &[], Some("https://a"), carol);
+    assert!(h.ask(&ft, &refresh).ok());
 }
