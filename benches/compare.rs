@@ -26,6 +26,10 @@
 //! - resident memory added by 10,000 idle allocations, and the allocation
 //!   rate while creating them (401, Allocate, ChannelBind each): the
 //!   median of three rounds, each server started fresh for each;
+//! - the allocation rate by credential store: static `user=` lines, an
+//!   SQLite `userdb` and a Redis `redis-userdb` (a `redis-server` started
+//!   for it), the same database for turnserver and coturn: the median of
+//!   three rounds of 2,000 allocations (401, Allocate, ChannelBind each);
 //! - when valgrind is installed, user-space instructions per relayed packet
 //!   at a light load, counted by callgrind on each server (and the floor)
 //!   in turn: the part of the cost that is the server's own code, in a
@@ -52,6 +56,7 @@ use turnserver::bench::Report;
 
 const TURNSERVER: &str = env!("CARGO_BIN_EXE_turnserver");
 const TURNBENCH: &str = env!("CARGO_BIN_EXE_turnbench");
+const TURNADMIN: &str = env!("CARGO_BIN_EXE_turnadmin");
 
 /// How the clients reach the server (turnbench `-t`). The relayed side is
 /// UDP in every case.
@@ -374,6 +379,12 @@ struct Env {
 
 /// Starts `target` fresh with the shared config on a free port.
 fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
+    start_server_with(env, t, "user=bench:bench-password\n")
+}
+
+/// [`start_server`] with `credentials` (configuration lines) for the
+/// benchmark's user instead of a `user=` line.
+fn start_server_with(env: &Env, t: &Target, credentials: &str) -> (Proc, SocketAddr) {
     let port = free_ports(2);
     // The default relay range: client sockets are on another address.
     let relay_base = 49_152;
@@ -385,7 +396,7 @@ fn start_server(env: &Env, t: &Target) -> (Proc, SocketAddr) {
          min-port={relay_base}\n\
          max-port=65535\n\
          lt-cred-mech\n\
-         user=bench:bench-password\n\
+         {credentials}\
          realm=bench.test\n\
          allow-loopback-peers\n\
          cert={}\n\
@@ -820,6 +831,182 @@ fn measure_servers(env: &Env, targets: &[&Target]) -> Vec<Value> {
             json!({"name": t.name, "version": version_of(&t.bin), "memory": memory})
         })
         .collect()
+}
+
+/// Allocations per round of the credential-store measurement.
+fn store_allocations() -> usize {
+    if scale().quick { 300 } else { 2_000 }
+}
+
+/// Runs our `turnadmin` with `args`.
+fn turnadmin(args: &[&str]) {
+    let out = Command::new(TURNADMIN)
+        .args(args)
+        .output()
+        .expect("turnadmin");
+    assert!(
+        out.status.success(),
+        "turnadmin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The allocation rate of every target with the benchmark's user as a
+/// static `user=` line, in an SQLite file and in Redis (when
+/// `redis-server` is installed): per store and target, the median of
+/// [`Scale::ramps`] rounds of [`store_allocations`], each on a fresh start.
+fn credential_stores(env: &Env, targets: &[&Target]) -> Value {
+    let sqlite = env.dir.join("turndb");
+    let db = sqlite.to_str().unwrap();
+    turnadmin(&[
+        "-a",
+        "-b",
+        db,
+        "-u",
+        "bench",
+        "-r",
+        "bench.test",
+        "-p",
+        "bench-password",
+    ]);
+    let mut stores = vec![
+        ("static", "user=bench:bench-password\n".to_string()),
+        ("sqlite", format!("userdb={db}\n")),
+    ];
+    let _redis = match Command::new("redis-server").arg("--version").output() {
+        Ok(_) => {
+            let port = free_ports(1);
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&env.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let info = format!("ip=127.0.0.1 dbname=0 port={port} connect_timeout=5");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server does not listen");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            turnadmin(&[
+                "-a",
+                "-N",
+                &info,
+                "-u",
+                "bench",
+                "-r",
+                "bench.test",
+                "-p",
+                "bench-password",
+            ]);
+            stores.push(("redis", format!("redis-userdb=\"{info}\"\n")));
+            Some(Proc {
+                child,
+                name: "redis-server".into(),
+            })
+        }
+        Err(_) => {
+            assert!(
+                !scale().quick,
+                "COMPARE_QUICK: redis-server not found (Debian package redis-server)"
+            );
+            eprintln!("redis-server not found (Debian package redis-server): no Redis row");
+            None
+        }
+    };
+    let n = store_allocations();
+    let mut out = serde_json::Map::new();
+    for (store, creds) in &stores {
+        let mut per_target = serde_json::Map::new();
+        for t in targets {
+            let mut rates = Vec::new();
+            for round in 0..scale().ramps {
+                eprintln!(
+                    "==> allocation rate, {store}, round {}/{}: {}",
+                    round + 1,
+                    scale().ramps,
+                    t.name
+                );
+                let (_p, addr) = start_server_with(env, t, creds);
+                let r = turnbench(&[
+                    addr.to_string(),
+                    "--bind".into(),
+                    CLIENT_IP.into(),
+                    "-u".into(),
+                    "bench".into(),
+                    "-w".into(),
+                    "bench-password".into(),
+                    "--peer".into(),
+                    env.echo.to_string(),
+                    "-n".into(),
+                    n.to_string(),
+                    "-d".into(),
+                    "0".into(),
+                ]);
+                assert!(
+                    r.allocations_ok as usize >= n * 95 / 100,
+                    "{} with {store}: {} of {n} allocations ({:?})",
+                    t.name,
+                    r.allocations_ok,
+                    r.setup_errors
+                );
+                rates.push(r.allocation_rate);
+            }
+            let (lo, hi) = min_max(&rates);
+            per_target.insert(
+                t.name.to_string(),
+                json!({"allocation_rate": median(rates.clone()), "min": lo, "max": hi, "rounds": rates}),
+            );
+        }
+        out.insert(store.to_string(), per_target.into());
+    }
+    Value::Object(out)
+}
+
+/// The credential-store table.
+fn stores_report(stores: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Allocation rate by credential store (allocations/s, median (min–max) of {} rounds of {} allocations, each server started fresh; 401, Allocate and ChannelBind each; one user):\n",
+        scale().ramps,
+        store_allocations()
+    );
+    let _ = writeln!(
+        s,
+        "| store | turnserver | coturn | turnserver vs its static users |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    let rate = |store: &str, who: &str| stores[store][who]["allocation_rate"].as_f64();
+    let cell = |store: &str, who: &str| {
+        let v = &stores[store][who];
+        match v["allocation_rate"].as_f64() {
+            Some(r) => format!(
+                "{r:.0} ({:.0}–{:.0})",
+                v["min"].as_f64().unwrap_or(f64::NAN),
+                v["max"].as_f64().unwrap_or(f64::NAN)
+            ),
+            None => "–".to_string(),
+        }
+    };
+    for store in ["static", "sqlite", "redis"] {
+        if stores.get(store).is_none() {
+            continue;
+        }
+        let vs_static = match (rate(store, "turnserver"), rate("static", "turnserver")) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {store} | {} | {} | {vs_static} |",
+            cell(store, "turnserver"),
+            cell(store, "coturn")
+        );
+    }
+    s
 }
 
 /// Whether valgrind and callgrind_control are installed.
@@ -1374,6 +1561,13 @@ fn main() {
     let mut single = measured.next().unwrap();
     let mut coturn = coturn_t.as_ref().map(|_| measured.next().unwrap());
     let mut floor = json!({"name": "kernel floor"});
+    let stores = credential_stores(
+        &env,
+        &[Some(&ours_t), coturn_t.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+    );
 
     // Fixed loads, then the ramps: every server from a fresh start, all
     // running at once, measured one at a time in turn.
@@ -1465,6 +1659,7 @@ fn main() {
         "turnserver_1_thread": single,
         "coturn": coturn,
         "floor": floor,
+        "credential_stores": stores,
     });
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(if scale().quick {
         "target/compare-quick.json"
@@ -1476,5 +1671,6 @@ fn main() {
         "{}",
         report(&machine, &ours, &single, coturn.as_ref(), &floor)
     );
+    println!("{}", stores_report(&stores));
     eprintln!("raw numbers: {}", target.display());
 }

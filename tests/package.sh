@@ -178,6 +178,8 @@ check "/etc/turnserver.conf is a conffile" \
     sh -c "dpkg-query -W -f='\${Conffiles}' turnserver | grep -q '/etc/turnserver.conf '"
 check "turnserver --version" sh -c '/usr/bin/turnserver --version | grep -q "^turnserver "'
 check "turnbench, the load generator, is installed" sh -c '/usr/bin/turnbench --version | grep -q "^turnbench "'
+check "turnadmin is installed and prints coturn's key" \
+    sh -c '[ "$(/usr/bin/turnadmin -k -u ninefingers -r north.gov -p youhavetoberealistic)" = 0xbc807ee29df3c9ffa736523fb2c4e8ee ]'
 
 # The system user, its directories, and who may read the secrets.
 check "system user turnserver exists" getent passwd turnserver
@@ -322,6 +324,7 @@ DEBIAN_FRONTEND=noninteractive apt-get purge -y -q turnserver >"$work/purge.log"
 }
 check "/usr/bin/turnserver removed" test ! -e /usr/bin/turnserver
 check "/usr/bin/turnbench removed" test ! -e /usr/bin/turnbench
+check "/usr/bin/turnadmin removed" test ! -e /usr/bin/turnadmin
 check "/etc/turnserver.conf removed on purge" test ! -e /etc/turnserver.conf
 check "unit removed" test ! -e "$unit"
 check "boot symlink removed" test ! -L /etc/systemd/system/multi-user.target.wants/turnserver.service

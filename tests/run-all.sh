@@ -2,7 +2,8 @@
 # The test command: installs what the tests need when it is missing
 # (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
 # in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
-# debootstrap, ethtool and valgrind, playwright-core from npm,
+# debootstrap, ethtool, valgrind, postgresql, mariadb-server, redis-server
+# and sqlite3, playwright-core from npm,
 # cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
 # package test (tests/package.sh, in a Debian root of its own), a smoke run
 # of the coturn comparison benchmark and bounded fuzzing.
@@ -63,6 +64,26 @@ export PATH="$COTURN_TOOLS/usr/bin:$PATH"
 # coturn's daemon, for turnbench's interoperability test and the comparison
 # benchmark: unpacked into /opt/coturn, never on PATH.
 ./benches/setup-coturn.sh
+
+# The database servers the user-database tests start on their own ports and
+# data directories (tests/common/db.rs): installed without starting their
+# services (a policy-rc.d of our own while apt runs, unless the machine has
+# one), and sqlite3 to edit a database as an operator would.
+db_missing=()
+for p in postgresql mariadb-server redis-server sqlite3; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || db_missing+=("$p")
+done
+if [ ${#db_missing[@]} -gt 0 ]; then
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\n# tests/run-all.sh: do not start services while it installs\nexit 101\n' |
+            as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    apt_install "${db_missing[@]}" || { [ -z "$own_policy" ] || as_root rm -f /usr/sbin/policy-rc.d; exit 1; }
+    [ -z "$own_policy" ] || as_root rm -f /usr/sbin/policy-rc.d
+fi
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

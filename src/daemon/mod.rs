@@ -103,6 +103,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     core.unauthenticated_rate =
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
+    core.check_origin_consistency = cfg.check_origin_consistency;
     core.no_stun = cfg.no_stun;
     core.stun_only = cfg.stun_only;
     core.limits = cfg.limits;
@@ -120,12 +121,20 @@ fn describe(cfg: &Config, core: &turn::Config) {
              Set lt-cred-mech with user=name:password, or use-auth-secret with static-auth-secret."
         ),
         AuthKind::LongTerm => info!(
-            "authentication: long-term credentials, realm '{realm}', {} user(s)",
-            cfg.users.len()
+            "authentication: long-term credentials, realm '{realm}', {} user(s){}",
+            cfg.users.len(),
+            cfg.userdb
+                .as_ref()
+                .map(|d| format!(" and the users of {d}"))
+                .unwrap_or_default()
         ),
         AuthKind::RestApi => info!(
-            "authentication: TURN REST API, realm '{realm}', {} secret(s), separator '{}'",
+            "authentication: TURN REST API, realm '{realm}', {} secret(s){}, separator '{}'",
             cfg.static_auth_secrets.len(),
+            cfg.userdb
+                .as_ref()
+                .map(|d| format!(" and the secrets of {d}"))
+                .unwrap_or_default(),
             cfg.rest_api_separator
         ),
     }

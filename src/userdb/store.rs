@@ -188,12 +188,27 @@ impl Store {
             UserDb::Postgres(e) | UserDb::MySql(e) => {
                 let pg = matches!(db, UserDb::Postgres(_));
                 let url = sql_url(if pg { "postgres" } else { "mysql" }, e)?;
-                let options = pool(e.connect_timeout);
-                let pool = if eager {
-                    options.connect(&url).await?
-                } else {
-                    options.connect_lazy(&url)?
-                };
+                if eager {
+                    // One connection first, for the real error (the pool
+                    // would only say that it timed out).
+                    use sqlx::Connection;
+                    match tokio::time::timeout(
+                        e.connect_timeout,
+                        sqlx::AnyConnection::connect(&url),
+                    )
+                    .await
+                    {
+                        Ok(Ok(c)) => c.close().await?,
+                        Ok(Err(err)) => return Err(err.into()),
+                        Err(_) => {
+                            return Err(Error(format!(
+                                "no connection within {} s",
+                                e.connect_timeout.as_secs()
+                            )));
+                        }
+                    }
+                }
+                let pool = pool(e.connect_timeout).connect_lazy(&url)?;
                 Ok(Store::Sql { pool, numbered: pg })
             }
             UserDb::Redis(e) => {
@@ -254,8 +269,9 @@ impl Store {
     pub async fn user_key(&self, realm: &str, user: &str) -> Result<Option<Key>> {
         match self {
             Store::Sql { pool, .. } => {
+                // PostgreSQL's char(n) is not a text type to sqlx's Any.
                 let q = sql!(
-                    "SELECT hmackey FROM turnusers_lt WHERE realm = $1 AND name = $2",
+                    "SELECT CAST(hmackey AS TEXT) FROM turnusers_lt WHERE realm = $1 AND name = $2",
                     "SELECT hmackey FROM turnusers_lt WHERE realm = ? AND name = ?"
                 );
                 let row = sqlx::query(self.pick(&q))

@@ -7,10 +7,12 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod db;
 pub mod netns;
 pub mod server;
 
 pub use client::*;
+pub use db::*;
 pub use netns::*;
 pub use server::*;
 
