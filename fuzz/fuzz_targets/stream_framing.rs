@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnserver::stun::Message;
-use turnserver::stun::channel::{self, Frame, HEADROOM, TAILROOM};
+use turnserver_proto::stun::Message;
+use turnserver_proto::stun::channel::{self, Frame, HEADROOM, TAILROOM};
 
 fuzz_target!(|data: &[u8]| {
     let (&split, rest) = data.split_first().unwrap_or((&1, &[]));

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnserver::stun::{Message, MessageWriter, attr, channel};
+use turnserver_proto::stun::{Message, MessageWriter, attr, channel};
 
 fuzz_target!(|data: &[u8]| {
     let _ = channel::parse_channel_data(data);
