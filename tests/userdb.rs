@@ -423,7 +423,7 @@ fn redis_serves_users_secrets_and_live_changes() {
     serves_through("redis-userdb", "-N", &r.conninfo());
 }
 
-/// One server, two realms: ORIGIN picks the realm (its users, its
+/// One server, two realms: ORIGIN picks the realm (its users, its REST
 /// secrets), the default realm keeps its own.
 #[test]
 fn origins_select_realms_with_their_own_users() {
@@ -481,6 +481,28 @@ fn origins_select_realms_with_their_own_users() {
     assert_eq!(c.realm, "north.gov");
     let mut c = Client::new(s.udp_addr());
     assert_eq!(c.allocate("whirrun", "sword").code(), Some(401));
+    // Each realm's REST secrets.
+    turnadmin(&["-s", "logen", "-b", db_s, "-r", "north.gov"]);
+    turnadmin(&["-s", "north", "-b", db_s, "-r", "crinna.org"]);
+    let r = Server::start(Options::new(&format!(
+        "userdb={db_s}\nrealm=north.gov\nuse-auth-secret\n"
+    )));
+    let (u, p) = rest("north");
+    let mut c = Client::new(r.udp_addr());
+    assert!(
+        c.allocate_with(&origin, &u, &p).is_success(),
+        "{}",
+        r.log_text()
+    );
+    assert_eq!(
+        allocate(&r, &u, &p),
+        Some(401),
+        "the default realm's secret is another"
+    );
+    let (u, p) = rest("logen");
+    assert_eq!(allocate(&r, &u, &p), None);
+    let mut c = Client::new(r.udp_addr());
+    assert_eq!(c.allocate_with(&origin, &u, &p).code(), Some(401));
 }
 
 /// The database goes away mid-run: relaying goes on, known users keep
