@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser};
 use sha2::{Digest, Sha256};
 use turnserver::auth::long_term_key;
+use turnserver::server::fleet;
 use turnserver::userdb::conn::DEFAULT_SQLITE;
 use turnserver::userdb::store::{REALM_OPTIONS, hex_key};
 use turnserver::userdb::{Store, UserDb};
@@ -117,6 +118,15 @@ struct Args {
     #[arg(long = "user-quota")]
     user_quota: Option<u64>,
     /// Print help
+    /// List the fleet's live nodes and allocations (of -u, -r, or all) from
+    /// the Redis of -N (ours)
+    #[arg(long = "list-allocations", action = ArgAction::SetTrue)]
+    list_allocations: bool,
+    /// End a user's (-u) allocations on every node of the fleet sharing the
+    /// Redis of -N, in realm -r or every realm (ours)
+    #[arg(long = "end-user", action = ArgAction::SetTrue)]
+    end_user: bool,
+
     #[arg(short = 'h', long = "help", action = ArgAction::Help)]
     help: Option<bool>,
 }
@@ -181,6 +191,8 @@ async fn run(a: Args) -> Result<(), Failure> {
         a.set_realm_option,
         a.list_realm_options,
         a.encrypted_password,
+        a.list_allocations,
+        a.end_user,
     ];
     match commands.iter().filter(|c| **c).count() {
         0 => {
@@ -203,6 +215,9 @@ async fn run(a: Args) -> Result<(), Failure> {
         return Ok(());
     }
     let db = database(&a)?;
+    if a.list_allocations || a.end_user {
+        return fleet(&a, &db).await;
+    }
     let writes = !(a.list || a.show_secret || a.list_origins || a.list_realm_options);
     let fail = |e: turnserver::userdb::store::Error| Failure(format!("{db}: {e}"));
     let store = Store::open(&db, writes, true).await.map_err(fail)?;
@@ -288,6 +303,84 @@ async fn run(a: Args) -> Result<(), Failure> {
             }
         }
     }
+    if writes && let Some(mut c) = store.redis() {
+        // Nodes sharing this Redis drop what they cached at once.
+        let user = if a.add || a.delete {
+            Some((need(&a.realm, "the realm")?, need(&a.user, "the user")?))
+        } else {
+            None
+        };
+        fleet::invalidate(&mut c, user)
+            .await
+            .map_err(|e| fail(e.into()))?;
+    }
+    Ok(())
+}
+
+/// `--list-allocations` and `--end-user`, through the Redis of `db`.
+async fn fleet(a: &Args, db: &UserDb) -> Result<(), Failure> {
+    if !matches!(db, UserDb::Redis(_)) {
+        return Err(Failure(
+            "the fleet shares a Redis: give its connection string with -N".into(),
+        ));
+    }
+    let fail = |e: redis::RedisError| Failure(format!("{db}: {e}"));
+    let store = Store::open(db, false, true)
+        .await
+        .map_err(|e| Failure(format!("{db}: {e}")))?;
+    let Some(mut c) = store.redis() else {
+        unreachable!("a Redis store");
+    };
+    let realm = a.realm.as_deref().filter(|r| !r.is_empty());
+    let user = a.user.as_deref().filter(|u| !u.is_empty());
+    let mine =
+        |l: &fleet::Listed| realm.is_none_or(|r| r == l.realm) && user.is_none_or(|u| u == l.user);
+    if a.list_allocations {
+        let (nodes, listed) = fleet::list(&mut c).await.map_err(fail)?;
+        for n in &nodes {
+            let h = &n.heartbeat;
+            println!(
+                "node {} address={} allocations={} load={:.0}%{}",
+                n.name,
+                h["address"].as_str().unwrap_or("?"),
+                listed.iter().filter(|l| l.node == n.name).count(),
+                h["load"].as_f64().unwrap_or(0.0),
+                if h["draining"].as_bool().unwrap_or(false) {
+                    " draining"
+                } else {
+                    ""
+                }
+            );
+        }
+        for l in listed.iter().filter(|l| mine(l)) {
+            println!(
+                "{}[{}] node={} {} client={} relayed={}",
+                l.user, l.realm, l.node, l.transport, l.client, l.relayed
+            );
+        }
+        return Ok(());
+    }
+    let user = need(&a.user, "the user")?;
+    let before = fleet::list(&mut c).await.map_err(fail)?.1;
+    let count = before.iter().filter(|l| mine(l)).count();
+    let heard = fleet::end_user(&mut c, realm, user).await.map_err(fail)?;
+    // Wait (a little) for the nodes to report the allocations gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut left = count;
+    while left > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        left = fleet::list(&mut c)
+            .await
+            .map_err(fail)?
+            .1
+            .iter()
+            .filter(|l| mine(l))
+            .count();
+    }
+    println!(
+        "{user}: {} allocations ended, {left} still listed; {heard} nodes told",
+        count - left.min(count)
+    );
     Ok(())
 }
 

@@ -161,6 +161,16 @@ pub struct Config {
     /// The user database (`userdb`, `psql-userdb`, `mysql-userdb`,
     /// `redis-userdb`), if any.
     pub userdb: Option<crate::userdb::UserDb>,
+    /// `redis-statsdb`: where allocation statuses are published.
+    pub redis_statsdb: Option<crate::userdb::conn::Endpoint>,
+    /// `node-name`: this node's name in a fleet (default: the host name).
+    pub node_name: Option<String>,
+    /// `node-address`: where clients reach this node (port 0: the
+    /// listening port).
+    pub node_address: Option<std::net::SocketAddr>,
+    /// `redirect-above`: percent of capacity above which a fleet node
+    /// redirects new Allocates; 0 = only while draining.
+    pub redirect_above: u32,
     /// Staleness bound of what is read from the user database, seconds.
     pub userdb_cache_seconds: u32,
     /// `no-dynamic-ip-list`: peer lists only from the configuration.

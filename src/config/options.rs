@@ -332,7 +332,10 @@ pub const OPTIONS: &[Spec] = &[
     unsupported("mongo-userdb", Some('J'), "MongoDB is not supported (Debian's coturn is built without it either): move the users to SQLite, PostgreSQL, MySQL or Redis", "MongoDB user database."),
     yes("redis-userdb", Some('N'), USERDB_REDIS, Restart, "Redis user database: ip=... dbname=... password=... port=... connect_timeout=..."),
     yes("userdb-cache-seconds", None, U32(field!(userdb_cache_seconds)), Restart, "How stale what is read from the user database may get, seconds: users are looked up again, and secrets, realm options, ORIGIN mappings and peer lists re-read, within this time of a change.").default("3"),
-    not_yet("redis-statsdb", Some('O'), "Redis statistics database."),
+    yes("redis-statsdb", Some('O'), REDIS_STATSDB, Restart, "Redis for allocation statuses and traffic as coturn publishes them (turn/realm/<realm>/user/<user>/allocation/<id>/status ...): ip=... dbname=... password=... port=... connect_timeout=..."),
+    yes("node-name", None, Text(field!(node_name)), Restart, "This node's name in a fleet sharing a redis-userdb (its heartbeat, quota shares and registry).").note("the host name"),
+    yes("node-address", None, NODE_ADDRESS, Restart, "Where clients reach this node, ip[:port], for the fleet's redirects (the TLS port is tls-listening-port).").note("external-ip, else the first listening address; listening-port"),
+    yes("redirect-above", None, U32(field!(redirect_above)), Restart, "In a fleet, send new Allocates to the least-loaded healthy node (300 ALTERNATE-SERVER) while this node is above this percent of its capacity (relay ports, or total-quota); 0 = only while draining.").default("0"),
     not_yet("secret-key-file", None, "AES key for encrypted database passwords."),
     inherent_flag("no-auth-pings", None, "the user database is only asked when needed, and an outage is noticed on the next query", "Disable database health checks."),
     yes("no-dynamic-ip-list", None, Flag(field!(no_dynamic_ip_list)), Restart, "Do not read peer lists (allowed_peer_ip, denied_peer_ip) from the user database."),
@@ -796,6 +799,39 @@ fn endpoint_text(e: &crate::userdb::conn::Endpoint, host: &str) -> String {
     words.push(format!("connect_timeout={}", e.connect_timeout.as_secs()));
     format!("\"{}\"", words.join(" "))
 }
+
+const REDIS_STATSDB: Setting = Setting::Custom {
+    apply: |c, v| {
+        match UserDb::redis(need(v)?)? {
+            UserDb::Redis(e) => c.redis_statsdb = Some(e),
+            _ => unreachable!("a Redis endpoint"),
+        }
+        Ok(())
+    },
+    render: |c, key, out| {
+        out.extend(
+            c.redis_statsdb
+                .as_ref()
+                .map(|e| format!("{key}={}", endpoint_text(e, "ip"))),
+        )
+    },
+    repeat: false,
+    flag: false,
+};
+
+const NODE_ADDRESS: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?;
+        c.node_address = Some(
+            parse_host_port(v, 0)
+                .ok_or_else(|| format!("'{v}' is not ip[:port] or [ipv6]:port"))?,
+        );
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.node_address.map(|a| format!("{key}={a}"))),
+    repeat: false,
+    flag: false,
+};
 
 const USERDB_SQLITE: Setting = Setting::Custom {
     apply: |c, v| userdb(c, v, UserDb::sqlite),

@@ -310,6 +310,45 @@ impl Collector for TurnCollector {
                 st.errors.load(Ordering::Relaxed),
             )?;
         }
+        if let Some(f) = &self.shared.fleet {
+            let st = &f.stats;
+            gauge(
+                e,
+                "turn_fleet_up",
+                "1 while the fleet's Redis answers (quotas count across the fleet), 0 while quotas are local only",
+                i64::from(st.up.load(Ordering::Relaxed)),
+            )?;
+            counters(
+                e,
+                "turn_fleet_quota_slots",
+                "Quota slots asked of the fleet's Redis, by answer",
+                "result",
+                &[
+                    ("granted", st.granted.load(Ordering::Relaxed)),
+                    ("refused", st.refused.load(Ordering::Relaxed)),
+                ],
+            )?;
+            counter(
+                e,
+                "turn_fleet_errors_total",
+                "Requests to the fleet's Redis that failed",
+                st.errors.load(Ordering::Relaxed),
+            )?;
+        }
+        if let Some(sdb) = &self.shared.statsdb {
+            counter(
+                e,
+                "turn_statsdb_dropped_total",
+                "Allocation statuses not published to redis-statsdb (queue full)",
+                sdb.dropped.load(Ordering::Relaxed),
+            )?;
+            counter(
+                e,
+                "turn_statsdb_errors_total",
+                "Allocation statuses redis-statsdb refused or could not take",
+                sdb.errors.load(Ordering::Relaxed),
+            )?;
+        }
         gauge(
             e,
             "turn_udp_steering",
@@ -462,6 +501,18 @@ fn answer(
                         );
                     }
                     None => body.push_str("userdb: ok\n"),
+                }
+            }
+            if let Some(f) = &shared.fleet {
+                match f.outage() {
+                    Some((since, why)) => {
+                        let _ = writeln!(
+                            body,
+                            "fleet: Redis unreachable for {} s ({why}); quotas count this node only",
+                            since.elapsed().as_secs()
+                        );
+                    }
+                    None => body.push_str("fleet: ok\n"),
                 }
             }
             (StatusCode::OK, "text/plain", body)

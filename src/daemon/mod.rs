@@ -42,6 +42,8 @@ struct Fixed {
     nonce_secret: [u8; 32],
     ticket_key: [u8; 32],
     hostname: String,
+    /// Allocation statuses are reported (a fleet or `redis-statsdb`).
+    report_allocations: bool,
 }
 
 fn hostname() -> String {
@@ -104,6 +106,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
     core.check_origin_consistency = cfg.check_origin_consistency;
+    core.report_allocations = fixed.report_allocations;
     core.no_stun = cfg.no_stun;
     core.stun_only = cfg.stun_only;
     core.limits = cfg.limits;
@@ -142,6 +145,31 @@ fn describe(cfg: &Config, core: &turn::Config) {
         warn!("realm is not set; using '{realm}'");
     }
     info!("{}", core.policy.describe());
+}
+
+/// Where clients reach this node, for a fleet's redirects: `node-address`,
+/// else the public `external-ip`, else the first listening address that is
+/// not loopback (or the first one); on the listening port, and over TLS on
+/// the TLS port when TLS is on.
+fn node_addresses(
+    cfg: &Config,
+    listening: &[IpAddr],
+    tls: bool,
+) -> (SocketAddr, Option<SocketAddr>) {
+    let ip = cfg
+        .node_address
+        .map(|a| a.ip())
+        .or_else(|| cfg.external_ips.iter().map(|e| e.public).next())
+        .or_else(|| listening.iter().copied().find(|ip| !ip.is_loopback()))
+        .or_else(|| listening.first().copied())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let port = cfg
+        .node_address
+        .map(|a| a.port())
+        .filter(|p| *p != 0)
+        .unwrap_or(cfg.listening_port);
+    let tls_address = (tls && !cfg.no_tls).then(|| SocketAddr::new(ip, cfg.tls_listening_port));
+    (SocketAddr::new(ip, port), tls_address)
 }
 
 /// The option that names `db`, for errors.
@@ -456,6 +484,10 @@ pub struct Prepared {
     fixed: Fixed,
     /// The lookups the user database's task serves, with a database.
     userdb: Option<server::directory::Requests>,
+    /// What the fleet task serves, in a fleet.
+    fleet: Option<server::fleet::Inbox>,
+    /// What the `redis-statsdb` task publishes.
+    statsdb: Option<server::statsdb::Queue>,
 }
 
 /// Reads the certificates, works out the listeners, binds them and builds
@@ -475,11 +507,16 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     if plan.udp.is_empty() && plan.tcp.is_empty() {
         return Err("every listener is turned off (no-udp, no-tcp, no TLS)".to_string());
     }
+    let fleet_redis = match &cfg.userdb {
+        Some(crate::userdb::UserDb::Redis(e)) => Some(e.clone()),
+        _ => None,
+    };
     let fixed = Fixed {
         listening_ips: listening_ips.clone(),
         nonce_secret: rand::random(),
         ticket_key: rand::random(),
         hostname: hostname(),
+        report_allocations: fleet_redis.is_some() || cfg.redis_statsdb.is_some(),
     };
     let core = core_config(cfg, &fixed);
     describe(cfg, &core);
@@ -523,6 +560,35 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         }
         None => (None, None),
     };
+    let (fleet, fleet_inbox) = match fleet_redis {
+        Some(redis) => {
+            let (address, tls_address) = node_addresses(cfg, &listening_ips, tls.is_some());
+            let config = server::fleet::FleetConfig {
+                node: cfg
+                    .node_name
+                    .clone()
+                    .unwrap_or_else(|| fixed.hostname.clone()),
+                address,
+                tls_address,
+                redirect_above: f64::from(cfg.redirect_above),
+                redis,
+            };
+            info!(
+                "fleet: node '{}' at {address}, sharing quotas, users and its registry through Redis",
+                config.node
+            );
+            let (f, inbox) = server::fleet::Fleet::new(config);
+            (Some(f), Some(inbox))
+        }
+        None => (None, None),
+    };
+    let (statsdb, statsdb_queue) = match &cfg.redis_statsdb {
+        Some(_) => {
+            let (s, q) = server::statsdb::StatsDb::new();
+            (Some(s), Some(q))
+        }
+        None => (None, None),
+    };
     let workers = bound.workers();
     let shared = Arc::new(Shared {
         core: Arc::new(core),
@@ -537,6 +603,9 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         telemetry: Telemetry::new(workers),
         quotas: server::quota::SharedCounts::default(),
         directory,
+        fleet,
+        statsdb,
+        draining: std::sync::atomic::AtomicBool::new(false),
         steering: Steering::default(),
     });
     shared
@@ -552,6 +621,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         shared,
         fixed,
         userdb: requests,
+        fleet: fleet_inbox,
+        statsdb: statsdb_queue,
     })
 }
 
@@ -580,6 +651,8 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         shared,
         fixed,
         userdb,
+        fleet,
+        statsdb,
     } = prepare(&cfg)?;
     let metrics_listener = if cfg.prometheus {
         let ip = cfg
@@ -641,6 +714,23 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         );
         let notify = server.credentials_notifier();
         rt.spawn(server::directory::serve(cache, store, requests, notify));
+    }
+    if let (Some(f), Some(inbox)) = (&shared.fleet, fleet) {
+        rt.spawn(server::fleet::run(
+            f.clone(),
+            shared.clone(),
+            inbox,
+            shared.directory.clone(),
+            server.fleet_teller(),
+        ));
+    }
+    if let (Some(s), Some(queue), Some(endpoint)) = (&shared.statsdb, statsdb, &cfg.redis_statsdb) {
+        info!(
+            "allocation statuses published to Redis {}:{}",
+            endpoint.host,
+            endpoint.port.unwrap_or(6379)
+        );
+        rt.spawn(server::statsdb::run(s.clone(), endpoint.clone(), queue));
     }
     let draining = Arc::new(AtomicBool::new(false));
     let mut daemon = Daemon {

@@ -149,6 +149,8 @@ pub struct Cache {
     requests: mpsc::UnboundedSender<Wanted>,
     ip_lists: bool,
     dynamic_realms: bool,
+    /// The tables changed: re-read them now.
+    tables_stale: AtomicBool,
     pub stats: DirectoryStats,
 }
 
@@ -182,6 +184,7 @@ impl Cache {
             requests: tx,
             ip_lists,
             dynamic_realms,
+            tables_stale: AtomicBool::new(false),
             stats: DirectoryStats::default(),
         });
         cache.stats.up.store(true, Ordering::Relaxed);
@@ -326,6 +329,35 @@ impl Cache {
         }
     }
 
+    /// Forgets what is known of `user` in `realm` (it changed): its next
+    /// request looks it up again.
+    pub fn forget_user(&self, realm: &str, user: &str) {
+        if let Some(m) = self
+            .users
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(realm)
+        {
+            m.remove(user);
+        }
+    }
+
+    /// Marks the tables stale (they changed): re-read at the next asking
+    /// and by the next refresh, without waiting for the period.
+    pub fn forget_tables(&self) {
+        self.tables_stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Forgets every user and marks the tables stale (events may have been
+    /// missed).
+    pub fn forget_all(&self) {
+        self.users
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.forget_tables();
+    }
+
     /// The workers waiting for `w` (and forgets it).
     fn done(&self, w: &Wanted) -> Vec<usize> {
         self.in_flight
@@ -443,6 +475,8 @@ pub async fn serve(cache: Arc<Cache>, store: Store, requests: Requests, notify: 
                         Wanted::Secrets { .. } => {
                             read_tables(&cache, &store).await;
                         }
+                        // The fleet's, not the user database's.
+                        Wanted::Quota { .. } => {}
                     }
                     let _ = done.send(w);
                 });
@@ -458,14 +492,15 @@ pub async fn serve(cache: Arc<Cache>, store: Store, requests: Requests, notify: 
 }
 
 /// Re-reads the tables every staleness period (not while the database
-/// rests after a failure).
+/// rests after a failure), and within 100 ms of being told they changed.
 async fn refresh_tables(cache: Arc<Cache>, store: Arc<Store>) {
-    let mut tick = tokio::time::interval(cache.ttl);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
     loop {
-        tick.tick().await;
-        if !cache.resting(Instant::now()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let due = last.elapsed() >= cache.ttl || cache.tables_stale.swap(false, Ordering::Relaxed);
+        if due && !cache.resting(Instant::now()) {
             read_tables(&cache, &store).await;
+            last = Instant::now();
         }
     }
 }

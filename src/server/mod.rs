@@ -8,12 +8,15 @@
 pub mod batch;
 pub mod directory;
 pub mod exclusive;
+pub mod fleet;
 mod handover;
 pub mod net;
 pub mod ports;
 pub mod quota;
 pub mod relay;
 mod shared;
+pub mod spread;
+pub mod statsdb;
 pub mod steering;
 mod stream;
 pub mod tls;
@@ -141,6 +144,9 @@ impl Server {
 
     /// Starts or stops draining on every worker.
     pub fn set_draining(&self, on: bool) {
+        self.shared
+            .draining
+            .store(on, std::sync::atomic::Ordering::Relaxed);
         self.broadcast(|| worker::Mail::Drain(on));
     }
 
@@ -155,14 +161,44 @@ impl Server {
         let mailboxes = self.mailboxes.clone();
         Box::new(move |worker, wanted| {
             if let Some(m) = mailboxes.get(worker) {
-                let _ = m.send(worker::Mail::Credentials(wanted));
+                let _ = m.send(worker::Mail::Ready(wanted));
+            }
+        })
+    }
+
+    /// What the fleet task calls to tell the workers (a quota decision
+    /// ready, where to redirect, a user to end).
+    pub fn fleet_teller(&self) -> Box<dyn Fn(fleet::Tell) + Send + Sync> {
+        let mailboxes = self.mailboxes.clone();
+        Box::new(move |tell| match tell {
+            fleet::Tell::Ready(worker, wanted) => {
+                if let Some(m) = mailboxes.get(worker) {
+                    let _ = m.send(worker::Mail::Ready(wanted));
+                }
+            }
+            fleet::Tell::Redirect(target) => {
+                // UDP and TCP clients only: a TLS client would have to
+                // trust the other node's certificate for an address it
+                // never asked for, and browsers do not follow it.
+                let t = target.map(|t| (t.address, None));
+                for m in mailboxes.iter() {
+                    let _ = m.send(worker::Mail::Redirect(t));
+                }
+            }
+            fleet::Tell::EndUser(realm, user) => {
+                for m in mailboxes.iter() {
+                    let _ = m.send(worker::Mail::EndUser(realm.clone(), user.clone()));
+                }
             }
         })
     }
 
     /// Live allocations on the whole server.
     pub fn allocations(&self) -> u32 {
-        self.shared.quotas.allocations()
+        match &self.shared.fleet {
+            Some(f) => f.allocations(),
+            None => self.shared.quotas.allocations(),
+        }
     }
 }
 

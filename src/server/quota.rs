@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::turn::quota::{Claim, Counts, Ledger, Limits, Refused};
+use crate::turn::quota::{Acquire, Claim, Counts, Ledger, Limits};
 
 /// A handle on the process's quota counts; clones share them.
 #[derive(Debug, Clone, Default)]
@@ -30,12 +30,12 @@ impl SharedCounts {
 }
 
 impl Ledger for SharedCounts {
-    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        self.lock().acquire(realm, user, limits)
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Acquire {
+        self.lock().take(realm, user, limits).into()
     }
 
     fn release(&mut self, claim: &Claim) {
-        self.lock().release(claim)
+        self.lock().give_back(claim)
     }
 }
 
@@ -55,7 +55,7 @@ mod tests {
                 let mut c = counts.clone();
                 std::thread::spawn(move || {
                     (0..50)
-                        .filter(|_| c.acquire("r", "u", &limits).is_ok())
+                        .filter(|_| matches!(c.acquire("r", "u", &limits), Acquire::Granted(_)))
                         .count()
                 })
             })

@@ -39,6 +39,12 @@ pub struct Shared {
     pub quotas: super::quota::SharedCounts,
     /// The user database's cache, when one is configured.
     pub directory: Option<Arc<super::directory::Cache>>,
+    /// The fleet sharing the `redis-userdb`, when one is configured.
+    pub fleet: Option<Arc<super::fleet::Fleet>>,
+    /// The `redis-statsdb` publisher, when one is configured.
+    pub statsdb: Option<Arc<super::statsdb::StatsDb>>,
+    /// Whether the node drains (SIGUSR1, SIGTERM).
+    pub draining: AtomicBool,
 }
 
 /// UDP steering state shared by the workers.

@@ -352,6 +352,15 @@ impl Worker {
                     }
                     self.shared.pool.release(relayed.port());
                 }
+                Event::Status(status) => {
+                    let status: Arc<turn::AllocationStatus> = Arc::from(status);
+                    if let Some(f) = &self.shared.fleet {
+                        f.report(status.clone());
+                    }
+                    if let Some(s) = &self.shared.statsdb {
+                        s.report(status);
+                    }
+                }
             }
         }
     }
@@ -393,7 +402,7 @@ impl Worker {
                 peer,
                 payload,
             } => self.relay_to_peer(allocation, peer, &data[payload]),
-            ClientAction::AwaitCredentials(wanted) => {
+            ClientAction::Await(wanted) => {
                 if self.held_count < MAX_HELD_FOR_CREDENTIALS {
                     let (_, held) = self
                         .held
@@ -696,8 +705,13 @@ pub enum Mail {
         link: u32,
         bytes: Vec<u8>,
     },
-    /// The user database answered what messages held here waited for.
-    Credentials(Wanted),
+    /// What messages held here waited for (credentials, a quota decision)
+    /// is decided.
+    Ready(Wanted),
+    /// The fleet sends new Allocates to another node (or stops).
+    Redirect(Option<(SocketAddr, Option<SocketAddr>)>),
+    /// End a user's allocations (in a realm, or every realm).
+    EndUser(Option<String>, String),
     /// A reloaded configuration for new requests.
     Config(Arc<turn::Config>),
     /// Start or stop draining.
@@ -765,9 +779,13 @@ async fn run(
 ) {
     let now = Instant::now();
     let seed = rand::random::<u64>() ^ index as u64;
+    let ledger: Box<dyn turn::quota::Ledger> = match &shared.fleet {
+        Some(f) => f.ledger_for(index),
+        None => Box::new(shared.quotas.clone()),
+    };
     let mut core = turn::Server::new(
         shared.core.clone(),
-        Box::new(shared.quotas.clone()),
+        ledger,
         index as u16,
         now,
         unix_now(),
@@ -928,7 +946,19 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 link,
                 bytes,
             } => w.replay(&five_tuple, link, &bytes),
-            Mail::Credentials(wanted) => w.credentials_arrived(&wanted),
+            Mail::Ready(wanted) => w.credentials_arrived(&wanted),
+            Mail::Redirect(target) => w.core.set_redirect(target),
+            Mail::EndUser(realm, user) => {
+                let n = w.core.close_user(Instant::now(), realm.as_deref(), &user);
+                w.apply_events();
+                if n > 0 {
+                    info!(
+                        worker = w.index,
+                        "{n} allocations of {user}{} ended by the operator (fleet end-user)",
+                        realm.map(|r| format!(" in realm {r}")).unwrap_or_default()
+                    );
+                }
+            }
             Mail::Config(cfg) => {
                 w.core.set_config(cfg);
                 w.report();

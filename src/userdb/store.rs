@@ -137,6 +137,21 @@ fn sql_url(scheme: &str, e: &Endpoint) -> Result<String> {
     Ok(url.to_string())
 }
 
+/// The `redis://` URL of a Redis endpoint, password encoded.
+pub fn redis_url(e: &Endpoint) -> Result<url::Url> {
+    let mut url = url::Url::parse("redis://localhost/").expect("a valid URL");
+    let bad = |_| Error(format!("'{}' is not a host name or address", e.host));
+    url.set_host(Some(&e.host)).map_err(bad)?;
+    url.set_port(Some(e.port.unwrap_or(6379)))
+        .map_err(|_| Error("bad port".into()))?;
+    url.set_path(&e.database);
+    if let Some(p) = &e.password {
+        url.set_password(Some(p))
+            .map_err(|_| Error("bad password".into()))?;
+    }
+    Ok(url)
+}
+
 impl Store {
     /// Opens `db`. An SQLite file is created with coturn's schema when
     /// missing (`create`), or must exist; the SQL servers are connected to
@@ -212,17 +227,7 @@ impl Store {
                 Ok(Store::Sql { pool, numbered: pg })
             }
             UserDb::Redis(e) => {
-                let mut url = url::Url::parse("redis://localhost/").expect("a valid URL");
-                let bad = |_| Error(format!("'{}' is not a host name or address", e.host));
-                url.set_host(Some(&e.host)).map_err(bad)?;
-                url.set_port(Some(e.port.unwrap_or(6379)))
-                    .map_err(|_| Error("bad port".into()))?;
-                url.set_path(&e.database);
-                if let Some(p) = &e.password {
-                    url.set_password(Some(p))
-                        .map_err(|_| Error("bad password".into()))?;
-                }
-                let client = redis::Client::open(url.as_str())?;
+                let client = redis::Client::open(redis_url(e)?.as_str())?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(e.connect_timeout))
                     .set_response_timeout(Some(e.connect_timeout))
@@ -375,6 +380,14 @@ impl Store {
     }
 
     // What turnadmin does.
+
+    /// The Redis connection of a Redis store (for the fleet's commands).
+    pub fn redis(&self) -> Option<redis::aio::ConnectionManager> {
+        match self {
+            Store::Redis(r) => Some(r.clone()),
+            Store::Sql { .. } => None,
+        }
+    }
 
     /// Adds or updates a user.
     pub async fn set_user(&self, realm: &str, user: &str, key: &Key) -> Result<()> {

@@ -41,6 +41,8 @@ pub(super) struct Allocation {
     /// Its user came from the user database: later requests are checked
     /// against the database's key, and a deleted user loses it.
     pub(super) from_directory: bool,
+    /// Its name in status reports ([`super::AllocationStatus::report_id`]).
+    pub(super) report_id: u64,
     pub(super) created: Instant,
     pub(super) expires: Instant,
     /// The Allocate's transaction ID, to answer retransmissions alike.
@@ -216,7 +218,14 @@ impl Server {
             }
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         }
-        if let Some(alt) = self.alternate_server(ft) {
+        let fleet = self.redirect.and_then(|(plain, tls)| {
+            if ft.transport == Transport::Tls {
+                tls
+            } else {
+                Some(plain)
+            }
+        });
+        if let Some(alt) = self.alternate_server(ft).or(fleet) {
             // Redirection (coturn's alternate-server), and how a draining
             // server hands new clients to its peers.
             self.stats.redirected += 1;
@@ -269,11 +278,17 @@ impl Server {
         let quota_user = self.quota_user(username);
         let limits = self.limits_in(&who.realm);
         let claim = match self.ledger.acquire(&who.realm, quota_user, &limits) {
-            Ok(c) => c,
-            Err(why) => {
+            quota::Acquire::Granted(c) => c,
+            quota::Acquire::Refused(why) => {
                 self.stats.quota_refusals += 1;
                 info!(five_tuple = %ft, user = username, "486: {why}");
                 return self.error(out, msg, ErrorCode::AllocationQuotaReached, k);
+            }
+            quota::Acquire::Pending => {
+                return ClientAction::Await(super::Wanted::Quota {
+                    realm: who.realm,
+                    user: quota_user.into(),
+                });
             }
         };
         let relay = RelayRequest {
@@ -304,6 +319,7 @@ impl Server {
             origin: msg.text(attr::ORIGIN).and_then(Result::ok).map(Into::into),
             key,
             from_directory: who.from_directory,
+            report_id: self.random() >> 4,
             created: now,
             expires: now + Duration::from_secs(u64::from(lifetime)),
             allocate_tid: *msg.transaction_id(),
@@ -333,6 +349,7 @@ impl Server {
         let index = self.allocations.insert(allocation);
         debug_assert_eq!(index, id.slot());
         self.by_five_tuple.insert(*ft, id);
+        self.report(id, super::StatusChange::New, now);
         let a = self.get(id).expect("just inserted");
         self.allocate_success(now, out, msg, a)
     }
@@ -406,9 +423,16 @@ impl Server {
             requested => self.lifetime(requested),
         };
         if lifetime == 0 {
+            // coturn's status feed says "refreshed lifetime=0" before
+            // "deleted": so do we.
+            if let Some(a) = self.get_mut(id) {
+                a.expires = now;
+            }
+            self.report(id, super::StatusChange::Refreshed, now);
             self.close(id, CloseReason::Deleted, now);
         } else if let Some(a) = self.get_mut(id) {
             a.expires = now + Duration::from_secs(u64::from(lifetime));
+            self.report(id, super::StatusChange::Refreshed, now);
         }
         let ticket = self.get(id).filter(|a| a.mobile).map(|a| self.ticket(a.id));
         let mut w = self.response(out, msg, Class::Success);
@@ -426,6 +450,7 @@ impl Server {
         if self.get(id).is_none() {
             return;
         }
+        self.report(id, super::StatusChange::Deleted, now);
         let a = self.allocations.remove(id.slot());
         self.by_five_tuple.remove(&a.five_tuple);
         self.ledger.release(&a.claim);

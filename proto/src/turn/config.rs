@@ -49,6 +49,10 @@ pub struct Config {
     /// `None` = unlimited (`unauthorized-ratelimit-rps`). Each worker counts
     /// its own clients.
     pub unauthenticated_rate: Option<u32>,
+    /// Report every allocation's creation, refreshes and end as
+    /// [`super::Event::Status`] (for `redis-statsdb` and a fleet's
+    /// registry).
+    pub report_allocations: bool,
     /// Every request on an allocation must carry the ORIGIN its Allocate
     /// carried, else 441 (`check-origin-consistency`).
     pub check_origin_consistency: bool,
@@ -93,6 +97,7 @@ impl Config {
             mobility: false,
             ticket_key: [0; 32],
             unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),
+            report_allocations: false,
             check_origin_consistency: false,
             secure_stun: false,
             no_stun: false,

@@ -6,7 +6,7 @@
 //! The core never waits for a database. It asks a [`Directory`] the driver
 //! implements over a cache it keeps fresh; when the cache does not know yet
 //! the answer is [`Lookup::Pending`], and the core hands the request back
-//! as [`super::ClientAction::AwaitCredentials`]: the driver looks the
+//! as [`super::ClientAction::Await`]: the driver looks the
 //! credentials up, without holding anything else, and gives the same
 //! request to the core again once the cache knows.
 
@@ -29,13 +29,17 @@ pub enum Lookup<T> {
 /// REST API secrets of one realm, every one to be tried.
 pub type Secrets = Arc<[Box<[u8]>]>;
 
-/// What a request waits for from the directory.
+/// What a request waits for: credentials from the directory, or a quota
+/// decision from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Wanted {
     /// The long-term key of `name` in `realm`.
     User { realm: Arc<str>, name: Arc<str> },
     /// The REST secrets of `realm`.
     Secrets { realm: Arc<str> },
+    /// Room for one more allocation of `user` in `realm`, from a ledger
+    /// shared beyond this process (a fleet's quotas).
+    Quota { realm: Arc<str>, user: Arc<str> },
 }
 
 /// Per-realm settings from a database (coturn's `turn_realm_option`,

@@ -84,10 +84,11 @@ pub enum ClientAction {
         username: String,
     },
     /// The request needs credentials the [`super::Directory`] does not know
-    /// yet. The driver looks them up (holding this request, and nothing
-    /// else), then hands the same message to [`Server::handle_client`]
-    /// again; the directory then answers without [`super::Lookup::Pending`].
-    AwaitCredentials(Wanted),
+    /// yet, or a quota decision the [`super::quota::Ledger`] must ask
+    /// beyond this process for. The driver gets it (holding this request,
+    /// and nothing else), then hands the same message to
+    /// [`Server::handle_client`] again, which then finds it.
+    Await(Wanted),
 }
 
 /// Where to send framed peer data (see [`Server::handle_peer`]).
@@ -113,15 +114,18 @@ pub enum CloseReason {
     /// Its user was deleted from the user database (seen at its next
     /// request).
     UserRemoved,
+    /// The operator ended its user's allocations.
+    Revoked,
 }
 
 impl CloseReason {
     /// Every reason, in the order of [`Stats::ended`].
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 5] = [
         CloseReason::Deleted,
         CloseReason::Expired,
         CloseReason::ConnectionClosed,
         CloseReason::UserRemoved,
+        CloseReason::Revoked,
     ];
 
     /// A short label for metrics.
@@ -131,6 +135,7 @@ impl CloseReason {
             CloseReason::Expired => "expired",
             CloseReason::ConnectionClosed => "connection_closed",
             CloseReason::UserRemoved => "user_removed",
+            CloseReason::Revoked => "revoked",
         }
     }
 
@@ -147,14 +152,45 @@ impl fmt::Display for CloseReason {
             CloseReason::Expired => "lifetime expired",
             CloseReason::ConnectionClosed => "client connection closed",
             CloseReason::UserRemoved => "user removed from the user database",
+            CloseReason::Revoked => "ended by the operator",
         })
     }
+}
+
+/// What changed about an allocation, for the status feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    New,
+    Refreshed,
+    Deleted,
+}
+
+/// An allocation's status, reported (with `report_allocations`) when it is
+/// created, refreshed and deleted: what coturn's `redis-statsdb` publishes
+/// and a fleet's registry of live allocations holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationStatus {
+    pub change: StatusChange,
+    pub id: AllocationId,
+    /// A number naming the allocation for its whole life, also when it
+    /// moves between workers (random, 60 bits).
+    pub report_id: u64,
+    pub five_tuple: FiveTuple,
+    pub relayed: SocketAddr,
+    pub username: Box<str>,
+    pub realm: std::sync::Arc<str>,
+    /// The lifetime granted, seconds (0 when deleted).
+    pub lifetime: u32,
+    /// Its traffic so far.
+    pub traffic: super::Traffic,
 }
 
 /// Something the driver must act on; drain with [`Server::poll_event`] after
 /// every call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// An allocation's status changed (only with `report_allocations`).
+    Status(Box<AllocationStatus>),
     /// Close the allocation's relay socket.
     AllocationClosed {
         id: AllocationId,

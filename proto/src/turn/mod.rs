@@ -41,6 +41,7 @@ pub mod sim;
 mod stats;
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,8 +57,8 @@ use request::{Credentials, Request};
 pub use config::Config;
 pub use directory::{Directory, Lookup, NoDirectory, RealmSettings, Secrets, Wanted};
 pub use driver::{
-    ClientAction, CloseReason, Delivery, Event, OpenedRelay, PortRequest, RelayError,
-    RelayProvider, RelayRequest,
+    AllocationStatus, ClientAction, CloseReason, Delivery, Event, OpenedRelay, PortRequest,
+    RelayError, RelayProvider, RelayRequest, StatusChange,
 };
 pub use five_tuple::{AllocationId, DefaultFamily, ExternalIp, Family, FiveTuple, Transport};
 pub use mobility::MovedAllocation;
@@ -103,6 +104,9 @@ pub struct Server {
     /// Draining: new allocations are refused (508) or redirected (300).
     draining: bool,
     alternate_rr: usize,
+    /// Where a fleet sends new Allocates while this node is busy or
+    /// draining: over UDP/TCP, and over TLS.
+    redirect: Option<(SocketAddr, Option<SocketAddr>)>,
 }
 
 /// The outcome of authenticating a request.
@@ -153,6 +157,7 @@ impl Server {
             stats: Stats::default(),
             draining: false,
             alternate_rr: 0,
+            redirect: None,
         }
     }
 
@@ -204,6 +209,13 @@ impl Server {
     /// existing ones carry on.
     pub fn set_draining(&mut self, draining: bool) {
         self.draining = draining;
+    }
+
+    /// Sends new Allocates to another node of the fleet with 300
+    /// ALTERNATE-SERVER (`address` over UDP/TCP, `tls` over TLS, when it
+    /// has one), or stops (`None`). `alternate-server` lists come first.
+    pub fn set_redirect(&mut self, redirect: Option<(SocketAddr, Option<SocketAddr>)>) {
+        self.redirect = redirect;
     }
 
     /// Whether the core is draining.
@@ -483,7 +495,7 @@ impl Server {
                 from_directory,
             } => (key, username, realm, from_directory),
             Authed::Answered => return self.limit(now, ft, out),
-            Authed::Pending(wanted) => return ClientAction::AwaitCredentials(wanted),
+            Authed::Pending(wanted) => return ClientAction::Await(wanted),
         };
         let k = key.as_ref();
         let action = match Request::decode(msg, self.cfg.rfc5766_channels) {
@@ -711,6 +723,48 @@ impl Server {
                 None => info!(realm = %realm, "{n} more credential failures from other clients in the last {secs} s (not logged one by one)"),
             }
         });
+    }
+
+    /// Ends the allocations of `user` (the user part, for TURN REST
+    /// usernames) in `realm`, or in every realm with `None`; returns how
+    /// many (the operator's "end this user's sessions").
+    pub fn close_user(&mut self, now: Instant, realm: Option<&str>, user: &str) -> usize {
+        let ids: Vec<AllocationId> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| {
+                self.quota_user(&a.username) == user && realm.is_none_or(|r| r == &*a.realm)
+            })
+            .map(|(_, a)| a.id)
+            .collect();
+        for &id in &ids {
+            self.close(id, CloseReason::Revoked, now);
+        }
+        ids.len()
+    }
+
+    /// Queues a status event for `id` when allocations are reported.
+    fn report(&mut self, id: AllocationId, change: StatusChange, now: Instant) {
+        if !self.cfg.report_allocations {
+            return;
+        }
+        let Some(a) = self.get(id) else { return };
+        let lifetime = match change {
+            StatusChange::Deleted => 0,
+            _ => a.expires.saturating_duration_since(now).as_secs() as u32,
+        };
+        let status = AllocationStatus {
+            change,
+            id,
+            report_id: a.report_id,
+            five_tuple: a.five_tuple,
+            relayed: a.relayed,
+            username: a.username.clone(),
+            realm: a.realm.clone(),
+            lifetime,
+            traffic: a.traffic,
+        };
+        self.events.push_back(Event::Status(Box::new(status)));
     }
 
     /// Ends every allocation (shutdown).

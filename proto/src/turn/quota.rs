@@ -34,6 +34,8 @@ pub struct Claim {
     pub user: Option<Box<str>>,
     /// Bandwidth reserved from `bps-capacity`, bytes per second.
     pub bps: u64,
+    /// Also counted in a fleet's shared ledger (to give back there too).
+    pub fleet: bool,
 }
 
 /// Which limit refused an allocation (answered 486).
@@ -54,15 +56,34 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// A ledger's answer to a new allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    Granted(Claim),
+    Refused(Refused),
+    /// The ledger must ask beyond this process (a fleet's shared counts):
+    /// the core hands the request back, and asks again when the driver
+    /// says the answer is there.
+    Pending,
+}
+
+impl From<Result<Claim, Refused>> for Acquire {
+    fn from(r: Result<Claim, Refused>) -> Self {
+        match r {
+            Ok(c) => Acquire::Granted(c),
+            Err(why) => Acquire::Refused(why),
+        }
+    }
+}
+
 /// Where the core counts allocations against quotas. The driver's
 /// implementation is shared by every worker (and may be shared further).
 pub trait Ledger {
     /// Counts a new allocation of `user` (its quota key; empty for
     /// anonymous clients, which count only towards the totals) in `realm`
     /// against `limits`, the realm's: `total-quota` counts the realm's
-    /// allocations, `user-quota` those of the user in the realm. Error: the
-    /// limit that refused it.
-    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused>;
+    /// allocations, `user-quota` those of the user in the realm.
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Acquire;
 
     /// Gives back what `claim` holds (an allocation ended or was refused
     /// after its claim).
@@ -95,6 +116,16 @@ impl Counts {
         self.reserved_bps
     }
 
+    /// Live allocations by realm.
+    pub fn realms(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.realms.iter().map(|(r, n)| (&**r, *n))
+    }
+
+    /// Live allocations by (realm, user), for users counted.
+    pub fn users(&self) -> impl Iterator<Item = (&str, &str, u32)> {
+        self.users.iter().map(|((r, u), n)| (&**r, &**u, *n))
+    }
+
     /// Live allocations of `user` in `realm` (counted only while
     /// `user-quota` is on).
     pub fn of_user(&self, realm: &str, user: &str) -> u32 {
@@ -105,8 +136,10 @@ impl Counts {
     }
 }
 
-impl Ledger for Counts {
-    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
+impl Counts {
+    /// Counts a new allocation (see [`Ledger::acquire`]); error: the limit
+    /// that refused it.
+    pub fn take(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
         if limits.total_quota > 0 && self.in_realm(realm) >= limits.total_quota {
             return Err(Refused::TotalQuota);
         }
@@ -135,10 +168,12 @@ impl Ledger for Counts {
             realm: realm.into(),
             user: counted_user,
             bps,
+            fleet: false,
         })
     }
 
-    fn release(&mut self, claim: &Claim) {
+    /// Gives back what `claim` holds.
+    pub fn give_back(&mut self, claim: &Claim) {
         self.total = self.total.saturating_sub(1);
         self.reserved_bps = self.reserved_bps.saturating_sub(claim.bps);
         if let Some(n) = self.realms.get_mut(&claim.realm) {
@@ -159,15 +194,25 @@ impl Ledger for Counts {
     }
 }
 
-/// A ledger one core owns alone and a test can still read (for tests and
-/// the simulation; the driver shares its counts between threads).
-impl Ledger for std::rc::Rc<std::cell::RefCell<Counts>> {
-    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Result<Claim, Refused> {
-        self.borrow_mut().acquire(realm, user, limits)
+impl Ledger for Counts {
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Acquire {
+        self.take(realm, user, limits).into()
     }
 
     fn release(&mut self, claim: &Claim) {
-        self.borrow_mut().release(claim)
+        self.give_back(claim)
+    }
+}
+
+/// A ledger one core owns alone and a test can still read (for tests and
+/// the simulation; the driver shares its counts between threads).
+impl Ledger for std::rc::Rc<std::cell::RefCell<Counts>> {
+    fn acquire(&mut self, realm: &str, user: &str, limits: &Limits) -> Acquire {
+        self.borrow_mut().take(realm, user, limits).into()
+    }
+
+    fn release(&mut self, claim: &Claim) {
+        self.borrow_mut().give_back(claim)
     }
 }
 
@@ -224,29 +269,29 @@ mod tests {
             total_quota: 3,
             ..Limits::default()
         };
-        let a1 = u.acquire("r", "alice", &l).unwrap();
-        let a2 = u.acquire("r", "alice", &l).unwrap();
-        assert_eq!(u.acquire("r", "alice", &l), Err(Refused::UserQuota));
-        let b1 = u.acquire("r", "bob", &l).unwrap();
-        assert_eq!(u.acquire("r", "carol", &l), Err(Refused::TotalQuota));
+        let a1 = u.take("r", "alice", &l).unwrap();
+        let a2 = u.take("r", "alice", &l).unwrap();
+        assert_eq!(u.take("r", "alice", &l), Err(Refused::UserQuota));
+        let b1 = u.take("r", "bob", &l).unwrap();
+        assert_eq!(u.take("r", "carol", &l), Err(Refused::TotalQuota));
         assert_eq!(u.allocations(), 3);
-        u.release(&a1);
+        u.give_back(&a1);
         assert_eq!(u.of_user("r", "alice"), 1);
-        assert!(u.acquire("r", "carol", &l).is_ok());
-        u.release(&a2);
-        u.release(&b1);
+        assert!(u.take("r", "carol", &l).is_ok());
+        u.give_back(&a2);
+        u.give_back(&b1);
         assert_eq!(u.of_user("r", "alice"), 0);
         assert_eq!(u.of_user("r", "bob"), 0);
         assert_eq!(u.allocations(), 1);
         // Anonymous allocations only count towards the total.
-        assert!(u.acquire("r", "", &l).is_ok());
-        assert!(u.acquire("r", "dave", &l).is_ok());
+        assert!(u.take("r", "", &l).is_ok());
+        assert!(u.take("r", "dave", &l).is_ok());
         // A refusal holds nothing.
-        assert_eq!(u.acquire("r", "eve", &l), Err(Refused::TotalQuota));
+        assert_eq!(u.take("r", "eve", &l), Err(Refused::TotalQuota));
         assert_eq!(u.of_user("r", "eve"), 0);
         assert_eq!(u.allocations(), 3);
         // Another realm has quotas of its own.
-        assert!(u.acquire("other", "alice", &l).is_ok());
+        assert!(u.take("other", "alice", &l).is_ok());
         assert_eq!(u.in_realm("other"), 1);
         assert_eq!(u.allocations(), 4);
     }
@@ -259,13 +304,13 @@ mod tests {
             bps_capacity: 2500,
             ..Limits::default()
         };
-        let a = u.acquire("r", "a", &l).unwrap();
-        let _b = u.acquire("r", "b", &l).unwrap();
-        assert_eq!(u.acquire("r", "c", &l), Err(Refused::BandwidthCapacity));
+        let a = u.take("r", "a", &l).unwrap();
+        let _b = u.take("r", "b", &l).unwrap();
+        assert_eq!(u.take("r", "c", &l), Err(Refused::BandwidthCapacity));
         assert_eq!(u.allocations(), 2, "a refused allocation holds nothing");
         assert_eq!(u.reserved_bps(), 2000);
-        u.release(&a);
-        assert!(u.acquire("r", "c", &l).is_ok());
+        u.give_back(&a);
+        assert!(u.take("r", "c", &l).is_ok());
     }
 
     #[test]

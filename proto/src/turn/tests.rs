@@ -1538,7 +1538,7 @@ fn a_database_user_is_looked_up_without_an_answer_then_served() {
     // Not known yet: no answer, the driver is asked to look carol up.
     assert_eq!(
         h.send(&ft, &req),
-        ClientAction::AwaitCredentials(Wanted::User {
+        ClientAction::Await(Wanted::User {
             realm: REALM.into(),
             name: "carol".into()
         })
@@ -1644,4 +1644,135 @@ fn origin_consistency_is_checked_when_asked() {
     assert_eq!(h.ask(&ft, &refresh).code(), Some(441));
     let refresh = realm_request(&mut h, method::REFRESH, &[], Some("https://a"), carol);
     assert!(h.ask(&ft, &refresh).ok());
+}
+
+#[test]
+fn allocations_are_reported_when_asked_and_ended_by_user() {
+    let mut cfg = users_config();
+    cfg.report_allocations = true;
+    let mut h = Harness::new(cfg);
+    let ft = udp("203.0.113.5:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    let changes = |h: &mut Harness| -> Vec<(StatusChange, String, u32)> {
+        h.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Status(s) => Some((s.change, s.username.to_string(), s.lifetime)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(changes(&mut h), [(StatusChange::New, "alice".into(), 600)]);
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::LIFETIME, &900u32.to_be_bytes());
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    assert_eq!(
+        changes(&mut h),
+        [(StatusChange::Refreshed, "alice".into(), 900)]
+    );
+    // A Refresh with LIFETIME 0, as coturn reports it.
+    let gone = udp("203.0.113.7:40000");
+    assert!(h.allocate(&gone, "bob", "bobpw").ok());
+    changes(&mut h);
+    let r = h
+        .req(method::REFRESH)
+        .attr(attr::LIFETIME, &0u32.to_be_bytes());
+    assert!(h.ask_authed(&gone, &r, "bob", "bobpw").ok());
+    assert_eq!(
+        changes(&mut h),
+        [
+            (StatusChange::Refreshed, "bob".into(), 0),
+            (StatusChange::Deleted, "bob".into(), 0)
+        ]
+    );
+    let other = udp("203.0.113.6:40000");
+    assert!(h.allocate(&other, "bob", "bobpw").ok());
+    changes(&mut h);
+    // The operator ends alice's allocations; bob's stay.
+    assert_eq!(h.server.close_user(h.now, Some("elsewhere"), "alice"), 0);
+    assert_eq!(h.server.close_user(h.now, Some(REALM), "alice"), 1);
+    assert_eq!(
+        changes(&mut h),
+        [(StatusChange::Deleted, "alice".into(), 0)]
+    );
+    assert_eq!(h.server.allocation_for(&ft), None);
+    assert!(h.server.allocation_for(&other).is_some());
+    assert_eq!(h.server.stats().ended[CloseReason::Revoked.index()], 1);
+    // Without report_allocations, nothing but the closing events.
+    let mut h = Harness::new(users_config());
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    assert!(h.events().is_empty());
+}
+
+/// A ledger that must ask beyond the process the first time, then grants.
+#[derive(Default)]
+struct AskingLedger {
+    granted: bool,
+}
+
+impl quota::Ledger for AskingLedger {
+    fn acquire(&mut self, realm: &str, user: &str, limits: &quota::Limits) -> quota::Acquire {
+        if std::mem::replace(&mut self.granted, true) {
+            Counts::default().take(realm, user, limits).into()
+        } else {
+            quota::Acquire::Pending
+        }
+    }
+    fn release(&mut self, _: &quota::Claim) {}
+}
+
+#[test]
+fn a_pending_quota_hands_the_allocate_back() {
+    let mut h = Harness::new(users_config());
+    h.server = Server::new(
+        Arc::new(users_config()),
+        Box::new(AskingLedger::default()),
+        0,
+        h.t0,
+        UNIX0,
+        3,
+    );
+    let ft = udp("203.0.113.5:40000");
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let challenge = h.ask(&ft, &r.build(None));
+    let req = r.build(Some(("alice", "alicepw", &challenge.nonce())));
+    assert_eq!(
+        h.send(&ft, &req),
+        ClientAction::Await(Wanted::Quota {
+            realm: REALM.into(),
+            user: "alice".into()
+        })
+    );
+    assert!(
+        h.relays.opened.is_empty(),
+        "no relay before the quota allows it"
+    );
+    assert!(h.ask(&ft, &req).ok());
+}
+
+#[test]
+fn a_fleet_redirect_answers_300_until_it_is_lifted() {
+    let mut h = Harness::new(users_config());
+    let to: SocketAddr = "198.51.100.20:3478".parse().unwrap();
+    h.server.set_redirect(Some((to, None)));
+    let ft = udp("203.0.113.5:40000");
+    let r = h.allocate(&ft, "alice", "alicepw");
+    assert_eq!(r.code(), Some(300));
+    let alt = attr::decode_address(
+        attr::ALTERNATE_SERVER,
+        r.msg().get(attr::ALTERNATE_SERVER).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(alt, to);
+    // Over TLS without a TLS address: served here.
+    let tls = FiveTuple {
+        transport: Transport::Tls,
+        ..udp("203.0.113.6:40000")
+    };
+    assert!(h.allocate(&tls, "alice", "alicepw").ok());
+    h.server.set_redirect(None);
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
 }
