@@ -28,8 +28,12 @@
 //!   median of three rounds, each server started fresh for each;
 //! - the allocation rate by credential store: static `user=` lines, an
 //!   SQLite `userdb` and a Redis `redis-userdb` (a `redis-server` started
-//!   for it), the same database for turnserver and coturn: the median of
-//!   three rounds of 2,000 allocations (401, Allocate, ChannelBind each);
+//!   for it), the same database for turnserver and coturn, and turnserver
+//!   as a fleet node (Redis and a `user-quota` counted there): the median
+//!   of three rounds of 2,000 allocations (401, Allocate, ChannelBind each);
+//! - the relay path of a fleet node (the Redis users, a quota, the
+//!   registry and `redis-statsdb` on), a fifth server in the fixed loads and
+//!   ramps, against a lone node;
 //! - when valgrind is installed, user-space instructions per relayed packet
 //!   at a light load, counted by callgrind on each server (and the floor)
 //!   in turn: the part of the cost that is the server's own code, in a
@@ -851,11 +855,56 @@ fn turnadmin(args: &[&str]) {
     );
 }
 
+/// A `user-quota` no benchmark reaches, so that a fleet node asks Redis
+/// for every allocation's slot without ever being refused.
+const FLEET_QUOTA: u32 = 1_000_000;
+
+/// Starts a `redis-server` of the benchmark's own on a free port: the
+/// server (stopped on drop) and its `redis-userdb` string; `None` when
+/// Debian's redis-server is not installed (a failure in the quick run).
+fn start_redis(env: &Env) -> Option<(Proc, String)> {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            !scale().quick,
+            "COMPARE_QUICK: redis-server not found (Debian package redis-server)"
+        );
+        eprintln!("redis-server not found (Debian package redis-server): no Redis or fleet rows");
+        return None;
+    }
+    let port = free_ports(1);
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(&env.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let info = format!("ip=127.0.0.1 dbname=0 port={port} connect_timeout=5");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server does not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((
+        Proc {
+            child,
+            name: "redis-server".into(),
+        },
+        info,
+    ))
+}
+
 /// The allocation rate of every target with the benchmark's user as a
-/// static `user=` line, in an SQLite file and in Redis (when
-/// `redis-server` is installed): per store and target, the median of
+/// static `user=` line, in an SQLite file and in Redis (`redis`, when
+/// `redis-server` is installed), and for turnserver as a fleet node (Redis
+/// and a `user-quota`): per store and target, the median of
 /// [`Scale::ramps`] rounds of [`store_allocations`], each on a fresh start.
-fn credential_stores(env: &Env, targets: &[&Target]) -> Value {
+fn credential_stores(env: &Env, targets: &[&Target], redis: Option<&str>) -> Value {
     let sqlite = env.dir.join("turndb");
     let db = sqlite.to_str().unwrap();
     turnadmin(&[
@@ -873,54 +922,34 @@ fn credential_stores(env: &Env, targets: &[&Target]) -> Value {
         ("static", "user=bench:bench-password\n".to_string()),
         ("sqlite", format!("userdb={db}\n")),
     ];
-    let _redis = match Command::new("redis-server").arg("--version").output() {
-        Ok(_) => {
-            let port = free_ports(1);
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(&env.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            let info = format!("ip=127.0.0.1 dbname=0 port={port} connect_timeout=5");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "redis-server does not listen");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            turnadmin(&[
-                "-a",
-                "-N",
-                &info,
-                "-u",
-                "bench",
-                "-r",
-                "bench.test",
-                "-p",
-                "bench-password",
-            ]);
-            stores.push(("redis", format!("redis-userdb=\"{info}\"\n")));
-            Some(Proc {
-                child,
-                name: "redis-server".into(),
-            })
-        }
-        Err(_) => {
-            assert!(
-                !scale().quick,
-                "COMPARE_QUICK: redis-server not found (Debian package redis-server)"
-            );
-            eprintln!("redis-server not found (Debian package redis-server): no Redis row");
-            None
-        }
-    };
+    if let Some(info) = redis {
+        turnadmin(&[
+            "-a",
+            "-N",
+            info,
+            "-u",
+            "bench",
+            "-r",
+            "bench.test",
+            "-p",
+            "bench-password",
+        ]);
+        stores.push(("redis", format!("redis-userdb=\"{info}\"\n")));
+        // A node of a fleet: every Allocate takes its quota slot in Redis.
+        stores.push((
+            "fleet",
+            format!("redis-userdb=\"{info}\"\nuser-quota={FLEET_QUOTA}\n"),
+        ));
+    }
     let n = store_allocations();
     let mut out = serde_json::Map::new();
     for (store, creds) in &stores {
         let mut per_target = serde_json::Map::new();
         for t in targets {
+            if *store == "fleet" && t.name != "turnserver" {
+                // coturn counts quotas per node: it has no fleet row.
+                continue;
+            }
             let mut rates = Vec::new();
             for round in 0..scale().ramps {
                 eprintln!(
@@ -991,7 +1020,7 @@ fn stores_report(stores: &Value) -> String {
             None => "–".to_string(),
         }
     };
-    for store in ["static", "sqlite", "redis"] {
+    for store in ["static", "sqlite", "redis", "fleet"] {
         if stores.get(store).is_none() {
             continue;
         }
@@ -999,9 +1028,13 @@ fn stores_report(stores: &Value) -> String {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "–".into(),
         };
+        let label = match store {
+            "fleet" => "fleet node (redis, user-quota)",
+            other => other,
+        };
         let _ = writeln!(
             s,
-            "| {store} | {} | {} | {vs_static} |",
+            "| {label} | {} | {} | {vs_static} |",
             cell(store, "turnserver"),
             cell(store, "coturn")
         );
@@ -1561,20 +1594,45 @@ fn main() {
     let mut single = measured.next().unwrap();
     let mut coturn = coturn_t.as_ref().map(|_| measured.next().unwrap());
     let mut floor = json!({"name": "kernel floor"});
+    let redis = start_redis(&env);
     let stores = credential_stores(
         &env,
         &[Some(&ours_t), coturn_t.as_ref()]
             .into_iter()
             .flatten()
             .collect::<Vec<_>>(),
+        redis.as_ref().map(|(_, info)| info.as_str()),
     );
+    // turnserver as a fleet node with everything on: users in Redis, a
+    // user-quota counted there, its registry and heartbeat, and coturn's
+    // status feed; the relay path should not notice.
+    let fleet_t = redis.as_ref().map(|(_, info)| Target {
+        name: "turnserver-fleet",
+        bin: TURNSERVER.into(),
+        args: vec![
+            "--unauthorized-ratelimit-rps=0".into(),
+            format!("--redis-userdb={info}"),
+            format!("--redis-statsdb={info}"),
+            format!("--user-quota={FLEET_QUOTA}"),
+            "--node-name=bench".into(),
+        ],
+        wrap: Vec::new(),
+    });
+    let mut fleet = fleet_t
+        .as_ref()
+        .map(|_| json!({"name": "turnserver-fleet"}));
 
     // Fixed loads, then the ramps: every server from a fresh start, all
     // running at once, measured one at a time in turn.
     let mut servers = Vec::new();
-    for t in [Some(&ours_t), Some(&single_t), coturn_t.as_ref()]
-        .into_iter()
-        .flatten()
+    for t in [
+        Some(&ours_t),
+        Some(&single_t),
+        coturn_t.as_ref(),
+        fleet_t.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         let (proc, addr) = start_server(&env, t);
         servers.push(Loaded {
@@ -1597,6 +1655,7 @@ fn main() {
         Some(&mut ours),
         Some(&mut single),
         coturn.as_mut(),
+        fleet.as_mut(),
         Some(&mut floor),
     ]
     .into_iter()
@@ -1651,6 +1710,9 @@ fn main() {
         check(c, IDLE_ALLOCATIONS * 95 / 100);
     }
     check(&floor, 0);
+    if let Some(f) = &fleet {
+        check(f, 0);
+    }
 
     let machine = machine();
     let all = json!({
@@ -1660,6 +1722,7 @@ fn main() {
         "coturn": coturn,
         "floor": floor,
         "credential_stores": stores,
+        "turnserver_fleet": fleet,
     });
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join(if scale().quick {
         "target/compare-quick.json"
@@ -1672,5 +1735,58 @@ fn main() {
         report(&machine, &ours, &single, coturn.as_ref(), &floor)
     );
     println!("{}", stores_report(&stores));
+    if let Some(f) = &fleet {
+        println!("{}", fleet_report(&ours, f, &stores));
+    }
     eprintln!("raw numbers: {}", target.display());
+}
+
+/// The fleet table: the relay path and the allocation rate of a fleet node
+/// (Redis users, a user-quota counted in Redis, registry, heartbeat and
+/// `redis-statsdb` on) against a lone node.
+fn fleet_report(ours: &Value, fleet: &Value, stores: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "A fleet node (redis-userdb with a user-quota, redis-statsdb, one Redis on 127.0.0.1) against a lone node (user= lines), from the runs above:\n"
+    );
+    let _ = writeln!(s, "| measure | lone node | fleet node | fleet / lone |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let ratio = |a: f64, b: f64| {
+        if a.is_finite() && b.is_finite() && b > 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "–".into()
+        }
+    };
+    for load in LOADS {
+        let _ = writeln!(
+            s,
+            "| CPU µs per relayed packet at {:.0} round trips/s | {} | {} | {} |",
+            load.rate,
+            cpu_cell(ours, load),
+            cpu_cell(fleet, load),
+            ratio(cpu_at(fleet, load), cpu_at(ours, load))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| most relayed packets/s under 0.1 % loss | {:.0} | {:.0} | {} |",
+        max_pps(ours),
+        max_pps(fleet),
+        ratio(max_pps(fleet), max_pps(ours))
+    );
+    let rate = |store: &str| {
+        stores[store]["turnserver"]["allocation_rate"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let _ = writeln!(
+        s,
+        "| allocations/s (401, Allocate, ChannelBind) | {:.0} | {:.0} | {} (goal ≥ 0.80) |",
+        rate("static"),
+        rate("fleet"),
+        ratio(rate("fleet"), rate("static"))
+    );
+    s
 }

@@ -262,16 +262,31 @@ impl MariaDb {
 /// an append-only file so it survives a stop and resume.
 pub struct Redis {
     pub port: u16,
+    /// The address it listens on.
+    pub ip: String,
+    /// The network namespace it runs in (`None`: the test's own).
+    pub netns: Option<String>,
     process: DbProcess,
     dir: TempDir,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_at(None, "127.0.0.1", free_ports(1))
+    }
+
+    /// Starts one in network namespace `netns`, listening on `ip:port`.
+    pub fn start_in(netns: &str, ip: &str, port: u16) -> Redis {
+        Redis::start_at(Some(netns.to_string()), ip, port)
+    }
+
+    fn start_at(netns: Option<String>, ip: &str, port: u16) -> Redis {
         require_tool("redis-server", "apt-get install redis-server");
         let dir = TempDir::new("redis");
         let mut r = Redis {
-            port: free_ports(1),
+            port,
+            ip: ip.to_string(),
+            netns,
             process: DbProcess {
                 child: None,
                 what: "redis-server",
@@ -284,9 +299,16 @@ impl Redis {
 
     /// Starts the server (again, after [`Redis::stop`]).
     pub fn resume(&mut self) {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-server"]);
+                c
+            }
+            None => Command::new("redis-server"),
+        };
         self.process = DbProcess::spawn(
-            Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            cmd.args(["--bind", &self.ip, "--port", &self.port.to_string()])
                 .args([
                     "--requirepass",
                     "turnpw",
@@ -299,18 +321,59 @@ impl Redis {
                 .arg(&self.dir.0),
             "redis-server",
         );
-        wait_listening(self.port, "redis-server");
+        match &self.netns {
+            Some(ns) => {
+                let addr: std::net::SocketAddr =
+                    format!("{}:{}", self.ip, self.port).parse().unwrap();
+                super::in_netns(ns, move || {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while TcpStream::connect(addr).is_err() {
+                        assert!(
+                            Instant::now() < deadline,
+                            "redis-server never listened on {addr}"
+                        );
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+            None => wait_listening(self.port, "redis-server"),
+        }
     }
 
     pub fn stop(&mut self) {
         self.process.stop();
     }
 
+    /// Runs `redis-cli` on database 3 (in its namespace) with `args`;
+    /// returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "redis-cli"]);
+                c
+            }
+            None => Command::new("redis-cli"),
+        };
+        let out = cmd
+            .args(["-h", &self.ip, "-p", &self.port.to_string()])
+            .args(["-a", "turnpw", "--no-auth-warning", "-n", "3"])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// coturn's `redis-userdb` string for it.
     pub fn conninfo(&self) -> String {
         format!(
-            "ip=127.0.0.1 dbname=3 password=turnpw port={} connect_timeout=2",
-            self.port
+            "ip={} dbname=3 password=turnpw port={} connect_timeout=2",
+            self.ip, self.port
         )
     }
 }

@@ -91,7 +91,7 @@ impl NetNs {
             .spawn()
             .unwrap();
         let server = NsServer {
-            _child: Background(child),
+            child: Some(Background(child)),
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -104,26 +104,48 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered the namespace (network
     /// namespaces are per thread), so sockets it opens live there.
+    /// Sockets keep their namespace, so one made here may be used from any
+    /// thread afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
+        in_netns(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread inside network namespace `name`.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 /// The binary running in a [`NetNs`] ([`NetNs::start_server`]); killed on
 /// drop, before its directory goes.
 pub struct NsServer {
-    _child: Background,
+    child: Option<Background>,
     pub dir: TempDir,
 }
 
 impl NsServer {
+    /// The server's process id (`ip netns exec` execs it).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.0.id() as i32)
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// SIGKILLs the server and reaps it.
+    pub fn kill(&mut self) {
+        drop(self.child.take());
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("log")).unwrap()
