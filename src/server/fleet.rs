@@ -10,8 +10,11 @@
 //!   ([`crate::turn::Wanted::Quota`]). A node is live while its heartbeat key
 //!   (`turnserver/node/<name>`, rewritten every [`PERIOD`]) has not
 //!   expired: [`LEASE`] after a node dies or is cut off, its slots count no
-//!   more. Every heartbeat also rewrites the node's own counts from its
-//!   exact local ones, so the shared counts heal from any drift.
+//!   more. Every heartbeat also writes the node's own counts that changed
+//!   from its exact local ones, and all of them every
+//!   [`FULL_REWRITE_EVERY`] beats and after an outage, so the shared counts
+//!   heal from any drift. Live nodes are the members of `turnserver/nodes`
+//!   whose heartbeat exists (no KEYS scans).
 //! - **Redis down**: quotas fall back to the node's own counts (logged
 //!   once, `turn_fleet_up` 0, `/health` says so); nothing relaying notices.
 //!   When Redis answers again the node rewrites its counts and is back.
@@ -27,7 +30,7 @@
 //!   with `redirect-above`, a busy (or draining) node sends new Allocates
 //!   to the least-loaded healthy peer ([`super::spread`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -311,6 +314,13 @@ impl Ledger for FleetLedger {
     }
 }
 
+/// The set of node names (members whose heartbeat is gone are removed by
+/// whoever notices).
+const NODES: &str = "turnserver/nodes";
+/// Every this many heartbeats a node rewrites all its counts, not only
+/// those that changed.
+const FULL_REWRITE_EVERY: u64 = 10;
+
 fn node_key(node: &str) -> String {
     format!("turnserver/node/{node}")
 }
@@ -439,7 +449,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut spreader = spread::Controller::new();
     let mut target: Option<spread::Target> = None;
-    let mut written: HashSet<String> = HashSet::new();
+    let mut written: BTreeMap<String, u32> = BTreeMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<((String, String), Reserved)>();
     let reserve = Arc::new(redis::Script::new(RESERVE));
     let release = Arc::new(redis::Script::new(RELEASE));
@@ -528,7 +538,11 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
-                let result = heartbeat(&fleet, &shared, &conn, &mut written).await;
+                // Every count again now and then, and first thing after an
+                // outage (Redis may have lost them); else what changed.
+                let beat = fleet.beats.load(Ordering::Relaxed);
+                let full = !fleet.is_up() || beat.is_multiple_of(FULL_REWRITE_EVERY);
+                let result = heartbeat(&fleet, &shared, &conn, &mut written, full).await;
                 let was_up = fleet.is_up();
                 fleet.mark(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 if !was_up && fleet.is_up() {
@@ -661,7 +675,8 @@ async fn heartbeat(
     fleet: &Fleet,
     shared: &Shared,
     conn: &redis::aio::ConnectionManager,
-    written: &mut HashSet<String>,
+    written: &mut BTreeMap<String, u32>,
+    full: bool,
 ) -> redis::RedisResult<Vec<spread::Peer>> {
     let cfg = &fleet.config;
     let mut c = conn.clone();
@@ -730,28 +745,40 @@ async fn heartbeat(
     };
     let mut pipe = redis::pipe();
     for (key, n) in &counts {
-        pipe.hset(key, &cfg.node, *n).ignore();
+        if full || written.get(key) != Some(n) {
+            pipe.hset(key, &cfg.node, *n).ignore();
+        }
     }
-    for key in written.iter().filter(|k| !counts.contains_key(*k)) {
+    for key in written.keys().filter(|k| !counts.contains_key(*k)) {
         pipe.hdel(key, &cfg.node).ignore();
     }
     pipe.pexpire(registry_key(&cfg.node), lease as i64 * 2)
         .ignore();
+    pipe.sadd(NODES, &cfg.node).ignore();
     let () = pipe.query_async(&mut c).await?;
     // Slots granted but never claimed were not in the counts above: the
     // rewrite already gave them back.
     if !stale.is_empty() {
         debug!("fleet: {} unclaimed quota slots given back", stale.len());
     }
-    *written = counts.into_keys().collect();
-    // The peers.
-    let keys: Vec<String> = c.keys("turnserver/node/*").await?;
+    *written = counts;
+    // The peers: the members of the node set whose heartbeat lives (the
+    // others are dropped from it).
+    let names: Vec<String> = c.smembers(NODES).await?;
+    let others: Vec<&String> = names.iter().filter(|n| **n != cfg.node).collect();
     let mut peers = Vec::new();
-    let mine = node_key(&cfg.node);
-    let others: Vec<&String> = keys.iter().filter(|k| **k != mine).collect();
     if !others.is_empty() {
-        let values: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&others).query_async(&mut c).await?;
+        let keys: Vec<String> = others.iter().map(|n| node_key(n)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        let gone: Vec<&&String> = others
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        if !gone.is_empty() {
+            let () = c.srem(NODES, gone).await?;
+        }
         for v in values.into_iter().flatten() {
             let Ok(j) = serde_json::from_str::<serde_json::Value>(&v) else {
                 continue;
@@ -909,15 +936,12 @@ pub struct Node {
 pub async fn list(
     c: &mut redis::aio::ConnectionManager,
 ) -> redis::RedisResult<(Vec<Node>, Vec<Listed>)> {
-    let mut keys: Vec<String> = c.keys("turnserver/node/*").await?;
-    keys.sort();
+    let mut names: Vec<String> = c.smembers(NODES).await?;
+    names.sort();
     let mut nodes = Vec::new();
     let mut listed = Vec::new();
-    for key in keys {
-        let Some(name) = key.strip_prefix("turnserver/node/") else {
-            continue;
-        };
-        let Some(beat): Option<String> = c.get(&key).await? else {
+    for name in &names {
+        let Some(beat): Option<String> = c.get(node_key(name)).await? else {
             continue;
         };
         let heartbeat = serde_json::from_str(&beat).unwrap_or(serde_json::Value::Null);
