@@ -5,12 +5,14 @@
 //! for a flag. `#` starts a comment line; a value in double quotes has them
 //! removed. Keys may repeat; repeatable options accumulate, others keep the
 //! last value. Every file key is also a `--long-option`, and coturn's short
-//! flags work. The command line is applied after the file, so it overrides
-//! it.
+//! flags work. Settings from the environment ([`env`]: `TURNSERVER_<OPTION>`
+//! and the coturn image's `TURN_USERNAME`, `REALM`, ...) are applied after
+//! the file, and the command line after both, so it overrides them.
 //!
 //! Unknown keys in the file and options not implemented yet produce
 //! warnings; a bad value is a [`ConfigError`] naming the file, line and key.
 
+pub mod env;
 pub mod options;
 pub mod setting;
 
@@ -34,6 +36,10 @@ pub enum Origin {
         line: usize,
     },
     CommandLine,
+    /// An environment variable (`TURNSERVER_MIN_PORT`, `REALM_FILE`, ...).
+    Environment {
+        var: String,
+    },
     /// Built-in default.
     Default,
 }
@@ -43,6 +49,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
             Origin::CommandLine => f.write_str("command line"),
+            Origin::Environment { var } => write!(f, "environment variable {var}"),
             Origin::Default => f.write_str("default"),
         }
     }
@@ -86,6 +93,14 @@ pub struct Entry {
     /// `None` for a bare flag.
     pub value: Option<String>,
     pub origin: Origin,
+}
+
+/// `external-ip=auto` or `auto/PRIVATE`: the public address is detected;
+/// with a private address it maps only relays on that address (as
+/// `external-ip=PUBLIC/PRIVATE` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoExternalIp {
+    pub private: Option<IpAddr>,
 }
 
 /// A secret for a static user.
@@ -133,6 +148,17 @@ pub struct Config {
     pub relay_ips: Vec<IpAddr>,
     pub relay_device: Option<String>,
     pub external_ips: Vec<ExternalIp>,
+    /// `external-ip=auto[/private]`: found by the daemon at start and on
+    /// reload, then added to `external_ips`.
+    pub external_ip_auto: Option<AutoExternalIp>,
+    /// `external-ip-metadata`: base URL, or `off`.
+    pub external_ip_metadata: Option<String>,
+    /// `external-ip-stun`: `host:port` of each STUN server.
+    pub external_ip_stun: Vec<String>,
+    /// `external-ip-fallback`.
+    pub external_ip_fallback: Option<IpAddr>,
+    /// `external-ip-timeout`, seconds.
+    pub external_ip_timeout: u32,
     pub min_port: u16,
     pub max_port: u16,
     /// `relay-threads`; `None` = one per CPU.
@@ -254,6 +280,8 @@ pub struct Loaded {
     pub config: Config,
     /// Warnings to log once logging is up.
     pub warnings: Vec<String>,
+    /// The environment variables that set options, for the start-up log.
+    pub environment: Vec<String>,
 }
 
 /// What the command line asks for.
@@ -263,6 +291,12 @@ pub enum Invocation {
     Run(Box<Loaded>),
     /// `--check-config`: validate and print the effective configuration.
     CheckConfig(Box<Loaded>),
+    /// `--health-check`: ask the running server's `/health` (exit 0 when
+    /// healthy or when metrics are off).
+    HealthCheck(Box<Loaded>),
+    /// `--drain`: make the running server drain and wait for its
+    /// allocations to end.
+    Drain(Box<Loaded>),
     /// Print the version and exit.
     Version,
 }
@@ -405,6 +439,18 @@ pub fn command() -> clap::Command {
                 .long("check-config")
                 .action(ArgAction::SetTrue)
                 .help("Check the configuration (including certificates), print the effective settings with secrets masked, and exit; non-zero on error"),
+        )
+        .arg(
+            A::new("health-check")
+                .long("health-check")
+                .action(ArgAction::SetTrue)
+                .help("Ask the running server's /health on the metrics port (prometheus) and exit 0 if it is healthy, 1 if not; 0 when metrics are off (for HEALTHCHECK)"),
+        )
+        .arg(
+            A::new("drain")
+                .long("drain")
+                .action(ArgAction::SetTrue)
+                .help("Make the running server (pidfile, else the only turnserver process) drain, as SIGUSR1 does, and wait until its allocations have ended or drain-timeout passed (for a preStop hook)"),
         );
     for spec in OPTIONS {
         let mut a = A::new(spec.name).long(spec.name).action(ArgAction::Append);
@@ -443,6 +489,8 @@ pub struct CommandLine {
     pub no_config: bool,
     pub version: bool,
     pub check_config: bool,
+    pub health_check: bool,
+    pub drain: bool,
 }
 
 /// Parses the command line (`args` includes the program name). Errors and
@@ -458,6 +506,8 @@ where
         no_config: m.get_flag("no-config"),
         version: m.get_flag("version"),
         check_config: m.get_flag("check-config"),
+        health_check: m.get_flag("health-check"),
+        drain: m.get_flag("drain"),
         entries: Vec::new(),
     };
     for spec in OPTIONS {
@@ -476,9 +526,22 @@ where
     Ok(cl)
 }
 
-/// Reads the command line and the configuration file it names (or the
-/// default one) into the effective configuration.
+/// Reads the command line, the configuration file it names (or the
+/// default one) and the environment ([`env`]) into the effective
+/// configuration.
 pub fn load<I, T>(args: I) -> Result<Invocation, LoadError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    load_with_env(args, &|name: &str| std::env::var(name).ok())
+}
+
+/// [`load`] with the environment read through `get`.
+pub fn load_with_env<I, T>(
+    args: I,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<Invocation, LoadError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -531,14 +594,30 @@ where
             )),
         }
     }
-    let mut config =
-        Config::from_entries(file_entries.iter().chain(cl.entries.iter()), &mut warnings)
-            .map_err(LoadError::Config)?;
+    let from_env = env::entries(get).map_err(LoadError::Config)?;
+    let mut config = Config::from_entries(
+        file_entries
+            .iter()
+            .chain(from_env.entries.iter())
+            .chain(cl.entries.iter()),
+        &mut warnings,
+    )
+    .map_err(LoadError::Config)?;
     config.config_file = config_file;
     config.resolve_paths();
-    let loaded = Box::new(Loaded { config, warnings });
+    let loaded = Box::new(Loaded {
+        config,
+        warnings,
+        environment: from_env.used,
+    });
     if cl.check_config {
         return Ok(Invocation::CheckConfig(loaded));
+    }
+    if cl.health_check {
+        return Ok(Invocation::HealthCheck(loaded));
+    }
+    if cl.drain {
+        return Ok(Invocation::Drain(loaded));
     }
     Ok(Invocation::Run(loaded))
 }

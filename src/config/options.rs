@@ -281,7 +281,11 @@ pub const OPTIONS: &[Spec] = &[
     // Relay
     yes("relay-ip", Some('E'), Ips(field!(relay_ips)), Live, "Relay (allocation) IP address; repeatable.").note("the address the client connected to"),
     yes("relay-device", Some('i'), Text(field!(relay_device)), Restart, "Bind relay sockets to this network interface."),
-    yes("external-ip", Some('X'), EXTERNAL_IP, Live, "Public address to advertise: public or public/private; repeatable."),
+    yes("external-ip", Some('X'), EXTERNAL_IP, Live, "Public address to advertise: public or public/private; repeatable. `auto` (or auto/private) finds the public address at start and on reload: from the cloud's metadata service, else from external-ip-stun servers."),
+    yes("external-ip-metadata", None, Text(field!(external_ip_metadata)), Live, "external-ip=auto: the metadata service's base URL (AWS IMDSv2, GCP, Azure, DigitalOcean, Hetzner), or off.").default("http://169.254.169.254"),
+    yes("external-ip-stun", None, EXTERNAL_IP_STUN, Live, "external-ip=auto: STUN servers (host:port) asked for this host's public address when no metadata service answers; repeatable."),
+    yes("external-ip-fallback", None, Ip(field!(external_ip_fallback)), Live, "external-ip=auto: the address to advertise when detection fails; without it, a failure stops the start (a reload keeps the last address found)."),
+    yes("external-ip-timeout", None, U32(field!(external_ip_timeout)), Live, "external-ip=auto: seconds each way of detecting may take.").default("2"),
     yes("min-port", None, Port(field!(min_port)), Restart, "Lowest relay port.").default("49152"),
     yes("max-port", None, Port(field!(max_port)), Restart, "Highest relay port.").default("65535"),
     yes("relay-threads", Some('m'), RELAY_THREADS, Restart, "Worker threads.").note("one per CPU"),
@@ -436,6 +440,20 @@ const EXTERNAL_IP: Setting = Setting::Custom {
     apply: |c, v| {
         let v = need(v)?;
         let ip = super::setting::ip;
+        if v == "auto" || v.starts_with("auto/") {
+            let private = match v.split_once('/') {
+                Some((_, p)) => Some(ip(p)?),
+                None => None,
+            };
+            if c.external_ip_auto.is_some() {
+                return Err("external-ip=auto is given twice".into());
+            }
+            if c.external_ips.iter().any(|x| x.private.is_none()) && private.is_none() {
+                return Err("a plain external IP is already set; auto would be a second".into());
+            }
+            c.external_ip_auto = Some(super::AutoExternalIp { private });
+            return Ok(());
+        }
         let e = match v.split_once('/') {
             Some((public, private)) => ExternalIp {
                 public: ip(public)?,
@@ -451,6 +469,11 @@ const EXTERNAL_IP: Setting = Setting::Custom {
         {
             return Err(format!("'{v}' mixes IPv4 and IPv6"));
         }
+        if e.private.is_none() && c.external_ip_auto.is_some_and(|a| a.private.is_none()) {
+            return Err(
+                "external-ip=auto is already set; a plain address would be a second".into(),
+            );
+        }
         if e.private.is_none()
             && c.external_ips
                 .iter()
@@ -465,6 +488,11 @@ const EXTERNAL_IP: Setting = Setting::Custom {
         Ok(())
     },
     render: |c, key, out| {
+        match c.external_ip_auto {
+            Some(super::AutoExternalIp { private: Some(p) }) => out.push(format!("{key}=auto/{p}")),
+            Some(_) => out.push(format!("{key}=auto")),
+            None => {}
+        }
         for e in &c.external_ips {
             match e.private {
                 Some(p) => out.push(format!("{key}={}/{p}", e.public)),
@@ -729,6 +757,25 @@ const PROMETHEUS_PATH: Setting = Setting::Custom {
     },
     render: |c, key, out| out.push(format!("{key}={}", c.prometheus_path)),
     repeat: false,
+    flag: false,
+};
+
+const EXTERNAL_IP_STUN: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?.trim();
+        // host:port or [v6]:port; the name is looked up when detecting.
+        let ok = match v.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if !ok {
+            return Err(format!("'{v}' is not host:port"));
+        }
+        c.external_ip_stun.push(v.to_string());
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.external_ip_stun.iter().map(|a| format!("{key}={a}"))),
+    repeat: true,
     flag: false,
 };
 

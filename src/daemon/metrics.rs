@@ -1,5 +1,6 @@
-//! Prometheus metrics over HTTP (`prometheus`), and health checks on `/`
-//! and `/health` (200 while serving, 503 while draining).
+//! Prometheus metrics over HTTP (`prometheus`), and health checks: `/` and
+//! `/health` (readiness: 200 while serving, 503 while draining) and `/live`
+//! (liveness: 200 while the process serves, with the live allocations).
 //!
 //! Workers keep plain counters and publish them once a second
 //! ([`crate::server::Telemetry`]); the collector sums them at scrape time,
@@ -412,8 +413,9 @@ pub fn registry(collector: TurnCollector) -> Registry {
     r
 }
 
-/// Serves `path` (metrics) and `/`, `/health` (health) on `listener` until
-/// the runtime stops.
+/// Serves `path` (metrics), `/` and `/health` (readiness: 503 while
+/// draining) and `/live` (liveness: 200, with the state and the live
+/// allocations) on `listener` until the runtime stops.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
@@ -480,6 +482,32 @@ fn answer(
                 "encoding failed\n".into(),
             ),
         }
+    } else if request_path == "/live" {
+        // Liveness: 200 while the process serves, draining or not, with the
+        // live allocations (what `turnserver --drain` waits on).
+        let allocations: u64 = shared
+            .telemetry
+            .workers
+            .iter()
+            .map(|w| {
+                w.lock()
+                    .expect("telemetry lock")
+                    .gauges
+                    .allocations
+                    .iter()
+                    .sum::<u64>()
+            })
+            .sum();
+        let state = if draining.load(Ordering::Relaxed) {
+            "draining"
+        } else {
+            "serving"
+        };
+        (
+            StatusCode::OK,
+            "text/plain",
+            format!("{state}\nallocations: {allocations}\n"),
+        )
     } else if request_path == "/" || request_path == "/health" {
         if draining.load(Ordering::Relaxed) {
             (

@@ -14,6 +14,9 @@
 //! - SIGTERM or SIGINT drains and exits once allocations are gone or
 //!   `drain-timeout` passes; a second one exits at once.
 
+pub mod control;
+pub mod external;
+mod http;
 pub mod logging;
 pub mod metrics;
 pub mod process;
@@ -245,6 +248,8 @@ pub fn main() -> ExitCode {
     let loaded = match config::load(args.clone()) {
         Ok(Invocation::Run(l)) => l,
         Ok(Invocation::CheckConfig(l)) => return check_config(*l),
+        Ok(Invocation::HealthCheck(l)) => return control::health_check(&l.config),
+        Ok(Invocation::Drain(l)) => return control::drain(&l.config),
         Ok(Invocation::Version) => {
             println!("turnserver {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -255,7 +260,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = loaded.config;
+    let mut cfg = loaded.config;
     let logging = match logging::Logging::init(&cfg) {
         Ok(l) => l,
         Err(e) => {
@@ -278,10 +283,24 @@ pub fn main() -> ExitCode {
             .as_ref()
             .map_or("none".to_string(), |p| p.display().to_string())
     );
+    if !loaded.environment.is_empty() {
+        info!(
+            "settings from the environment: {}",
+            loaded.environment.join(", ")
+        );
+    }
     for w in &loaded.warnings {
         warn!("{w}");
     }
-    match run(cfg, args, logging) {
+    let detected = match detect_external_ip_now(&mut cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("turnserver: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cfg, args, logging, detected) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -292,10 +311,86 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `external-ip=auto` before the server starts: detects on a runtime of its
+/// own (dropped before any fork).
+fn detect_external_ip_now(cfg: &mut Config) -> Result<Option<external::Detected>, String> {
+    if cfg.external_ip_auto.is_none() {
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(apply_external_ip(cfg, None))
+}
+
+/// `external-ip=auto`: finds the public address ([`external::detect`]) and
+/// adds it to `cfg.external_ips`. When detection fails, `previous` (the
+/// address found before a reload) or `external-ip-fallback` stands in, with
+/// a warning; without either it is an error. `Ok(None)` without `auto`.
+async fn apply_external_ip(
+    cfg: &mut Config,
+    previous: Option<&external::Detected>,
+) -> Result<Option<external::Detected>, String> {
+    let Some(auto) = cfg.external_ip_auto else {
+        return Ok(None);
+    };
+    let found = match external::detect(cfg).await {
+        Ok(d) => {
+            info!("external-ip=auto: {} (from {})", d.ip, d.source);
+            d
+        }
+        Err(why) => match (previous, cfg.external_ip_fallback) {
+            (Some(p), _) => {
+                warn!(
+                    "external-ip=auto: the public address was not found again ({why}); keeping {}",
+                    p.ip
+                );
+                p.clone()
+            }
+            (None, Some(ip)) => {
+                warn!(
+                    "external-ip=auto: the public address was not found ({why}); using external-ip-fallback {ip}"
+                );
+                external::Detected {
+                    ip,
+                    source: "external-ip-fallback".into(),
+                }
+            }
+            (None, None) => {
+                return Err(format!(
+                    "external-ip=auto: the public address was not found ({why}); set external-ip-stun=HOST:PORT, external-ip-fallback=ADDR or external-ip=ADDR"
+                ));
+            }
+        },
+    };
+    if let Some(p) = auto.private
+        && p.is_ipv4() != found.ip.is_ipv4()
+    {
+        return Err(format!(
+            "external-ip=auto/{p}: the address found, {}, is of the other family",
+            found.ip
+        ));
+    }
+    cfg.external_ips.push(turn::ExternalIp {
+        public: found.ip,
+        private: auto.private,
+    });
+    Ok(Some(found))
+}
+
 /// `--check-config`: everything start-up checks before binding, then the
 /// effective configuration.
 fn check_config(loaded: config::Loaded) -> ExitCode {
-    let cfg = loaded.config;
+    let mut cfg = loaded.config;
+    match detect_external_ip_now(&mut cfg) {
+        Ok(Some(d)) => eprintln!("external-ip=auto: {} (from {})", d.ip, d.source),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("turnserver: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
@@ -334,6 +429,8 @@ struct Daemon {
     /// this time.
     stopping: Option<Instant>,
     exit_now: bool,
+    /// The address `external-ip=auto` found last.
+    detected: Option<external::Detected>,
 }
 
 impl Daemon {
@@ -353,7 +450,7 @@ impl Daemon {
     }
 
     /// SIGHUP (`full`) or SIGUSR2 (certificates only).
-    fn reload(&mut self, full: bool) {
+    async fn reload(&mut self, full: bool) {
         let mut states = vec![NotifyState::Reloading];
         if let Ok(t) = NotifyState::monotonic_usec_now() {
             states.push(t);
@@ -364,7 +461,7 @@ impl Daemon {
         } else {
             "certificates"
         };
-        match self.try_reload(full) {
+        match self.try_reload(full).await {
             Ok(()) => info!("{what} reloaded"),
             Err(e) => error!("{what} not reloaded, the previous one stays in force: {e}"),
         }
@@ -372,7 +469,7 @@ impl Daemon {
         self.status();
     }
 
-    fn try_reload(&mut self, full: bool) -> Result<(), String> {
+    async fn try_reload(&mut self, full: bool) -> Result<(), String> {
         if !full {
             let tls = tls_acceptor(&self.cfg)?;
             if tls.is_some() {
@@ -385,12 +482,18 @@ impl Daemon {
             error!("{e}");
         }
         let loaded = match config::load(self.args.clone()) {
-            Ok(Invocation::Run(l)) | Ok(Invocation::CheckConfig(l)) => *l,
+            Ok(Invocation::Run(l))
+            | Ok(Invocation::CheckConfig(l))
+            | Ok(Invocation::HealthCheck(l))
+            | Ok(Invocation::Drain(l)) => *l,
             Ok(Invocation::Version) => return Ok(()),
             Err(LoadError::Usage(e)) => return Err(e.to_string()),
             Err(LoadError::Config(e)) => return Err(e.to_string()),
         };
-        let new = loaded.config;
+        let mut new = loaded.config;
+        // Detected again, so that a moved address follows (an Elastic IP
+        // reassigned); while detection fails the last address stays.
+        let detected = apply_external_ip(&mut new, self.detected.as_ref()).await?;
         let tls = tls_acceptor(&new)?;
         for w in &loaded.warnings {
             warn!("{w}");
@@ -431,6 +534,7 @@ impl Daemon {
             error!("{e}");
         }
         self.cfg = new;
+        self.detected = detected;
         Ok(())
     }
 
@@ -548,6 +652,16 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
             None => info!("advertising {} for every relay of its family", e.public),
         }
     }
+    let advertised: Vec<IpAddr> = if !cfg.external_ips.is_empty() {
+        cfg.external_ips.iter().map(|e| e.public).collect()
+    } else if !cfg.relay_ips.is_empty() {
+        cfg.relay_ips.clone()
+    } else {
+        listening_ips.clone()
+    };
+    if let Some(w) = external::private_relay_warning(&advertised, &cfg.listening_ips, &local) {
+        warn!("{w}");
+    }
     let (directory, requests) = match &cfg.userdb {
         Some(db) => {
             let (cache, requests) = server::directory::Cache::new(
@@ -630,7 +744,12 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
 /// hold only a few thousand allocations.
 const FEW_OPEN_FILES: u64 = 4096;
 
-fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<(), String> {
+fn run(
+    cfg: Config,
+    args: Vec<OsString>,
+    logging: logging::Logging,
+    detected: Option<external::Detected>,
+) -> Result<(), String> {
     let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
     match process::raise_open_files_limit() {
         Ok((before, limit)) => {
@@ -742,6 +861,7 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
         draining: draining.clone(),
         stopping: None,
         exit_now: false,
+        detected,
     };
     notify(&[NotifyState::Ready]);
     daemon.status();
@@ -787,8 +907,8 @@ fn run(cfg: Config, args: Vec<OsString>, logging: logging::Logging) -> Result<()
             tokio::select! {
                 _ = term.recv() => daemon.stop("SIGTERM"),
                 _ = int.recv() => daemon.stop("SIGINT"),
-                _ = hup.recv() => daemon.reload(true),
-                _ = usr2.recv() => daemon.reload(false),
+                _ = hup.recv() => daemon.reload(true).await,
+                _ = usr2.recv() => daemon.reload(false).await,
                 _ = usr1.recv() => daemon.drain(),
                 _ = tick.tick() => {
                     // Only while every worker's event loop is alive: a stuck

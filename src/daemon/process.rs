@@ -31,17 +31,24 @@ pub struct Identity {
 }
 
 /// Looks up `proc-user` and `proc-group` (names or numbers). A user without
-/// a group runs with the user's primary group.
+/// a group runs with the user's primary group. A number needs no passwd
+/// entry (a `FROM scratch` image has no `/etc/passwd`): without one, the
+/// group is `proc-group`, else the same number.
 pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, String> {
-    let user = match user {
+    let user: Option<(Uid, Option<Gid>)> = match user {
         None => None,
         Some(u) => Some(match u.parse::<u32>() {
-            Ok(n) => User::from_uid(Uid::from_raw(n))
-                .map_err(|e| format!("proc-user {u}: {e}"))?
-                .ok_or_else(|| format!("proc-user: no user with id {u}"))?,
-            Err(_) => User::from_name(u)
-                .map_err(|e| format!("proc-user {u}: {e}"))?
-                .ok_or_else(|| format!("proc-user: no user named '{u}'"))?,
+            // No entry, or no passwd file at all (ENOENT): the number as is.
+            Ok(n) => match User::from_uid(Uid::from_raw(n)) {
+                Ok(Some(entry)) => (entry.uid, Some(entry.gid)),
+                _ => (Uid::from_raw(n), None),
+            },
+            Err(_) => {
+                let entry = User::from_name(u)
+                    .map_err(|e| format!("proc-user {u}: {e}"))?
+                    .ok_or_else(|| format!("proc-user: no user named '{u}'"))?;
+                (entry.uid, Some(entry.gid))
+            }
         }),
     };
     let gid = match group {
@@ -54,10 +61,10 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, Stri
                     .gid
             }
         }),
-        None => user.as_ref().map(|u| u.gid),
+        None => user.map(|(uid, gid)| gid.unwrap_or(Gid::from_raw(uid.as_raw()))),
     };
     Ok(Identity {
-        uid: user.map(|u| u.uid),
+        uid: user.map(|(uid, _)| uid),
         gid,
     })
 }
@@ -119,6 +126,12 @@ mod tests {
         assert_eq!(root.uid, Some(Uid::from_raw(0)));
         assert_eq!(root.gid, Some(Gid::from_raw(0)));
         assert_eq!(resolve(Some("0"), Some("0")).unwrap(), root);
+        // A number without a passwd entry: that user, the same group number.
+        let nobody = resolve(Some("4000123"), None).unwrap();
+        assert_eq!(nobody.uid, Some(Uid::from_raw(4000123)));
+        assert_eq!(nobody.gid, Some(Gid::from_raw(4000123)));
+        let with_group = resolve(Some("4000123"), Some("65534")).unwrap();
+        assert_eq!(with_group.gid, Some(Gid::from_raw(65534)));
         assert!(
             resolve(Some("no-such-user-here"), None)
                 .unwrap_err()

@@ -139,7 +139,9 @@ impl Server {
         Server::launch_env(args, port, tls_port, dir, &[], None)
     }
 
-    fn launch_env(
+    /// [`Server::launch`] with extra environment variables and an optional
+    /// soft open files limit.
+    pub fn launch_env(
         args: Vec<String>,
         port: u16,
         tls_port: u16,
