@@ -2,8 +2,8 @@
 # The test command: installs what the tests need when it is missing
 # (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
 # in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
-# debootstrap, ethtool, valgrind, postgresql, mariadb-server, redis-server
-# and sqlite3, playwright-core from npm,
+# debootstrap, ethtool, valgrind, postgresql, mariadb-server, redis-server,
+# sqlite3, podman and runc, playwright-core from npm,
 # cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
 # package test (tests/package.sh, in a Debian root of its own), a smoke run
 # of the coturn comparison benchmark and bounded fuzzing.
@@ -84,6 +84,10 @@ if [ ${#db_missing[@]} -gt 0 ]; then
     apt_install "${db_missing[@]}" || { [ -z "$own_policy" ] || as_root rm -f /usr/sbin/policy-rc.d; exit 1; }
     [ -z "$own_policy" ] || as_root rm -f /usr/sbin/policy-rc.d
 fi
+
+# Rootful podman for the image test (tests/container.rs), which confines it
+# to a configuration, storage and network of its own.
+apt_install podman runc
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -4,73 +4,18 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
-
-use common::{Background, Options, Server, free_ports, require_tool, run_with_timeout};
+use common::{Background, Options, Server, run_uclient, turnutils_peer};
 
 const USERS: &str =
     "lt-cred-mech\nrealm=example.org\nuser=test:secret\nallow-loopback-peers\nfingerprint\n";
 
-/// Runs uclient with `args` (server address last) and checks its report:
-/// every message sent came back, and at least `min_msgs` were sent.
+/// Runs uclient with `args` against `server` on 127.0.0.1 ([`run_uclient`]).
 fn uclient(server: &Server, args: &[&str], min_msgs: u64) -> String {
-    let bin = require_tool(
-        "turnutils_uclient",
-        "coturn's client tools, unpacked by tests/run-all.sh",
-    );
-    let mut cmd = Command::new(bin);
-    cmd.args(args).arg("127.0.0.1");
-    let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(90));
-    let lost = out
-        .lines()
-        .find(|l| l.contains("Total lost packets"))
-        .unwrap_or_else(|| {
-            panic!(
-                "uclient gave no report (ok={ok}):\n{out}\n---- server log ----\n{}",
-                server.log_text()
-            )
-        });
-    assert!(
-        lost.contains("Total lost packets 0 (0.000000%)"),
-        "packets lost:\n{out}\n---- server log ----\n{}",
-        server.log_text()
-    );
-    let totals = out
-        .lines()
-        .rev()
-        .find(|l| l.contains("start_mclient: tot_send_msgs="))
-        .unwrap_or_else(|| panic!("no totals:\n{out}"));
-    let num = |key: &str| -> u64 {
-        let rest = &totals[totals.find(key).unwrap() + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (sent, received) = (num("tot_send_msgs="), num("tot_recv_msgs="));
-    assert!(sent >= min_msgs, "only {sent} messages sent:\n{out}");
-    assert_eq!(sent, received, "{out}");
-    assert!(!out.contains("ERROR"), "uclient reported an error:\n{out}");
-    out
+    run_uclient(args, "127.0.0.1", min_msgs, &|| server.log_text())
 }
 
 fn peer() -> (Background, u16) {
-    let bin = require_tool(
-        "turnutils_peer",
-        "coturn's client tools, unpacked by tests/run-all.sh",
-    );
-    // turnutils_peer binds port and port + 1.
-    let port = free_ports(2);
-    let child = Command::new(bin)
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start turnutils_peer");
-    std::thread::sleep(Duration::from_millis(300));
-    (Background(child), port)
+    turnutils_peer("127.0.0.1")
 }
 
 #[test]

@@ -334,9 +334,14 @@ pub fn private_relay_warning(
     listening: &[IpAddr],
     local: &[IpAddr],
 ) -> Option<String> {
+    // Listening everywhere, a client on loopback gets a loopback relay,
+    // which is right for it: only the other addresses matter.
     let private: Vec<String> = advertised
         .iter()
-        .filter(|ip| !is_global(**ip))
+        .filter(|ip| {
+            let local_only = listening.is_empty() && ip.is_loopback();
+            !is_global(**ip) && !local_only
+        })
         .map(IpAddr::to_string)
         .collect();
     if private.is_empty() {
@@ -408,6 +413,9 @@ mod tests {
         let local = ips(&["127.0.0.1", "10.88.0.5"]);
         let w = private_relay_warning(&local, &[], &local).unwrap();
         assert!(w.contains("every address of this host is private"), "{w}");
+        assert!(w.contains("advertise 10.88.0.5,"), "{w}");
+        let only_loopback = ips(&["127.0.0.1", "::1"]);
+        assert!(private_relay_warning(&only_loopback, &[], &only_loopback).is_none());
         // ... unless the host has a public address too, or one is advertised.
         let local = ips(&["127.0.0.1", "10.88.0.5", "203.0.113.9"]);
         assert!(private_relay_warning(&local, &[], &local).is_none());

@@ -10,11 +10,13 @@ pub mod client;
 pub mod db;
 pub mod netns;
 pub mod server;
+pub mod uclient;
 
 pub use client::*;
 pub use db::*;
 pub use netns::*;
 pub use server::*;
+pub use uclient::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
