@@ -20,8 +20,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    TempDir, free_ports, http_get, relay_range, require_tool, run_uclient, run_with_timeout,
-    turnutils_peer,
+    Cloud, FakeMetadata, TempDir, free_ports, http_get, relay_range, require_tool, run_uclient,
+    run_with_timeout, turnutils_peer,
 };
 
 const USER: &str = "alice";
@@ -358,10 +358,16 @@ fn the_image_relays_with_host_networking_published_ports_and_a_numeric_user() {
     let mport = free_ports(1);
     let (min, max) = relay_range(20);
     let env = |k: &str, v: &str| format!("{k}={v}");
+    // EXTERNAL_IP=auto, as on a cloud VM: the metadata service (a fake on
+    // loopback standing in for 169.254.169.254) says the public address is
+    // the one the clients here reach, 127.0.0.1.
+    let metadata = FakeMetadata::start(Cloud::Gcp("127.0.0.1".into()));
     let host_env = [
         env("TURN_USERNAME", USER),
         env("TURN_PASSWORD_FILE", "/run/secrets/turn_password"),
         env("REALM", "example.org"),
+        env("EXTERNAL_IP", "auto"),
+        env("TURNSERVER_EXTERNAL_IP_METADATA", &metadata.url()),
         env("TURNSERVER_LISTENING_IP", "127.0.0.1"),
         env("TURNSERVER_LISTENING_PORT", &port.to_string()),
         env("TURNSERVER_MIN_PORT", &min.to_string()),
@@ -383,6 +389,11 @@ fn the_image_relays_with_host_networking_published_ports_and_a_numeric_user() {
     let logs = || pm.logs("ts-host");
     assert!(
         logs().contains("settings from the environment: TURN_USERNAME, TURN_PASSWORD_FILE, REALM"),
+        "{}",
+        logs()
+    );
+    assert!(
+        logs().contains("external-ip=auto: 127.0.0.1 (from GCP metadata)"),
         "{}",
         logs()
     );

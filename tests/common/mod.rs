@@ -8,12 +8,14 @@
 
 pub mod client;
 pub mod db;
+pub mod metadata;
 pub mod netns;
 pub mod server;
 pub mod uclient;
 
 pub use client::*;
 pub use db::*;
+pub use metadata::*;
 pub use netns::*;
 pub use server::*;
 pub use uclient::*;
