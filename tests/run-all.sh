@@ -86,8 +86,9 @@ if [ ${#db_missing[@]} -gt 0 ]; then
 fi
 
 # Rootful podman for the image test (tests/container.rs), which confines it
-# to a configuration, storage and network of its own.
-apt_install podman runc
+# to a configuration, storage and network of its own, and file, which
+# docker/build checks the static binary with.
+apt_install podman runc file
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
