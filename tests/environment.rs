@@ -391,3 +391,35 @@ fn health_check_and_drain_commands() {
     assert!(off.status.success());
     assert!(String::from_utf8_lossy(&off.stdout).contains("metrics are off"));
 }
+
+#[test]
+fn check_config_shows_what_auto_finds_and_prints_auto_back() {
+    let meta = FakeMetadata::start(Cloud::Gcp("198.51.100.40".into()));
+    let dir = TempDir::new("checkauto");
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "external-ip=auto\nexternal-ip-metadata={}\nexternal-ip-timeout=1\n",
+            meta.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("external-ip=auto: 198.51.100.40 (from GCP metadata)"),
+        "{stderr}"
+    );
+    assert!(stdout.lines().any(|l| l == "external-ip=auto"), "{stdout}");
+    assert!(!stdout.contains("198.51.100.40"), "{stdout}");
+}

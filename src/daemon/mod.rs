@@ -382,8 +382,10 @@ async fn apply_external_ip(
 /// `--check-config`: everything start-up checks before binding, then the
 /// effective configuration.
 fn check_config(loaded: config::Loaded) -> ExitCode {
-    let mut cfg = loaded.config;
-    match detect_external_ip_now(&mut cfg) {
+    let cfg = loaded.config;
+    // Detected on a copy: the printed configuration keeps `auto`, so that it
+    // reads back as it was written.
+    match detect_external_ip_now(&mut cfg.clone()) {
         Ok(Some(d)) => eprintln!("external-ip=auto: {} (from {})", d.ip, d.source),
         Ok(None) => {}
         Err(e) => {
