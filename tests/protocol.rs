@@ -676,3 +676,47 @@ fn mobility_moves_an_allocation_across_addresses_and_workers() {
     );
     assert!(!log.contains("allocation deleted"), "{log}");
 }
+
+#[test]
+fn rfc3489_binding_gets_mapped_address_when_configured() {
+    // A classic (RFC 3489) Binding request: no magic cookie, a 128-bit ID.
+    let mut req = vec![0x00, 0x01, 0x00, 0x00];
+    req.extend_from_slice(&[0x5A; 16]);
+    let ask = |s: &Server| {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        sock.send_to(&req, s.udp_addr()).unwrap();
+        let mut buf = [0u8; 1500];
+        let got = sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec());
+        (got, sock.local_addr().unwrap())
+    };
+    // Off by default: no answer.
+    let s = Server::start(Options::new(ALICE));
+    assert_eq!(ask(&s).0, None);
+    drop(s);
+    let s = Server::start(Options::new(&format!(
+        "{ALICE}stun-backward-compatibility\n"
+    )));
+    let (got, local) = ask(&s);
+    let got = got.expect("an answer to the RFC 3489 Binding");
+    assert_eq!(got[..4], [0x01, 0x01, 0x00, 0x0C]);
+    assert_eq!(got[4..20], [0x5A; 16]);
+    // MAPPED-ADDRESS, IPv4, the client's port and address.
+    let std::net::SocketAddr::V4(v4) = local else {
+        unreachable!()
+    };
+    let mut want = vec![0x00, 0x01, 0x00, 0x08, 0x00, 0x01];
+    want.extend_from_slice(&v4.port().to_be_bytes());
+    want.extend_from_slice(&v4.ip().octets());
+    assert_eq!(got[20..], want);
+    // RFC 5389 clients get MAPPED-ADDRESS besides XOR-MAPPED-ADDRESS.
+    let mut c = Client::new(s.udp_addr());
+    let r = c.transact(&binding_request([2; 12]));
+    let mut mapped = [0u8; 20];
+    let n = turnserver::stun::encode_address(&mut mapped, c.sock.local_addr().unwrap());
+    assert_eq!(
+        r.msg().get(attr::MAPPED_ADDRESS).map(<[u8]>::to_vec),
+        Some(mapped[..n].to_vec())
+    );
+}

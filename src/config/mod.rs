@@ -180,6 +180,8 @@ pub struct Config {
     /// Answers to unauthenticated requests per second per source; 0 = off.
     pub unauthorized_ratelimit_rps: u32,
     pub secure_stun: bool,
+    /// `stun-backward-compatibility` / `rfc3489-compatibility`.
+    pub rfc3489: bool,
     pub no_stun: bool,
     pub stun_only: bool,
     /// `check-origin-consistency`.

@@ -108,6 +108,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     core.unauthenticated_rate =
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
+    core.rfc3489 = cfg.rfc3489;
     core.check_origin_consistency = cfg.check_origin_consistency;
     core.report_allocations = fixed.report_allocations;
     core.no_stun = cfg.no_stun;

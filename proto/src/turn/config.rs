@@ -58,6 +58,11 @@ pub struct Config {
     pub check_origin_consistency: bool,
     /// Binding requires long-term credentials too (`secure-stun`).
     pub secure_stun: bool,
+    /// RFC 3489 classic STUN (`stun-backward-compatibility`): a Binding
+    /// request without the magic cookie is answered with MAPPED-ADDRESS
+    /// (RFC 3489 §11.2.1), rate-limited like unauthenticated answers, and
+    /// RFC 5389 Binding responses carry MAPPED-ADDRESS too.
+    pub rfc3489: bool,
     /// Binding requests are ignored (`no-stun`).
     pub no_stun: bool,
     /// TURN requests are ignored: a STUN-only server (`stun-only`).
@@ -100,6 +105,7 @@ impl Config {
             report_allocations: false,
             check_origin_consistency: false,
             secure_stun: false,
+            rfc3489: false,
             no_stun: false,
             stun_only: false,
             limits: quota::Limits::default(),

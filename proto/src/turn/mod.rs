@@ -353,7 +353,7 @@ impl Server {
             Some(b) if b >> 6 == 0b01 => self.client_channel_data(now, five_tuple, data),
             Some(b) if b >> 6 == 0b00 => {
                 let Ok(msg) = Message::parse(data) else {
-                    return ClientAction::None;
+                    return self.classic_binding(now, five_tuple, data, out);
                 };
                 if !msg.fingerprint_ok() {
                     return ClientAction::None;
@@ -448,8 +448,62 @@ impl Server {
     ) -> ClientAction {
         let mut w = self.response(out, msg, Class::Success);
         w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        if self.cfg.rfc3489 {
+            w.address(attr::MAPPED_ADDRESS, ft.client);
+        }
         self.seal(&mut w, msg, key);
         ClientAction::Reply
+    }
+
+    /// An RFC 3489 Binding request (no magic cookie: the 16 bytes after the
+    /// length are its transaction ID), answered with MAPPED-ADDRESS only
+    /// when `rfc3489` is on (RFC 3489 §11.2.1; SOURCE-ADDRESS and
+    /// CHANGED-ADDRESS are left out, as RFC 5780 discovery is not offered,
+    /// which keeps the answer at most 44 bytes). Anything else that does
+    /// not parse is dropped.
+    fn classic_binding(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> ClientAction {
+        if !self.cfg.rfc3489 || self.cfg.no_stun || self.cfg.secure_stun || data.len() < 20 {
+            return ClientAction::None;
+        }
+        let length = usize::from(u16::from_be_bytes([data[2], data[3]]));
+        let cookie = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+        if data[0..2] != [0x00, 0x01]
+            || length != data.len() - 20
+            || length % 4 != 0
+            || cookie == crate::stun::MAGIC_COOKIE
+        {
+            return ClientAction::None;
+        }
+        // A CHANGE-REQUEST asking for an answer from another address or port
+        // cannot be met (no second address): no answer, rather than a wrong
+        // one from this address.
+        let mut rest = &data[20..];
+        while rest.len() >= 4 {
+            let typ = u16::from_be_bytes([rest[0], rest[1]]);
+            let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+            let Some(value) = rest.get(4..4 + len) else {
+                return ClientAction::None;
+            };
+            if typ == attr::CHANGE_REQUEST && value.iter().any(|b| *b != 0) {
+                return ClientAction::None;
+            }
+            rest = &rest[(4 + len).next_multiple_of(4).min(rest.len())..];
+        }
+        let mut value = [0u8; 20];
+        let n = crate::stun::encode_address(&mut value, ft.client);
+        out.extend_from_slice(&[0x01, 0x01]);
+        out.extend_from_slice(&(4 + n as u16).to_be_bytes());
+        out.extend_from_slice(&data[4..20]);
+        out.extend_from_slice(&attr::MAPPED_ADDRESS.to_be_bytes());
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.extend_from_slice(&value[..n]);
+        self.limit(now, ft, out)
     }
 
     fn request(

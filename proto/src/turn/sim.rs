@@ -208,6 +208,8 @@ impl Sim {
             ..PeerPolicy::default()
         };
         cfg.mobility = true;
+        // Malformed messages go through the RFC 3489 path too.
+        cfg.rfc3489 = true;
         cfg.max_permissions = 4;
         cfg.max_channels = 3;
         cfg.limits = Limits {

@@ -279,6 +279,53 @@ fn binding_answers_xor_mapped_address() {
     assert!(h.ask(&ft, &r.build(None)).msg().has_fingerprint());
 }
 
+/// An RFC 3489 Binding request: no magic cookie, a 128-bit transaction ID.
+fn classic_binding(attrs: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x00, 0x01];
+    m.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0xA7; 16]);
+    m.extend_from_slice(attrs);
+    m
+}
+
+#[test]
+fn rfc3489_binding_is_answered_only_when_configured() {
+    let ft = udp("203.0.113.5:40000");
+    let mut h = Harness::new(users_config());
+    assert_eq!(h.send(&ft, &classic_binding(&[])), ClientAction::None);
+    let mut cfg = users_config();
+    cfg.rfc3489 = true;
+    let mut h = Harness::new(cfg);
+    let resp = h.ask(&ft, &classic_binding(&[]));
+    // 0x0101, length 12, the request's 16-byte ID, MAPPED-ADDRESS.
+    let mut want = vec![0x01, 0x01, 0x00, 0x0C];
+    want.extend_from_slice(&[0xA7; 16]);
+    want.extend_from_slice(&[
+        0x00, 0x01, 0x00, 0x08, 0x00, 0x01, 0x9C, 0x40, 203, 0, 113, 5,
+    ]);
+    assert_eq!(resp.raw, want);
+    // A CHANGE-REQUEST with flags 0 is fine; asking for a change is not.
+    let zero = [0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0];
+    assert_eq!(h.send(&ft, &classic_binding(&zero)), ClientAction::Reply);
+    let change = [0x00, 0x03, 0x00, 0x04, 0, 0, 0, 6];
+    assert_eq!(h.send(&ft, &classic_binding(&change)), ClientAction::None);
+    // Wrong length, other methods, truncated attributes: dropped.
+    let mut bad = classic_binding(&[]);
+    bad[3] = 4;
+    assert_eq!(h.send(&ft, &bad), ClientAction::None);
+    let mut other = classic_binding(&[]);
+    other[1] = 0x03;
+    assert_eq!(h.send(&ft, &other), ClientAction::None);
+    assert_eq!(
+        h.send(&ft, &classic_binding(&[0x00, 0x03, 0x00, 0x08, 0, 0, 0, 0])),
+        ClientAction::None
+    );
+    // RFC 5389 Binding responses carry MAPPED-ADDRESS too.
+    let r = h.req(method::BINDING);
+    let resp = h.ask(&ft, &r.build(None));
+    assert!(resp.msg().has(attr::MAPPED_ADDRESS));
+}
+
 #[test]
 fn bad_fingerprint_and_garbage_are_dropped() {
     let mut h = Harness::new(users_config());
