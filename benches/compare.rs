@@ -905,35 +905,22 @@ fn start_redis(env: &Env) -> Option<(Proc, String)> {
 /// and a `user-quota`): per store and target, the median of
 /// [`Scale::ramps`] rounds of [`store_allocations`], each on a fresh start.
 fn credential_stores(env: &Env, targets: &[&Target], redis: Option<&str>) -> Value {
+    // The one user, added to a store named by turnadmin's `-b`/`-N`.
+    let add_user = |store: &[&str]| {
+        let mut args = vec!["-a"];
+        args.extend_from_slice(store);
+        args.extend(["-u", "bench", "-r", "bench.test", "-p", "bench-password"]);
+        turnadmin(&args);
+    };
     let sqlite = env.dir.join("turndb");
     let db = sqlite.to_str().unwrap();
-    turnadmin(&[
-        "-a",
-        "-b",
-        db,
-        "-u",
-        "bench",
-        "-r",
-        "bench.test",
-        "-p",
-        "bench-password",
-    ]);
+    add_user(&["-b", db]);
     let mut stores = vec![
         ("static", "user=bench:bench-password\n".to_string()),
         ("sqlite", format!("userdb={db}\n")),
     ];
     if let Some(info) = redis {
-        turnadmin(&[
-            "-a",
-            "-N",
-            info,
-            "-u",
-            "bench",
-            "-r",
-            "bench.test",
-            "-p",
-            "bench-password",
-        ]);
+        add_user(&["-N", info]);
         stores.push(("redis", format!("redis-userdb=\"{info}\"\n")));
         // A node of a fleet: every Allocate takes its quota slot in Redis.
         stores.push((

@@ -259,17 +259,8 @@ fn a_private_relay_address_behind_a_public_listener_is_warned_about() {
     ns.ip(&[
         "-n", &ns.name, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
     ]);
-    ns.ip(&[
-        "-n",
-        &ns.name,
-        "addr",
-        "add",
-        "198.51.100.1/24",
-        "dev",
-        "d0",
-    ]);
-    ns.ip(&["-n", &ns.name, "addr", "add", "10.0.0.1/24", "dev", "d0"]);
-    ns.ip(&["-n", &ns.name, "link", "set", "d0", "up"]);
+    ns.address("d0", "198.51.100.1/24");
+    ns.address("d0", "10.0.0.1/24");
     ns.ip(&["-n", &ns.name, "link", "set", "d1", "up"]);
     let port = free_ports(1).to_string();
     let base = [
@@ -324,7 +315,7 @@ fn health_check_and_drain_commands() {
     let mut c = Client::new(s.udp_addr());
     assert!(c.allocate(USER, PASSWORD).is_success());
     let live = SocketAddr::from(([127, 0, 0, 1], mport));
-    // Workers publish their counts once a second.
+    // The count follows the allocation as the worker records it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while http_get(live, "/live") != (200, "serving\nallocations: 1\n".into()) {
         assert!(Instant::now() < deadline, "{:?}", http_get(live, "/live"));

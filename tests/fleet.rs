@@ -121,16 +121,7 @@ impl Fleet {
                 "up",
             ]);
             let ip = format!("10.77.0.1{i}");
-            ns.ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ]);
-            ns.ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
+            ns.address("eth0", &format!("{ip}/24"));
             let config = TempDir::new("fleet");
             let conf = format!(
                 "listening-ip={ip}\nlistening-port={PORT}\nno-tls\nrealm={REALM}\n\
@@ -245,6 +236,22 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(50));
         }
         start.elapsed()
+    }
+
+    /// Waits until every node refuses, `refused(fleet, node)`, each within
+    /// a second, and asserts that all of them did within a second of the
+    /// call (made right after the change); returns how long it took.
+    fn refused_everywhere(&self, what: &str, refused: impl Fn(&Fleet, usize) -> bool) -> Duration {
+        let start = Instant::now();
+        for i in 1..=3 {
+            self.wait_for(what, Duration::from_secs(1), |f| refused(f, i));
+        }
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{what} everywhere after {took:?}"
+        );
+        took
     }
 }
 
@@ -428,34 +435,18 @@ fn revocation_and_ending_a_user_reach_every_node() {
     // turnadmin -d: every node refuses bob within a second, although
     // each cached him for a minute.
     fleet.admin(&["-d", "-u", "bob", "-r", REALM]);
-    let deleted = Instant::now();
-    for i in 1..=3 {
-        fleet.wait_for("bob refused", Duration::from_secs(1), |f| {
-            f.allocate(i, "bob").err() == Some(401)
-        });
-    }
-    let took = deleted.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "bob refused everywhere after {took:?}"
-    );
+    let took = fleet.refused_everywhere("bob refused", |f, i| {
+        f.allocate(i, "bob").err() == Some(401)
+    });
     eprintln!("turnadmin -d refused on three nodes after {took:?}");
 
     // Another tool deletes carol's key: keyspace notifications.
     fleet
         .redis
         .cli(&["del", &format!("turn/realm/{REALM}/user/carol/key")]);
-    let deleted = Instant::now();
-    for i in 1..=3 {
-        fleet.wait_for("carol refused", Duration::from_secs(1), |f| {
-            f.allocate(i, "carol").err() == Some(401)
-        });
-    }
-    let took = deleted.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "carol refused everywhere after {took:?}"
-    );
+    let took = fleet.refused_everywhere("carol refused", |f, i| {
+        f.allocate(i, "carol").err() == Some(401)
+    });
     eprintln!("DEL of the key refused on three nodes after {took:?}");
 
     // coturn's own turnadmin adds and deletes a user on the same Redis.
@@ -472,17 +463,9 @@ fn revocation_and_ending_a_user_reach_every_node() {
         );
     }
     coturn_turnadmin(&fleet, &["-d", "-N", &info, "-u", "erin", "-r", REALM]);
-    let deleted = Instant::now();
-    for i in 1..=3 {
-        fleet.wait_for("erin refused", Duration::from_secs(1), |f| {
-            f.allocate(i, "erin").err() == Some(401)
-        });
-    }
-    let took = deleted.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "erin refused everywhere after {took:?}"
-    );
+    fleet.refused_everywhere("erin refused", |f, i| {
+        f.allocate(i, "erin").err() == Some(401)
+    });
 }
 
 /// Runs coturn's `turnadmin` in the hub, in a mount namespace of its own
@@ -1108,17 +1091,9 @@ fn a_deleted_secret_is_refused_everywhere_within_a_second() {
     }
 
     fleet.admin(&["-X", "old-secret", "-r", REALM]);
-    let deleted = Instant::now();
-    for i in 1..=3 {
-        fleet.wait_for("the old secret refused", Duration::from_secs(1), |f| {
-            allocate_rest(f, i, &old) == Some(401)
-        });
-    }
-    let took = deleted.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "refused everywhere after {took:?}"
-    );
+    let took = fleet.refused_everywhere("the old secret refused", |f, i| {
+        allocate_rest(f, i, &old) == Some(401)
+    });
     eprintln!("turnadmin -X refused on three nodes after {took:?}");
 
     // Another tool removes a secret from the set.
@@ -1127,17 +1102,9 @@ fn a_deleted_secret_is_refused_everywhere_within_a_second() {
         &format!("turn/realm/{REALM}/secret"),
         "third-secret",
     ]);
-    let deleted = Instant::now();
-    for i in 1..=3 {
-        fleet.wait_for("the third secret refused", Duration::from_secs(1), |f| {
-            allocate_rest(f, i, &third) == Some(401)
-        });
-    }
-    let took = deleted.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "refused everywhere after {took:?}"
-    );
+    fleet.refused_everywhere("the third secret refused", |f, i| {
+        allocate_rest(f, i, &third) == Some(401)
+    });
     for i in 1..=3 {
         assert_eq!(allocate_rest(&fleet, i, &new), None, "n{i}");
     }

@@ -51,16 +51,7 @@ impl Link {
             &client.name,
         ]);
         for (ns, dev, ip) in [(&server, "vs", SERVER_IP), (&client, "vp", CLIENT_IP)] {
-            ns.ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ]);
-            ns.ip(&["-n", &ns.name, "link", "set", dev, "up"]);
+            ns.address(dev, &format!("{ip}/24"));
         }
         // veth runs NAPI (and so GRO) for what it receives once GRO is
         // asked for, and takes plain UDP through it with UDP GRO

@@ -20,12 +20,16 @@ fn metrics_host(cfg: &Config) -> String {
     }
 }
 
-/// One GET of the server's own endpoint, within 3 s.
-fn get(cfg: &Config, path: &str) -> Result<(u16, String), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A runtime for the requests of one command.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// One GET of the server's own endpoint on `rt`, within 3 s.
+fn get(rt: &tokio::runtime::Runtime, cfg: &Config, path: &str) -> Result<(u16, String), String> {
     let host = metrics_host(cfg);
     rt.block_on(async {
         match tokio::time::timeout(
@@ -51,7 +55,7 @@ pub fn health_check(cfg: &Config) -> ExitCode {
         println!("metrics are off (prometheus): nothing to ask");
         return ExitCode::SUCCESS;
     }
-    match get(cfg, "/health") {
+    match runtime().and_then(|rt| get(&rt, cfg, "/health")) {
         Ok((200, body)) => {
             println!("{body}");
             ExitCode::SUCCESS
@@ -137,11 +141,18 @@ pub fn drain(cfg: &Config) -> ExitCode {
         println!("metrics are off (prometheus): not waiting for allocations to end");
         return ExitCode::SUCCESS;
     }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("turnserver --drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let limit = Duration::from_secs(u64::from(cfg.drain_timeout));
     let start = Instant::now();
     let mut last = None;
     loop {
-        let left = match get(cfg, "/live") {
+        let left = match get(&rt, cfg, "/live") {
             Ok((200, body)) => body
                 .lines()
                 .find_map(|l| l.strip_prefix("allocations: "))

@@ -35,8 +35,58 @@ pub struct Detected {
     pub source: String,
 }
 
+/// One cloud's metadata request for the public IPv4 address.
+struct Provider {
+    /// Name in errors.
+    name: &'static str,
+    /// Where the address came from, for the log.
+    source: &'static str,
+    /// AWS IMDSv2: a session token from `PUT /latest/api/token` first, sent
+    /// with the GET.
+    imds_token: bool,
+    path: &'static str,
+    /// A header the service requires, if any.
+    header: Option<(&'static str, &'static str)>,
+}
+
 /// The metadata providers, in order of preference.
-const PROVIDERS: [&str; 5] = ["AWS", "GCP", "Azure", "DigitalOcean", "Hetzner"];
+static PROVIDERS: [Provider; 5] = [
+    Provider {
+        name: "AWS",
+        source: "AWS metadata (IMDSv2)",
+        imds_token: true,
+        path: "/latest/meta-data/public-ipv4",
+        header: None,
+    },
+    Provider {
+        name: "GCP",
+        source: "GCP metadata",
+        imds_token: false,
+        path: "/computeMetadata/v1/instance/network-interfaces/0/access-configs/0/external-ip",
+        header: Some(("Metadata-Flavor", "Google")),
+    },
+    Provider {
+        name: "Azure",
+        source: "Azure metadata",
+        imds_token: false,
+        path: "/metadata/instance/network/interface/0/ipv4/ipAddress/0/publicIpAddress?api-version=2021-02-01&format=text",
+        header: Some(("Metadata", "true")),
+    },
+    Provider {
+        name: "DigitalOcean",
+        source: "DigitalOcean metadata",
+        imds_token: false,
+        path: "/metadata/v1/interfaces/public/0/ipv4/address",
+        header: None,
+    },
+    Provider {
+        name: "Hetzner",
+        source: "Hetzner metadata",
+        imds_token: false,
+        path: "/hetzner/v1/metadata/public-ipv4",
+        header: None,
+    },
+];
 
 /// Finds the public address as configured (see the module docs). Errors:
 /// one line listing why each way failed.
@@ -65,6 +115,7 @@ pub async fn detect(cfg: &Config) -> Result<Detected, String> {
 }
 
 /// A metadata service's address: `http://host[:port]`.
+#[derive(Clone)]
 struct Base {
     host: String,
     port: u16,
@@ -100,99 +151,48 @@ async fn http(
     super::http::request(&base.host, base.port, method, path, headers).await
 }
 
-/// A 200 whose body is an address.
-fn address(provider: &str, answer: (u16, String)) -> Result<IpAddr, String> {
+/// Asks one provider: its token first for AWS, then the GET; a 200 whose
+/// body is an address.
+async fn provider(base: &Base, p: &Provider) -> Result<IpAddr, String> {
+    let fail = |e: String| format!("{}: {e}", p.name);
+    let mut headers = Vec::new();
+    let token;
+    if p.imds_token {
+        let (status, t) = http(
+            base,
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+        )
+        .await
+        .map_err(fail)?;
+        if status != 200 || t.is_empty() {
+            return Err(format!("{}: token: HTTP {status}", p.name));
+        }
+        token = t;
+        headers.push(("X-aws-ec2-metadata-token", token.as_str()));
+    }
+    headers.extend(p.header);
+    let answer = http(base, "GET", p.path, &headers).await.map_err(fail)?;
     match answer {
         (200, body) => body
             .parse::<IpAddr>()
-            .map_err(|_| format!("{provider}: the answer is not an address")),
-        (status, _) => Err(format!("{provider}: HTTP {status}")),
-    }
-}
-
-/// Asks one provider.
-async fn provider(base: &Base, name: &str) -> Result<IpAddr, String> {
-    let fail = |e: String| format!("{name}: {e}");
-    match name {
-        "AWS" => {
-            let (status, token) = http(
-                base,
-                "PUT",
-                "/latest/api/token",
-                &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
-            )
-            .await
-            .map_err(fail)?;
-            if status != 200 || token.is_empty() {
-                return Err(format!("AWS: token: HTTP {status}"));
-            }
-            let answer = http(
-                base,
-                "GET",
-                "/latest/meta-data/public-ipv4",
-                &[("X-aws-ec2-metadata-token", token.as_str())],
-            )
-            .await
-            .map_err(fail)?;
-            address(name, answer)
-        }
-        "GCP" => {
-            let answer = http(
-                base,
-                "GET",
-                "/computeMetadata/v1/instance/network-interfaces/0/access-configs/0/external-ip",
-                &[("Metadata-Flavor", "Google")],
-            )
-            .await
-            .map_err(fail)?;
-            address(name, answer)
-        }
-        "Azure" => {
-            let answer = http(
-                base,
-                "GET",
-                "/metadata/instance/network/interface/0/ipv4/ipAddress/0/publicIpAddress?api-version=2021-02-01&format=text",
-                &[("Metadata", "true")],
-            )
-            .await
-            .map_err(fail)?;
-            address(name, answer)
-        }
-        "DigitalOcean" => {
-            let answer = http(
-                base,
-                "GET",
-                "/metadata/v1/interfaces/public/0/ipv4/address",
-                &[],
-            )
-            .await
-            .map_err(fail)?;
-            address(name, answer)
-        }
-        "Hetzner" => {
-            let answer = http(base, "GET", "/hetzner/v1/metadata/public-ipv4", &[])
-                .await
-                .map_err(fail)?;
-            address(name, answer)
-        }
-        _ => Err(format!("{name}: unknown provider")),
+            .map_err(|_| format!("{}: the answer is not an address", p.name)),
+        (status, _) => Err(format!("{}: HTTP {status}", p.name)),
     }
 }
 
 /// Every provider at once; the first in [`PROVIDERS`] order that found an
 /// address.
 async fn metadata(base: &Base, timeout: Duration) -> Result<Detected, String> {
-    let base = std::sync::Arc::new(Base {
-        host: base.host.clone(),
-        port: base.port,
-    });
+    let base = std::sync::Arc::new(base.clone());
     let mut set = JoinSet::new();
-    for (i, name) in PROVIDERS.iter().enumerate() {
+    for (i, p) in PROVIDERS.iter().enumerate() {
         let base = base.clone();
         set.spawn(async move {
-            let r = match tokio::time::timeout(timeout, provider(&base, name)).await {
+            let r = match tokio::time::timeout(timeout, provider(&base, p)).await {
                 Ok(r) => r,
-                Err(_) => Err(format!("{name}: no answer in {} s", timeout.as_secs())),
+                Err(_) => Err(format!("{}: no answer in {} s", p.name, timeout.as_secs())),
             };
             (i, r)
         });
@@ -207,11 +207,10 @@ async fn metadata(base: &Base, timeout: Duration) -> Result<Detected, String> {
             && let Some(Some(Ok(ip))) = results.get(i)
         {
             set.abort_all();
-            let source = match PROVIDERS[i] {
-                "AWS" => "AWS metadata (IMDSv2)".to_string(),
-                name => format!("{name} metadata"),
-            };
-            return Ok(Detected { ip: *ip, source });
+            return Ok(Detected {
+                ip: *ip,
+                source: PROVIDERS[i].source.to_string(),
+            });
         }
     }
     let errors: Vec<String> = results

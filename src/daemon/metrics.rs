@@ -485,19 +485,7 @@ fn answer(
     } else if request_path == "/live" {
         // Liveness: 200 while the process serves, draining or not, with the
         // live allocations (what `turnserver --drain` waits on).
-        let allocations: u64 = shared
-            .telemetry
-            .workers
-            .iter()
-            .map(|w| {
-                w.lock()
-                    .expect("telemetry lock")
-                    .gauges
-                    .allocations
-                    .iter()
-                    .sum::<u64>()
-            })
-            .sum();
+        let allocations = shared.allocations();
         let state = if draining.load(Ordering::Relaxed) {
             "draining"
         } else {

@@ -403,6 +403,31 @@ pub enum Tell {
     EndUser(Option<String>, String),
 }
 
+/// Lets every Allocate held for a quota slot go on: clears each hold's
+/// pending ask and tells its worker that what it wanted is ready.
+fn release_holds(fleet: &Fleet, tell: &(dyn Fn(Tell) + Send + Sync)) {
+    let waiting: Vec<(usize, Wanted)> = {
+        let mut st = fleet.state();
+        st.holds
+            .iter_mut()
+            .flat_map(|((r, u), h)| {
+                h.asking = false;
+                h.demand = 0;
+                let wanted = Wanted::Quota {
+                    realm: r.as_str().into(),
+                    user: u.as_str().into(),
+                };
+                std::mem::take(&mut h.waiting)
+                    .into_iter()
+                    .map(move |w| (w, wanted.clone()))
+            })
+            .collect()
+    };
+    for (w, wanted) in waiting {
+        tell(Tell::Ready(w, wanted));
+    }
+}
+
 /// The fleet task: talks to Redis for the ledger, keeps the heartbeat,
 /// counts, registry and redirect current, and follows the events.
 pub async fn run(
@@ -545,35 +570,10 @@ pub async fn run(
                 let result = heartbeat(&fleet, &shared, &conn, &mut written, full).await;
                 let was_up = fleet.is_up();
                 fleet.mark(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                if !was_up && fleet.is_up() {
-                    // Back: whatever was held waiting may go on.
-                    let waiting: Vec<(usize, Wanted)> = {
-                        let mut st = fleet.state();
-                        st.holds.iter_mut().flat_map(|((r, u), h)| {
-                            h.asking = false;
-                            h.demand = 0;
-                            let wanted = Wanted::Quota { realm: r.as_str().into(), user: u.as_str().into() };
-                            std::mem::take(&mut h.waiting).into_iter().map(move |w| (w, wanted.clone()))
-                        }).collect()
-                    };
-                    for (w, wanted) in waiting {
-                        tell(Tell::Ready(w, wanted));
-                    }
-                }
-                if !fleet.is_up() {
-                    // Held Allocates go on with local quotas.
-                    let waiting: Vec<(usize, Wanted)> = {
-                        let mut st = fleet.state();
-                        st.holds.iter_mut().flat_map(|((r, u), h)| {
-                            h.asking = false;
-                            h.demand = 0;
-                            let wanted = Wanted::Quota { realm: r.as_str().into(), user: u.as_str().into() };
-                            std::mem::take(&mut h.waiting).into_iter().map(move |w| (w, wanted.clone()))
-                        }).collect()
-                    };
-                    for (w, wanted) in waiting {
-                        tell(Tell::Ready(w, wanted));
-                    }
+                if !was_up || !fleet.is_up() {
+                    // Redis is back, or down: whatever was held waiting goes
+                    // on (with local quotas while it is down).
+                    release_holds(&fleet, &*tell);
                 }
                 let peers = match &result {
                     Ok(peers) => peers.clone(),

@@ -195,10 +195,7 @@ impl Server {
 
     /// Live allocations on the whole server.
     pub fn allocations(&self) -> u32 {
-        match &self.shared.fleet {
-            Some(f) => f.allocations(),
-            None => self.shared.quotas.allocations(),
-        }
+        self.shared.allocations()
     }
 }
 

@@ -47,6 +47,17 @@ pub struct Shared {
     pub draining: AtomicBool,
 }
 
+impl Shared {
+    /// Live allocations on the whole server, counted as they are created
+    /// and end (the fleet's ledger, else the quota counts).
+    pub fn allocations(&self) -> u32 {
+        match &self.fleet {
+            Some(f) => f.allocations(),
+            None => self.quotas.allocations(),
+        }
+    }
+}
+
 /// UDP steering state shared by the workers.
 #[derive(Debug, Default)]
 pub struct Steering {

@@ -66,6 +66,13 @@ impl NetNs {
         assert!(st.success(), "ip {args:?} failed");
     }
 
+    /// Gives link `dev` of this namespace the address `cidr` (`10.0.0.1/24`)
+    /// and brings it up.
+    pub fn address(&self, dev: &str, cidr: &str) {
+        self.ip(&["-n", &self.name, "addr", "add", cidr, "dev", dev]);
+        self.ip(&["-n", &self.name, "link", "set", dev, "up"]);
+    }
+
     /// Runs `args` inside the namespace (`ip netns exec`), failing the test
     /// if it fails.
     pub fn exec(&self, args: &[&str]) {
