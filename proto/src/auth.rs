@@ -1,4 +1,5 @@
-//! Long-term credentials (RFC 8489 §9.2) and the TURN REST API
+//! Long-term credentials (RFC 8489 §9.2: MD5 and SHA-256 password
+//! algorithms, USERHASH, the nonce cookie) and the TURN REST API
 //! (draft-uberti-behave-turn-rest, coturn's `use-auth-secret`).
 //!
 //! Everything here is pure computation: the caller passes the current UNIX
@@ -6,6 +7,7 @@
 //! an HMAC over that time and the client's IP address, so the server keeps no
 //! per-client state before a client authenticates.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -15,6 +17,7 @@ use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
+use sha2::Sha256;
 
 use crate::stun::Message;
 use crate::turn::directory::{Directory, Lookup, Wanted};
@@ -22,21 +25,224 @@ use crate::turn::directory::{Directory, Lookup, Wanted};
 /// A long-term credential key: MD5(username ":" realm ":" password), 16 bytes.
 pub type Key = [u8; 16];
 
+/// A long-term key for PASSWORD-ALGORITHM SHA-256:
+/// SHA-256(username ":" realm ":" password), 32 bytes (RFC 8489 §9.2.2).
+pub type Sha256Key = [u8; 32];
+
+/// The password as the key derivations use it: SASLprep'd, or as given
+/// when SASLprep rejects it.
+fn prepared(password: &str) -> Cow<'_, str> {
+    stringprep::saslprep(password).unwrap_or(Cow::Borrowed(password))
+}
+
 /// Derives the long-term key MD5(username:realm:SASLprep(password))
 /// (RFC 8489 §9.2.2). A password that SASLprep rejects is used unprepared.
 pub fn long_term_key(username: &str, realm: &str, password: &str) -> Key {
-    let prepped = stringprep::saslprep(password);
-    let password: &str = match &prepped {
-        Ok(p) => p,
-        Err(_) => password,
-    };
     let mut h = Md5::new();
-    h.update(username.as_bytes());
-    h.update(b":");
-    h.update(realm.as_bytes());
-    h.update(b":");
-    h.update(password.as_bytes());
+    for part in [username, ":", realm, ":", &prepared(password)] {
+        h.update(part.as_bytes());
+    }
     h.finalize().into()
+}
+
+/// Derives the SHA-256 long-term key
+/// SHA-256(username:realm:SASLprep(password)) (RFC 8489 §9.2.2).
+pub fn long_term_key_sha256(username: &str, realm: &str, password: &str) -> Sha256Key {
+    let mut h = Sha256::new();
+    for part in [username, ":", realm, ":", &prepared(password)] {
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The USERHASH of `username` in `realm`: SHA-256(username ":" realm),
+/// 32 bytes (RFC 8489 §14.4).
+pub fn userhash(username: &str, realm: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [username, ":", realm] {
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A password algorithm (RFC 8489 §14.11, §18.5): how the long-term key is
+/// derived from the password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PasswordAlgorithm {
+    /// 0x0001: MD5(username:realm:password), the RFC 5389 key.
+    Md5,
+    /// 0x0002: SHA-256(username:realm:password).
+    Sha256,
+}
+
+impl PasswordAlgorithm {
+    /// Its number in PASSWORD-ALGORITHM(S).
+    pub const fn code(self) -> u16 {
+        match self {
+            PasswordAlgorithm::Md5 => 1,
+            PasswordAlgorithm::Sha256 => 2,
+        }
+    }
+
+    /// The algorithm numbered `code`, if it is one of these.
+    pub fn from_code(code: u16) -> Option<Self> {
+        match code {
+            1 => Some(PasswordAlgorithm::Md5),
+            2 => Some(PasswordAlgorithm::Sha256),
+            _ => None,
+        }
+    }
+
+    /// Its name in the configuration (`md5`, `sha256`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            PasswordAlgorithm::Md5 => "md5",
+            PasswordAlgorithm::Sha256 => "sha256",
+        }
+    }
+
+    /// Parses a configuration name: `md5`, `sha256` or `sha-256`, any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "md5" => Some(PasswordAlgorithm::Md5),
+            "sha256" | "sha-256" => Some(PasswordAlgorithm::Sha256),
+            _ => None,
+        }
+    }
+
+    /// The PASSWORD-ALGORITHMS value listing `algorithms` in order: each a
+    /// 16-bit number and a zero parameter length (RFC 8489 §14.11).
+    pub fn encode_list(algorithms: &[PasswordAlgorithm]) -> Vec<u8> {
+        algorithms
+            .iter()
+            .flat_map(|a| {
+                let c = a.code().to_be_bytes();
+                [c[0], c[1], 0, 0]
+            })
+            .collect()
+    }
+}
+
+/// The key a request was verified with, and so the key its responses are
+/// signed with: 16 bytes (MD5) or 32 (SHA-256).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LongTermKey {
+    Md5(Key),
+    Sha256(Sha256Key),
+}
+
+impl LongTermKey {
+    /// The key bytes, as HMAC takes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            LongTermKey::Md5(k) => k,
+            LongTermKey::Sha256(k) => k,
+        }
+    }
+
+    /// The password algorithm it was derived with.
+    pub fn algorithm(&self) -> PasswordAlgorithm {
+        match self {
+            LongTermKey::Md5(_) => PasswordAlgorithm::Md5,
+            LongTermKey::Sha256(_) => PasswordAlgorithm::Sha256,
+        }
+    }
+}
+
+impl fmt::Debug for LongTermKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are secrets: never print them.
+        write!(f, "LongTermKey({})", self.algorithm().name())
+    }
+}
+
+/// A user's long-term keys: MD5 always, SHA-256 when the password itself
+/// is known (a `user=name:0x<hex>` entry or a user database holds only the
+/// MD5 key).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct UserKeys {
+    pub md5: Key,
+    pub sha256: Option<Sha256Key>,
+}
+
+impl UserKeys {
+    /// Both keys of `username` in `realm` with `password`.
+    pub fn from_password(username: &str, realm: &str, password: &str) -> Self {
+        UserKeys {
+            md5: long_term_key(username, realm, password),
+            sha256: Some(long_term_key_sha256(username, realm, password)),
+        }
+    }
+
+    /// The key for `algorithm`, if this user has one.
+    pub fn get(&self, algorithm: PasswordAlgorithm) -> Option<LongTermKey> {
+        match algorithm {
+            PasswordAlgorithm::Md5 => Some(LongTermKey::Md5(self.md5)),
+            PasswordAlgorithm::Sha256 => self.sha256.map(LongTermKey::Sha256),
+        }
+    }
+}
+
+impl From<Key> for UserKeys {
+    fn from(md5: Key) -> Self {
+        UserKeys { md5, sha256: None }
+    }
+}
+
+impl fmt::Debug for UserKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserKeys")
+            .field("sha256", &self.sha256.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The configuration's users (`user=` lines) in the default realm: keys by
+/// name, and names by USERHASH so that a request carrying USERHASH finds
+/// its user without hashing every name.
+#[derive(Clone, Default)]
+pub struct StaticUsers {
+    by_name: HashMap<String, UserKeys>,
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+impl StaticUsers {
+    /// The users of `realm` (the default realm), as (name, keys).
+    pub fn new(realm: &str, users: impl IntoIterator<Item = (String, UserKeys)>) -> Self {
+        let by_name: HashMap<String, UserKeys> = users.into_iter().collect();
+        let by_hash = by_name
+            .keys()
+            .map(|name| (userhash(name, realm), name.clone()))
+            .collect();
+        StaticUsers { by_name, by_hash }
+    }
+
+    /// The keys of `name`.
+    pub fn get(&self, name: &str) -> Option<&UserKeys> {
+        self.by_name.get(name)
+    }
+
+    /// The user whose USERHASH is `hash`.
+    pub fn by_userhash(&self, hash: &[u8]) -> Option<&str> {
+        let hash: &[u8; 32] = hash.try_into().ok()?;
+        self.by_hash.get(hash).map(String::as_str)
+    }
+
+    /// How many users there are.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Whether every user has a SHA-256 key (none was given as a bare MD5
+    /// key).
+    pub fn all_have_sha256(&self) -> bool {
+        self.by_name.values().all(|k| k.sha256.is_some())
+    }
 }
 
 /// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)).
@@ -108,8 +314,8 @@ impl fmt::Debug for StaticUser {
 pub enum Mechanism {
     /// No authentication at all (coturn's default when nothing is configured).
     None,
-    /// Long-term credentials with static users, keyed by username.
-    LongTerm(HashMap<String, Key>),
+    /// Long-term credentials with static users (and the user database).
+    LongTerm(StaticUsers),
     /// TURN REST API: every secret is tried in order (rotation).
     RestApi {
         secrets: Vec<Vec<u8>>,
@@ -146,6 +352,12 @@ pub enum AuthFailure {
     BadRestUsername,
     /// MESSAGE-INTEGRITY did not verify with any candidate key.
     BadIntegrity,
+    /// The request chose PASSWORD-ALGORITHM SHA-256 and the user has only
+    /// an MD5 key (a `0x` key in the configuration or a user database).
+    NoSha256Key,
+    /// The request carried only MESSAGE-INTEGRITY (HMAC-SHA1) and
+    /// `require-sha256` asks for MESSAGE-INTEGRITY-SHA256.
+    Sha1Refused,
     /// The NONCE expired (`stale-nonce`) or was not issued by this server
     /// (for example before a restart). Never returned by
     /// [`Authenticator::authenticate`], which does not see nonces.
@@ -154,12 +366,14 @@ pub enum AuthFailure {
 
 impl AuthFailure {
     /// Every kind, in the order of [`AuthFailure::index`].
-    pub const ALL: [AuthFailure; 5] = [
+    pub const ALL: [AuthFailure; 7] = [
         AuthFailure::UnknownUser,
         AuthFailure::Expired,
         AuthFailure::BadRestUsername,
         AuthFailure::BadIntegrity,
         AuthFailure::StaleNonce,
+        AuthFailure::NoSha256Key,
+        AuthFailure::Sha1Refused,
     ];
 
     /// Its position in [`AuthFailure::ALL`] (for counter arrays).
@@ -175,6 +389,8 @@ impl AuthFailure {
             AuthFailure::BadRestUsername => "bad_rest_username",
             AuthFailure::BadIntegrity => "bad_integrity",
             AuthFailure::StaleNonce => "stale_nonce",
+            AuthFailure::NoSha256Key => "no_sha256_key",
+            AuthFailure::Sha1Refused => "sha1_refused",
         }
     }
 }
@@ -187,6 +403,12 @@ impl fmt::Display for AuthFailure {
             AuthFailure::BadRestUsername => "REST username has no timestamp",
             AuthFailure::BadIntegrity => "wrong password (MESSAGE-INTEGRITY mismatch)",
             AuthFailure::StaleNonce => "stale or foreign nonce",
+            AuthFailure::NoSha256Key => {
+                "PASSWORD-ALGORITHM SHA-256 but the user has only an MD5 key"
+            }
+            AuthFailure::Sha1Refused => {
+                "MESSAGE-INTEGRITY-SHA256 required (require-sha256), request had SHA-1 only"
+            }
         })
     }
 }
@@ -194,10 +416,10 @@ impl fmt::Display for AuthFailure {
 /// The outcome of checking a request's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// MESSAGE-INTEGRITY verified with `key`; `from_directory` when the
-    /// key came from the user database rather than the configuration.
+    /// The message's integrity verified with `key`; `from_directory` when
+    /// the key came from the user database rather than the configuration.
     Ok {
-        key: Key,
+        key: LongTermKey,
         from_directory: bool,
     },
     Refused(AuthFailure),
@@ -222,7 +444,8 @@ impl Authenticator {
         !matches!(self.mechanism, Mechanism::None)
     }
 
-    /// Checks `msg`'s MESSAGE-INTEGRITY for `username` in `realm` and
+    /// Checks `msg`'s integrity for `username` in `realm` with the key of
+    /// `algorithm` (the request's PASSWORD-ALGORITHM, MD5 without one) and
     /// returns the key it verified with. Keys are looked for in the
     /// configuration (default realm only), then in `dir`. `unix_now` is the
     /// current time in UNIX seconds (REST expiry is accepted while `expiry
@@ -234,29 +457,28 @@ impl Authenticator {
         msg: &Message<'_>,
         username: &str,
         unix_now: u64,
+        algorithm: PasswordAlgorithm,
     ) -> Verdict {
-        let verify = |key: &Key, from_directory: bool| {
-            if msg.verify_integrity(key) {
-                Verdict::Ok {
-                    key: *key,
-                    from_directory,
-                }
-            } else {
-                Verdict::Refused(AuthFailure::BadIntegrity)
-            }
+        let verify = |key: Option<LongTermKey>, from_directory: bool| match key {
+            Some(key) if msg.verify_integrity(key.as_bytes()) => Verdict::Ok {
+                key,
+                from_directory,
+            },
+            Some(_) => Verdict::Refused(AuthFailure::BadIntegrity),
+            None => Verdict::Refused(AuthFailure::NoSha256Key),
         };
         let default_realm = realm == &*self.realm;
         match &self.mechanism {
             Mechanism::None => Verdict::Ok {
-                key: [0; 16],
+                key: LongTermKey::Md5([0; 16]),
                 from_directory: false,
             },
             Mechanism::LongTerm(users) => {
-                if let Some(key) = users.get(username).filter(|_| default_realm) {
-                    return verify(key, false);
+                if let Some(keys) = users.get(username).filter(|_| default_realm) {
+                    return verify(keys.get(algorithm), false);
                 }
                 match dir.user_key(realm, username) {
-                    Lookup::Found(key) => verify(&key, true),
+                    Lookup::Found(key) => verify(UserKeys::from(key).get(algorithm), true),
                     Lookup::Absent => Verdict::Refused(AuthFailure::UnknownUser),
                     Lookup::Pending => Verdict::Pending(Wanted::User {
                         realm: realm.into(),
@@ -273,8 +495,15 @@ impl Authenticator {
                 }
                 let try_secret = |secret: &[u8]| {
                     let password = rest_password(secret, username);
-                    let key = long_term_key(username, realm, &password);
-                    msg.verify_integrity(&key).then_some(key)
+                    let key = match algorithm {
+                        PasswordAlgorithm::Md5 => {
+                            LongTermKey::Md5(long_term_key(username, realm, &password))
+                        }
+                        PasswordAlgorithm::Sha256 => {
+                            LongTermKey::Sha256(long_term_key_sha256(username, realm, &password))
+                        }
+                    };
+                    msg.verify_integrity(key.as_bytes()).then_some(key)
                 };
                 let configured = secrets.iter().filter(|_| default_realm);
                 if let Some(key) = configured.filter_map(|s| try_secret(s)).next() {
@@ -299,6 +528,29 @@ impl Authenticator {
             }
         }
     }
+
+    /// Whether every credential this authenticator holds can give a
+    /// SHA-256 key: REST secrets always can, static users when all were
+    /// given with a password (not a `0x` MD5 key). Keys from a user
+    /// database are MD5 only; the caller accounts for that.
+    pub fn sha256_keys_available(&self) -> bool {
+        match &self.mechanism {
+            Mechanism::None => false,
+            Mechanism::LongTerm(users) => users.all_have_sha256(),
+            Mechanism::RestApi { .. } => true,
+        }
+    }
+
+    /// The user whose USERHASH (RFC 8489 §14.4) in `realm` is `hash`: only
+    /// the configuration's users of the default realm can be found this
+    /// way (a REST username or a database user cannot be derived from its
+    /// hash).
+    pub fn user_by_hash(&self, realm: &str, hash: &[u8]) -> Option<&str> {
+        match &self.mechanism {
+            Mechanism::LongTerm(users) if realm == &*self.realm => users.by_userhash(hash),
+            _ => None,
+        }
+    }
 }
 
 /// Result of checking a NONCE.
@@ -311,11 +563,26 @@ pub enum NonceCheck {
     Invalid,
 }
 
+/// The nonce cookie (RFC 8489 §9.2): a nonce starting with it carries the
+/// server's STUN Security Features in the next four characters.
+pub const NONCE_COOKIE: &[u8; 9] = b"obMatJos2";
+
+/// STUN Security Feature "Password algorithms" (RFC 8489 §18.1, bit 0 of
+/// the 24-bit set, the top bit of its first byte): the server offers
+/// PASSWORD-ALGORITHMS, and a client's choice is checked against it.
+pub const FEATURE_PASSWORD_ALGORITHMS: u8 = 0x80;
+/// STUN Security Feature "Username anonymity" (bit 1): USERHASH accepted.
+pub const FEATURE_USERNAME_ANONYMITY: u8 = 0x40;
+
 /// Issues and checks stateless nonces.
 ///
-/// A nonce is 24 hex characters: 8 for the issue time (UNIX seconds, low 32
-/// bits) and 16 for the first 8 bytes of HMAC-SHA1(secret, time ‖ client IP).
-/// The secret is random per process, so nonces from before a restart get 438.
+/// A nonce is 37 characters: the nonce cookie `obMatJos2`, four base64
+/// characters encoding the security features (RFC 8489 §9.2; only the
+/// first byte of the 24 bits is used), then 24 hex characters: 8 for the
+/// issue time (UNIX seconds, low 32 bits) and 16 for the first 8 bytes of
+/// HMAC-SHA1(secret, time ‖ features ‖ client IP). The features are under
+/// the HMAC, so a man in the middle cannot bid them down. The secret is
+/// random per process, so nonces from before a restart get 438.
 #[derive(Clone)]
 pub struct NonceIssuer {
     secret: [u8; 32],
@@ -332,7 +599,7 @@ impl fmt::Debug for NonceIssuer {
 }
 
 /// Length of every nonce this server issues, characters.
-pub const NONCE_LEN: usize = 24;
+pub const NONCE_LEN: usize = 9 + 4 + 24;
 
 impl NonceIssuer {
     /// `lifetime` in seconds, `None` for nonces that never go stale.
@@ -340,10 +607,11 @@ impl NonceIssuer {
         NonceIssuer { secret, lifetime }
     }
 
-    fn tag(&self, time: u32, ip: IpAddr) -> [u8; 8] {
+    fn tag(&self, time: u32, features: u8, ip: IpAddr) -> [u8; 8] {
         let mut mac =
             <Hmac<Sha1> as KeyInit>::new_from_slice(&self.secret).expect("any key length");
         mac.update(&time.to_be_bytes());
+        mac.update(&[features]);
         match ip {
             IpAddr::V4(a) => mac.update(&a.octets()),
             IpAddr::V6(a) => mac.update(&a.octets()),
@@ -352,37 +620,58 @@ impl NonceIssuer {
         out[..8].try_into().expect("SHA-1 output is 20 bytes")
     }
 
-    /// A fresh nonce for a client at `ip`, at time `unix_now` (seconds).
-    pub fn issue(&self, unix_now: u64, ip: IpAddr) -> [u8; NONCE_LEN] {
+    /// A fresh nonce for a client at `ip`, at time `unix_now` (seconds),
+    /// announcing `features` (the first byte of the security features:
+    /// [`FEATURE_PASSWORD_ALGORITHMS`] | [`FEATURE_USERNAME_ANONYMITY`]).
+    pub fn issue(&self, unix_now: u64, ip: IpAddr, features: u8) -> [u8; NONCE_LEN] {
         let time = unix_now as u32;
         let mut raw = [0u8; 12];
         raw[..4].copy_from_slice(&time.to_be_bytes());
-        raw[4..].copy_from_slice(&self.tag(time, ip));
+        raw[4..].copy_from_slice(&self.tag(time, features, ip));
         let mut out = [0u8; NONCE_LEN];
+        out[..9].copy_from_slice(NONCE_COOKIE);
+        base64::engine::general_purpose::STANDARD
+            .encode_slice([features, 0, 0], &mut out[9..13])
+            .expect("3 bytes are 4 base64 characters");
         const HEX: &[u8; 16] = b"0123456789abcdef";
         for (i, b) in raw.iter().enumerate() {
-            out[2 * i] = HEX[usize::from(b >> 4)];
-            out[2 * i + 1] = HEX[usize::from(b & 15)];
+            out[13 + 2 * i] = HEX[usize::from(b >> 4)];
+            out[13 + 2 * i + 1] = HEX[usize::from(b & 15)];
         }
         out
     }
 
+    /// The security features a nonce of this server's format announces
+    /// (first byte), or `None` when it is not of that format. Says nothing
+    /// about whether the nonce is genuine: see [`NonceIssuer::check`].
+    pub fn features_of(nonce: &[u8]) -> Option<u8> {
+        if nonce.len() != NONCE_LEN || !nonce.starts_with(NONCE_COOKIE) {
+            return None;
+        }
+        let mut bits = [0u8; 3];
+        match base64::engine::general_purpose::STANDARD.decode_slice(&nonce[9..13], &mut bits) {
+            Ok(3) if bits[1] == 0 && bits[2] == 0 => Some(bits[0]),
+            _ => None,
+        }
+    }
+
     /// Checks a nonce presented by a client at `ip` at time `unix_now`.
     pub fn check(&self, nonce: &[u8], unix_now: u64, ip: IpAddr) -> NonceCheck {
-        if nonce.len() != NONCE_LEN {
+        let Some(features) = Self::features_of(nonce) else {
             return NonceCheck::Invalid;
-        }
+        };
+        let hex = &nonce[13..];
         let mut raw = [0u8; 12];
         for (i, r) in raw.iter_mut().enumerate() {
-            let hi = (nonce[2 * i] as char).to_digit(16);
-            let lo = (nonce[2 * i + 1] as char).to_digit(16);
+            let hi = (hex[2 * i] as char).to_digit(16);
+            let lo = (hex[2 * i + 1] as char).to_digit(16);
             match (hi, lo) {
                 (Some(h), Some(l)) => *r = (h * 16 + l) as u8,
                 _ => return NonceCheck::Invalid,
             }
         }
         let time = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
-        let tag = self.tag(time, ip);
+        let tag = self.tag(time, features, ip);
         // Constant-time comparison of the tag.
         let diff = tag
             .iter()
@@ -458,22 +747,46 @@ mod tests {
         let key = long_term_key("alice", "example.org", "pw");
         let auth = Authenticator {
             realm: "example.org".into(),
-            mechanism: Mechanism::LongTerm(HashMap::from([("alice".to_string(), key)])),
+            mechanism: Mechanism::LongTerm(StaticUsers::new(
+                "example.org",
+                [("alice".to_string(), key.into())],
+            )),
         };
         let raw = signed("alice", &key);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", 0),
+            auth.authenticate(
+                &NoDirectory,
+                &auth.realm,
+                &m,
+                "alice",
+                0,
+                PasswordAlgorithm::Md5
+            ),
             ok(key)
         );
         assert_eq!(
-            auth.authenticate(&NoDirectory, &auth.realm, &m, "bob", 0),
+            auth.authenticate(
+                &NoDirectory,
+                &auth.realm,
+                &m,
+                "bob",
+                0,
+                PasswordAlgorithm::Md5
+            ),
             Verdict::Refused(AuthFailure::UnknownUser)
         );
         let raw = signed("alice", &long_term_key("alice", "example.org", "wrong"));
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", 0),
+            auth.authenticate(
+                &NoDirectory,
+                &auth.realm,
+                &m,
+                "alice",
+                0,
+                PasswordAlgorithm::Md5
+            ),
             Verdict::Refused(AuthFailure::BadIntegrity)
         );
     }
@@ -494,12 +807,26 @@ mod tests {
             let raw = signed(&user, &key);
             let m = Message::parse(&raw).unwrap();
             assert_eq!(
-                auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now),
+                auth.authenticate(
+                    &NoDirectory,
+                    &auth.realm,
+                    &m,
+                    &user,
+                    now,
+                    PasswordAlgorithm::Md5
+                ),
                 ok(key)
             );
             // The same credential after its expiry.
             assert_eq!(
-                auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now + 61),
+                auth.authenticate(
+                    &NoDirectory,
+                    &auth.realm,
+                    &m,
+                    &user,
+                    now + 61,
+                    PasswordAlgorithm::Md5
+                ),
                 Verdict::Refused(AuthFailure::Expired)
             );
         }
@@ -508,18 +835,32 @@ mod tests {
         let raw = signed(&user, &key);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&NoDirectory, &auth.realm, &m, &user, now),
+            auth.authenticate(
+                &NoDirectory,
+                &auth.realm,
+                &m,
+                &user,
+                now,
+                PasswordAlgorithm::Md5
+            ),
             Verdict::Refused(AuthFailure::BadIntegrity)
         );
         assert_eq!(
-            auth.authenticate(&NoDirectory, &auth.realm, &m, "alice", now),
+            auth.authenticate(
+                &NoDirectory,
+                &auth.realm,
+                &m,
+                "alice",
+                now,
+                PasswordAlgorithm::Md5
+            ),
             Verdict::Refused(AuthFailure::BadRestUsername)
         );
     }
 
     fn ok(key: Key) -> Verdict {
         Verdict::Ok {
-            key,
+            key: LongTermKey::Md5(key),
             from_directory: false,
         }
     }
@@ -556,21 +897,24 @@ mod tests {
         let alice = long_term_key("alice", "example.org", "pw");
         let auth = Authenticator {
             realm: "example.org".into(),
-            mechanism: Mechanism::LongTerm(HashMap::from([("alice".to_string(), alice)])),
+            mechanism: Mechanism::LongTerm(StaticUsers::new(
+                "example.org",
+                [("alice".to_string(), alice.into())],
+            )),
         };
         let carol = long_term_key("carol", "db.org", "cpw");
         let raw = signed("carol", &carol);
         let m = Message::parse(&raw).unwrap();
         let d = TestDirectory;
         assert_eq!(
-            auth.authenticate(&d, "db.org", &m, "carol", 0),
+            auth.authenticate(&d, "db.org", &m, "carol", 0, PasswordAlgorithm::Md5),
             Verdict::Ok {
-                key: carol,
+                key: LongTermKey::Md5(carol),
                 from_directory: true
             }
         );
         assert_eq!(
-            auth.authenticate(&d, "pending.org", &m, "carol", 0),
+            auth.authenticate(&d, "pending.org", &m, "carol", 0, PasswordAlgorithm::Md5),
             Verdict::Pending(Wanted::User {
                 realm: "pending.org".into(),
                 name: "carol".into()
@@ -580,11 +924,11 @@ mod tests {
         let raw = signed("alice", &alice);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            auth.authenticate(&d, "example.org", &m, "alice", 0),
+            auth.authenticate(&d, "example.org", &m, "alice", 0, PasswordAlgorithm::Md5),
             ok(alice)
         );
         assert_eq!(
-            auth.authenticate(&d, "db.org", &m, "alice", 0),
+            auth.authenticate(&d, "db.org", &m, "alice", 0, PasswordAlgorithm::Md5),
             Verdict::Refused(AuthFailure::UnknownUser)
         );
         let rest = Authenticator {
@@ -604,7 +948,7 @@ mod tests {
             let key = long_term_key(user, realm, &rest_password(secret, user));
             let raw = signed(user, &key);
             let m = Message::parse(&raw).unwrap();
-            let v = rest.authenticate(&d, realm, &m, user, 1_800_000_000);
+            let v = rest.authenticate(&d, realm, &m, user, 1_800_000_000, PasswordAlgorithm::Md5);
             assert_eq!(
                 matches!(v, Verdict::Ok { .. }),
                 want,
@@ -614,7 +958,14 @@ mod tests {
         let raw = signed(user, &[0; 16]);
         let m = Message::parse(&raw).unwrap();
         assert_eq!(
-            rest.authenticate(&d, "pending.org", &m, user, 1_800_000_000),
+            rest.authenticate(
+                &d,
+                "pending.org",
+                &m,
+                user,
+                1_800_000_000,
+                PasswordAlgorithm::Md5
+            ),
             Verdict::Pending(Wanted::Secrets {
                 realm: "pending.org".into()
             })
@@ -626,8 +977,9 @@ mod tests {
         let n = NonceIssuer::new([5; 32], Some(600));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        let nonce = n.issue(1000, ip);
-        assert!(nonce.iter().all(|c| c.is_ascii_hexdigit()));
+        let nonce = n.issue(1000, ip, 0);
+        assert!(nonce.starts_with(b"obMatJos2AAAA"));
+        assert!(nonce[13..].iter().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(n.check(&nonce, 1000, ip), NonceCheck::Valid);
         assert_eq!(n.check(&nonce, 1599, ip), NonceCheck::Valid);
         assert_eq!(n.check(&nonce, 1600, ip), NonceCheck::Stale);
@@ -643,6 +995,21 @@ mod tests {
             NonceIssuer::new([6; 32], None).check(&nonce, 1000, ip),
             NonceCheck::Invalid
         );
+        // The security features are announced after the cookie and are
+        // under the HMAC: changing them (a bid-down) invalidates the nonce.
+        let featured = n.issue(
+            1000,
+            ip,
+            FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY,
+        );
+        assert!(featured.starts_with(b"obMatJos2wAAA"));
+        assert_eq!(NonceIssuer::features_of(&featured), Some(0xC0));
+        assert_eq!(n.check(&featured, 1000, ip), NonceCheck::Valid);
+        let mut bid_down = featured;
+        bid_down[9..13].copy_from_slice(b"AAAA");
+        assert_eq!(NonceIssuer::features_of(&bid_down), Some(0));
+        assert_eq!(n.check(&bid_down, 1000, ip), NonceCheck::Invalid);
+        assert_eq!(NonceIssuer::features_of(b"0123456789abcdef01234567"), None);
         // stale-nonce=0: never stale.
         let forever = NonceIssuer::new([5; 32], None);
         assert_eq!(forever.check(&nonce, 1_000_000, ip), NonceCheck::Valid);

@@ -22,7 +22,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::auth::{Authenticator, Key, Mechanism, long_term_key};
+use crate::auth::{Authenticator, Key, Mechanism, PasswordAlgorithm, StaticUsers, UserKeys};
 use crate::turn::policy::{IpRange, PeerPolicy};
 use crate::turn::{DefaultFamily, ExternalIp};
 use options::{Arg, OPTIONS, Reload, Support};
@@ -182,6 +182,10 @@ pub struct Config {
     pub secure_stun: bool,
     /// `stun-backward-compatibility` / `rfc3489-compatibility`.
     pub rfc3489: bool,
+    /// `password-algorithms`: `None` for `auto`, an empty list for `off`.
+    pub password_algorithms: Option<Vec<PasswordAlgorithm>>,
+    /// `require-sha256`.
+    pub require_sha256: bool,
     pub no_stun: bool,
     pub stun_only: bool,
     /// `check-origin-consistency`.
@@ -955,22 +959,36 @@ impl Config {
                     .collect(),
                 separator: self.rest_api_separator,
             },
-            AuthKind::LongTerm => Mechanism::LongTerm(
-                self.users
-                    .iter()
-                    .map(|u| {
-                        let key = match &u.secret {
-                            UserSecret::Key(k) => *k,
-                            UserSecret::Password(p) => long_term_key(&u.name, realm, p),
-                        };
-                        (u.name.clone(), key)
-                    })
-                    .collect(),
-            ),
+            AuthKind::LongTerm => Mechanism::LongTerm(StaticUsers::new(
+                realm,
+                self.users.iter().map(|u| {
+                    let keys = match &u.secret {
+                        UserSecret::Key(k) => UserKeys::from(*k),
+                        UserSecret::Password(p) => UserKeys::from_password(&u.name, realm, p),
+                    };
+                    (u.name.clone(), keys)
+                }),
+            )),
         };
         Authenticator {
             realm: realm.into(),
             mechanism,
+        }
+    }
+
+    /// The password algorithms to offer (RFC 8489 §9.2.4) with `auth`:
+    /// the configured list, or for `auto` SHA-256 then MD5 when every
+    /// credential can give a SHA-256 key (a user database holds MD5 keys
+    /// only), else MD5 alone.
+    pub fn offered_password_algorithms(&self, auth: &Authenticator) -> Vec<PasswordAlgorithm> {
+        if let Some(list) = &self.password_algorithms {
+            return list.clone();
+        }
+        let db_users = self.userdb.is_some() && self.auth_kind() == AuthKind::LongTerm;
+        if auth.sha256_keys_available() && !db_users {
+            vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
+        } else {
+            vec![PasswordAlgorithm::Md5]
         }
     }
 

@@ -9,6 +9,7 @@
 //! implemented" warning all read this table. Adding an option is one line
 //! here (and a `Config` field) plus the code that uses it.
 
+use crate::auth::PasswordAlgorithm;
 use std::net::SocketAddr;
 
 use super::setting::Setting::{
@@ -326,6 +327,8 @@ pub const OPTIONS: &[Spec] = &[
     not_yet_flag("oauth", None, "RFC 7635 third-party authorization."),
     yes("check-origin-consistency", None, Flag(field!(check_origin_consistency)), Live, "Every request on an allocation must carry the ORIGIN its Allocate carried (441 otherwise)."),
     yes("secure-stun", None, Flag(field!(secure_stun)), Live, "Require authentication for Binding."),
+    yes("password-algorithms", None, PASSWORD_ALGORITHMS, Live, "RFC 8489 password algorithms offered in 401 answers, in order of preference: a comma list of sha256 and md5, `auto` (sha256,md5 when every credential can give a SHA-256 key: passwords in user= lines and REST secrets; md5 alone with 0x keys or a user database), or `off` (no PASSWORD-ALGORITHMS, RFC 5389 behaviour).").default("auto"),
+    yes("require-sha256", None, Flag(field!(require_sha256)), Live, "Refuse requests whose only integrity is MESSAGE-INTEGRITY (HMAC-SHA1): they must carry MESSAGE-INTEGRITY-SHA256 (RFC 8489). Most WebRTC clients cannot: off by default."),
     inherent_flag("stateless-nonce", None, "nonces are always stateless", "Stateless nonces."),
     not_yet("stateless-nonce-secret", None, "Shared secret for stateless nonces."),
     inherent_flag("unauthorized-ratelimit", None, "answers to unauthenticated requests are always rate-limited; unauthorized-ratelimit-rps=0 turns it off", "Rate-limit 401 responses."),
@@ -435,6 +438,40 @@ pub const OPTIONS: &[Spec] = &[
 ];
 
 // The options with a value of their own kind.
+
+const PASSWORD_ALGORITHMS: Setting = Setting::Custom {
+    apply: |c, v| {
+        let v = need(v)?.trim();
+        c.password_algorithms = match v {
+            "auto" => None,
+            "off" | "none" => Some(Vec::new()),
+            list => {
+                let mut algorithms = Vec::new();
+                for name in list.split(',').map(str::trim) {
+                    let a = PasswordAlgorithm::parse(name).ok_or_else(|| {
+                        format!("'{name}' is not a password algorithm (md5, sha256)")
+                    })?;
+                    if algorithms.contains(&a) {
+                        return Err(format!("'{name}' is listed twice"));
+                    }
+                    algorithms.push(a);
+                }
+                Some(algorithms)
+            }
+        };
+        Ok(())
+    },
+    render: |c, key, out| {
+        let v = match &c.password_algorithms {
+            None => "auto".to_string(),
+            Some(l) if l.is_empty() => "off".to_string(),
+            Some(l) => l.iter().map(|a| a.name()).collect::<Vec<_>>().join(","),
+        };
+        out.push(format!("{key}={v}"));
+    },
+    repeat: false,
+    flag: false,
+};
 
 const EXTERNAL_IP: Setting = Setting::Custom {
     apply: |c, v| {

@@ -145,9 +145,18 @@ mobility
     let auth = cfg.authenticator("example.org");
     match auth.mechanism {
         Mechanism::LongTerm(users) => {
+            let keys = users.get("alice").expect("alice");
             assert_eq!(
-                users["alice"],
-                long_term_key("alice", "example.org", "secret")
+                keys.md5,
+                crate::auth::long_term_key("alice", "example.org", "secret")
+            );
+            assert_eq!(
+                keys.sha256,
+                Some(crate::auth::long_term_key_sha256(
+                    "alice",
+                    "example.org",
+                    "secret"
+                ))
             );
         }
         other => panic!("{other:?}"),
@@ -669,4 +678,42 @@ fn help_text_comes_from_the_table() {
         "{help}"
     );
     assert!(help.contains("[not implemented yet: ignored]"), "{help}");
+}
+
+#[test]
+fn password_algorithms_auto_list_and_off() {
+    use crate::auth::PasswordAlgorithm::{Md5, Sha256};
+    let with_users = "lt-cred-mech\nrealm=r\nuser=alice:pw\n";
+    let cfg = ok(with_users);
+    assert_eq!(cfg.password_algorithms, None);
+    assert_eq!(
+        cfg.offered_password_algorithms(&cfg.authenticator("r")),
+        [Sha256, Md5]
+    );
+    // A bare MD5 key cannot give a SHA-256 key: auto offers MD5 alone.
+    let cfg = ok("lt-cred-mech\nrealm=r\nuser=bob:0x00112233445566778899aabbccddeeff\n");
+    assert_eq!(
+        cfg.offered_password_algorithms(&cfg.authenticator("r")),
+        [Md5]
+    );
+    let cfg = ok(&format!("{with_users}password-algorithms=md5, sha256\n"));
+    assert_eq!(
+        cfg.offered_password_algorithms(&cfg.authenticator("r")),
+        [Md5, Sha256]
+    );
+    let cfg = ok(&format!(
+        "{with_users}password-algorithms=off\nrequire-sha256\n"
+    ));
+    assert!(
+        cfg.offered_password_algorithms(&cfg.authenticator("r"))
+            .is_empty()
+    );
+    assert!(cfg.require_sha256);
+    let e = err("password-algorithms=sha1\n");
+    assert!(
+        e.contains("password-algorithms") && e.contains("sha1"),
+        "{e}"
+    );
+    let e = err("password-algorithms=md5,md5\n");
+    assert!(e.contains("twice"), "{e}");
 }

@@ -109,6 +109,8 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
     core.rfc3489 = cfg.rfc3489;
+    core.password_algorithms = cfg.offered_password_algorithms(&core.auth);
+    core.require_sha256 = cfg.require_sha256;
     core.check_origin_consistency = cfg.check_origin_consistency;
     core.report_allocations = fixed.report_allocations;
     core.no_stun = cfg.no_stun;
@@ -148,7 +150,48 @@ fn describe(cfg: &Config, core: &turn::Config) {
     if cfg.auth_kind() != AuthKind::None && cfg.realm.is_none() {
         warn!("realm is not set; using '{realm}'");
     }
+    if cfg.auth_kind() != AuthKind::None {
+        describe_rfc8489(cfg, core);
+    }
     info!("{}", core.policy.describe());
+}
+
+/// Logs the RFC 8489 §9.2 security offered: password algorithms, whether
+/// MESSAGE-INTEGRITY-SHA256 is required, and USERHASH.
+fn describe_rfc8489(cfg: &Config, core: &turn::Config) {
+    let algorithms = &core.password_algorithms;
+    let list = if algorithms.is_empty() {
+        "none offered (RFC 5389 keys)".to_string()
+    } else {
+        algorithms
+            .iter()
+            .map(|a| a.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let anonymity = core.security_features() & crate::auth::FEATURE_USERNAME_ANONYMITY != 0;
+    info!(
+        "RFC 8489: password algorithms {list}; MESSAGE-INTEGRITY-SHA256 {}; USERHASH {}",
+        if core.require_sha256 {
+            "required"
+        } else {
+            "accepted"
+        },
+        if anonymity {
+            "accepted for the configured users"
+        } else {
+            "not offered"
+        }
+    );
+    let sha256 = algorithms.contains(&crate::auth::PasswordAlgorithm::Sha256);
+    let db_users = cfg.userdb.is_some() && cfg.auth_kind() == AuthKind::LongTerm;
+    if sha256 && (!core.auth.sha256_keys_available() || db_users) {
+        warn!(
+            "password-algorithms offers sha256, but users given as 0x keys or kept in the user \
+             database have only an MD5 key: a client choosing SHA-256 for them gets 401. \
+             password-algorithms=auto offers md5 alone in this case"
+        );
+    }
 }
 
 /// Where clients reach this node, for a fleet's redirects: `node-address`,

@@ -48,11 +48,13 @@ pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const TRANSPORT_UDP: u8 = 17;
 /// DONT-FRAGMENT (RFC 8656 §18.9).
 pub const DONT_FRAGMENT: u16 = 0x001A;
-/// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6); not supported.
+/// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6), a 16- to 32-byte HMAC-SHA256.
 pub const MESSAGE_INTEGRITY_SHA256: u16 = 0x001C;
-/// PASSWORD-ALGORITHM (RFC 8489 §14.12); not supported.
+/// PASSWORD-ALGORITHM (RFC 8489 §14.12): the algorithm the client chose
+/// from PASSWORD-ALGORITHMS, with its parameters.
 pub const PASSWORD_ALGORITHM: u16 = 0x001D;
-/// USERHASH (RFC 8489 §14.4); not supported.
+/// USERHASH (RFC 8489 §14.4): SHA-256(username ":" realm), 32 bytes, in
+/// place of USERNAME.
 pub const USERHASH: u16 = 0x001E;
 /// XOR-MAPPED-ADDRESS (RFC 8489 §14.2).
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
@@ -133,6 +135,9 @@ pub const fn is_understood(typ: u16) -> bool {
             | RESERVATION_TOKEN
             | PRIORITY
             | USE_CANDIDATE
+            | MESSAGE_INTEGRITY_SHA256
+            | PASSWORD_ALGORITHM
+            | USERHASH
     ) || !is_comprehension_required(typ)
 }
 
@@ -242,6 +247,24 @@ pub fn decode_u32(typ: u16, value: &[u8]) -> Result<u32, AttrError> {
 /// Decodes a UTF-8 text attribute (USERNAME, REALM, NONCE, SOFTWARE).
 pub fn decode_text(typ: u16, value: &[u8]) -> Result<&str, AttrError> {
     std::str::from_utf8(value).map_err(|_| AttrError::NotUtf8 { typ })
+}
+
+/// Decodes PASSWORD-ALGORITHM (RFC 8489 §14.12): a 16-bit algorithm
+/// number and 16-bit parameter length, then the parameters (none for MD5
+/// and SHA-256). Returns the algorithm number.
+pub fn decode_password_algorithm(value: &[u8]) -> Result<u16, AttrError> {
+    let bad = AttrError::BadLength {
+        typ: PASSWORD_ALGORITHM,
+        len: value.len(),
+    };
+    if value.len() < 4 {
+        return Err(bad);
+    }
+    let params = usize::from(u16::from_be_bytes([value[2], value[3]]));
+    if value.len() != 4 + params {
+        return Err(bad);
+    }
+    Ok(u16::from_be_bytes([value[0], value[1]]))
 }
 
 /// Decodes CHANNEL-NUMBER (RFC 8656 §18.1): a 16-bit number followed by
@@ -389,7 +412,9 @@ mod tests {
         assert!(is_understood(SOFTWARE));
         assert!(is_understood(0xC001));
         assert!(!is_understood(CHANGE_REQUEST));
-        assert!(!is_understood(USERHASH));
+        assert!(is_understood(USERHASH));
+        assert!(is_understood(PASSWORD_ALGORITHM));
+        assert!(!is_understood(CONNECTION_ID));
         assert!(!is_understood(0x7FFF));
     }
 }

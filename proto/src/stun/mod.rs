@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha1::Sha1;
+use sha2::Sha256;
 
 /// The fixed magic cookie in every RFC 5389/8489 message header.
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
@@ -114,7 +115,8 @@ pub enum DecodeError {
     TooManyAttributes,
     /// An attribute follows FINGERPRINT, or FINGERPRINT is not 4 bytes.
     BadFingerprintPosition,
-    /// MESSAGE-INTEGRITY is not 20 bytes.
+    /// MESSAGE-INTEGRITY is not 20 bytes, or MESSAGE-INTEGRITY-SHA256 is
+    /// not 16 to 32 bytes in steps of 4 (RFC 8489 §14.6).
     BadIntegrityLength,
 }
 
@@ -128,7 +130,9 @@ impl fmt::Display for DecodeError {
             DecodeError::TruncatedAttribute => "attribute runs past the end of the message",
             DecodeError::TooManyAttributes => "too many attributes",
             DecodeError::BadFingerprintPosition => "FINGERPRINT is not the last 4-byte attribute",
-            DecodeError::BadIntegrityLength => "MESSAGE-INTEGRITY is not 20 bytes",
+            DecodeError::BadIntegrityLength => {
+                "MESSAGE-INTEGRITY is not 20 bytes or MESSAGE-INTEGRITY-SHA256 not 16-32"
+            }
         };
         f.write_str(s)
     }
@@ -147,8 +151,11 @@ struct RawAttr {
 
 /// A parsed STUN message borrowing its bytes.
 ///
-/// Attributes after MESSAGE-INTEGRITY other than FINGERPRINT are ignored as
-/// RFC 8489 §14.5 requires; they are not visible through any accessor.
+/// Attributes after MESSAGE-INTEGRITY other than MESSAGE-INTEGRITY-SHA256
+/// and FINGERPRINT, and after MESSAGE-INTEGRITY-SHA256 other than
+/// FINGERPRINT, are ignored as RFC 8489 §14.5 and §14.6 require; they are
+/// not visible through any accessor. Neither integrity attribute is listed
+/// among the attributes either.
 #[derive(Clone)]
 pub struct Message<'a> {
     raw: &'a [u8],
@@ -158,6 +165,8 @@ pub struct Message<'a> {
     n_attrs: u8,
     /// Offset of the MESSAGE-INTEGRITY attribute header, if present.
     integrity_at: Option<u32>,
+    /// Offset of the MESSAGE-INTEGRITY-SHA256 attribute header, if present.
+    integrity_sha256_at: Option<u32>,
     /// Offset of the FINGERPRINT attribute header, if present.
     fingerprint_at: Option<u32>,
 }
@@ -208,6 +217,7 @@ impl<'a> Message<'a> {
             attrs: [RawAttr::default(); MAX_ATTRIBUTES],
             n_attrs: 0,
             integrity_at: None,
+            integrity_sha256_at: None,
             fingerprint_at: None,
         };
         let mut pos = HEADER_LEN;
@@ -229,13 +239,21 @@ impl<'a> Message<'a> {
                     return Err(DecodeError::BadFingerprintPosition);
                 }
                 msg.fingerprint_at = Some(pos as u32);
-            } else if msg.integrity_at.is_none() {
-                if typ == attr::MESSAGE_INTEGRITY {
-                    if alen != 20 {
-                        return Err(DecodeError::BadIntegrityLength);
-                    }
-                    msg.integrity_at = Some(pos as u32);
+            } else if msg.integrity_sha256_at.is_some() {
+                // Only FINGERPRINT may follow MESSAGE-INTEGRITY-SHA256.
+            } else if typ == attr::MESSAGE_INTEGRITY_SHA256 {
+                if !(16..=32).contains(&alen) || alen % 4 != 0 {
+                    return Err(DecodeError::BadIntegrityLength);
                 }
+                msg.integrity_sha256_at = Some(pos as u32);
+            } else if msg.integrity_at.is_some() {
+                // Only the two above may follow MESSAGE-INTEGRITY.
+            } else if typ == attr::MESSAGE_INTEGRITY {
+                if alen != 20 {
+                    return Err(DecodeError::BadIntegrityLength);
+                }
+                msg.integrity_at = Some(pos as u32);
+            } else {
                 let n = usize::from(msg.n_attrs);
                 if n == MAX_ATTRIBUTES {
                     return Err(DecodeError::TooManyAttributes);
@@ -247,7 +265,7 @@ impl<'a> Message<'a> {
                 };
                 msg.n_attrs += 1;
             }
-            // Attributes between MESSAGE-INTEGRITY and FINGERPRINT are skipped.
+            // Attributes after an integrity attribute are skipped.
             pos += 4 + padded;
         }
         Ok(msg)
@@ -273,7 +291,7 @@ impl<'a> Message<'a> {
         self.raw
     }
 
-    /// Every attribute up to MESSAGE-INTEGRITY (inclusive), in order, as
+    /// Every attribute before MESSAGE-INTEGRITY(-SHA256), in order, as
     /// `(type, value)`; values exclude padding.
     pub fn attributes(&self) -> impl Iterator<Item = (u16, &'a [u8])> + '_ {
         let raw = self.raw;
@@ -340,9 +358,15 @@ impl<'a> Message<'a> {
         n
     }
 
-    /// Whether the message carries MESSAGE-INTEGRITY.
+    /// Whether the message carries MESSAGE-INTEGRITY or
+    /// MESSAGE-INTEGRITY-SHA256.
     pub fn has_integrity(&self) -> bool {
-        self.integrity_at.is_some()
+        self.integrity_at.is_some() || self.integrity_sha256_at.is_some()
+    }
+
+    /// Whether the message carries MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6).
+    pub fn has_integrity_sha256(&self) -> bool {
+        self.integrity_sha256_at.is_some()
     }
 
     /// Whether the message carries FINGERPRINT.
@@ -364,9 +388,21 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Verifies MESSAGE-INTEGRITY (RFC 8489 §14.5) with `key` in constant
-    /// time. `false` when absent or wrong.
+    /// Verifies the message's integrity with `key` in constant time:
+    /// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6, possibly truncated to 16
+    /// bytes or more) when present, else MESSAGE-INTEGRITY (HMAC-SHA1,
+    /// §14.5). `false` when neither is present or the one checked is wrong.
     pub fn verify_integrity(&self, key: &[u8]) -> bool {
+        if let Some(at) = self.integrity_sha256_at {
+            let at = at as usize;
+            let len = usize::from(u16::from_be_bytes([self.raw[at + 2], self.raw[at + 3]]));
+            let mut mac =
+                <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+            update_with_length(&mut mac, &self.raw[..at], at + 4 + len - HEADER_LEN);
+            return mac
+                .verify_truncated_left(&self.raw[at + 4..at + 4 + len])
+                .is_ok();
+        }
         let Some(at) = self.integrity_at else {
             return false;
         };
@@ -376,11 +412,17 @@ impl<'a> Message<'a> {
     }
 }
 
-fn integrity_mac(key: &[u8], prefix: &[u8], length_field: usize) -> Hmac<Sha1> {
-    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+/// Feeds `prefix` (a header and attributes) to `mac` with the header's
+/// length field replaced by `length_field`.
+fn update_with_length<M: Mac>(mac: &mut M, prefix: &[u8], length_field: usize) {
     mac.update(&prefix[..2]);
     mac.update(&(length_field as u16).to_be_bytes());
     mac.update(&prefix[4..]);
+}
+
+fn integrity_mac(key: &[u8], prefix: &[u8], length_field: usize) -> Hmac<Sha1> {
+    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    update_with_length(&mut mac, prefix, length_field);
     mac
 }
 
@@ -506,6 +548,18 @@ impl<'b> MessageWriter<'b> {
         let length_field = prefix_end - self.start + 24 - HEADER_LEN;
         let mac = compute_integrity(key, &self.buf[self.start..prefix_end], length_field);
         self.attr(attr::MESSAGE_INTEGRITY, &mac)
+    }
+
+    /// Adds MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6), the full 32-byte
+    /// HMAC-SHA256 with `key` over everything so far.
+    pub fn integrity_sha256(&mut self, key: &[u8]) -> &mut Self {
+        let prefix_end = self.buf.len();
+        let length_field = prefix_end - self.start + 36 - HEADER_LEN;
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+        update_with_length(&mut mac, &self.buf[self.start..prefix_end], length_field);
+        let out: [u8; 32] = mac.finalize().into_bytes().into();
+        self.attr(attr::MESSAGE_INTEGRITY_SHA256, &out)
     }
 
     /// Adds FINGERPRINT over everything so far; must be the last attribute.

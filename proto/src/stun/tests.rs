@@ -367,14 +367,19 @@ mod properties {
     fn attribute() -> impl Strategy<Value = (u16, Vec<u8>)> {
         (any::<u16>(), prop::collection::vec(any::<u8>(), 0..80)).prop_filter(
             "integrity and fingerprint are added by the writer",
-            |(t, _)| *t != attr::MESSAGE_INTEGRITY && *t != attr::FINGERPRINT,
+            |(t, _)| {
+                *t != attr::MESSAGE_INTEGRITY
+                    && *t != attr::MESSAGE_INTEGRITY_SHA256
+                    && *t != attr::FINGERPRINT
+            },
         )
     }
 
     proptest! {
         /// Whatever attributes a message carries, writing and parsing it
-        /// gives them back in order, and MESSAGE-INTEGRITY and FINGERPRINT
-        /// verify.
+        /// gives them back in order, and MESSAGE-INTEGRITY,
+        /// MESSAGE-INTEGRITY-SHA256 (alone or after MESSAGE-INTEGRITY) and
+        /// FINGERPRINT verify.
         #[test]
         fn messages_round_trip(
             m in 0u16..0x1000,
@@ -383,6 +388,7 @@ mod properties {
             attrs in prop::collection::vec(attribute(), 0..MAX_ATTRIBUTES - 1),
             key in prop::collection::vec(any::<u8>(), 1..40),
             integrity in any::<bool>(),
+            sha256 in any::<bool>(),
             fingerprint in any::<bool>(),
         ) {
             let class = [Class::Request, Class::Indication, Class::Success, Class::Error][usize::from(class)];
@@ -394,10 +400,14 @@ mod properties {
             if integrity {
                 w.integrity(&key);
             }
+            if sha256 {
+                w.integrity_sha256(&key);
+            }
             if fingerprint {
                 w.fingerprint();
             }
             let msg = Message::parse(&out).unwrap();
+            prop_assert_eq!(msg.has_integrity_sha256(), sha256);
             prop_assert_eq!(msg.method(), m);
             prop_assert_eq!(msg.class(), class);
             prop_assert_eq!(msg.transaction_id(), &tid);
@@ -409,8 +419,8 @@ mod properties {
             prop_assert_eq!(&got, &attrs);
             prop_assert!(msg.fingerprint_ok());
             prop_assert_eq!(msg.has_fingerprint(), fingerprint);
-            prop_assert_eq!(msg.verify_integrity(&key), integrity);
-            if integrity {
+            prop_assert_eq!(msg.verify_integrity(&key), integrity || sha256);
+            if integrity || sha256 {
                 let mut wrong = key.clone();
                 wrong[0] ^= 1;
                 prop_assert!(!msg.verify_integrity(&wrong));

@@ -14,7 +14,7 @@ use super::{
     AllocationId, ClientAction, CloseReason, DEFAULT_ALLOCATION_LIFETIME, DefaultFamily, Event,
     Family, FiveTuple, PortRequest, RelayProvider, RelayRequest, Server, Traffic, Transport,
 };
-use crate::auth::Key;
+use crate::auth::LongTermKey;
 use crate::stun::{Class, ErrorCode, Message, attr};
 
 /// One allocation: the relayed transport address of a client 5-tuple, with
@@ -37,7 +37,7 @@ pub(super) struct Allocation {
     /// The ORIGIN its Allocate carried (`check-origin-consistency`).
     pub(super) origin: Option<Box<str>>,
     /// The key it was created with (`None` without authentication).
-    pub(super) key: Option<Key>,
+    pub(super) key: Option<LongTermKey>,
     /// Its user came from the user database: later requests are checked
     /// against the database's key, and a deleted user loses it.
     pub(super) from_directory: bool,
@@ -95,7 +95,7 @@ impl Allocation {
 pub(super) struct Owner<'u> {
     pub(super) username: &'u str,
     pub(super) realm: Arc<str>,
-    pub(super) key: Option<Key>,
+    pub(super) key: Option<LongTermKey>,
     /// The key came from the user database.
     pub(super) from_directory: bool,
 }
@@ -389,7 +389,7 @@ impl Server {
         msg: &Message<'_>,
         req: &request::Refresh<'_>,
         out: &mut Vec<u8>,
-        key: Option<Key>,
+        key: Option<LongTermKey>,
         username: &str,
     ) -> ClientAction {
         let k = key.as_ref();

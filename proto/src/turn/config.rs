@@ -6,13 +6,24 @@ use super::policy::PeerPolicy;
 use super::quota;
 use super::{DEFAULT_MAX_CHANNELS, DEFAULT_MAX_PERMISSIONS, DEFAULT_UNAUTHENTICATED_RATE};
 use super::{DefaultFamily, ExternalIp};
-use crate::auth::{Authenticator, NonceIssuer};
+use crate::auth::{
+    Authenticator, FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, Mechanism, NonceIssuer,
+    PasswordAlgorithm,
+};
 
 /// Settings of the core, shared by every worker.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub auth: Authenticator,
     pub nonces: NonceIssuer,
+    /// Password algorithms offered in PASSWORD-ALGORITHMS, in order of
+    /// preference (RFC 8489 §9.2.4, `password-algorithms`). Empty: the
+    /// "Password algorithms" security feature is not announced and every
+    /// request is checked with MD5 keys, as RFC 5389 servers do.
+    pub password_algorithms: Vec<PasswordAlgorithm>,
+    /// Requests must carry MESSAGE-INTEGRITY-SHA256 (`require-sha256`);
+    /// MESSAGE-INTEGRITY (HMAC-SHA1) alone gets 401.
+    pub require_sha256: bool,
     /// Add FINGERPRINT to every response (`fingerprint`); responses to
     /// requests carrying FINGERPRINT get one regardless.
     pub fingerprint: bool,
@@ -84,9 +95,16 @@ pub struct Config {
 impl Config {
     /// A configuration with coturn's defaults and the given authenticator.
     pub fn new(auth: Authenticator, nonces: NonceIssuer) -> Self {
+        let password_algorithms = if auth.sha256_keys_available() {
+            vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
+        } else {
+            vec![PasswordAlgorithm::Md5]
+        };
         Config {
             auth,
             nonces,
+            password_algorithms,
+            require_sha256: false,
             fingerprint: false,
             software: None,
             max_allocation_lifetime: 3600,
@@ -114,5 +132,20 @@ impl Config {
             alternate_servers: Vec::new(),
             tls_alternate_servers: Vec::new(),
         }
+    }
+
+    /// The STUN Security Features this configuration announces in its
+    /// nonces (RFC 8489 §9.2, first byte of the 24 bits): "Password
+    /// algorithms" when any are offered, "Username anonymity" when the
+    /// configuration has users whose USERHASH can be resolved.
+    pub fn security_features(&self) -> u8 {
+        let mut f = 0;
+        if !self.password_algorithms.is_empty() {
+            f |= FEATURE_PASSWORD_ALGORITHMS;
+        }
+        if matches!(&self.auth.mechanism, Mechanism::LongTerm(users) if !users.is_empty()) {
+            f |= FEATURE_USERNAME_ANONYMITY;
+        }
+        f
     }
 }

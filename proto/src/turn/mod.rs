@@ -40,6 +40,7 @@ pub mod request;
 pub mod sim;
 mod stats;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,11 +49,14 @@ use std::time::Instant;
 use slab::Slab;
 use tracing::{debug, info};
 
-use crate::auth::{AuthFailure, Key, NonceCheck, Verdict};
+use crate::auth::{
+    AuthFailure, FEATURE_PASSWORD_ALGORITHMS, LongTermKey, NonceCheck, NonceIssuer,
+    PasswordAlgorithm, Verdict,
+};
 use crate::stun::{Class, ErrorCode, Message, MessageWriter, attr, method};
 use allocation::Allocation;
 use rate_limit::{RateLimiter, SeededMap, SeededState};
-use request::{Credentials, Request};
+use request::{Credentials, Request, UserId};
 
 pub use config::Config;
 pub use directory::{Directory, Lookup, NoDirectory, RealmSettings, Secrets, Wanted};
@@ -114,8 +118,8 @@ enum Authed<'m> {
     /// Authenticated (or auth disabled: no key, empty username) in `realm`;
     /// `from_directory` when the key came from the user database.
     Ok {
-        key: Option<Key>,
-        username: &'m str,
+        key: Option<LongTermKey>,
+        username: Cow<'m, str>,
         realm: Arc<str>,
         from_directory: bool,
     },
@@ -384,11 +388,23 @@ impl Server {
         w
     }
 
-    /// Adds MESSAGE-INTEGRITY (when authenticated) and FINGERPRINT (when the
-    /// request had one or `fingerprint` is set).
-    fn seal(&self, w: &mut MessageWriter<'_>, req: &Message<'_>, key: Option<&Key>) {
-        if let Some(k) = key {
-            w.integrity(k);
+    /// Adds the integrity attribute (when authenticated) and FINGERPRINT
+    /// (when the request had one or `fingerprint` is set). The integrity is
+    /// MESSAGE-INTEGRITY-SHA256 when the request was checked with a SHA-256
+    /// key or carried MESSAGE-INTEGRITY-SHA256 itself, else
+    /// MESSAGE-INTEGRITY (RFC 8489 §9.2.4).
+    fn seal(&self, w: &mut MessageWriter<'_>, req: &Message<'_>, key: Option<&LongTermKey>) {
+        match key {
+            Some(k @ LongTermKey::Sha256(_)) => {
+                w.integrity_sha256(k.as_bytes());
+            }
+            Some(k) if req.has_integrity_sha256() => {
+                w.integrity_sha256(k.as_bytes());
+            }
+            Some(k) => {
+                w.integrity(k.as_bytes());
+            }
+            None => {}
         }
         if self.cfg.fingerprint || req.has_fingerprint() {
             w.fingerprint();
@@ -402,7 +418,7 @@ impl Server {
         out: &mut Vec<u8>,
         req: &Message<'_>,
         code: ErrorCode,
-        key: Option<&Key>,
+        key: Option<&LongTermKey>,
     ) -> ClientAction {
         let mut w = self.response(out, req, Class::Error);
         w.error(code);
@@ -411,14 +427,20 @@ impl Server {
     }
 
     /// A success response with no attributes but the seal.
-    fn success(&self, out: &mut Vec<u8>, req: &Message<'_>, key: Option<&Key>) -> ClientAction {
+    fn success(
+        &self,
+        out: &mut Vec<u8>,
+        req: &Message<'_>,
+        key: Option<&LongTermKey>,
+    ) -> ClientAction {
         let mut w = self.response(out, req, Class::Success);
         self.seal(&mut w, req, key);
         ClientAction::Reply
     }
 
-    /// 401 or 438 with REALM (`realm`) and a fresh NONCE, never
-    /// MESSAGE-INTEGRITY.
+    /// 401 or 438 with REALM (`realm`), a fresh NONCE announcing the
+    /// security features, and PASSWORD-ALGORITHMS when that feature is on
+    /// (RFC 8489 §9.2.4); never MESSAGE-INTEGRITY.
     #[allow(clippy::too_many_arguments)]
     fn challenge(
         &self,
@@ -429,11 +451,19 @@ impl Server {
         code: ErrorCode,
         realm: &str,
     ) -> ClientAction {
-        let nonce = self.cfg.nonces.issue(self.unix(now), ft.client.ip());
+        let features = self.cfg.security_features();
+        let nonce = self
+            .cfg
+            .nonces
+            .issue(self.unix(now), ft.client.ip(), features);
         let mut w = self.response(out, req, Class::Error);
         w.error(code)
             .attr(attr::REALM, realm.as_bytes())
             .attr(attr::NONCE, &nonce);
+        if features & FEATURE_PASSWORD_ALGORITHMS != 0 {
+            let list = PasswordAlgorithm::encode_list(&self.cfg.password_algorithms);
+            w.attr(attr::PASSWORD_ALGORITHMS, &list);
+        }
         self.seal(&mut w, req, None);
         ClientAction::Reply
     }
@@ -444,7 +474,7 @@ impl Server {
         out: &mut Vec<u8>,
         ft: &FiveTuple,
         msg: &Message<'_>,
-        key: Option<&Key>,
+        key: Option<&LongTermKey>,
     ) -> ClientAction {
         let mut w = self.response(out, msg, Class::Success);
         w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
@@ -551,6 +581,7 @@ impl Server {
             Authed::Answered => return self.limit(now, ft, out),
             Authed::Pending(wanted) => return ClientAction::Await(wanted),
         };
+        let username: &str = &username;
         let k = key.as_ref();
         let action = match Request::decode(msg, self.cfg.rfc5766_channels) {
             Err(code) => self.error(out, msg, code, k),
@@ -609,7 +640,7 @@ impl Server {
         if !self.cfg.auth.enabled() {
             return Authed::Ok {
                 key: None,
-                username: "",
+                username: Cow::Borrowed(""),
                 realm,
                 from_directory: false,
             };
@@ -625,7 +656,22 @@ impl Server {
                 return Authed::Answered;
             }
         };
-        let username = creds.username;
+        let Some(algorithm) = self.password_algorithm(&creds) else {
+            debug!(five_tuple = %ft, "400: PASSWORD-ALGORITHM(S) do not match what the nonce's answer offered");
+            self.error(out, msg, ErrorCode::BadRequest, None);
+            return Authed::Answered;
+        };
+        let username: Cow<'m, str> = match creds.user {
+            UserId::Name(name) => Cow::Borrowed(name),
+            UserId::Hash(hash) => match self.cfg.auth.user_by_hash(&realm, hash) {
+                Some(name) => Cow::Owned(name.to_owned()),
+                None => {
+                    self.auth_failed(now, ft, "(userhash)", &realm, msg, AuthFailure::UnknownUser);
+                    self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
+                    return Authed::Answered;
+                }
+            },
+        };
         match self
             .cfg
             .nonces
@@ -633,13 +679,18 @@ impl Server {
         {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
-                self.auth_failed(now, ft, username, &realm, msg, AuthFailure::StaleNonce);
+                self.auth_failed(now, ft, &username, &realm, msg, AuthFailure::StaleNonce);
                 self.challenge(now, out, ft, msg, ErrorCode::StaleNonce, &realm);
                 return Authed::Answered;
             }
         }
+        if self.cfg.require_sha256 && !msg.has_integrity_sha256() {
+            self.auth_failed(now, ft, &username, &realm, msg, AuthFailure::Sha1Refused);
+            self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
+            return Authed::Answered;
+        }
         if let Some(id) = self.allocation_for(ft) {
-            match self.authenticate_on(now, id, ft, msg, username, out) {
+            match self.authenticate_on(now, id, ft, msg, &username, algorithm, out) {
                 Some(Ok(key)) => {
                     return Authed::Ok {
                         key: Some(key),
@@ -648,14 +699,18 @@ impl Server {
                         from_directory: self.get(id).is_some_and(|a| a.from_directory),
                     };
                 }
-                Some(Err(authed)) => return authed,
+                Some(Err(())) => return Authed::Answered,
                 None => {}
             }
         }
-        let verdict =
-            self.cfg
-                .auth
-                .authenticate(&*self.directory, &realm, msg, username, self.unix(now));
+        let verdict = self.cfg.auth.authenticate(
+            &*self.directory,
+            &realm,
+            msg,
+            &username,
+            self.unix(now),
+            algorithm,
+        );
         match verdict {
             Verdict::Ok {
                 key,
@@ -667,7 +722,7 @@ impl Server {
                 from_directory,
             },
             Verdict::Refused(why) => {
-                self.auth_failed(now, ft, username, &realm, msg, why);
+                self.auth_failed(now, ft, &username, &realm, msg, why);
                 self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
                 Authed::Answered
             }
@@ -675,50 +730,86 @@ impl Server {
         }
     }
 
+    /// The password algorithm a request is checked with (RFC 8489 §9.2.4):
+    /// MD5 unless its nonce announced "Password algorithms" and it chose
+    /// another. `None` (400) when it sent only one of PASSWORD-ALGORITHM
+    /// and PASSWORD-ALGORITHMS, changed the list it was offered, or chose
+    /// an algorithm not in it.
+    fn password_algorithm(&self, creds: &Credentials<'_>) -> Option<PasswordAlgorithm> {
+        let announced = NonceIssuer::features_of(creds.nonce)
+            .is_some_and(|f| f & FEATURE_PASSWORD_ALGORITHMS != 0);
+        if !announced {
+            return Some(PasswordAlgorithm::Md5);
+        }
+        match (creds.password_algorithms, creds.password_algorithm) {
+            (None, None) => Some(PasswordAlgorithm::Md5),
+            (Some(list), Some(code)) => {
+                let offered = &self.cfg.password_algorithms;
+                let same_list = list.len() == 4 * offered.len()
+                    && list
+                        .chunks(4)
+                        .zip(offered)
+                        .all(|(c, a)| *c == PasswordAlgorithm::encode_list(&[*a])[..]);
+                let chosen = PasswordAlgorithm::from_code(code)?;
+                (same_list && offered.contains(&chosen)).then_some(chosen)
+            }
+            _ => None,
+        }
+    }
+
     /// Requests on an existing allocation must come from its user (and,
     /// with `check-origin-consistency`, its ORIGIN); they are checked with
-    /// the key it was created with (a REST credential may expire while its
-    /// allocation lives on, as in coturn), or, for a user of the database,
-    /// with the user's key there now: a user deleted from the database
-    /// loses the allocation. `None`: check the credentials as for a new
-    /// client.
-    fn authenticate_on<'m>(
+    /// the key it was created with when they use the same password
+    /// algorithm (a REST credential may expire while its allocation lives
+    /// on, as in coturn), or, for a user of the database, with the user's
+    /// key there now: a user deleted from the database loses the
+    /// allocation. `None`: check the credentials as for a new client;
+    /// `Some(Err(()))`: the answer is in `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn authenticate_on(
         &mut self,
         now: Instant,
         id: AllocationId,
         ft: &FiveTuple,
-        msg: &Message<'m>,
+        msg: &Message<'_>,
         username: &str,
+        algorithm: PasswordAlgorithm,
         out: &mut Vec<u8>,
-    ) -> Option<Result<Key, Authed<'m>>> {
+    ) -> Option<Result<LongTermKey, ()>> {
         let a = self.get(id)?;
         if *a.username != *username {
             info!(five_tuple = %ft, user = username, allocation_user = &*a.username, "441: request for another user's allocation");
             self.error(out, msg, ErrorCode::WrongCredentials, None);
-            return Some(Err(Authed::Answered));
+            return Some(Err(()));
         }
         let origin = msg.text(attr::ORIGIN).and_then(Result::ok);
         if self.cfg.check_origin_consistency && a.origin.as_deref() != origin {
             info!(five_tuple = %ft, user = username, "441: ORIGIN differs from the allocation's");
             self.error(out, msg, ErrorCode::WrongCredentials, None);
-            return Some(Err(Authed::Answered));
+            return Some(Err(()));
         }
         if !a.from_directory {
-            return a.key.filter(|k| msg.verify_integrity(k)).map(Ok);
+            return a
+                .key
+                .filter(|k| k.algorithm() == algorithm && msg.verify_integrity(k.as_bytes()))
+                .map(Ok);
+        }
+        if algorithm != PasswordAlgorithm::Md5 {
+            return None;
         }
         let realm = a.realm.clone();
         match self.directory.user_key(&realm, username) {
-            Lookup::Found(key) if msg.verify_integrity(&key) => Some(Ok(key)),
+            Lookup::Found(key) if msg.verify_integrity(&key) => Some(Ok(LongTermKey::Md5(key))),
             Lookup::Found(_) => None,
-            Lookup::Pending => Some(Err(Authed::Pending(Wanted::User {
-                realm,
-                name: username.into(),
-            }))),
+            Lookup::Pending => {
+                // The caller asks the directory through the full check.
+                None
+            }
             Lookup::Absent => {
                 self.auth_failed(now, ft, username, &realm, msg, AuthFailure::UnknownUser);
                 self.close(id, CloseReason::UserRemoved, now);
                 self.challenge(now, out, ft, msg, ErrorCode::Unauthorized, &realm);
-                Some(Err(Authed::Answered))
+                Some(Err(()))
             }
         }
     }

@@ -9,7 +9,7 @@ use tracing::info;
 use super::allocation::Allocation;
 use super::request;
 use super::{CHANNEL_REBIND_GUARD, ClientAction, Family, FiveTuple, Server};
-use crate::auth::Key;
+use crate::auth::LongTermKey;
 use crate::stun::channel::{MAX_CHANNEL_RFC5766, MIN_CHANNEL};
 use crate::stun::{ErrorCode, MAX_ATTRIBUTES, Message};
 
@@ -149,7 +149,7 @@ impl Server {
         msg: &Message<'_>,
         req: &request::CreatePermission,
         out: &mut Vec<u8>,
-        key: Option<Key>,
+        key: Option<LongTermKey>,
     ) -> ClientAction {
         let k = key.as_ref();
         let Some(id) = self.allocation_for(ft) else {
@@ -196,7 +196,7 @@ impl Server {
         msg: &Message<'_>,
         req: &request::ChannelBind,
         out: &mut Vec<u8>,
-        key: Option<Key>,
+        key: Option<LongTermKey>,
     ) -> ClientAction {
         let k = key.as_ref();
         let Some(id) = self.allocation_for(ft) else {

@@ -17,27 +17,51 @@ pub fn unknown_attributes<'u>(msg: &Message<'_>, out: &'u mut [u16; 16]) -> &'u 
     &out[..n]
 }
 
+/// Who a request says it is: USERNAME, or USERHASH in its place
+/// (RFC 8489 §14.3, §14.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserId<'m> {
+    Name(&'m str),
+    /// SHA-256(username ":" realm), 32 bytes.
+    Hash(&'m [u8]),
+}
+
 /// The long-term credentials a request carries (RFC 8489 §9.2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Credentials<'m> {
-    pub username: &'m str,
+    pub user: UserId<'m>,
     pub realm: &'m str,
     pub nonce: &'m [u8],
+    /// PASSWORD-ALGORITHM's algorithm number, if present.
+    pub password_algorithm: Option<u16>,
+    /// PASSWORD-ALGORITHMS as the client echoed it, if present.
+    pub password_algorithms: Option<&'m [u8]>,
 }
 
 impl<'m> Credentials<'m> {
-    /// USERNAME, REALM and NONCE of a request that has MESSAGE-INTEGRITY.
-    /// Error: 400 when one is missing or not UTF-8 (RFC 8489 §9.2.4).
+    /// USERNAME (or USERHASH), REALM and NONCE of a request that has
+    /// MESSAGE-INTEGRITY(-SHA256), with PASSWORD-ALGORITHM(S) if present.
+    /// Error: 400 when one of the three is missing or malformed (not UTF-8,
+    /// a USERHASH not 32 bytes, a malformed PASSWORD-ALGORITHM)
+    /// (RFC 8489 §9.2.4).
     pub fn decode(msg: &Message<'m>) -> Result<Self, ErrorCode> {
-        match (
-            msg.text(attr::USERNAME),
-            msg.text(attr::REALM),
-            msg.get(attr::NONCE),
-        ) {
-            (Some(Ok(username)), Some(Ok(realm)), Some(nonce)) => Ok(Credentials {
-                username,
+        let user = match (msg.text(attr::USERNAME), msg.get(attr::USERHASH)) {
+            (Some(Ok(name)), _) => UserId::Name(name),
+            (None, Some(hash)) if hash.len() == 32 => UserId::Hash(hash),
+            _ => return Err(ErrorCode::BadRequest),
+        };
+        let password_algorithm = msg
+            .get(attr::PASSWORD_ALGORITHM)
+            .map(attr::decode_password_algorithm)
+            .transpose()
+            .map_err(|_| ErrorCode::BadRequest)?;
+        match (msg.text(attr::REALM), msg.get(attr::NONCE)) {
+            (Some(Ok(realm)), Some(nonce)) => Ok(Credentials {
+                user,
                 realm,
                 nonce,
+                password_algorithm,
+                password_algorithms: msg.get(attr::PASSWORD_ALGORITHMS),
             }),
             _ => Err(ErrorCode::BadRequest),
         }

@@ -21,7 +21,7 @@ use super::{
     AllocationId, ClientAction, Config, FiveTuple, OpenedRelay, PortRequest, RelayError,
     RelayProvider, RelayRequest, Server, Transport,
 };
-use crate::auth::{Authenticator, Mechanism, NonceIssuer, long_term_key};
+use crate::auth::{Authenticator, Mechanism, NonceIssuer, StaticUsers, UserKeys, long_term_key};
 use crate::stun::channel::{HEADROOM, TAILROOM};
 use crate::stun::client::{Credentials, write_request};
 use crate::stun::{Class, Message, MessageWriter, attr, method};
@@ -184,10 +184,10 @@ impl Sim {
     /// quotas so the script reaches their edges, starting at `now`.
     pub fn new(auth: bool, now: Instant) -> Sim {
         let mechanism = if auth {
-            Mechanism::LongTerm(std::collections::HashMap::from([(
-                "u".to_string(),
-                long_term_key("u", REALM, "p"),
-            )]))
+            Mechanism::LongTerm(StaticUsers::new(
+                REALM,
+                [("u".to_string(), UserKeys::from_password("u", REALM, "p"))],
+            ))
         } else {
             Mechanism::None
         };

@@ -4,7 +4,9 @@
 #![allow(clippy::disallowed_methods)] // Instant::now as the base time
 
 use super::*;
-use crate::auth::{Authenticator, Mechanism, NonceIssuer, long_term_key, rest_password};
+use crate::auth::{
+    Authenticator, Key, Mechanism, NonceIssuer, StaticUsers, UserKeys, long_term_key, rest_password,
+};
 use crate::stun::channel::{HEADROOM, TAILROOM};
 use crate::stun::client::{Credentials, request};
 use quota::Counts;
@@ -72,13 +74,19 @@ struct Harness {
 }
 
 fn users_config() -> Config {
-    let users = HashMap::from([
-        (
-            "alice".to_string(),
-            long_term_key("alice", REALM, "alicepw"),
-        ),
-        ("bob".to_string(), long_term_key("bob", REALM, "bobpw")),
-    ]);
+    let users = StaticUsers::new(
+        REALM,
+        [
+            (
+                "alice".to_string(),
+                UserKeys::from_password("alice", REALM, "alicepw"),
+            ),
+            (
+                "bob".to_string(),
+                UserKeys::from_password("bob", REALM, "bobpw"),
+            ),
+        ],
+    );
     let auth = Authenticator {
         realm: REALM.into(),
         mechanism: Mechanism::LongTerm(users),
@@ -1822,4 +1830,245 @@ fn a_fleet_redirect_answers_300_until_it_is_lifted() {
     assert!(h.allocate(&tls, "alice", "alicepw").ok());
     h.server.set_redirect(None);
     assert!(h.allocate(&ft, "alice", "alicepw").ok());
+}
+
+/// RFC 8489 §9.2: the 401 announces the security features and offers
+/// PASSWORD-ALGORITHMS; a request choosing SHA-256 is checked with the
+/// SHA-256 key and answered with MESSAGE-INTEGRITY-SHA256.
+mod rfc8489 {
+    use super::*;
+    use crate::auth::{
+        FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, PasswordAlgorithm,
+        long_term_key_sha256, userhash,
+    };
+
+    const SHA256_THEN_MD5: [u8; 8] = [0, 2, 0, 0, 0, 1, 0, 0];
+
+    /// How a test request identifies itself and signs.
+    struct Sign<'a> {
+        user: Option<&'a str>,
+        hash: Option<[u8; 32]>,
+        algorithm: Option<u16>,
+        algorithms: Option<&'a [u8]>,
+        key: Vec<u8>,
+        sha256: bool,
+        sha1: bool,
+    }
+
+    impl Default for Sign<'_> {
+        fn default() -> Self {
+            Sign {
+                user: Some("alice"),
+                hash: None,
+                algorithm: Some(2),
+                algorithms: Some(&SHA256_THEN_MD5),
+                key: long_term_key_sha256("alice", REALM, "alicepw").to_vec(),
+                sha256: true,
+                sha1: false,
+            }
+        }
+    }
+
+    fn allocate(tid: u8, nonce: &[u8], s: &Sign<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = MessageWriter::new(&mut out, method::ALLOCATE, Class::Request, &[tid; 12]);
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        if let Some(u) = s.user {
+            w.attr(attr::USERNAME, u.as_bytes());
+        }
+        if let Some(h) = &s.hash {
+            w.attr(attr::USERHASH, h);
+        }
+        w.attr(attr::REALM, REALM.as_bytes());
+        w.attr(attr::NONCE, nonce);
+        if let Some(list) = s.algorithms {
+            w.attr(attr::PASSWORD_ALGORITHMS, list);
+        }
+        if let Some(a) = s.algorithm {
+            let c = a.to_be_bytes();
+            w.attr(attr::PASSWORD_ALGORITHM, &[c[0], c[1], 0, 0]);
+        }
+        if s.sha1 {
+            w.integrity(&s.key);
+        }
+        if s.sha256 {
+            w.integrity_sha256(&s.key);
+        }
+        out
+    }
+
+    fn challenge(h: &mut Harness, ft: &FiveTuple) -> Resp {
+        let r = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        let c = h.ask(ft, &r.build(None));
+        assert_eq!(c.code(), Some(401));
+        c
+    }
+
+    #[test]
+    fn the_401_announces_features_and_offers_sha256_then_md5() {
+        let mut h = Harness::new(users_config());
+        let c = challenge(&mut h, &udp("198.51.100.1:5000"));
+        let nonce = c.nonce();
+        assert!(nonce.starts_with(b"obMatJos2"), "{nonce:?}");
+        assert_eq!(
+            NonceIssuer::features_of(&nonce),
+            Some(FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY)
+        );
+        assert_eq!(
+            c.msg().get(attr::PASSWORD_ALGORITHMS),
+            Some(&SHA256_THEN_MD5[..])
+        );
+    }
+
+    #[test]
+    fn sha256_key_and_integrity_allocate_and_sign_the_answer() {
+        let mut h = Harness::new(users_config());
+        let ft = udp("198.51.100.1:5000");
+        let nonce = challenge(&mut h, &ft).nonce();
+        let s = Sign::default();
+        let r = h.ask(&ft, &allocate(50, &nonce, &s));
+        assert!(r.ok(), "{:?}", r.code());
+        let m = r.msg();
+        assert!(m.has_integrity_sha256());
+        assert!(m.verify_integrity(&s.key));
+        // A Refresh with the same key on the allocation works; one with the
+        // MD5 key and no algorithm (RFC 5389 style) works too.
+        let md5 = long_term_key("alice", REALM, "alicepw");
+        let refresh = h.req(method::REFRESH);
+        let r = h.ask(&ft, &refresh.build(Some(("alice", "alicepw", &nonce))));
+        assert!(r.ok(), "{:?}", r.code());
+        assert!(!r.msg().has_integrity_sha256());
+        assert!(r.msg().verify_integrity(&md5));
+    }
+
+    #[test]
+    fn md5_key_with_sha256_integrity_is_answered_with_sha256_integrity() {
+        let mut h = Harness::new(users_config());
+        let ft = udp("198.51.100.1:5000");
+        let nonce = challenge(&mut h, &ft).nonce();
+        let key = long_term_key("alice", REALM, "alicepw").to_vec();
+        let s = Sign {
+            algorithm: Some(1),
+            key: key.clone(),
+            sha1: true,
+            ..Sign::default()
+        };
+        let r = h.ask(&ft, &allocate(51, &nonce, &s));
+        assert!(r.ok(), "{:?}", r.code());
+        assert!(r.msg().has_integrity_sha256() && r.msg().verify_integrity(&key));
+    }
+
+    #[test]
+    fn mismatched_algorithms_get_400() {
+        let mut h = Harness::new(users_config());
+        let ft = udp("198.51.100.1:5000");
+        let nonce = challenge(&mut h, &ft).nonce();
+        let cases: [Sign<'_>; 4] = [
+            // The list was bid down to MD5 only.
+            Sign {
+                algorithms: Some(&[0, 1, 0, 0]),
+                ..Sign::default()
+            },
+            // PASSWORD-ALGORITHM without PASSWORD-ALGORITHMS.
+            Sign {
+                algorithms: None,
+                ..Sign::default()
+            },
+            // PASSWORD-ALGORITHMS without PASSWORD-ALGORITHM.
+            Sign {
+                algorithm: None,
+                ..Sign::default()
+            },
+            // An algorithm that was not offered.
+            Sign {
+                algorithm: Some(7),
+                ..Sign::default()
+            },
+        ];
+        for (i, s) in cases.iter().enumerate() {
+            let r = h.ask(&ft, &allocate(60 + i as u8, &nonce, s));
+            assert_eq!(r.code(), Some(400), "case {i}");
+        }
+        assert_eq!(h.server.allocation_count(), 0);
+    }
+
+    #[test]
+    fn userhash_finds_the_user() {
+        let mut h = Harness::new(users_config());
+        let ft = udp("198.51.100.1:5000");
+        let nonce = challenge(&mut h, &ft).nonce();
+        let s = Sign {
+            user: None,
+            hash: Some(userhash("alice", REALM)),
+            ..Sign::default()
+        };
+        let r = h.ask(&ft, &allocate(70, &nonce, &s));
+        assert!(r.ok(), "{:?}", r.code());
+        // An unknown hash is 401.
+        let ft2 = udp("198.51.100.1:5001");
+        let nonce = challenge(&mut h, &ft2).nonce();
+        let s = Sign {
+            user: None,
+            hash: Some(userhash("mallory", REALM)),
+            ..Sign::default()
+        };
+        assert_eq!(h.ask(&ft2, &allocate(71, &nonce, &s)).code(), Some(401));
+    }
+
+    #[test]
+    fn an_md5_only_user_choosing_sha256_gets_401() {
+        let mut cfg = users_config();
+        cfg.auth.mechanism = Mechanism::LongTerm(StaticUsers::new(
+            REALM,
+            [(
+                "alice".to_string(),
+                UserKeys::from(long_term_key("alice", REALM, "alicepw")),
+            )],
+        ));
+        let mut h = Harness::new(cfg);
+        let ft = udp("198.51.100.1:5000");
+        let nonce = challenge(&mut h, &ft).nonce();
+        let r = h.ask(&ft, &allocate(80, &nonce, &Sign::default()));
+        assert_eq!(r.code(), Some(401));
+        assert_eq!(
+            h.server.stats().auth_failures[AuthFailure::NoSha256Key.index()],
+            1
+        );
+    }
+
+    #[test]
+    fn require_sha256_refuses_sha1_only_requests() {
+        let mut cfg = users_config();
+        cfg.require_sha256 = true;
+        let mut h = Harness::new(cfg);
+        let ft = udp("198.51.100.1:5000");
+        assert_eq!(h.allocate(&ft, "alice", "alicepw").code(), Some(401));
+        let nonce = challenge(&mut h, &ft).nonce();
+        let r = h.ask(&ft, &allocate(90, &nonce, &Sign::default()));
+        assert!(r.ok(), "{:?}", r.code());
+    }
+
+    #[test]
+    fn off_keeps_rfc5389_behaviour() {
+        let mut cfg = users_config();
+        cfg.password_algorithms = Vec::new();
+        let mut h = Harness::new(cfg);
+        let ft = udp("198.51.100.1:5000");
+        let c = challenge(&mut h, &ft);
+        assert_eq!(c.msg().get(attr::PASSWORD_ALGORITHMS), None);
+        assert_eq!(
+            NonceIssuer::features_of(&c.nonce()),
+            Some(FEATURE_USERNAME_ANONYMITY)
+        );
+        // PASSWORD-ALGORITHM is then ignored: the MD5 key is used.
+        let nonce = c.nonce();
+        let s = Sign {
+            algorithm: Some(PasswordAlgorithm::Sha256.code()),
+            ..Sign::default()
+        };
+        assert_eq!(h.ask(&ft, &allocate(95, &nonce, &s)).code(), Some(401));
+        assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    }
 }
