@@ -3,7 +3,7 @@
 # (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
 # in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
 # debootstrap, ethtool, valgrind, postgresql, mariadb-server, redis-server,
-# sqlite3, podman and runc, playwright-core from npm,
+# sqlite3, haproxy, podman and runc, playwright-core from npm,
 # cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
 # package test (tests/package.sh, in a Debian root of its own), a smoke run
 # of the coturn comparison benchmark and bounded fuzzing.
@@ -66,11 +66,12 @@ export PATH="$COTURN_TOOLS/usr/bin:$PATH"
 ./benches/setup-coturn.sh
 
 # The database servers the user-database tests start on their own ports and
-# data directories (tests/common/db.rs): installed without starting their
-# services (a policy-rc.d of our own while apt runs, unless the machine has
-# one), and sqlite3 to edit a database as an operator would.
+# data directories (tests/common/db.rs), and haproxy, the load balancer the
+# PROXY protocol test starts (tests/proxy_protocol.rs): installed without
+# starting their services (a policy-rc.d of our own while apt runs, unless
+# the machine has one), and sqlite3 to edit a database as an operator would.
 db_missing=()
-for p in postgresql mariadb-server redis-server sqlite3; do
+for p in postgresql mariadb-server redis-server sqlite3 haproxy; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || db_missing+=("$p")
 done
 if [ ${#db_missing[@]} -gt 0 ]; then

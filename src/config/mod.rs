@@ -182,6 +182,9 @@ pub struct Config {
     pub secure_stun: bool,
     /// `stun-backward-compatibility` / `rfc3489-compatibility`.
     pub rfc3489: bool,
+    /// `proxy-protocol-allow`: load balancers whose TCP/TLS connections
+    /// start with a PROXY header.
+    pub proxy_protocol_allow: Vec<IpRange>,
     /// `password-algorithms`: `None` for `auto`, an empty list for `off`.
     pub password_algorithms: Option<Vec<PasswordAlgorithm>>,
     /// `require-sha256`.

@@ -277,7 +277,8 @@ pub const OPTIONS: &[Spec] = &[
     not_yet_flag("dtls", None, "Start DTLS listeners."),
     not_yet("aux-server", None, "Auxiliary listener ip:port."),
     not_yet_flag("udp-self-balance", None, "Balance UDP over aux servers with ALTERNATE-SERVER."),
-    not_yet("tcp-proxy-port", None, "TCP listener expecting the PROXY protocol."),
+    not_yet("tcp-proxy-port", None, "TCP listener expecting the PROXY protocol (use proxy-protocol-allow)."),
+    yes("proxy-protocol-allow", None, PROXY_PROTOCOL_ALLOW, Live, "A TCP load balancer (IP, range a-b or CIDR) whose TCP and TLS connections start with a PROXY protocol v1 or v2 header giving the client's address; repeatable. Connections from elsewhere are served directly and refused if they send such a header."),
     yes("max-stream-connections-per-ip", None, U32(field!(max_stream_connections_per_ip)), Live, "TCP/TLS connections one source address may hold open; 0 = unlimited.").default("256"),
     // Relay
     yes("relay-ip", Some('E'), Ips(field!(relay_ips)), Live, "Relay (allocation) IP address; repeatable.").note("the address the client connected to"),
@@ -634,6 +635,16 @@ const DENIED_PEER_IP: Setting = Setting::Custom {
         Ok(())
     },
     render: |c, key, out| out.extend(c.denied_peer_ips.iter().map(|r| format!("{key}={r}"))),
+    repeat: true,
+    flag: false,
+};
+
+const PROXY_PROTOCOL_ALLOW: Setting = Setting::Custom {
+    apply: |c, v| {
+        c.proxy_protocol_allow.push(need(v)?.parse()?);
+        Ok(())
+    },
+    render: |c, key, out| out.extend(c.proxy_protocol_allow.iter().map(|r| format!("{key}={r}"))),
     repeat: true,
     flag: false,
 };

@@ -153,6 +153,17 @@ fn describe(cfg: &Config, core: &turn::Config) {
     if cfg.auth_kind() != AuthKind::None {
         describe_rfc8489(cfg, core);
     }
+    if !cfg.proxy_protocol_allow.is_empty() {
+        let list: Vec<String> = cfg
+            .proxy_protocol_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        info!(
+            "PROXY protocol: TCP and TLS connections from {} must start with a PROXY header (v1 or v2)",
+            list.join(", ")
+        );
+    }
     info!("{}", core.policy.describe());
 }
 
@@ -566,6 +577,9 @@ impl Daemon {
             .idle_timeout_secs
             .store(u64::from(new.max_allocate_timeout), Ordering::Relaxed);
         shared
+            .proxy_allow
+            .store(Arc::new(new.proxy_protocol_allow.clone()));
+        shared
             .steering
             .enabled
             .store(new.udp_steering && !new.mobility, Ordering::Relaxed);
@@ -759,6 +773,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         relay_buffer: cfg.sock_buf_size,
         relay_gro: cfg.udp_gro,
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
+        proxy_allow: arc_swap::ArcSwap::from_pointee(cfg.proxy_protocol_allow.clone()),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
         quotas: server::quota::SharedCounts::default(),

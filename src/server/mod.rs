@@ -12,6 +12,7 @@ pub mod fleet;
 mod handover;
 pub mod net;
 pub mod ports;
+pub mod proxy;
 pub mod quota;
 pub mod relay;
 mod shared;

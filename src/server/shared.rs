@@ -28,6 +28,9 @@ pub struct Shared {
     pub relay_gro: bool,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
+    /// `proxy-protocol-allow`: the load balancers whose TCP/TLS
+    /// connections start with a PROXY header ([`super::proxy`]).
+    pub proxy_allow: arc_swap::ArcSwap<Vec<turn::policy::IpRange>>,
     /// Seconds of silence after which a stream connection without an
     /// allocation is closed (`max-allocate-timeout`).
     pub idle_timeout_secs: AtomicU64,

@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use super::Shared;
 use super::worker::{Handle, STREAM_LINK};
+use super::{Shared, proxy};
 use crate::stun::channel;
 use crate::turn::{FiveTuple, Transport};
 
@@ -80,10 +80,13 @@ impl Conn {
 }
 
 /// Accepts client connections on a TCP listener of the worker, within the
-/// per-address limit, and serves each on a task of its own.
+/// per-address limit, and serves each on a task of its own. A connection
+/// from a balancer of `proxy-protocol-allow` first gives its client's
+/// address in a PROXY header; the limit then counts that client, and the
+/// balancer itself is not limited.
 pub(super) async fn listen(worker: Handle, listener: TcpListener, local: SocketAddr) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (mut stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly.
@@ -93,33 +96,92 @@ pub(super) async fn listen(worker: Handle, listener: TcpListener, local: SocketA
             }
         };
         let shared = worker.borrow().shared.clone();
-        if !shared.streams.acquire(peer.ip()) {
-            debug!(
-                "{peer} -> {local}: more than {} connections from this address; closing",
-                shared.streams.limit.load(Ordering::Relaxed)
-            );
-            continue;
-        }
-        let slot = StreamSlot {
-            shared,
-            ip: peer.ip(),
+        let balancer = proxy::is_balancer(&shared.proxy_allow.load(), peer.ip());
+        let slot = if balancer {
+            None
+        } else {
+            match StreamSlot::acquire(&shared, peer) {
+                Some(slot) => Some(slot),
+                None => continue,
+            }
         };
         let _ = stream.set_nodelay(true);
         let worker = worker.clone();
         tokio::task::spawn_local(async move {
-            accept_stream(worker, stream, peer, local).await;
+            let mut client = peer;
+            let mut slot = slot;
+            if balancer {
+                let header =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, proxy::read_header(&mut stream)).await;
+                match header {
+                    Ok(Ok(proxy::Origin::Proxied { source, .. })) => client = source,
+                    Ok(Ok(proxy::Origin::Local)) => {}
+                    Ok(Err(e)) => {
+                        info!(
+                            "{peer} -> {local}: {e}; closing (proxy-protocol-allow lists {})",
+                            peer.ip()
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(
+                            "{peer} -> {local}: no PROXY header within {HANDSHAKE_TIMEOUT:?}; closing"
+                        );
+                        return;
+                    }
+                }
+                if client != peer {
+                    match StreamSlot::acquire(&shared, client) {
+                        Some(s) => slot = Some(s),
+                        None => return,
+                    }
+                }
+            }
+            accept_stream(worker, stream, client, local, balancer).await;
             drop(slot);
         });
     }
 }
 
+impl StreamSlot {
+    /// Counts a connection from `client` against the per-address limit;
+    /// `None` (logged) when the address is at it.
+    fn acquire(shared: &Arc<Shared>, client: SocketAddr) -> Option<StreamSlot> {
+        if !shared.streams.acquire(client.ip()) {
+            debug!(
+                "{client}: more than {} connections from this address; closing",
+                shared.streams.limit.load(Ordering::Relaxed)
+            );
+            return None;
+        }
+        Some(StreamSlot {
+            shared: shared.clone(),
+            ip: client.ip(),
+        })
+    }
+}
+
 /// Decides TLS or plain TCP by the first byte (0x16 is a TLS handshake
-/// record), as coturn does on both of its ports, then serves the connection.
-async fn accept_stream(worker: Handle, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+/// record), as coturn does on both of its ports, then serves the connection
+/// of client `peer`. A PROXY header is refused unless the connection came
+/// from a balancer (`via_balancer`, whose header was already read).
+async fn accept_stream(
+    worker: Handle,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    via_balancer: bool,
+) {
     let acceptor = worker.borrow().shared.tls.load_full();
-    let mut first = [0u8; 1];
+    let mut first = [0u8; 12];
     let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(Ok(n)) if n > 0 && !via_balancer && proxy::looks_like_header(&first[..n]) => {
+            info!(
+                "{peer} -> {local}: a PROXY header from an address proxy-protocol-allow does not list; closing"
+            );
+            return;
+        }
+        Ok(Ok(n)) if n > 0 => first[0] == 0x16,
         Ok(Ok(_)) | Ok(Err(_)) => return,
         Err(_) => {
             debug!("{peer} -> {local}: no data within {HANDSHAKE_TIMEOUT:?}; closing");
