@@ -80,7 +80,32 @@ pub struct Sockets {
 /// An allocation's relay socket, in the slot of its allocation id.
 struct Relay {
     id: AllocationId,
-    socket: UdpSocket,
+    /// The relay sockets by family (IPv4, IPv6): one, or both for a dual
+    /// allocation (RFC 8656 §7.2).
+    sockets: RelaySockets,
+}
+
+/// An allocation's relay sockets, indexed by [`family_index`]; what moves
+/// with an allocation between workers.
+pub type RelaySockets = [Option<UdpSocket>; 2];
+
+/// The index in [`RelaySockets`] of the socket for `ip`'s family.
+fn family_index(ip: std::net::IpAddr) -> usize {
+    usize::from(ip.is_ipv6())
+}
+
+/// The epoll token, and send-queue key, of relay socket `index` of the
+/// allocation in slot `slot`.
+fn relay_key(slot: usize, index: usize) -> usize {
+    slot * 2 + index
+}
+
+impl Relay {
+    /// The socket that relays to `peer` (of its family), if the allocation
+    /// has one.
+    fn for_peer(&self, peer: SocketAddr) -> Option<&UdpSocket> {
+        self.sockets[family_index(peer.ip())].as_ref()
+    }
 }
 
 /// The worker's epoll set for its UDP sockets, as tokio sees it.
@@ -207,7 +232,8 @@ impl Worker {
                 self.directory_write().insert(ft, self.index as u16);
             }
             let slot = o.id.slot();
-            let token = RELAY_TOKEN + slot as u64;
+            let index = family_index(o.addr.ip());
+            let token = RELAY_TOKEN + relay_key(slot, index) as u64;
             let added = self.epoll.get_ref().0.add(
                 o.socket.as_fd(),
                 EpollEvent::new(EpollFlags::EPOLLIN, token),
@@ -220,10 +246,14 @@ impl Worker {
             if self.relays.len() <= slot {
                 self.relays.resize_with(slot + 1, || None);
             }
-            self.relays[slot] = Some(Relay {
-                id: o.id,
-                socket: o.socket,
-            });
+            let relay = match &mut self.relays[slot] {
+                Some(r) if r.id == o.id => r,
+                other => other.insert(Relay {
+                    id: o.id,
+                    sockets: [None, None],
+                }),
+            };
+            relay.sockets[index] = Some(o.socket);
         }
     }
 
@@ -337,6 +367,7 @@ impl Worker {
                 Event::AllocationClosed {
                     id,
                     relayed,
+                    additional,
                     five_tuple,
                 } => {
                     if self.steer && five_tuple.transport == Transport::Udp {
@@ -349,6 +380,17 @@ impl Worker {
                         // Closing the socket takes it out of the epoll set;
                         // it closes before its port goes back to the pool.
                         drop(self.relays[id.slot()].take());
+                    }
+                    self.shared.pool.release(relayed.port());
+                    if let Some(a) = additional {
+                        self.shared.pool.release(a.port());
+                    }
+                }
+                Event::RelayClosed { id, relayed } => {
+                    if self.relay(id).is_some()
+                        && let Some(r) = self.relays[id.slot()].as_mut()
+                    {
+                        drop(r.sockets[family_index(relayed.ip())].take());
                     }
                     self.shared.pool.release(relayed.port());
                 }
@@ -367,8 +409,8 @@ impl Worker {
 
     /// Sends `data[payload]` from an allocation's relay socket to a peer.
     fn relay_to_peer(&self, id: AllocationId, peer: SocketAddr, bytes: &[u8]) {
-        if let Some(r) = self.relay(id) {
-            send_udp(&r.socket, bytes, peer);
+        if let Some(s) = self.relay(id).and_then(|r| r.for_peer(peer)) {
+            send_udp(s, bytes, peer);
         }
     }
 
@@ -455,18 +497,25 @@ impl Worker {
         }
     }
 
-    /// Removes an allocation's relay socket from this worker's event loop
+    /// Removes an allocation's relay sockets from this worker's event loop
     /// for another worker to adopt.
-    fn take_relay_socket(&mut self, id: AllocationId) -> Option<UdpSocket> {
+    fn take_relay_sockets(&mut self, id: AllocationId) -> Option<RelaySockets> {
         self.relay(id)?;
         let r = self.relays[id.slot()].take()?;
-        let _ = self.epoll.get_ref().0.delete(r.socket.as_fd());
-        Some(r.socket)
+        for s in r.sockets.iter().flatten() {
+            let _ = self.epoll.get_ref().0.delete(s.as_fd());
+        }
+        Some(r.sockets)
     }
 
-    /// Registers a relay socket for allocation `id`.
-    fn adopt_relay_socket(&mut self, id: AllocationId, socket: UdpSocket, addr: SocketAddr) {
-        self.opened.push(Opened { id, socket, addr });
+    /// Registers the relay sockets of allocation `id`.
+    fn adopt_relay_sockets(&mut self, id: AllocationId, sockets: RelaySockets) {
+        for socket in sockets.into_iter().flatten() {
+            match socket.local_addr() {
+                Ok(addr) => self.opened.push(Opened { id, socket, addr }),
+                Err(e) => error!("a moved relay socket has no address: {e}"),
+            }
+        }
         self.register_relays();
     }
 
@@ -478,13 +527,13 @@ impl Worker {
         &mut self,
         id: AllocationId,
         exported: Result<MovedAllocation, ErrorCode>,
-    ) -> Result<(Box<MovedAllocation>, UdpSocket), ErrorCode> {
+    ) -> Result<(Box<MovedAllocation>, RelaySockets), ErrorCode> {
         let moved = exported?;
-        match self.take_relay_socket(id) {
-            Some(socket) => Ok((Box::new(moved), socket)),
+        match self.take_relay_sockets(id) {
+            Some(sockets) => Ok((Box::new(moved), sockets)),
             None => {
                 error!("allocation {} has no relay socket to move", moved.relayed());
-                self.shared.pool.release(moved.relayed().port());
+                release_ports(&self.shared, &moved);
                 Err(ErrorCode::ServerError)
             }
         }
@@ -493,13 +542,16 @@ impl Worker {
     /// Adopts an allocation another worker exported, with its relay socket;
     /// if the core refuses it (its 5-tuple has an allocation here), the
     /// socket is closed and its port released.
-    fn import(&mut self, moved: MovedAllocation, socket: UdpSocket) {
-        let relayed = moved.relayed();
+    fn import(&mut self, moved: MovedAllocation, sockets: RelaySockets) {
+        let ports = (moved.relayed(), moved.additional());
         match self.core.import(moved) {
-            Some(id) => self.adopt_relay_socket(id, socket, relayed),
+            Some(id) => self.adopt_relay_sockets(id, sockets),
             None => {
-                drop(socket);
-                self.shared.pool.release(relayed.port());
+                drop(sockets);
+                self.shared.pool.release(ports.0.port());
+                if let Some(a) = ports.1 {
+                    self.shared.pool.release(a.port());
+                }
             }
         }
     }
@@ -557,15 +609,18 @@ impl Worker {
                     self.flush_to_clients(io);
                     used = 0;
                 }
-                let slot = (token - RELAY_TOKEN) as usize;
-                let Some(Some(relay)) = self.relays.get(slot) else {
+                let key = (token - RELAY_TOKEN) as usize;
+                let Some(Some(relay)) = self.relays.get(key / 2) else {
+                    continue;
+                };
+                let Some(socket) = relay.sockets[key % 2].as_ref() else {
                     continue;
                 };
                 let id = relay.id;
                 // ICMP errors (port unreachable) surface as errors here.
                 let got = io
                     .peer
-                    .recv(relay.socket.as_fd(), used, BATCH - used)
+                    .recv(socket.as_fd(), used, BATCH - used)
                     .unwrap_or(0);
                 drained &= got < BATCH - used;
                 for i in used..used + got {
@@ -631,10 +686,15 @@ impl Worker {
                 allocation,
                 peer,
                 payload,
-            } if is_channel_data && self.relay(allocation).is_some() => {
+            } if is_channel_data
+                && self
+                    .relay(allocation)
+                    .is_some_and(|r| r.for_peer(peer).is_some()) =>
+            {
                 let start = range.start + payload.start;
+                let key = relay_key(allocation.slot(), family_index(peer.ip()));
                 io.to_peers
-                    .push(slot, start..start + payload.len(), peer, allocation.slot());
+                    .push(slot, start..start + payload.len(), peer, key);
             }
             ClientAction::None
                 if self.steer && is_channel_data && self.core.allocation_for(ft).is_none() =>
@@ -649,11 +709,12 @@ impl Worker {
     /// allocation's relay socket.
     fn flush_to_peers(&self, io: &mut UdpIo) {
         if !io.to_peers.is_empty() {
-            io.to_peers.flush(&io.client, |slot| {
+            io.to_peers.flush(&io.client, |key| {
                 self.relays
-                    .get(slot)
+                    .get(key / 2)
                     .and_then(Option::as_ref)
-                    .map(|r| r.socket.as_fd())
+                    .and_then(|r| r.sockets[key % 2].as_ref())
+                    .map(|s| s.as_fd())
             });
         }
     }
@@ -684,7 +745,7 @@ pub enum Mail {
     /// The answer to `Export`: the allocation and its relay socket, or the
     /// error code to answer the request with.
     Imported {
-        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), ErrorCode>,
+        result: Result<(Box<MovedAllocation>, RelaySockets), ErrorCode>,
         five_tuple: FiveTuple,
         link: u32,
         request: Vec<u8>,
@@ -696,7 +757,7 @@ pub enum Mail {
     /// not (404: this worker no longer has it).
     Pulled {
         five_tuple: FiveTuple,
-        result: Result<(Box<MovedAllocation>, std::net::UdpSocket), ErrorCode>,
+        result: Result<(Box<MovedAllocation>, RelaySockets), ErrorCode>,
     },
     /// A client datagram that reached the worker that just gave its
     /// allocation away, from the listener with index `link`.
@@ -720,6 +781,14 @@ pub enum Mail {
 
 /// The mailboxes of every worker, indexed by worker.
 pub type Mailboxes = Arc<Vec<mpsc::UnboundedSender<Mail>>>;
+
+/// Returns the relay ports of an allocation that could not be moved.
+fn release_ports(shared: &Shared, moved: &MovedAllocation) {
+    shared.pool.release(moved.relayed().port());
+    if let Some(a) = moved.additional() {
+        shared.pool.release(a.port());
+    }
+}
 
 /// Sends one datagram with a direct non-blocking `sendto`.
 ///

@@ -70,10 +70,17 @@ pub const PADDING: u16 = 0x0026;
 pub const RESPONSE_PORT: u16 = 0x0027;
 /// CONNECTION-ID (RFC 6062 §6.2.1); TCP relaying is not supported.
 pub const CONNECTION_ID: u16 = 0x002A;
-/// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11); comprehension-optional, ignored.
+/// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11): asks for an IPv6 relayed
+/// address besides the IPv4 one (a dual allocation).
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.12).
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
+/// ADDITIONAL-ADDRESS-FAMILY as draft-ietf-tram-turnbis numbered it, and
+/// coturn 4.6 still sends it (`turnutils_uclient -Z`).
+pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
+/// ADDRESS-ERROR-CODE as the draft numbered it; answered to requests that
+/// used [`ADDITIONAL_ADDRESS_FAMILY_DRAFT`].
+pub const ADDRESS_ERROR_CODE_DRAFT: u16 = 0x8033;
 /// PASSWORD-ALGORITHMS (RFC 8489 §14.11).
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 /// ALTERNATE-DOMAIN (RFC 8489 §14.16).

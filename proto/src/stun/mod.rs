@@ -536,6 +536,19 @@ impl<'b> MessageWriter<'b> {
         self.attr(attr::ERROR_CODE, &v)
     }
 
+    /// Adds ADDRESS-ERROR-CODE (RFC 8656 §18.12) as attribute `typ`
+    /// ([`attr::ADDRESS_ERROR_CODE`], or the draft's number): why no
+    /// relayed address of `family` (0x01 IPv4, 0x02 IPv6) was given in a
+    /// dual allocation.
+    pub fn address_error(&mut self, typ: u16, family: u8, code: ErrorCode) -> &mut Self {
+        let reason = code.reason();
+        let n = code.code();
+        let mut v = Vec::with_capacity(4 + reason.len());
+        v.extend_from_slice(&[family, 0, (n / 100) as u8, (n % 100) as u8]);
+        v.extend_from_slice(reason.as_bytes());
+        self.attr(typ, &v)
+    }
+
     /// Adds UNKNOWN-ATTRIBUTES listing `types`.
     pub fn unknown_attributes(&mut self, types: &[u16]) -> &mut Self {
         let v: Vec<u8> = types.iter().flat_map(|t| t.to_be_bytes()).collect();

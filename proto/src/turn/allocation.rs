@@ -31,6 +31,13 @@ pub(super) struct Allocation {
     pub(super) relayed: SocketAddr,
     /// The address sent in XOR-RELAYED-ADDRESS (`external-ip` applied).
     pub(super) advertised: SocketAddr,
+    /// The IPv6 relayed address of a dual allocation (RFC 8656 §7.2),
+    /// beside the IPv4 one above.
+    pub(super) additional: Option<Relayed>,
+    /// The family a dual Allocate could not be given a relayed address
+    /// of, why, and the attribute type to say it with (ADDRESS-ERROR-CODE
+    /// in the success response, RFC 8656 §7.2).
+    pub(super) address_error: Option<(Family, ErrorCode, u16)>,
     pub(super) username: Box<str>,
     /// The realm it belongs to (the default one, or its ORIGIN's).
     pub(super) realm: Arc<str>,
@@ -59,6 +66,31 @@ pub(super) struct Allocation {
     pub(super) shaper: Option<Box<Shaper>>,
 }
 
+/// A relayed transport address and the address advertised for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Relayed {
+    pub(super) relayed: SocketAddr,
+    pub(super) advertised: SocketAddr,
+}
+
+/// The address families an allocation relays: one, or both for a dual
+/// allocation (RFC 8656 §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Families {
+    v4: bool,
+    v6: bool,
+}
+
+impl Families {
+    /// Whether the allocation has a relayed address of family `f`.
+    pub(super) fn contains(self, f: Family) -> bool {
+        match f {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+}
+
 /// Per-allocation bandwidth limit, each direction on its own.
 #[derive(Debug)]
 pub(super) struct Shaper {
@@ -85,9 +117,19 @@ impl Allocation {
         }
     }
 
-    /// The allocation's relay family.
-    pub(super) fn family(&self) -> Family {
-        Family::of(self.relayed.ip())
+    /// The families the allocation relays.
+    pub(super) fn families(&self) -> Families {
+        let mut f = Families {
+            v4: false,
+            v6: false,
+        };
+        for addr in std::iter::once(self.relayed).chain(self.additional.map(|r| r.relayed)) {
+            match Family::of(addr.ip()) {
+                Family::V4 => f.v4 = true,
+                Family::V6 => f.v6 = true,
+            }
+        }
+        f
     }
 }
 
@@ -183,8 +225,14 @@ impl Server {
     ) -> ClientAction {
         let remaining = a.expires.saturating_duration_since(now).as_secs() as u32;
         let mut w = self.response(out, req, Class::Success);
-        w.xor_address(attr::XOR_RELAYED_ADDRESS, a.advertised)
-            .attr_u32(attr::LIFETIME, remaining);
+        w.xor_address(attr::XOR_RELAYED_ADDRESS, a.advertised);
+        if let Some(second) = &a.additional {
+            w.xor_address(attr::XOR_RELAYED_ADDRESS, second.advertised);
+        }
+        if let Some((family, code, typ)) = a.address_error {
+            w.address_error(typ, family.code(), code);
+        }
+        w.attr_u32(attr::LIFETIME, remaining);
         if let Some(t) = &a.reservation_token {
             w.attr(attr::RESERVATION_TOKEN, t);
         }
@@ -254,25 +302,34 @@ impl Server {
         let lifetime = self
             .lifetime(req.lifetime)
             .max(DEFAULT_ALLOCATION_LIFETIME.min(self.cfg.max_allocation_lifetime.max(1)));
-        let (ip, port) = if let Some(t) = req.reservation_token {
-            // The driver knows the reserved socket's address; the IP here is
-            // only a hint.
-            (ft.server.ip(), PortRequest::Reserved(t))
+        // The relays to open: one of the requested (or default) family, or
+        // for a dual allocation an IPv4 and an IPv6 one (RFC 8656 §7.2). A
+        // family with no address to relay on is 440 — for the whole
+        // request, or in ADDRESS-ERROR-CODE when the other family is given.
+        let mut wanted: [Option<(Family, Option<IpAddr>, PortRequest)>; 2] = [None, None];
+        let even = match req.even_port {
+            None => PortRequest::Any,
+            Some(reserve_next) => PortRequest::Even { reserve_next },
+        };
+        if let Some(t) = req.reservation_token {
+            // The driver knows the reserved socket's address; the IP here
+            // is only a hint.
+            let ip = ft.server.ip();
+            wanted[0] = Some((Family::of(ip), Some(ip), PortRequest::Reserved(t)));
+        } else if req.dual.is_some() {
+            wanted[0] = Some((Family::V4, self.relay_ip(Family::V4, ft), even));
+            wanted[1] = Some((Family::V6, self.relay_ip(Family::V6, ft), PortRequest::Any));
         } else {
             let family = req.family.unwrap_or(match self.cfg.default_family {
                 DefaultFamily::Ipv4 => Family::V4,
                 DefaultFamily::Ipv6 => Family::V6,
                 DefaultFamily::Keep => Family::of(ft.server.ip()),
             });
-            let Some(ip) = self.relay_ip(family, ft) else {
-                return self.error(out, msg, ErrorCode::AddressFamilyNotSupported, k);
-            };
-            let port = match req.even_port {
-                None => PortRequest::Any,
-                Some(reserve_next) => PortRequest::Even { reserve_next },
-            };
-            (ip, port)
-        };
+            wanted[0] = Some((family, self.relay_ip(family, ft), even));
+        }
+        if wanted.iter().flatten().all(|(_, ip, _)| ip.is_none()) {
+            return self.error(out, msg, ErrorCode::AddressFamilyNotSupported, k);
+        }
 
         let id = AllocationId::new(self.allocations.vacant_key() as u32, self.next_generation);
         let quota_user = self.quota_user(username);
@@ -291,20 +348,42 @@ impl Server {
                 });
             }
         };
-        let relay = RelayRequest {
-            ip,
-            port,
-            dont_fragment: req.dont_fragment,
+        let error_type = if req.dual == Some(true) {
+            attr::ADDRESS_ERROR_CODE_DRAFT
+        } else {
+            attr::ADDRESS_ERROR_CODE
         };
-        let opened = match relays.open(id, &relay) {
-            Ok(o) => o,
-            Err(e) => {
-                self.stats.no_port_refusals += 1;
-                self.ledger.release(&claim);
-                info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
-                return self.error(out, msg, ErrorCode::InsufficientCapacity, k);
+        let mut opened: Vec<super::OpenedRelay> = Vec::with_capacity(2);
+        let mut address_error = None;
+        for (family, ip, port) in wanted.into_iter().flatten() {
+            let Some(ip) = ip else {
+                address_error = Some((family, ErrorCode::AddressFamilyNotSupported, error_type));
+                continue;
+            };
+            let relay = RelayRequest {
+                ip,
+                port,
+                dont_fragment: req.dont_fragment,
+            };
+            match relays.open(id, &relay) {
+                Ok(o) => opened.push(o),
+                Err(e) => {
+                    self.stats.no_port_refusals += 1;
+                    info!(five_tuple = %ft, user = username, "508: cannot open relay socket on {ip}: {e:?}");
+                    address_error = Some((family, ErrorCode::InsufficientCapacity, error_type));
+                }
             }
+        }
+        let Some(&primary) = opened.first() else {
+            self.ledger.release(&claim);
+            let code = address_error.map_or(ErrorCode::InsufficientCapacity, |(_, c, _)| c);
+            return self.error(out, msg, code, k);
         };
+        let additional = opened.get(1).map(|o| Relayed {
+            relayed: o.addr,
+            advertised: self.advertised(o.addr),
+        });
+        let opened = primary;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let max_bps = limits.max_bps;
         let allocation = Allocation {
@@ -314,6 +393,8 @@ impl Server {
             link,
             relayed: opened.addr,
             advertised: self.advertised(opened.addr),
+            additional,
+            address_error,
             username: username.into(),
             realm: who.realm,
             origin: msg.text(attr::ORIGIN).and_then(Result::ok).map(Into::into),
@@ -346,6 +427,9 @@ impl Server {
             lifetime,
             "allocation created"
         );
+        if let Some(second) = &allocation.additional {
+            info!(five_tuple = %ft, relayed = %second.relayed, advertised = %second.advertised, "allocation created: dual, second relayed address");
+        }
         let index = self.allocations.insert(allocation);
         debug_assert_eq!(index, id.slot());
         self.by_five_tuple.insert(*ft, id);
@@ -410,19 +494,24 @@ impl Server {
                 }
             },
         };
-        let Some(relay_family) = self.get(id).map(Allocation::family) else {
+        let Some(families) = self.get(id).map(Allocation::families) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
-        match req.family {
-            None => {}
-            Some(RequestedFamily::Known(f)) if f == relay_family => {}
+        let family = match req.family {
+            None => None,
+            Some(RequestedFamily::Known(f)) if families.contains(f) => Some(f),
             Some(_) => return self.error(out, msg, ErrorCode::PeerAddressFamilyMismatch, k),
-        }
+        };
         let lifetime = match req.lifetime {
             Some(0) => 0,
             requested => self.lifetime(requested),
         };
-        if lifetime == 0 {
+        let dual = self.get(id).is_some_and(|a| a.additional.is_some());
+        if let (0, Some(f), true) = (lifetime, family, dual) {
+            // One family of a dual allocation goes; the other lives on
+            // (RFC 8656 §7.3).
+            self.drop_family(id, f, ft);
+        } else if lifetime == 0 {
             // coturn's status feed says "refreshed lifetime=0" before
             // "deleted": so do we.
             if let Some(a) = self.get_mut(id) {
@@ -442,6 +531,28 @@ impl Server {
         }
         self.seal(&mut w, msg, k);
         ClientAction::Reply
+    }
+
+    /// Deletes the relayed address of family `f` of dual allocation `id`,
+    /// keeping the other, and tells the driver to close its socket.
+    fn drop_family(&mut self, id: AllocationId, f: Family, ft: &FiveTuple) {
+        let Some(a) = self.get_mut(id) else {
+            return;
+        };
+        let Some(second) = a.additional.take() else {
+            return;
+        };
+        let gone = if Family::of(second.relayed.ip()) == f {
+            second.relayed
+        } else {
+            let gone = a.relayed;
+            a.relayed = second.relayed;
+            a.advertised = second.advertised;
+            gone
+        };
+        info!(five_tuple = %ft, relayed = %gone, "dual allocation: one relayed address deleted");
+        self.events
+            .push_back(Event::RelayClosed { id, relayed: gone });
     }
 
     /// Ends allocation `id`: releases its quota claim, counts and logs it,
@@ -472,6 +583,7 @@ impl Server {
         self.events.push_back(Event::AllocationClosed {
             id,
             relayed: a.relayed,
+            additional: a.additional.map(|r| r.relayed),
             five_tuple: a.five_tuple,
         });
     }

@@ -56,6 +56,9 @@ pub enum RelayError {
 pub trait RelayProvider {
     /// Binds a relay socket for allocation `id`. On success the driver must
     /// deliver datagrams arriving on it to [`Server::handle_peer`] with `id`.
+    /// A dual allocation (RFC 8656 §7.2) opens two, an IPv4 and an IPv6
+    /// one, under the same `id`: the driver tells them apart by family and
+    /// relays to a peer from the one of the peer's family.
     fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError>;
 }
 
@@ -191,11 +194,20 @@ pub struct AllocationStatus {
 pub enum Event {
     /// An allocation's status changed (only with `report_allocations`).
     Status(Box<AllocationStatus>),
-    /// Close the allocation's relay socket.
+    /// Close the allocation's relay socket (both, for a dual allocation).
     AllocationClosed {
         id: AllocationId,
         relayed: SocketAddr,
+        /// The second relayed address of a dual allocation (RFC 8656 §7.2).
+        additional: Option<SocketAddr>,
         /// The client's 5-tuple the allocation belonged to.
         five_tuple: FiveTuple,
+    },
+    /// Close one relay socket of a dual allocation that lives on with the
+    /// other (a Refresh with LIFETIME 0 and REQUESTED-ADDRESS-FAMILY,
+    /// RFC 8656 §7.3).
+    RelayClosed {
+        id: AllocationId,
+        relayed: SocketAddr,
     },
 }

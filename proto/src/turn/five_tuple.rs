@@ -117,6 +117,15 @@ impl Family {
             IpAddr::V6(_) => Family::V6,
         }
     }
+
+    /// Its number in REQUESTED-ADDRESS-FAMILY and ADDRESS-ERROR-CODE
+    /// (RFC 8656 §18.6): 0x01 IPv4, 0x02 IPv6.
+    pub const fn code(self) -> u8 {
+        match self {
+            Family::V4 => 0x01,
+            Family::V6 => 0x02,
+        }
+    }
 }
 
 /// Relay address family used when an Allocate has no

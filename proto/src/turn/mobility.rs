@@ -24,6 +24,12 @@ impl MovedAllocation {
     pub fn relayed(&self) -> SocketAddr {
         self.allocation.relayed
     }
+
+    /// The second relayed address of a dual allocation, whose socket
+    /// travels with it too.
+    pub fn additional(&self) -> Option<SocketAddr> {
+        self.allocation.additional.map(|r| r.relayed)
+    }
 }
 
 /// Length of a mobility ticket, characters: unpadded base64url of 20 bytes

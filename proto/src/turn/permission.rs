@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use super::allocation::Allocation;
+use super::allocation::{Allocation, Families};
 use super::request;
 use super::{CHANNEL_REBIND_GUARD, ClientAction, Family, FiveTuple, Server};
 use crate::auth::LongTermKey;
@@ -116,11 +116,11 @@ impl Server {
     fn vet_peer(
         &mut self,
         peer: SocketAddr,
-        (relay_family, realm): &(Family, std::sync::Arc<str>),
+        (families, realm): &(Families, std::sync::Arc<str>),
         ft: &FiveTuple,
         with_port: bool,
     ) -> Result<(), ErrorCode> {
-        if Family::of(peer.ip()) != *relay_family {
+        if !families.contains(Family::of(peer.ip())) {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
         let realm = self.directory.realm_settings(realm);
@@ -155,7 +155,7 @@ impl Server {
         let Some(id) = self.allocation_for(ft) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
-        let Some(relay) = self.get(id).map(|a| (a.family(), a.realm.clone())) else {
+        let Some(relay) = self.get(id).map(|a| (a.families(), a.realm.clone())) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
         for peer in req.peers() {
@@ -202,7 +202,7 @@ impl Server {
         let Some(id) = self.allocation_for(ft) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
-        let Some(relay) = self.get(id).map(|a| (a.family(), a.realm.clone())) else {
+        let Some(relay) = self.get(id).map(|a| (a.families(), a.realm.clone())) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
         let (number, peer) = (req.number, req.peer);

@@ -88,7 +88,7 @@ impl Server {
         let Some(a) = self.get_mut(id) else {
             return ClientAction::None;
         };
-        if Family::of(peer.ip()) != a.family() || !a.permitted(peer.ip(), now) {
+        if !a.families().contains(Family::of(peer.ip())) || !a.permitted(peer.ip(), now) {
             trace!(five_tuple = %ft, %peer, "Send indication without a permission dropped");
             return ClientAction::None;
         }

@@ -113,6 +113,11 @@ pub struct Allocate<'m> {
     pub reservation_token: Option<[u8; 8]>,
     /// REQUESTED-ADDRESS-FAMILY.
     pub family: Option<Family>,
+    /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §7.2): an IPv6 relayed address
+    /// besides the IPv4 one (a dual allocation). `Some(true)` when the
+    /// request used the draft's attribute number (coturn's clients), which
+    /// the answer's ADDRESS-ERROR-CODE then uses too.
+    pub dual: Option<bool>,
     /// LIFETIME, seconds, as asked.
     pub lifetime: Option<u32>,
     /// DONT-FRAGMENT.
@@ -123,8 +128,11 @@ pub struct Allocate<'m> {
 
 impl<'m> Allocate<'m> {
     /// Errors: 400 without REQUESTED-TRANSPORT, for a malformed attribute,
-    /// or for RESERVATION-TOKEN together with EVEN-PORT or
-    /// REQUESTED-ADDRESS-FAMILY (RFC 8656 §7.2); 440 for an unknown family.
+    /// for RESERVATION-TOKEN together with EVEN-PORT,
+    /// REQUESTED-ADDRESS-FAMILY or ADDITIONAL-ADDRESS-FAMILY, for
+    /// ADDITIONAL-ADDRESS-FAMILY together with REQUESTED-ADDRESS-FAMILY or
+    /// naming anything but IPv6 (RFC 8656 §7.2); 440 for an unknown
+    /// REQUESTED-ADDRESS-FAMILY.
     pub fn decode(msg: &Message<'m>) -> Result<Self, ErrorCode> {
         let transport = match msg.get(attr::REQUESTED_TRANSPORT) {
             Some(v) => attr::decode_requested_transport(v).map_err(|_| ErrorCode::BadRequest)?,
@@ -134,7 +142,25 @@ impl<'m> Allocate<'m> {
         let reservation_token =
             optional(msg, attr::RESERVATION_TOKEN, attr::decode_reservation_token)?;
         let family = requested_family(msg)?;
-        if reservation_token.is_some() && (even_port.is_some() || family.is_some()) {
+        let rfc = optional(
+            msg,
+            attr::ADDITIONAL_ADDRESS_FAMILY,
+            attr::decode_requested_family,
+        )?;
+        let draft = optional(
+            msg,
+            attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT,
+            attr::decode_requested_family,
+        )?;
+        let dual = match (rfc, draft) {
+            (None, None) => None,
+            (Some(0x02), None) if family.is_none() => Some(false),
+            (None, Some(0x02)) if family.is_none() => Some(true),
+            _ => return Err(ErrorCode::BadRequest),
+        };
+        if reservation_token.is_some()
+            && (even_port.is_some() || family.is_some() || dual.is_some())
+        {
             return Err(ErrorCode::BadRequest);
         }
         Ok(Allocate {
@@ -142,6 +168,7 @@ impl<'m> Allocate<'m> {
             even_port,
             reservation_token,
             family,
+            dual,
             lifetime: lifetime(msg)?,
             dont_fragment: msg.has(attr::DONT_FRAGMENT),
             mobility_ticket: msg.get(attr::MOBILITY_TICKET),
@@ -154,7 +181,9 @@ impl<'m> Allocate<'m> {
 pub struct Refresh<'m> {
     /// LIFETIME, seconds, as asked; 0 deletes the allocation.
     pub lifetime: Option<u32>,
-    /// REQUESTED-ADDRESS-FAMILY: must match the allocation's (else 443).
+    /// REQUESTED-ADDRESS-FAMILY: must be one of the allocation's (else
+    /// 443); with LIFETIME 0 on a dual allocation, only that family's
+    /// relayed address is deleted.
     pub family: Option<RequestedFamily>,
     /// MOBILITY-TICKET: the allocation to move to this 5-tuple.
     pub mobility_ticket: Option<&'m [u8]>,

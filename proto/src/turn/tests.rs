@@ -641,6 +641,7 @@ fn refresh_extends_and_zero_deletes() {
         vec![Event::AllocationClosed {
             id,
             relayed: "192.0.2.10:50000".parse().unwrap(),
+            additional: None,
             five_tuple: ft,
         }]
     );
@@ -2070,5 +2071,191 @@ mod rfc8489 {
         };
         assert_eq!(h.ask(&ft, &allocate(95, &nonce, &s)).code(), Some(401));
         assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    }
+}
+
+/// RFC 8656 §7.2 dual allocations: ADDITIONAL-ADDRESS-FAMILY gives an IPv4
+/// and an IPv6 relayed address in one allocation.
+mod dual {
+    use super::*;
+
+    fn dual_config() -> Config {
+        let mut cfg = users_config();
+        cfg.listening_ips = vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ];
+        cfg
+    }
+
+    fn dual_allocate(h: &mut Harness, ft: &FiveTuple, extra: &[(u16, &[u8])]) -> Resp {
+        let mut r = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        for (t, v) in extra {
+            r = r.attr(*t, v);
+        }
+        h.ask_authed(ft, &r, "alice", "alicepw")
+    }
+
+    fn relayed(r: &Resp) -> Vec<SocketAddr> {
+        let m = r.msg();
+        m.get_all(attr::XOR_RELAYED_ADDRESS)
+            .map(|v| {
+                attr::decode_xor_address(attr::XOR_RELAYED_ADDRESS, v, m.transaction_id()).unwrap()
+            })
+            .collect()
+    }
+
+    fn send_indication(h: &mut Harness, ft: &FiveTuple, peer: &str) -> ClientAction {
+        let send = h.req(method::SEND).peer(peer).attr(attr::DATA, b"out");
+        let mut raw = send.build(None);
+        let t = message_type(method::SEND, Class::Indication).to_be_bytes();
+        raw[..2].copy_from_slice(&t);
+        h.send(ft, &raw)
+    }
+
+    #[test]
+    fn both_families_are_relayed() {
+        let mut h = Harness::new(dual_config());
+        let ft = udp("203.0.113.5:40000");
+        let r = dual_allocate(&mut h, &ft, &[]);
+        assert!(r.ok(), "{:?}", r.code());
+        let addrs = relayed(&r);
+        assert_eq!(addrs.len(), 2, "{addrs:?}");
+        assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{addrs:?}");
+        assert_eq!(r.msg().get(attr::ADDRESS_ERROR_CODE), None);
+        // One quota unit, two relay sockets under one allocation.
+        assert_eq!(h.server.allocation_count(), 1);
+        assert_eq!(h.relays.opened.len(), 2);
+        let id = h.relays.opened[0].0;
+        assert_eq!(h.relays.opened[1].0, id);
+        // Peers of both families get permissions and traffic both ways.
+        let perm = h
+            .req(method::CREATE_PERMISSION)
+            .peer("93.184.216.1:7000")
+            .peer("[2606:4700::1]:7000");
+        assert!(h.ask_authed(&ft, &perm, "alice", "alicepw").ok());
+        for peer in ["93.184.216.1:7000", "[2606:4700::1]:7000"] {
+            match send_indication(&mut h, &ft, peer) {
+                ClientAction::Relay { allocation, .. } => assert_eq!(allocation, id),
+                other => panic!("{peer}: expected relay, got {other:?}"),
+            }
+            assert!(h.peer_data(id, peer, b"in").is_some(), "{peer}");
+        }
+        // A Refresh naming either family is fine.
+        for family in [1u8, 2] {
+            let refresh = h
+                .req(method::REFRESH)
+                .attr(attr::REQUESTED_ADDRESS_FAMILY, &[family, 0, 0, 0]);
+            assert!(h.ask_authed(&ft, &refresh, "alice", "alicepw").ok());
+        }
+        // Deleting it closes both sockets.
+        let delete = h
+            .req(method::REFRESH)
+            .attr(attr::LIFETIME, &0u32.to_be_bytes());
+        assert!(h.ask_authed(&ft, &delete, "alice", "alicepw").ok());
+        let closed = h.events();
+        assert!(
+            matches!(
+                closed.as_slice(),
+                [Event::AllocationClosed { relayed, additional: Some(a), .. }]
+                    if *relayed == addrs[0] && *a == addrs[1]
+            ),
+            "{closed:?}"
+        );
+    }
+
+    #[test]
+    fn one_family_goes_and_the_other_stays() {
+        let mut h = Harness::new(dual_config());
+        let ft = udp("203.0.113.5:40000");
+        let r = dual_allocate(&mut h, &ft, &[]);
+        let addrs = relayed(&r);
+        let drop_v6 = h
+            .req(method::REFRESH)
+            .attr(attr::LIFETIME, &0u32.to_be_bytes())
+            .attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        assert!(h.ask_authed(&ft, &drop_v6, "alice", "alicepw").ok());
+        assert_eq!(h.server.allocation_count(), 1);
+        let events = h.events();
+        assert!(
+            matches!(events.as_slice(), [Event::RelayClosed { relayed, .. }] if *relayed == addrs[1]),
+            "{events:?}"
+        );
+        let perm = h.req(method::CREATE_PERMISSION).peer("[2606:4700::1]:7000");
+        assert_eq!(
+            h.ask_authed(&ft, &perm, "alice", "alicepw").code(),
+            Some(443)
+        );
+        let perm = h.req(method::CREATE_PERMISSION).peer("93.184.216.1:7000");
+        assert!(h.ask_authed(&ft, &perm, "alice", "alicepw").ok());
+    }
+
+    #[test]
+    fn a_missing_family_is_named_in_address_error_code() {
+        // Only IPv4 to relay on: success with the IPv4 relay, and 440 for
+        // IPv6 in ADDRESS-ERROR-CODE (RFC 8656 §7.2).
+        let mut h = Harness::new(users_config());
+        let ft = udp("203.0.113.5:40000");
+        let req = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        let nonce = h.ask(&ft, &req.build(None)).nonce();
+        let signed = req.build(Some(("alice", "alicepw", &nonce)));
+        let r = h.ask(&ft, &signed);
+        assert!(r.ok(), "{:?}", r.code());
+        let addrs = relayed(&r);
+        assert_eq!(addrs.len(), 1);
+        assert!(addrs[0].is_ipv4());
+        let v = r.msg().get(attr::ADDRESS_ERROR_CODE).unwrap().to_vec();
+        assert_eq!(&v[..4], &[0x02, 0, 4, 40]);
+        // The same answer to a retransmission.
+        let again = h.ask(&ft, &signed);
+        assert_eq!(again.msg().get(attr::ADDRESS_ERROR_CODE), Some(&v[..]));
+        let perm = h.req(method::CREATE_PERMISSION).peer("[2606:4700::1]:7000");
+        assert_eq!(
+            h.ask_authed(&ft, &perm, "alice", "alicepw").code(),
+            Some(443)
+        );
+    }
+
+    #[test]
+    fn the_draft_attribute_numbers_coturn_sends_work_too() {
+        // turnutils_uclient -Z asks with 0x8032 and reads 0x8033.
+        let mut h = Harness::new(users_config());
+        let ft = udp("203.0.113.5:40000");
+        let r = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT, &[2, 0, 0, 0]);
+        let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+        assert!(resp.ok(), "{:?}", resp.code());
+        assert_eq!(resp.msg().get(attr::ADDRESS_ERROR_CODE), None);
+        let v = resp.msg().get(attr::ADDRESS_ERROR_CODE_DRAFT).unwrap();
+        assert_eq!(&v[..4], &[0x02, 0, 4, 40]);
+        let mut h = Harness::new(dual_config());
+        let resp = h.ask_authed(&ft, &r, "alice", "alicepw");
+        assert_eq!(relayed(&resp).len(), 2);
+    }
+
+    #[test]
+    fn malformed_dual_requests_get_400() {
+        let mut h = Harness::new(dual_config());
+        let ft = udp("203.0.113.5:40000");
+        let with_requested = dual_allocate(
+            &mut h,
+            &ft,
+            &[(attr::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0])],
+        );
+        assert_eq!(with_requested.code(), Some(400));
+        let r = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[1, 0, 0, 0]);
+        assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
+        assert_eq!(h.server.allocation_count(), 0);
     }
 }
