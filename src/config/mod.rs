@@ -185,6 +185,8 @@ pub struct Config {
     /// `proxy-protocol-allow`: load balancers whose TCP/TLS connections
     /// start with a PROXY header.
     pub proxy_protocol_allow: Vec<IpRange>,
+    /// `rfc5780` (on) / `no-rfc5780` (off, the default).
+    pub rfc5780: bool,
     /// `password-algorithms`: `None` for `auto`, an empty list for `off`.
     pub password_algorithms: Option<Vec<PasswordAlgorithm>>,
     /// `require-sha256`.
@@ -977,6 +979,27 @@ impl Config {
             realm: realm.into(),
             mechanism,
         }
+    }
+
+    /// The main and alternate ports of RFC 5780 discovery when it is
+    /// offered: `rfc5780` set and two of `ips` (the listening addresses)
+    /// of one family; the alternate port is `alt-listening-port`, else
+    /// `listening-port` + 1 as in coturn.
+    pub fn rfc5780_ports(&self, ips: &[IpAddr]) -> Option<(u16, u16)> {
+        let two_of_a_family = [true, false].iter().any(|v4| {
+            ips.iter()
+                .filter(|ip| ip.is_ipv4() == *v4 && !ip.is_unspecified())
+                .count()
+                >= 2
+        });
+        if !self.rfc5780 || !two_of_a_family || self.no_udp {
+            return None;
+        }
+        let main = self.listening_port;
+        let alt = self
+            .alt_listening_port
+            .unwrap_or_else(|| main.wrapping_add(1).max(1));
+        (alt != main).then_some((main, alt))
     }
 
     /// The password algorithms to offer (RFC 8489 §9.2.4) with `auth`:

@@ -109,6 +109,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
     core.rfc3489 = cfg.rfc3489;
+    core.rfc5780 = cfg.rfc5780_ports(&fixed.listening_ips);
     core.password_algorithms = cfg.offered_password_algorithms(&core.auth);
     core.require_sha256 = cfg.require_sha256;
     core.check_origin_consistency = cfg.check_origin_consistency;
@@ -152,6 +153,15 @@ fn describe(cfg: &Config, core: &turn::Config) {
     }
     if cfg.auth_kind() != AuthKind::None {
         describe_rfc8489(cfg, core);
+    }
+    match core.rfc5780 {
+        Some((main, alt)) => info!(
+            "RFC 5780 NAT discovery over UDP: ports {main} and {alt} on every listening address"
+        ),
+        None if cfg.rfc5780 => {
+            warn!("rfc5780 is set but needs two listening-ip of one family (and UDP): not offered")
+        }
+        None => {}
     }
     if !cfg.proxy_protocol_allow.is_empty() {
         let list: Vec<String> = cfg
@@ -268,6 +278,11 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut plain = vec![cfg.listening_port];
     plain.extend(cfg.alt_listening_port);
+    if let Some((_, alt)) = cfg.rfc5780_ports(ips)
+        && !plain.contains(&alt)
+    {
+        plain.push(alt);
+    }
     let mut secure = vec![cfg.tls_listening_port];
     secure.extend(cfg.alt_tls_listening_port);
     let mut plan = Plan {

@@ -439,6 +439,12 @@ impl Worker {
         match action {
             ClientAction::None => {}
             ClientAction::Reply => self.send_to_client(link, ft, &self.out),
+            ClientAction::ReplyFrom { from, to } => {
+                // RFC 5780: from another of this worker's UDP listeners.
+                if let Some((s, _)) = self.udp.iter().find(|(_, a)| *a == from) {
+                    send_udp(s, &self.out, to);
+                }
+            }
             ClientAction::Relay {
                 allocation,
                 peer,

@@ -12,7 +12,8 @@ use super::MAGIC_COOKIE;
 
 /// MAPPED-ADDRESS (RFC 8489 §14.1).
 pub const MAPPED_ADDRESS: u16 = 0x0001;
-/// CHANGE-REQUEST (RFC 5780 §7.2); not supported, so answered with 420.
+/// CHANGE-REQUEST (RFC 5780 §7.2): answer from the other address and/or
+/// port. Understood only while RFC 5780 is offered (else 420).
 pub const CHANGE_REQUEST: u16 = 0x0003;
 /// USERNAME (RFC 8489 §14.3), UTF-8, at most 513 bytes.
 pub const USERNAME: u16 = 0x0006;
@@ -64,9 +65,11 @@ pub const RESERVATION_TOKEN: u16 = 0x0022;
 pub const PRIORITY: u16 = 0x0024;
 /// USE-CANDIDATE (RFC 8445 §16.1); ICE, accepted and ignored.
 pub const USE_CANDIDATE: u16 = 0x0025;
-/// PADDING (RFC 5780 §7.6); not supported.
+/// PADDING (RFC 5780 §7.6): a Binding request's padding, echoed in size.
+/// Understood only while RFC 5780 is offered.
 pub const PADDING: u16 = 0x0026;
-/// RESPONSE-PORT (RFC 5780 §7.5); not supported.
+/// RESPONSE-PORT (RFC 5780 §7.5): answer to this port of the client's IP.
+/// Understood only while RFC 5780 is offered.
 pub const RESPONSE_PORT: u16 = 0x0027;
 /// CONNECTION-ID (RFC 6062 §6.2.1); TCP relaying is not supported.
 pub const CONNECTION_ID: u16 = 0x002A;
@@ -87,6 +90,10 @@ pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 pub const ALTERNATE_DOMAIN: u16 = 0x8003;
 /// ICMP (RFC 8656 §18.13).
 pub const ICMP: u16 = 0x8004;
+/// RESPONSE-ORIGIN (RFC 5780 §7.3): the address a response was sent from.
+pub const RESPONSE_ORIGIN: u16 = 0x802B;
+/// OTHER-ADDRESS (RFC 5780 §7.4): the server's other address and port.
+pub const OTHER_ADDRESS: u16 = 0x802C;
 /// SOFTWARE (RFC 8489 §14.14).
 pub const SOFTWARE: u16 = 0x8022;
 /// ORIGIN (draft-ietf-tram-stun-origin, as coturn): the web origin of the
@@ -272,6 +279,16 @@ pub fn decode_password_algorithm(value: &[u8]) -> Result<u16, AttrError> {
         return Err(bad);
     }
     Ok(u16::from_be_bytes([value[0], value[1]]))
+}
+
+/// Decodes CHANGE-REQUEST (RFC 5780 §7.2): 32 bits, "change IP" is 0x4
+/// and "change port" 0x2. Returns (change IP, change port).
+pub fn decode_change_request(value: &[u8]) -> Result<(bool, bool), AttrError> {
+    let v: [u8; 4] = value.try_into().map_err(|_| AttrError::BadLength {
+        typ: CHANGE_REQUEST,
+        len: value.len(),
+    })?;
+    Ok((v[3] & 0x4 != 0, v[3] & 0x2 != 0))
 }
 
 /// Decodes CHANNEL-NUMBER (RFC 8656 §18.1): a 16-bit number followed by

@@ -74,6 +74,12 @@ pub struct Config {
     /// (RFC 3489 §11.2.1), rate-limited like unauthenticated answers, and
     /// RFC 5389 Binding responses carry MAPPED-ADDRESS too.
     pub rfc3489: bool,
+    /// RFC 5780 NAT behaviour discovery (`rfc5780`, with two listening
+    /// addresses of a family): the main and the alternate port, both
+    /// listened on at every listening address. Binding over UDP then
+    /// answers with OTHER-ADDRESS, RESPONSE-ORIGIN and MAPPED-ADDRESS, and
+    /// honours CHANGE-REQUEST, RESPONSE-PORT and PADDING.
+    pub rfc5780: Option<(u16, u16)>,
     /// Binding requests are ignored (`no-stun`).
     pub no_stun: bool,
     /// TURN requests are ignored: a STUN-only server (`stun-only`).
@@ -124,6 +130,7 @@ impl Config {
             check_origin_consistency: false,
             secure_stun: false,
             rfc3489: false,
+            rfc5780: None,
             no_stun: false,
             stun_only: false,
             limits: quota::Limits::default(),

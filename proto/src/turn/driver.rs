@@ -69,6 +69,11 @@ pub enum ClientAction {
     None,
     /// Send the STUN message in `out` back to the client on the same 5-tuple.
     Reply,
+    /// Send the STUN message in `out` from the server's UDP listener bound
+    /// to `from` to `to` (RFC 5780: a CHANGE-REQUEST asked for another
+    /// address or port, or RESPONSE-PORT for another client port). Drop it
+    /// when no listener has that address.
+    ReplyFrom { from: SocketAddr, to: SocketAddr },
     /// Send `data[payload]` from `allocation`'s relay socket to `peer`.
     Relay {
         allocation: AllocationId,

@@ -468,21 +468,102 @@ impl Server {
         ClientAction::Reply
     }
 
-    /// A Binding success: XOR-MAPPED-ADDRESS, the client's address.
+    /// The server's other address for RFC 5780 as seen from `ft` (another
+    /// listening address of the family, on the other of the two ports),
+    /// when RFC 5780 is offered there: UDP only, as coturn.
+    fn other_address(&self, ft: &FiveTuple) -> Option<SocketAddr> {
+        let (main, alt) = self.cfg.rfc5780?;
+        if ft.transport != Transport::Udp {
+            return None;
+        }
+        let ip = ft.server.ip();
+        let other_ip = self
+            .cfg
+            .listening_ips
+            .iter()
+            .copied()
+            .find(|i| Family::of(*i) == Family::of(ip) && *i != ip && !i.is_unspecified())?;
+        let other_port = match ft.server.port() {
+            p if p == main => alt,
+            p if p == alt => main,
+            _ => return None,
+        };
+        Some(SocketAddr::new(other_ip, other_port))
+    }
+
+    /// A Binding success: XOR-MAPPED-ADDRESS, the client's address. With
+    /// RFC 5780 offered (RFC 5780 §6.1): also MAPPED-ADDRESS,
+    /// RESPONSE-ORIGIN and OTHER-ADDRESS, sent from the address and port
+    /// CHANGE-REQUEST asks for, to the port RESPONSE-PORT names, padded as
+    /// the request was (PADDING); such answers are rate-limited like
+    /// unauthenticated ones, as they can go where the request did not
+    /// come from. A malformed one of these attributes is 400.
     fn binding(
-        &self,
+        &mut self,
+        now: Instant,
         out: &mut Vec<u8>,
         ft: &FiveTuple,
         msg: &Message<'_>,
         key: Option<&LongTermKey>,
     ) -> ClientAction {
+        let Some(other) = self.other_address(ft) else {
+            let mut w = self.response(out, msg, Class::Success);
+            w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+            if self.cfg.rfc3489 {
+                w.address(attr::MAPPED_ADDRESS, ft.client);
+            }
+            self.seal(&mut w, msg, key);
+            return ClientAction::Reply;
+        };
+        let change = msg
+            .get(attr::CHANGE_REQUEST)
+            .map(attr::decode_change_request)
+            .transpose();
+        let response_port = msg
+            .get(attr::RESPONSE_PORT)
+            .map(|v| match v {
+                [hi, lo, _, _] => Ok(u16::from_be_bytes([*hi, *lo])),
+                _ => Err(()),
+            })
+            .transpose();
+        let (Ok(change), Ok(response_port)) = (change, response_port) else {
+            self.error(out, msg, ErrorCode::BadRequest, key);
+            return self.limit(now, ft, out);
+        };
+        let (change_ip, change_port) = change.unwrap_or((false, false));
+        let from = SocketAddr::new(
+            if change_ip {
+                other.ip()
+            } else {
+                ft.server.ip()
+            },
+            if change_port {
+                other.port()
+            } else {
+                ft.server.port()
+            },
+        );
+        let to = match response_port {
+            Some(p) if p != 0 => SocketAddr::new(ft.client.ip(), p),
+            _ => ft.client,
+        };
+        let padding = msg.get(attr::PADDING).map_or(0, <[u8]>::len);
         let mut w = self.response(out, msg, Class::Success);
-        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
-        if self.cfg.rfc3489 {
-            w.address(attr::MAPPED_ADDRESS, ft.client);
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client)
+            .address(attr::MAPPED_ADDRESS, ft.client)
+            .address(attr::RESPONSE_ORIGIN, from)
+            .address(attr::OTHER_ADDRESS, other);
+        if padding > 0 {
+            w.attr(attr::PADDING, &vec![0u8; padding]);
         }
         self.seal(&mut w, msg, key);
-        ClientAction::Reply
+        if from == ft.server && to == ft.client {
+            return ClientAction::Reply;
+        }
+        match self.limit(now, ft, out) {
+            ClientAction::Reply => ClientAction::ReplyFrom { from, to },
+            other => other,
+        }
     }
 
     /// An RFC 3489 Binding request (no magic cookie: the 16 bytes after the
@@ -546,7 +627,22 @@ impl Server {
         relays: &mut dyn RelayProvider,
     ) -> ClientAction {
         let mut unknown = [0u16; 16];
-        let unknown = request::unknown_attributes(msg, &mut unknown);
+        let mut unknown = request::unknown_attributes(msg, &mut unknown);
+        let mut understood = [0u16; 16];
+        if msg.method() == method::BINDING && self.other_address(ft).is_some() {
+            // RFC 5780's comprehension-required attributes, while offered.
+            let mut n = 0;
+            for t in unknown.iter().filter(|t| {
+                !matches!(
+                    **t,
+                    attr::CHANGE_REQUEST | attr::RESPONSE_PORT | attr::PADDING
+                )
+            }) {
+                understood[n] = *t;
+                n += 1;
+            }
+            unknown = &understood[..n];
+        }
         if !unknown.is_empty() {
             let mut w = self.response(out, msg, Class::Error);
             w.error(ErrorCode::UnknownAttribute)
@@ -564,7 +660,7 @@ impl Server {
             return ClientAction::None;
         }
         if m == method::BINDING && !self.cfg.secure_stun {
-            return self.binding(out, ft, msg, None);
+            return self.binding(now, out, ft, msg, None);
         }
         if !turn && m != method::BINDING {
             debug!(five_tuple = %ft, "400 for unsupported method 0x{m:03x}");
@@ -586,7 +682,7 @@ impl Server {
         let action = match Request::decode(msg, self.cfg.rfc5766_channels) {
             Err(code) => self.error(out, msg, code, k),
             // secure-stun: an authenticated Binding.
-            Ok(Request::Binding) => return self.binding(out, ft, msg, k),
+            Ok(Request::Binding) => return self.binding(now, out, ft, msg, k),
             Ok(Request::Allocate(req)) => {
                 let who = allocation::Owner {
                     username,
