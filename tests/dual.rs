@@ -136,3 +136,61 @@ fn coturn_uclient_dual_allocations_client_to_client() {
         &|| s.log_text(),
     );
 }
+
+#[test]
+fn both_relays_follow_a_mobile_client_across_workers() {
+    let s = Server::start(Options::new(&format!("{USERS}mobility\nrelay-threads=4\n")));
+    let mut c = Client::new(s.udp_addr());
+    let r = c.allocate_with(
+        &[
+            (attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0]),
+            (attr::MOBILITY_TICKET, vec![]),
+        ],
+        "alice",
+        "pw",
+    );
+    assert!(r.is_success(), "{:?}", r.code());
+    let relays = relayed(&r);
+    assert_eq!(relays.len(), 2);
+    let mut ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
+    let peers: Vec<(u16, UdpSocket)> = [(0x4001u16, "127.0.0.1:0"), (0x4002, "[::1]:0")]
+        .into_iter()
+        .map(|(number, ip)| {
+            let peer = UdpSocket::bind(ip).unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let bind = c.signed_peer(
+                method::CHANNEL_BIND,
+                &[(attr::CHANNEL_NUMBER, [number.to_be_bytes(), [0, 0]].concat())],
+                peer.local_addr().unwrap(),
+                "alice",
+                "pw",
+            );
+            assert!(bind.is_success(), "{:?}", bind.code());
+            (number, peer)
+        })
+        .collect();
+    let mut buf = [0u8; 100];
+    for i in 0..6u8 {
+        let mut next = Client::new(s.udp_addr());
+        next.realm = c.realm.clone();
+        next.nonce = c.nonce.clone();
+        let r = next.signed(
+            method::REFRESH,
+            &[(attr::MOBILITY_TICKET, ticket.clone())],
+            "alice",
+            "pw",
+        );
+        assert!(r.is_success(), "move {i}: {:?}\n{}", r.code(), s.log_text());
+        ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
+        next.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for ((number, peer), relay) in peers.iter().zip(&relays) {
+            peer.send_to(&[i], relay).unwrap();
+            let (n, _) = next.sock.recv_from(&mut buf).expect("peer data follows");
+            let [hi, lo] = number.to_be_bytes();
+            assert_eq!(&buf[..n], &[hi, lo, 0, 1, i], "move {i}, relay {relay}");
+        }
+        c = next;
+    }
+}
