@@ -160,7 +160,10 @@ fn both_relays_follow_a_mobile_client_across_workers() {
             peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let bind = c.signed_peer(
                 method::CHANNEL_BIND,
-                &[(attr::CHANNEL_NUMBER, [number.to_be_bytes(), [0, 0]].concat())],
+                &[(
+                    attr::CHANNEL_NUMBER,
+                    [number.to_be_bytes(), [0, 0]].concat(),
+                )],
                 peer.local_addr().unwrap(),
                 "alice",
                 "pw",

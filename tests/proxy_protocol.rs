@@ -197,3 +197,28 @@ fn only_listed_balancers_may_send_a_header_and_they_must() {
     );
     assert!(log.contains("does not start with a PROXY header"), "{log}");
 }
+
+#[test]
+fn tcp_proxy_port_requires_a_header_from_anyone() {
+    let port = common::free_ports(1);
+    let s = Server::start(Options::new(&format!(
+        "lt-cred-mech\nrealm=example.org\nuser=demo:secret\ntcp-proxy-port={port}\n"
+    )));
+    let proxy_port: SocketAddr = ([127, 0, 0, 1], port).into();
+    // coturn's semantics: whoever connects there speaks for the client.
+    let mut tcp = connect_from_client(proxy_port);
+    tcp.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 1234 3478\r\n")
+        .unwrap();
+    let claimed: SocketAddr = "203.0.113.9:1234".parse().unwrap();
+    assert_eq!(mapped(&mut StreamClient::new(tcp)), claimed);
+    // Without a header the connection is closed.
+    let mut bare = connect_from_client(proxy_port);
+    bare.write_all(&binding_request([2; 12])).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(matches!(bare.read(&mut buf), Ok(0) | Err(_)));
+    // The plain port is unchanged.
+    let plain = connect_from_client(([127, 0, 0, 1], s.port).into());
+    let me = plain.local_addr().unwrap();
+    assert_eq!(mapped(&mut StreamClient::new(plain)), me);
+    assert!(s.log_text().contains("tcp-proxy-port"), "{}", s.log_text());
+}

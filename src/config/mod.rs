@@ -182,6 +182,9 @@ pub struct Config {
     pub secure_stun: bool,
     /// `stun-backward-compatibility` / `rfc3489-compatibility`.
     pub rfc3489: bool,
+    /// `tcp-proxy-port`: a listener where every connection carries a
+    /// PROXY header.
+    pub tcp_proxy_port: Option<u16>,
     /// `proxy-protocol-allow`: load balancers whose TCP/TLS connections
     /// start with a PROXY header.
     pub proxy_protocol_allow: Vec<IpRange>,

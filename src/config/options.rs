@@ -277,7 +277,7 @@ pub const OPTIONS: &[Spec] = &[
     not_yet_flag("dtls", None, "Start DTLS listeners."),
     not_yet("aux-server", None, "Auxiliary listener ip:port."),
     not_yet_flag("udp-self-balance", None, "Balance UDP over aux servers with ALTERNATE-SERVER."),
-    not_yet("tcp-proxy-port", None, "TCP listener expecting the PROXY protocol (use proxy-protocol-allow)."),
+    yes("tcp-proxy-port", None, PortOrNone(field!(tcp_proxy_port)), Restart, "A TCP/TLS listener port on every listening address where each connection must start with a PROXY protocol v1 or v2 header, from any source (coturn's): firewall it to the load balancer, or prefer proxy-protocol-allow; 0 = none.").default("0"),
     yes("proxy-protocol-allow", None, PROXY_PROTOCOL_ALLOW, Live, "A TCP load balancer (IP, range a-b or CIDR) whose TCP and TLS connections start with a PROXY protocol v1 or v2 header giving the client's address; repeatable. Connections from elsewhere are served directly and refused if they send such a header."),
     yes("max-stream-connections-per-ip", None, U32(field!(max_stream_connections_per_ip)), Live, "TCP/TLS connections one source address may hold open; 0 = unlimited.").default("256"),
     // Relay

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 use crate::auth::NonceIssuer;
 use crate::config::{self, AuthKind, Config, Invocation, LoadError};
 use crate::server::{
-    self, Plan, Server, Shared, Steering, StreamCount, Telemetry, ports::PortPool,
+    self, Plan, Server, Shared, Steering, StreamCount, StreamPort, Telemetry, ports::PortPool,
     relay::Reservations,
 };
 use crate::turn;
@@ -162,6 +162,13 @@ fn describe(cfg: &Config, core: &turn::Config) {
             warn!("rfc5780 is set but needs two listening-ip of one family (and UDP): not offered")
         }
         None => {}
+    }
+    if let Some(port) = cfg.tcp_proxy_port {
+        warn!(
+            "tcp-proxy-port {port}: every connection there must start with a PROXY header, and \
+             any source may claim any client address with one: let only the load balancer reach \
+             it (or use proxy-protocol-allow, which checks the source)"
+        );
     }
     if !cfg.proxy_protocol_allow.is_empty() {
         let list: Vec<String> = cfg
@@ -300,13 +307,17 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
                 plan.udp.push(a);
             }
             if !cfg.no_tcp {
-                plan.tcp.push((a, false));
+                plan.tcp.push((a, StreamPort::Plain));
             }
         }
         if tls {
             for &port in &secure {
-                plan.tcp.push((SocketAddr::new(ip, port), true));
+                plan.tcp.push((SocketAddr::new(ip, port), StreamPort::Tls));
             }
+        }
+        if let Some(port) = cfg.tcp_proxy_port {
+            plan.tcp
+                .push((SocketAddr::new(ip, port), StreamPort::Proxy));
         }
     }
     plan
@@ -704,8 +715,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     for a in &plan.udp {
         info!("listening on udp {a}");
     }
-    for (a, is_tls) in &plan.tcp {
-        info!("listening on {} {a}", if *is_tls { "tls" } else { "tcp" });
+    for (a, port) in &plan.tcp {
+        info!("listening on {} {a}", port.name());
     }
     info!(
         "relay ports {}-{} on {}",

@@ -37,9 +37,9 @@ use worker::{Sockets, StreamListener};
 pub struct Plan {
     /// UDP listener addresses.
     pub udp: Vec<SocketAddr>,
-    /// TCP listener addresses; TLS is detected by its first byte on each,
-    /// and `tls` marks the TLS ports (only for logging).
-    pub tcp: Vec<(SocketAddr, bool)>,
+    /// TCP listener addresses and what each is for; TLS is detected by its
+    /// first byte on every one.
+    pub tcp: Vec<(SocketAddr, StreamPort)>,
     /// Number of worker threads (each binds every listener with SO_REUSEPORT).
     pub workers: usize,
     pub listening_device: Option<String>,
@@ -48,6 +48,29 @@ pub struct Plan {
     pub sock_buf_size: Option<usize>,
     /// UDP GRO on the UDP listeners (off with `no-udp-gro`).
     pub udp_gro: bool,
+}
+
+/// What a TCP listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamPort {
+    /// A plain port (`listening-port`, `alt-listening-port`).
+    Plain,
+    /// A TLS port (`tls-listening-port`, `alt-tls-listening-port`).
+    Tls,
+    /// coturn's `tcp-proxy-port`: every connection starts with a PROXY
+    /// header, whatever its source.
+    Proxy,
+}
+
+impl StreamPort {
+    /// Its name in logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamPort::Plain => "tcp",
+            StreamPort::Tls => "tls",
+            StreamPort::Proxy => "tcp (PROXY protocol)",
+        }
+    }
 }
 
 /// A listener that could not be bound.
@@ -86,7 +109,7 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
     let tcp = plan
         .tcp
         .iter()
-        .map(|&(a, tls)| (a, exclusive::Proto::Tcp, if tls { "tls" } else { "tcp" }));
+        .map(|&(a, port)| (a, exclusive::Proto::Tcp, port.name()));
     for (addr, proto, transport) in udp.chain(tcp) {
         exclusive::check_unshared(addr, proto, device).map_err(|error| BindError {
             addr,
@@ -111,13 +134,17 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
             })?;
             s.udp.push((sock, addr));
         }
-        for &(addr, tls) in &plan.tcp {
+        for &(addr, port) in &plan.tcp {
             let sock = net::tcp_listener(addr, device).map_err(|error| BindError {
                 addr,
-                transport: if tls { "tls" } else { "tcp" },
+                transport: port.name(),
                 error,
             })?;
-            s.tcp.push(StreamListener { socket: sock, addr });
+            s.tcp.push(StreamListener {
+                socket: sock,
+                addr,
+                proxy: port == StreamPort::Proxy,
+            });
         }
         per_worker.push(s);
     }

@@ -83,8 +83,15 @@ impl Conn {
 /// per-address limit, and serves each on a task of its own. A connection
 /// from a balancer of `proxy-protocol-allow` first gives its client's
 /// address in a PROXY header; the limit then counts that client, and the
-/// balancer itself is not limited.
-pub(super) async fn listen(worker: Handle, listener: TcpListener, local: SocketAddr) {
+/// balancer itself is not limited. On a `tcp-proxy-port` listener
+/// (`proxy_port`) every connection must start with one, from any source,
+/// as in coturn.
+pub(super) async fn listen(
+    worker: Handle,
+    listener: TcpListener,
+    local: SocketAddr,
+    proxy_port: bool,
+) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -96,7 +103,7 @@ pub(super) async fn listen(worker: Handle, listener: TcpListener, local: SocketA
             }
         };
         let shared = worker.borrow().shared.clone();
-        let balancer = proxy::is_balancer(&shared.proxy_allow.load(), peer.ip());
+        let balancer = proxy_port || proxy::is_balancer(&shared.proxy_allow.load(), peer.ip());
         let slot = if balancer {
             None
         } else {

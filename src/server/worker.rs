@@ -69,6 +69,8 @@ const EVENTS: usize = 256;
 pub struct StreamListener {
     pub socket: std::net::TcpListener,
     pub addr: SocketAddr,
+    /// `tcp-proxy-port`: every connection starts with a PROXY header.
+    pub proxy: bool,
 }
 
 /// The listener sockets one worker owns.
@@ -898,7 +900,7 @@ async fn run(
     for l in sockets.tcp {
         match TcpListener::from_std(l.socket) {
             Ok(s) => {
-                tokio::task::spawn_local(stream::listen(worker.clone(), s, l.addr));
+                tokio::task::spawn_local(stream::listen(worker.clone(), s, l.addr, l.proxy));
             }
             Err(e) => error!(
                 "worker {index}: cannot register TCP listener {}: {e}",
