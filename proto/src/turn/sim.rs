@@ -73,6 +73,14 @@ pub enum Op {
         len: u8,
         padded: bool,
     },
+    /// A Binding request, with RFC 5780's CHANGE-REQUEST (flags),
+    /// RESPONSE-PORT and PADDING when asked.
+    Binding {
+        who: u8,
+        change: Option<u8>,
+        response_port: Option<u16>,
+        padding: u8,
+    },
     /// A datagram from a peer to one of the allocations.
     Peer {
         pick: u8,
@@ -90,6 +98,15 @@ pub enum Op {
     Exhaust {
         on: bool,
     },
+}
+
+/// Whether the simulated server listens on `addr` (its two listening
+/// addresses, RFC 5780's two ports).
+fn cfg_listens(addr: SocketAddr) -> bool {
+    matches!(addr.port(), 3478 | 3479)
+        && ["192.0.2.10", "192.0.2.11", "2001:db8::10"]
+            .iter()
+            .any(|ip| addr.ip() == ip.parse::<std::net::IpAddr>().expect("ip"))
 }
 
 /// Peers: global, forbidden, and the server's own relay address.
@@ -201,6 +218,7 @@ impl Sim {
         cfg.listening_ips = vec![
             "192.0.2.10".parse().expect("ip"),
             "2001:db8::10".parse().expect("ip"),
+            "192.0.2.11".parse().expect("ip"),
         ];
         cfg.policy = PeerPolicy {
             own_relay_ips: cfg.listening_ips.clone(),
@@ -208,6 +226,8 @@ impl Sim {
             ..PeerPolicy::default()
         };
         cfg.mobility = true;
+        // RFC 5780 on both listening addresses' ports.
+        cfg.rfc5780 = Some((3478, 3479));
         // Malformed messages go through the RFC 3489 path too.
         cfg.rfc3489 = true;
         cfg.max_permissions = 4;
@@ -282,8 +302,15 @@ impl Sim {
             });
             let mut raw = Vec::new();
             write_request(&mut raw, m, &tid, build, creds.as_ref(), fingerprint);
-            if self.send(&ft, link, &raw) != ClientAction::Reply {
-                return;
+            match self.send(&ft, link, &raw) {
+                ClientAction::Reply => {}
+                ClientAction::ReplyFrom { from, to } => {
+                    // RFC 5780: from another of the server's addresses, to
+                    // the client's address.
+                    assert!(cfg_listens(from), "answer from {from}, not a listener");
+                    assert_eq!(to.ip(), ft.client.ip(), "answer to another host");
+                }
+                _ => return,
             }
             let Ok(resp) = Message::parse(&self.out) else {
                 panic!("the core replied with an unparseable message");
@@ -336,8 +363,25 @@ impl Sim {
                     if let Some(t) = &token {
                         w.attr(attr::RESERVATION_TOKEN, t);
                     }
-                    if let Some(f) = family {
-                        w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[*f % 4, 0, 0, 0]);
+                    // The top bits ask for a dual allocation instead (RFC
+                    // 8656's attribute or the draft's coturn sends), with
+                    // or without REQUESTED-ADDRESS-FAMILY beside it.
+                    match family {
+                        Some(f) if f & 0xC0 == 0x40 || f & 0xC0 == 0x80 => {
+                            let typ = if f & 0x40 != 0 {
+                                attr::ADDITIONAL_ADDRESS_FAMILY
+                            } else {
+                                attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT
+                            };
+                            w.attr(typ, &[(*f >> 3) % 4, 0, 0, 0]);
+                            if f & 0x20 != 0 {
+                                w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[*f % 4, 0, 0, 0]);
+                            }
+                        }
+                        Some(f) => {
+                            w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[*f % 4, 0, 0, 0]);
+                        }
+                        None => {}
                     }
                     if *mobile {
                         w.attr(attr::MOBILITY_TICKET, b"");
@@ -388,6 +432,25 @@ impl Sim {
                         &[(number >> 8) as u8, number as u8, 0, 0],
                     )
                     .xor_address(attr::XOR_PEER_ADDRESS, p);
+                });
+            }
+            Op::Binding {
+                who,
+                change,
+                response_port,
+                padding,
+            } => {
+                self.request(*who, method::BINDING, false, &|w| {
+                    if let Some(c) = change {
+                        w.attr(attr::CHANGE_REQUEST, &[0, 0, 0, *c]);
+                    }
+                    if let Some(p) = response_port {
+                        let [hi, lo] = p.to_be_bytes();
+                        w.attr(attr::RESPONSE_PORT, &[hi, lo, 0, 0]);
+                    }
+                    if *padding > 0 {
+                        w.attr(attr::PADDING, &vec![0; usize::from(*padding)]);
+                    }
                 });
             }
             Op::Send { who, peer: p, len } => {
