@@ -403,13 +403,18 @@ fn allocation_errors() {
         c.signed(method::ALLOCATE, &attrs, "alice", "pw").code(),
         Some(437)
     );
-    // TCP relaying is not offered.
+    // TCP relaying over UDP: 400 (RFC 6062 §5.1); an unknown protocol: 442.
     let mut d = Client::new(s.udp_addr());
     d.realm = c.realm.clone();
     d.nonce = c.nonce.clone();
     let tcp = vec![(attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])];
     assert_eq!(
         d.signed(method::ALLOCATE, &tcp, "alice", "pw").code(),
+        Some(400)
+    );
+    let sctp = vec![(attr::REQUESTED_TRANSPORT, vec![132, 0, 0, 0])];
+    assert_eq!(
+        d.signed(method::ALLOCATE, &sctp, "alice", "pw").code(),
         Some(442)
     );
     // Unknown comprehension-required attribute.

@@ -295,7 +295,7 @@ pub const OPTIONS: &[Spec] = &[
     yes("allocation-default-address-family", Some('A'), DEFAULT_FAMILY, Live, "Relay family without REQUESTED-ADDRESS-FAMILY: ipv4, ipv6 or keep.").default("ipv4"),
     yes("keep-address-family", Some('K'), KEEP_FAMILY, Live, "Deprecated: same as allocation-default-address-family=keep."),
     yes("no-udp-relay", None, Flag(field!(no_udp_relay)), Live, "Refuse UDP relay allocations (442)."),
-    inherent_flag("no-tcp-relay", None, "TCP relaying (RFC 6062) is not offered", "Refuse TCP relay allocations."),
+    yes("no-tcp-relay", None, Flag(field!(no_tcp_relay)), Live, "Refuse TCP relay allocations (RFC 6062; 442)."),
     not_yet_flag("server-relay", None, "Non-standard: skip permission checks."),
     obsolete("ne", None, "network engine selection was removed in coturn 4.10", "Network engine version."),
     yes("sock-buf-size", None, SOCK_BUF_SIZE, Restart, "Receive and send buffer of every UDP listener and relay socket, bytes (capped by net.core.rmem_max/wmem_max).").note("4 MiB for listeners, the kernel's default for relays"),

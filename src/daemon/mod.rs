@@ -103,6 +103,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     core.external_ips = cfg.external_ips.clone();
     core.default_family = cfg.default_family;
     core.allow_udp_relay = !cfg.no_udp_relay;
+    core.allow_tcp_relay = !cfg.no_tcp_relay;
     core.mobility = cfg.mobility;
     core.ticket_key = fixed.ticket_key;
     core.unauthenticated_rate =
@@ -800,6 +801,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         relay_gro: cfg.udp_gro,
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         proxy_allow: arc_swap::ArcSwap::from_pointee(cfg.proxy_protocol_allow.clone()),
+        tcp_waiting: Default::default(),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
         quotas: server::quota::SharedCounts::default(),

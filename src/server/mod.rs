@@ -20,6 +20,7 @@ pub mod spread;
 pub mod statsdb;
 pub mod steering;
 mod stream;
+pub mod tcp_relay;
 pub mod tls;
 mod worker;
 

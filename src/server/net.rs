@@ -116,6 +116,23 @@ pub fn relay_socket(
     Ok(s.into())
 }
 
+/// A listening TCP socket on a TCP relay's relayed transport address
+/// (RFC 6062), with SO_REUSEADDR and SO_REUSEPORT so that the connections
+/// Connect opens can be bound to the same address and port.
+pub fn tcp_relay_listener(
+    addr: SocketAddr,
+    device: Option<&str>,
+) -> io::Result<std::net::TcpListener> {
+    let s = socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    bind_device(&s, device)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 /// Turns UDP GRO on (`UDP_GRO`, Linux 5.0): the kernel may then hand a
 /// run of datagrams from one source (a burst a network card coalesced, or
 /// a sender's GSO send) to one receive, which [`super::batch::RecvBatch`]

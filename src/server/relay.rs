@@ -105,6 +105,15 @@ pub struct Opener<'a> {
     pub now: Instant,
     /// Sockets opened during the call.
     pub opened: &'a mut Vec<Opened>,
+    /// TCP relay listeners opened during the call (RFC 6062).
+    pub tcp_opened: &'a mut Vec<OpenedTcp>,
+}
+
+/// A TCP relay's listening socket, opened for allocation `id`.
+pub struct OpenedTcp {
+    pub id: AllocationId,
+    pub listener: std::net::TcpListener,
+    pub addr: SocketAddr,
 }
 
 impl Opener<'_> {
@@ -159,8 +168,41 @@ impl Opener<'_> {
     }
 }
 
+impl Opener<'_> {
+    /// A listening TCP socket on a port of the pool, for TCP allocation
+    /// `id` (RFC 6062).
+    fn open_tcp(&mut self, id: AllocationId, ip: IpAddr) -> Result<OpenedRelay, RelayError> {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = self
+                .pool
+                .take(Want::Any)
+                .ok_or(RelayError::NoPortAvailable)?;
+            let addr = SocketAddr::new(ip, port);
+            match net::tcp_relay_listener(addr, self.device) {
+                Ok(listener) => {
+                    self.tcp_opened.push(OpenedTcp { id, listener, addr });
+                    return Ok(OpenedRelay {
+                        addr,
+                        reservation: None,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => self.pool.release(port),
+                Err(e) => {
+                    self.pool.release(port);
+                    warn!("cannot bind TCP relay socket {addr}: {e}");
+                    return Err(RelayError::NoPortAvailable);
+                }
+            }
+        }
+        Err(RelayError::NoPortAvailable)
+    }
+}
+
 impl RelayProvider for Opener<'_> {
     fn open(&mut self, id: AllocationId, req: &RelayRequest) -> Result<OpenedRelay, RelayError> {
+        if req.tcp {
+            return self.open_tcp(id, req.ip);
+        }
         let (socket, reservation) = match req.port {
             PortRequest::Reserved(token) => {
                 let s = self
@@ -212,6 +254,7 @@ mod tests {
             gro: true,
             now,
             opened,
+            tcp_opened: Box::leak(Box::default()),
         }
     }
 
@@ -241,6 +284,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Even { reserve_next: true },
             dont_fragment: false,
+            tcp: false,
         };
         let first = opener(&pool, &res, &mut opened, t0).open(id, &req).unwrap();
         assert_eq!(first.addr.port() % 2, 0);
@@ -287,6 +331,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Any,
             dont_fragment: true,
+            tcp: false,
         };
         assert!(opener(&pool, &res, &mut opened, now).open(id, &req).is_ok());
         assert!(opener(&pool, &res, &mut opened, now).open(id, &req).is_ok());
@@ -312,6 +357,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             port: PortRequest::Any,
             dont_fragment: false,
+            tcp: false,
         };
         let got = opener(&pool, &res, &mut opened, Instant::now())
             .open(id, &req)

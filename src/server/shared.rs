@@ -28,6 +28,8 @@ pub struct Shared {
     pub relay_gro: bool,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
+    /// RFC 6062 peer connections waiting for their ConnectionBind.
+    pub tcp_waiting: super::tcp_relay::WaitingConnections,
     /// `proxy-protocol-allow`: the load balancers whose TCP/TLS
     /// connections start with a PROXY header ([`super::proxy`]).
     pub proxy_allow: arc_swap::ArcSwap<Vec<turn::policy::IpRange>>,

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::worker::{Handle, STREAM_LINK};
 use super::{Shared, proxy};
 use crate::stun::channel;
-use crate::turn::{FiveTuple, Transport};
+use crate::turn::{ClientAction, FiveTuple, Transport};
 
 /// Bytes a stream connection may have queued for sending before further
 /// relayed data to it is dropped (a client that stops reading cannot grow
@@ -299,14 +299,14 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
                         Ok(r) => r,
                         Err(_) => {
                             debug!("{ft}: {why}; closing");
-                            return;
+                            return None;
                         }
                     }
                 }
                 None => rd.read_buf(&mut buf).await,
             };
             match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
             let mut start = 0;
@@ -316,12 +316,12 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
                     Ok(None) => break,
                     Err(_) => {
                         debug!("{ft}: stream is neither STUN nor ChannelData; closing");
-                        return;
+                        return None;
                     }
                 };
                 let len = frame.len();
                 if len > MAX_FRAME {
-                    return;
+                    return None;
                 }
                 if buf.len() - start < len {
                     break;
@@ -329,6 +329,18 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
                 let data = &buf[start..start + len];
                 let mut w = worker.borrow_mut();
                 let action = w.client_message(Instant::now(), &ft, link, data);
+                if let ClientAction::BindConnection {
+                    connection,
+                    username,
+                    realm,
+                } = &action
+                    && let Some(claimed) = w.shared.tcp_waiting.claim(*connection, username, realm)
+                {
+                    // RFC 6062: the success response, then this is a data
+                    // connection, joined to the peer byte for byte.
+                    conn.send(&w.out);
+                    return Some((claimed, *connection, buf[start + len..].to_vec()));
+                }
                 w.dispatch(action, &ft, link, data);
                 drop(w);
                 start += len;
@@ -347,20 +359,38 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
         }
     };
 
-    tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
+    let joined = tokio::select! {
+        j = reader => j,
+        _ = writer => None,
+    };
+    {
+        let mut w = worker.borrow_mut();
+        w.conns.remove((link - STREAM_LINK) as usize);
+        w.core.client_closed(Instant::now(), &ft);
+        w.apply_events();
     }
-    let mut w = worker.borrow_mut();
-    w.conns.remove((link - STREAM_LINK) as usize);
-    w.core.client_closed(Instant::now(), &ft);
-    w.apply_events();
     if conn.dropped.get() > 0 {
         info!(
             "{ft}: {} frames dropped because the client was not reading",
             conn.dropped.get()
         );
     }
+    let Some((claimed, connection, leftover)) = joined else {
+        return;
+    };
+    // What is queued (the ConnectionBind success) goes first.
+    let queued = std::mem::take(&mut *conn.queue.borrow_mut());
+    let staged = stream.borrow_mut().stage(&queued).map(<[u8]>::to_vec);
+    let Ok(rest) = staged else { return };
+    if wr.write_all(&rest).await.is_err() || wr.flush().await.is_err() {
+        return;
+    }
+    drop((rd, wr));
+    let Ok(stream) = Rc::try_unwrap(stream) else {
+        return;
+    };
+    debug!("{ft}: data connection for TCP relay connection {connection}");
+    super::tcp_relay::pipe(worker, stream.into_inner(), claimed, connection, leftover).await;
 }
 
 /// A client stream that can take a batch of whole frames.

@@ -85,6 +85,8 @@ struct Relay {
     /// The relay sockets by family (IPv4, IPv6): one, or both for a dual
     /// allocation (RFC 8656 §7.2).
     sockets: RelaySockets,
+    /// A TCP allocation's listening task and connections (RFC 6062).
+    tcp: Option<super::tcp_relay::TcpRelay>,
 }
 
 /// An allocation's relay sockets, indexed by [`family_index`]; what moves
@@ -136,8 +138,11 @@ pub(super) struct Worker {
     relays: Vec<Option<Relay>>,
     epoll: Rc<AsyncFd<EpollSet>>,
     opened: Vec<Opened>,
+    /// TCP relay listeners the core just opened (RFC 6062), for the
+    /// stream task to start.
+    pub(super) tcp_opened: Vec<super::relay::OpenedTcp>,
     /// Reply buffer for the core.
-    out: Vec<u8>,
+    pub(super) out: Vec<u8>,
     /// Whether there are other workers, so allocations may move between
     /// workers as steering changes where datagrams arrive.
     steer: bool,
@@ -149,6 +154,8 @@ pub(super) struct Worker {
     held: HashMap<Wanted, (Instant, Vec<HeldMessage>)>,
     /// Messages in `held`.
     held_count: usize,
+    /// This worker's own handle, for the tasks it starts (RFC 6062).
+    me: std::rc::Weak<RefCell<Worker>>,
 }
 
 /// A client message waiting for credentials: its 5-tuple, link and bytes.
@@ -206,6 +213,7 @@ impl Worker {
             core,
             shared,
             opened,
+            tcp_opened,
             out,
             ..
         } = self;
@@ -217,9 +225,11 @@ impl Worker {
             gro: shared.relay_gro,
             now,
             opened,
+            tcp_opened,
         };
         let action = core.handle_client(now, ft, link, data, out, &mut opener);
         self.register_relays();
+        self.start_tcp_relays();
         self.apply_events();
         action
     }
@@ -253,6 +263,7 @@ impl Worker {
                 other => other.insert(Relay {
                     id: o.id,
                     sockets: [None, None],
+                    tcp: None,
                 }),
             };
             relay.sockets[index] = Some(o.socket);
@@ -416,8 +427,61 @@ impl Worker {
         }
     }
 
+    /// Starts the TCP relays (RFC 6062) the core opened in the last call.
+    fn start_tcp_relays(&mut self) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        for o in std::mem::take(&mut self.tcp_opened) {
+            let slot = o.id.slot();
+            if self.relays.len() <= slot {
+                self.relays.resize_with(slot + 1, || None);
+            }
+            let tcp = Some(super::tcp_relay::start(&me, o.id, o.listener));
+            self.relays[slot] = Some(Relay {
+                id: o.id,
+                sockets: [None, None],
+                tcp,
+            });
+        }
+    }
+
+    /// Puts peer connection `connection` of TCP allocation `allocation`
+    /// in the table where its ConnectionBind finds it.
+    pub(super) fn tcp_waiting(
+        &mut self,
+        connection: u32,
+        allocation: AllocationId,
+        stream: tokio::net::TcpStream,
+    ) {
+        let Some(ended) = self
+            .relay(allocation)
+            .and_then(|r| r.tcp.as_ref())
+            .map(|t| t.ended.subscribe())
+        else {
+            return;
+        };
+        let Some((user, realm)) = self.core.owner_of(allocation) else {
+            return;
+        };
+        let (user, realm) = (user.to_string(), realm.clone());
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        self.shared.tcp_waiting.insert(
+            connection, self.index, allocation, &user, realm, stream, ended,
+        );
+    }
+
+    /// Sends `mail` to worker `to`.
+    pub(super) fn mail(&self, to: usize, mail: Mail) {
+        if let Some(m) = self.mailboxes.get(to) {
+            let _ = m.send(mail);
+        }
+    }
+
     /// Sends a message to the client on `ft`, reached through `link`.
-    fn send_to_client(&self, link: u32, ft: &FiveTuple, bytes: &[u8]) {
+    pub(super) fn send_to_client(&self, link: u32, ft: &FiveTuple, bytes: &[u8]) {
         if link < STREAM_LINK {
             if let Some((s, _)) = self.udp.get(link as usize) {
                 send_udp(s, bytes, ft.client);
@@ -441,6 +505,29 @@ impl Worker {
         match action {
             ClientAction::None => {}
             ClientAction::Reply => self.send_to_client(link, ft, &self.out),
+            ClientAction::Connect {
+                allocation,
+                relayed,
+                peer,
+                connection,
+            } => {
+                if let Some(me) = self.me.upgrade() {
+                    tokio::task::spawn_local(super::tcp_relay::connect(
+                        me, allocation, relayed, peer, connection,
+                    ));
+                }
+            }
+            ClientAction::BindConnection { .. } => {
+                // Only the connection's own task can join it to a peer
+                // (stream::serve_stream); a ConnectionBind that waited for
+                // credentials is answered 400 and the client retries.
+                let action = self
+                    .core
+                    .answer_error(data, ErrorCode::BadRequest, &mut self.out);
+                if action == ClientAction::Reply {
+                    self.send_to_client(link, ft, &self.out);
+                }
+            }
             ClientAction::ReplyFrom { from, to } => {
                 // RFC 5780: from another of this worker's UDP listeners.
                 if let Some((s, _)) = self.udp.iter().find(|(_, a)| *a == from) {
@@ -785,6 +872,11 @@ pub enum Mail {
     Config(Arc<turn::Config>),
     /// Start or stop draining.
     Drain(bool),
+    /// A peer connection of a TCP allocation here ended (RFC 6062).
+    TcpEnded {
+        allocation: AllocationId,
+        connection: u32,
+    },
 }
 
 /// The mailboxes of every worker, indexed by worker.
@@ -890,12 +982,15 @@ async fn run(
         relays: Vec::new(),
         epoll: epoll.clone(),
         opened: Vec::new(),
+        tcp_opened: Vec::new(),
         out: Vec::with_capacity(1500),
         steer: shared.telemetry.workers.len() > 1,
         handover: Handover::new(index),
         held: HashMap::new(),
         held_count: 0,
+        me: std::rc::Weak::new(),
     }));
+    worker.borrow_mut().me = Rc::downgrade(&worker);
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
         match TcpListener::from_std(l.socket) {
@@ -1041,6 +1136,10 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 w.report();
             }
             Mail::Drain(on) => w.core.set_draining(on),
+            Mail::TcpEnded {
+                allocation,
+                connection,
+            } => w.core.tcp_connection_ended(allocation, connection),
         }
     }
 }
@@ -1139,6 +1238,9 @@ async fn timer(worker: Handle) {
         w.prune_held(now);
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
+        for (allocation, connection) in shared.tcp_waiting.sweep(w.index, now) {
+            w.core.tcp_connection_ended(allocation, connection);
+        }
         w.report();
     }
 }

@@ -47,6 +47,8 @@ pub const EVEN_PORT: u16 = 0x0018;
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 /// The REQUESTED-TRANSPORT protocol number of UDP (IANA: 17).
 pub const TRANSPORT_UDP: u8 = 17;
+/// The REQUESTED-TRANSPORT protocol number of TCP (IANA: 6, RFC 6062).
+pub const TRANSPORT_TCP: u8 = 6;
 /// DONT-FRAGMENT (RFC 8656 §18.9).
 pub const DONT_FRAGMENT: u16 = 0x001A;
 /// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6), a 16- to 32-byte HMAC-SHA256.
@@ -71,7 +73,7 @@ pub const PADDING: u16 = 0x0026;
 /// RESPONSE-PORT (RFC 5780 §7.5): answer to this port of the client's IP.
 /// Understood only while RFC 5780 is offered.
 pub const RESPONSE_PORT: u16 = 0x0027;
-/// CONNECTION-ID (RFC 6062 §6.2.1); TCP relaying is not supported.
+/// CONNECTION-ID (RFC 6062 §6.2.1): a peer connection's 32-bit name.
 pub const CONNECTION_ID: u16 = 0x002A;
 /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11): asks for an IPv6 relayed
 /// address besides the IPv4 one (a dual allocation).
@@ -150,6 +152,7 @@ pub const fn is_understood(typ: u16) -> bool {
             | PRIORITY
             | USE_CANDIDATE
             | MESSAGE_INTEGRITY_SHA256
+            | CONNECTION_ID
             | PASSWORD_ALGORITHM
             | USERHASH
     ) || !is_comprehension_required(typ)
@@ -438,7 +441,6 @@ mod tests {
         assert!(!is_understood(CHANGE_REQUEST));
         assert!(is_understood(USERHASH));
         assert!(is_understood(PASSWORD_ALGORITHM));
-        assert!(!is_understood(CONNECTION_ID));
         assert!(!is_understood(0x7FFF));
     }
 }

@@ -35,6 +35,10 @@ pub enum ErrorCode {
     UnsupportedTransportProtocol,
     /// 443: the peer's family differs from the relay's (RFC 8656 §19).
     PeerAddressFamilyMismatch,
+    /// 446: a connection to that peer exists or is being made (RFC 6062 §6.3).
+    ConnectionAlreadyExists,
+    /// 447: the connection to the peer failed or timed out (RFC 6062 §6.3).
+    ConnectionTimeoutOrFailure,
     /// 486: allocation quota reached (RFC 8656 §19).
     AllocationQuotaReached,
     /// 500: server error (RFC 8489 §14.8).
@@ -60,6 +64,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => 441,
             ErrorCode::UnsupportedTransportProtocol => 442,
             ErrorCode::PeerAddressFamilyMismatch => 443,
+            ErrorCode::ConnectionAlreadyExists => 446,
+            ErrorCode::ConnectionTimeoutOrFailure => 447,
             ErrorCode::AllocationQuotaReached => 486,
             ErrorCode::ServerError => 500,
             ErrorCode::InsufficientCapacity => 508,
@@ -82,6 +88,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => "Wrong Credentials",
             ErrorCode::UnsupportedTransportProtocol => "Unsupported Transport Protocol",
             ErrorCode::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
+            ErrorCode::ConnectionAlreadyExists => "Connection Already Exists",
+            ErrorCode::ConnectionTimeoutOrFailure => "Connection Timeout or Failure",
             ErrorCode::AllocationQuotaReached => "Allocation Quota Reached",
             ErrorCode::ServerError => "Server Error",
             ErrorCode::InsufficientCapacity => "Insufficient Capacity",
@@ -89,7 +97,7 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and tables.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::TryAlternate,
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
@@ -103,6 +111,8 @@ impl ErrorCode {
         ErrorCode::WrongCredentials,
         ErrorCode::UnsupportedTransportProtocol,
         ErrorCode::PeerAddressFamilyMismatch,
+        ErrorCode::ConnectionAlreadyExists,
+        ErrorCode::ConnectionTimeoutOrFailure,
         ErrorCode::AllocationQuotaReached,
         ErrorCode::ServerError,
         ErrorCode::InsufficientCapacity,

@@ -44,8 +44,13 @@ pub mod method {
     pub const CREATE_PERMISSION: u16 = 0x008;
     /// ChannelBind (RFC 8656 §11).
     pub const CHANNEL_BIND: u16 = 0x009;
-    /// Connect (RFC 6062); not supported.
+    /// Connect (RFC 6062 §4.3): open a TCP connection to a peer.
     pub const CONNECT: u16 = 0x00A;
+    /// ConnectionBind (RFC 6062 §4.4): make this connection a data
+    /// connection for a peer connection.
+    pub const CONNECTION_BIND: u16 = 0x00B;
+    /// ConnectionAttempt (RFC 6062 §4.5, indication): a peer connected.
+    pub const CONNECTION_ATTEMPT: u16 = 0x00C;
 
     /// A short human name for logs.
     pub fn name(m: u16) -> &'static str {
@@ -58,6 +63,8 @@ pub mod method {
             CREATE_PERMISSION => "CreatePermission",
             CHANNEL_BIND => "ChannelBind",
             CONNECT => "Connect",
+            CONNECTION_BIND => "ConnectionBind",
+            CONNECTION_ATTEMPT => "ConnectionAttempt",
             _ => "unknown",
         }
     }

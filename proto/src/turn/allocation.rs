@@ -64,6 +64,9 @@ pub(super) struct Allocation {
     pub(super) claim: quota::Claim,
     /// `max-bps` shaping, when configured at creation.
     pub(super) shaper: Option<Box<Shaper>>,
+    /// A TCP allocation (RFC 6062) and its peer connections; `None` for
+    /// UDP.
+    pub(super) tcp: Option<Vec<super::tcp::TcpConnection>>,
 }
 
 /// A relayed transport address and the address advertised for it.
@@ -287,9 +290,24 @@ impl Server {
             info!(five_tuple = %ft, user = username, "508: draining");
             return self.error(out, msg, ErrorCode::InsufficientCapacity, k);
         }
-        if req.transport != attr::TRANSPORT_UDP || !self.cfg.allow_udp_relay {
-            return self.error(out, msg, ErrorCode::UnsupportedTransportProtocol, k);
-        }
+        let tcp = match req.transport {
+            attr::TRANSPORT_UDP if self.cfg.allow_udp_relay => false,
+            // RFC 6062 §5.1: over TCP or TLS only, and none of the UDP
+            // allocation's options.
+            attr::TRANSPORT_TCP if self.cfg.allow_tcp_relay => {
+                if !ft.transport.is_stream()
+                    || req.even_port.is_some()
+                    || req.reservation_token.is_some()
+                    || req.dont_fragment
+                    || req.dual.is_some()
+                    || req.mobility_ticket.is_some()
+                {
+                    return self.error(out, msg, ErrorCode::BadRequest, k);
+                }
+                true
+            }
+            _ => return self.error(out, msg, ErrorCode::UnsupportedTransportProtocol, k),
+        };
         let mobile = match req.mobility_ticket {
             None => false,
             Some(_) if !self.cfg.mobility => {
@@ -364,6 +382,7 @@ impl Server {
                 ip,
                 port,
                 dont_fragment: req.dont_fragment,
+                tcp,
             };
             match relays.open(id, &relay) {
                 Ok(o) => opened.push(o),
@@ -410,6 +429,7 @@ impl Server {
             channels: Vec::new(),
             traffic: Traffic::default(),
             claim,
+            tcp: tcp.then(Vec::new),
             shaper: (max_bps > 0).then(|| {
                 Box::new(Shaper {
                     rate: max_bps,

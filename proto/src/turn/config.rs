@@ -49,6 +49,9 @@ pub struct Config {
     /// Grant UDP relays (`no-udp-relay` turns this off: every Allocate
     /// gets 442).
     pub allow_udp_relay: bool,
+    /// Grant TCP relays (RFC 6062) to clients over TCP and TLS
+    /// (`no-tcp-relay` turns this off: 442).
+    pub allow_tcp_relay: bool,
     /// RFC 8016 mobility (`mobility`): allocations asked for with an empty
     /// MOBILITY-TICKET get a ticket, and a Refresh carrying it from another
     /// 5-tuple moves the allocation there. Off: MOBILITY-TICKET gets 405.
@@ -123,6 +126,7 @@ impl Config {
             default_family: DefaultFamily::Ipv4,
             rfc5766_channels: true,
             allow_udp_relay: true,
+            allow_tcp_relay: true,
             mobility: false,
             ticket_key: [0; 32],
             unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),

@@ -31,6 +31,9 @@ pub struct RelayRequest {
     pub port: PortRequest,
     /// Set DF on relayed datagrams (DONT-FRAGMENT).
     pub dont_fragment: bool,
+    /// A TCP relay (RFC 6062): a listening TCP socket on the relayed
+    /// transport address instead of a UDP socket.
+    pub tcp: bool,
 }
 
 /// A relay socket the driver opened.
@@ -74,6 +77,26 @@ pub enum ClientAction {
     /// address or port, or RESPONSE-PORT for another client port). Drop it
     /// when no listener has that address.
     ReplyFrom { from: SocketAddr, to: SocketAddr },
+    /// RFC 6062 Connect: open a TCP connection from `relayed` (the TCP
+    /// allocation's relayed transport address) to `peer` within 30 s, and
+    /// report the outcome with [`Server::tcp_connect_result`] for
+    /// `connection`.
+    Connect {
+        allocation: AllocationId,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        connection: u32,
+    },
+    /// RFC 6062 ConnectionBind, authenticated as `username` in `realm`:
+    /// if peer connection `connection` is waiting for its data connection
+    /// and belongs to that user, send the success response in `out` and
+    /// join this client connection to it byte for byte (no STUN on it
+    /// after the response); else answer with [`Server::answer_error`] 400.
+    BindConnection {
+        connection: u32,
+        username: String,
+        realm: std::sync::Arc<str>,
+    },
     /// Send `data[payload]` from `allocation`'s relay socket to `peer`.
     Relay {
         allocation: AllocationId,

@@ -39,6 +39,7 @@ pub mod request;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod sim;
 mod stats;
+pub mod tcp;
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -201,6 +202,11 @@ impl Server {
     /// The client 5-tuple of an allocation.
     pub fn five_tuple_of(&self, id: AllocationId) -> Option<FiveTuple> {
         self.get(id).map(|a| a.five_tuple)
+    }
+
+    /// The user and realm allocation `id` belongs to, if it exists.
+    pub fn owner_of(&self, id: AllocationId) -> Option<(&str, &Arc<str>)> {
+        self.get(id).map(|a| (&*a.username, &a.realm))
     }
 
     /// Traffic counters of an allocation.
@@ -654,7 +660,12 @@ impl Server {
         let m = msg.method();
         let turn = matches!(
             m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+            method::ALLOCATE
+                | method::REFRESH
+                | method::CREATE_PERMISSION
+                | method::CHANNEL_BIND
+                | method::CONNECT
+                | method::CONNECTION_BIND
         );
         if (m == method::BINDING && self.cfg.no_stun) || (turn && self.cfg.stun_only) {
             return ClientAction::None;
@@ -697,6 +708,11 @@ impl Server {
                 self.create_permission(now, ft, msg, &req, out, key)
             }
             Ok(Request::ChannelBind(req)) => self.channel_bind(now, ft, msg, &req, out, key),
+            Ok(Request::Connect(peer)) => self.connect(ft, msg, peer, out, key),
+            Ok(Request::ConnectionBind(connection)) => {
+                let realm = self.realm_of(ft, msg);
+                self.connection_bind(ft, msg, connection, out, key, username, realm)
+            }
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
             let outcome = match Message::parse(out) {

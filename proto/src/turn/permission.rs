@@ -113,7 +113,7 @@ impl Server {
     /// own lists) refuses it. `with_port`:
     /// the request relays to this exact transport address (ChannelBind),
     /// not to the whole IP (CreatePermission).
-    fn vet_peer(
+    pub(super) fn vet_peer(
         &mut self,
         peer: SocketAddr,
         (families, realm): &(Families, std::sync::Arc<str>),
@@ -205,6 +205,10 @@ impl Server {
         let Some(relay) = self.get(id).map(|a| (a.families(), a.realm.clone())) else {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         };
+        if self.get(id).is_some_and(|a| a.tcp.is_some()) {
+            // RFC 6062 §5: no channels on a TCP allocation.
+            return self.error(out, msg, ErrorCode::BadRequest, k);
+        }
         let (number, peer) = (req.number, req.peer);
         if let Err(code) = self.vet_peer(peer, &relay, ft, true) {
             return self.error(out, msg, code, k);

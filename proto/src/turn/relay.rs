@@ -88,7 +88,10 @@ impl Server {
         let Some(a) = self.get_mut(id) else {
             return ClientAction::None;
         };
-        if !a.families().contains(Family::of(peer.ip())) || !a.permitted(peer.ip(), now) {
+        if a.tcp.is_some()
+            || !a.families().contains(Family::of(peer.ip()))
+            || !a.permitted(peer.ip(), now)
+        {
             trace!(five_tuple = %ft, %peer, "Send indication without a permission dropped");
             return ClientAction::None;
         }

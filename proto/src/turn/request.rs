@@ -80,6 +80,10 @@ pub enum Request<'m> {
     Refresh(Refresh<'m>),
     CreatePermission(CreatePermission),
     ChannelBind(ChannelBind),
+    /// Connect (RFC 6062 §4.3): XOR-PEER-ADDRESS, the peer to connect to.
+    Connect(SocketAddr),
+    /// ConnectionBind (RFC 6062 §4.4): CONNECTION-ID.
+    ConnectionBind(u32),
 }
 
 impl<'m> Request<'m> {
@@ -97,6 +101,17 @@ impl<'m> Request<'m> {
             method::CHANNEL_BIND => {
                 Request::ChannelBind(ChannelBind::decode(msg, rfc5766_channels)?)
             }
+            method::CONNECT => Request::Connect(
+                msg.xor_address(attr::XOR_PEER_ADDRESS)
+                    .and_then(Result::ok)
+                    .ok_or(ErrorCode::BadRequest)?,
+            ),
+            method::CONNECTION_BIND => Request::ConnectionBind(
+                msg.get(attr::CONNECTION_ID)
+                    .and_then(|v| v.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or(ErrorCode::BadRequest)?,
+            ),
             _ => return Err(ErrorCode::BadRequest),
         })
     }

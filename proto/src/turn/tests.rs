@@ -439,16 +439,35 @@ fn lifetime_defaults_and_caps() {
 }
 
 #[test]
-fn requested_transport_must_be_udp() {
+fn requested_transport_udp_or_tcp_over_a_stream() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
+    // TCP relaying over UDP: 400 (RFC 6062 §5.1); another protocol: 442.
     let r = h
         .req(method::ALLOCATE)
         .attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[132, 0, 0, 0]);
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(442));
     let r = h.req(method::ALLOCATE);
     assert_eq!(h.ask_authed(&ft, &r, "alice", "alicepw").code(), Some(400));
     assert_eq!(h.server.allocation_count(), 0);
+    // Over TCP it is granted, unless no-tcp-relay.
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..udp("203.0.113.5:40001")
+    };
+    let r = h
+        .req(method::ALLOCATE)
+        .attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    assert!(h.ask_authed(&tcp, &r, "alice", "alicepw").ok());
+    assert!(h.relays.opened.last().unwrap().1.tcp);
+    let mut cfg = users_config();
+    cfg.allow_tcp_relay = false;
+    let mut h = Harness::new(cfg);
+    assert_eq!(h.ask_authed(&tcp, &r, "alice", "alicepw").code(), Some(442));
 }
 
 #[test]
@@ -1004,7 +1023,7 @@ fn anonymous_mode_needs_no_credentials() {
 fn unsupported_method_is_400() {
     let mut h = Harness::new(users_config());
     let ft = udp("203.0.113.5:40000");
-    let r = h.req(method::CONNECT);
+    let r = h.req(0x0ff);
     assert_eq!(h.ask(&ft, &r.build(None)).code(), Some(400));
 }
 
