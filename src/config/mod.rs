@@ -169,6 +169,8 @@ pub struct Config {
     pub sock_buf_size: Option<usize>,
     pub default_family: DefaultFamily,
     pub no_udp_relay: bool,
+    /// `no-dtls`: no DTLS listeners.
+    pub no_dtls: bool,
     /// `no-tcp-relay`: no RFC 6062 TCP allocations.
     pub no_tcp_relay: bool,
     /// UDP GRO on every UDP listener and relay socket; `no-udp-gro` turns

@@ -150,6 +150,7 @@ impl Collector for TurnCollector {
                 ("udp", sum(&|r| r.gauges.allocations[0]) as i64),
                 ("tcp", sum(&|r| r.gauges.allocations[1]) as i64),
                 ("tls", sum(&|r| r.gauges.allocations[2]) as i64),
+                ("dtls", sum(&|r| r.gauges.allocations[3]) as i64),
             ],
         )?;
         counter(

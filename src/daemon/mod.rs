@@ -77,6 +77,24 @@ fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Strin
     }
 }
 
+/// The DTLS certificate for `cfg`: the TLS files' when TLS is on, DTLS is
+/// not turned off (`no-dtls`) and the key is ECDSA (the only kind `dimpl`
+/// signs with; an RSA key turns DTLS off with a warning).
+fn dtls_certificate(cfg: &Config) -> Result<Option<dimpl::DtlsCertificate>, String> {
+    let (Some(cert), Some(key), false, false) = (&cfg.cert, &cfg.pkey, cfg.no_tls, cfg.no_dtls)
+    else {
+        return Ok(None);
+    };
+    let loaded = server::dtls::load(cert, key).map_err(|m| cfg.error("cert", m).to_string())?;
+    if loaded.is_none() {
+        warn!(
+            "DTLS is off: its library signs with ECDSA keys only and {} is not one (TLS is unaffected)",
+            key.display()
+        );
+    }
+    Ok(loaded)
+}
+
 /// The core configuration for `cfg`.
 fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     let realm = cfg.effective_realm(&fixed.hostname);
@@ -280,7 +298,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
+fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool, dtls: bool) -> Plan {
     let workers = cfg
         .relay_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -296,6 +314,7 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
     let mut plan = Plan {
         udp: Vec::new(),
         tcp: Vec::new(),
+        dtls: Vec::new(),
         workers,
         listening_device: cfg.listening_device.clone(),
         sock_buf_size: cfg.sock_buf_size,
@@ -314,6 +333,11 @@ fn listener_plan(cfg: &Config, ips: &[IpAddr], tls: bool) -> Plan {
         if tls {
             for &port in &secure {
                 plan.tcp.push((SocketAddr::new(ip, port), StreamPort::Tls));
+            }
+        }
+        if dtls {
+            for &port in &secure {
+                plan.dtls.push(SocketAddr::new(ip, port));
             }
         }
         if let Some(port) = cfg.tcp_proxy_port {
@@ -556,8 +580,12 @@ impl Daemon {
     async fn try_reload(&mut self, full: bool) -> Result<(), String> {
         if !full {
             let tls = tls_acceptor(&self.cfg)?;
+            let dtls = dtls_certificate(&self.cfg)?;
             if tls.is_some() {
                 self.server.set_tls(tls);
+            }
+            if dtls.is_some() {
+                self.server.shared.dtls_cert.store(dtls.map(Arc::new));
             }
             return Ok(());
         }
@@ -579,6 +607,7 @@ impl Daemon {
         // reassigned); while detection fails the last address stays.
         let detected = apply_external_ip(&mut new, self.detected.as_ref()).await?;
         let tls = tls_acceptor(&new)?;
+        let dtls = dtls_certificate(&new)?;
         for w in &loaded.warnings {
             warn!("{w}");
         }
@@ -594,6 +623,9 @@ impl Daemon {
         self.server.set_config(Arc::new(core));
         if tls.is_some() {
             self.server.set_tls(tls);
+        }
+        if dtls.is_some() {
+            self.server.shared.dtls_cert.store(dtls.map(Arc::new));
         }
         let shared = &self.server.shared;
         shared
@@ -694,7 +726,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     if listening_ips.is_empty() {
         return Err("no address to listen on".to_string());
     }
-    let plan = listener_plan(cfg, &listening_ips, tls.is_some());
+    let dtls = dtls_certificate(cfg)?;
+    let plan = listener_plan(cfg, &listening_ips, tls.is_some(), dtls.is_some());
     if plan.udp.is_empty() && plan.tcp.is_empty() {
         return Err("every listener is turned off (no-udp, no-tcp, no TLS)".to_string());
     }
@@ -718,6 +751,9 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     }
     for (a, port) in &plan.tcp {
         info!("listening on {} {a}", port.name());
+    }
+    for a in &plan.dtls {
+        info!("listening on dtls {a}");
     }
     info!(
         "relay ports {}-{} on {}",
@@ -802,6 +838,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         proxy_allow: arc_swap::ArcSwap::from_pointee(cfg.proxy_protocol_allow.clone()),
         tcp_waiting: Default::default(),
+        dtls_cert: arc_swap::ArcSwapOption::new(dtls.map(Arc::new)),
+        dtls_config: server::dtls::config(),
         idle_timeout_secs: AtomicU64::new(u64::from(cfg.max_allocate_timeout)),
         telemetry: Telemetry::new(workers),
         quotas: server::quota::SharedCounts::default(),

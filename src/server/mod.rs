@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod directory;
+pub mod dtls;
 pub mod exclusive;
 pub mod fleet;
 mod handover;
@@ -41,6 +42,8 @@ pub struct Plan {
     /// TCP listener addresses and what each is for; TLS is detected by its
     /// first byte on every one.
     pub tcp: Vec<(SocketAddr, StreamPort)>,
+    /// DTLS listener addresses (UDP on the TLS ports).
+    pub dtls: Vec<SocketAddr>,
     /// Number of worker threads (each binds every listener with SO_REUSEPORT).
     pub workers: usize,
     pub listening_device: Option<String>,
@@ -111,7 +114,11 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
         .tcp
         .iter()
         .map(|&(a, port)| (a, exclusive::Proto::Tcp, port.name()));
-    for (addr, proto, transport) in udp.chain(tcp) {
+    let dtls = plan
+        .dtls
+        .iter()
+        .map(|&a| (a, exclusive::Proto::Udp, "dtls"));
+    for (addr, proto, transport) in udp.chain(tcp).chain(dtls) {
         exclusive::check_unshared(addr, proto, device).map_err(|error| BindError {
             addr,
             transport,
@@ -123,7 +130,19 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
         let mut s = Sockets {
             udp: Vec::new(),
             tcp: Vec::new(),
+            dtls: Vec::new(),
         };
+        for &addr in &plan.dtls {
+            let sock =
+                net::udp_listener(addr, device, net::LISTENER_BUFFER, false).map_err(|error| {
+                    BindError {
+                        addr,
+                        transport: "dtls",
+                        error,
+                    }
+                })?;
+            s.dtls.push((sock, addr));
+        }
         for &addr in &plan.udp {
             let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
             let sock = net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(|error| {
@@ -310,6 +329,7 @@ mod tests {
         let plan = Plan {
             udp: vec![addr],
             tcp: vec![],
+            dtls: vec![],
             workers: 1,
             listening_device: None,
             sock_buf_size: None,

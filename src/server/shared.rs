@@ -28,6 +28,10 @@ pub struct Shared {
     pub relay_gro: bool,
     /// Open TCP/TLS connections per source address, across workers.
     pub streams: StreamCount,
+    /// The DTLS certificate (ECDSA; `None` when DTLS is off), swapped when
+    /// certificates are reloaded, and the DTLS settings.
+    pub dtls_cert: arc_swap::ArcSwapOption<dimpl::DtlsCertificate>,
+    pub dtls_config: Arc<dimpl::Config>,
     /// RFC 6062 peer connections waiting for their ConnectionBind.
     pub tcp_waiting: super::tcp_relay::WaitingConnections,
     /// `proxy-protocol-allow`: the load balancers whose TCP/TLS

@@ -79,11 +79,12 @@ pub fn status_text(s: &AllocationStatus) -> String {
         Transport::Udp => "UDP",
         Transport::Tcp => "TCP",
         Transport::Tls => "TLS",
+        Transport::Dtls => "DTLS",
     };
-    let ssl = if s.five_tuple.transport == Transport::Tls {
-        "TLS"
-    } else {
-        "NONE"
+    let ssl = match s.five_tuple.transport {
+        Transport::Tls => "TLS",
+        Transport::Dtls => "DTLS",
+        _ => "NONE",
     };
     format!(
         "{kind} lifetime={}, type={transport}, local={}, remote={}, ssl={ssl}, cipher=NONE",

@@ -57,6 +57,8 @@ use crate::turn::{
 /// Links at or above this value are stream connections; below, UDP listener
 /// indexes.
 pub(super) const STREAM_LINK: u32 = 1 << 31;
+/// Links from this value up to [`STREAM_LINK`] are DTLS listeners.
+pub(super) const DTLS_LINK: u32 = 1 << 30;
 /// Largest UDP datagram, bytes.
 const MAX_DATAGRAM: usize = 65536;
 /// Epoll tokens at or above this value are relay sockets (token minus this
@@ -77,6 +79,8 @@ pub struct StreamListener {
 pub struct Sockets {
     pub udp: Vec<(std::net::UdpSocket, SocketAddr)>,
     pub tcp: Vec<StreamListener>,
+    /// DTLS listeners (UDP on the TLS ports).
+    pub dtls: Vec<(std::net::UdpSocket, SocketAddr)>,
 }
 
 /// An allocation's relay socket, in the slot of its allocation id.
@@ -156,6 +160,8 @@ pub(super) struct Worker {
     held_count: usize,
     /// This worker's own handle, for the tasks it starts (RFC 6062).
     me: std::rc::Weak<RefCell<Worker>>,
+    /// DTLS listeners, indexed by link minus [`DTLS_LINK`].
+    dtls: Vec<Rc<super::dtls::Listener>>,
 }
 
 /// A client message waiting for credentials: its 5-tuple, link and bytes.
@@ -482,9 +488,13 @@ impl Worker {
 
     /// Sends a message to the client on `ft`, reached through `link`.
     pub(super) fn send_to_client(&self, link: u32, ft: &FiveTuple, bytes: &[u8]) {
-        if link < STREAM_LINK {
+        if link < DTLS_LINK {
             if let Some((s, _)) = self.udp.get(link as usize) {
                 send_udp(s, bytes, ft.client);
+            }
+        } else if link < STREAM_LINK {
+            if let Some(l) = self.dtls.get((link - DTLS_LINK) as usize) {
+                l.send(ft.client, bytes);
             }
         } else if let Some(c) = self.conns.get((link - STREAM_LINK) as usize) {
             // The slot may have been reused by another connection.
@@ -728,7 +738,7 @@ impl Worker {
                         else {
                             continue;
                         };
-                        if d.link < STREAM_LINK {
+                        if d.link < DTLS_LINK {
                             if io.to_clients.is_full() {
                                 self.flush_to_clients(io);
                             }
@@ -989,7 +999,22 @@ async fn run(
         held: HashMap::new(),
         held_count: 0,
         me: std::rc::Weak::new(),
+        dtls: Vec::new(),
     }));
+    for (socket, addr) in sockets.dtls {
+        match tokio::net::UdpSocket::from_std(socket) {
+            Ok(s) => {
+                let l = Rc::new(super::dtls::Listener::new(s, addr));
+                let link = {
+                    let mut w = worker.borrow_mut();
+                    w.dtls.push(l.clone());
+                    DTLS_LINK + (w.dtls.len() - 1) as u32
+                };
+                tokio::task::spawn_local(dtls_loop(worker.clone(), l, link));
+            }
+            Err(e) => error!("worker {index}: cannot register DTLS listener {addr}: {e}"),
+        }
+    }
     worker.borrow_mut().me = Rc::downgrade(&worker);
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
@@ -1144,6 +1169,41 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
     }
 }
 
+/// Serves DTLS listener `l` (link `link`): each datagram through its
+/// client's session, and the TURN messages inside to the core.
+async fn dtls_loop(worker: Handle, l: Rc<super::dtls::Listener>, link: u32) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match l.socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!("DTLS listener {}: {e}", l.addr);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let (cert, config) = {
+            let w = worker.borrow();
+            (w.shared.dtls_cert.load_full(), w.shared.dtls_config.clone())
+        };
+        let got = l.receive(from, &buf[..n], now, cert.as_deref(), &config);
+        let ft = FiveTuple {
+            client: from,
+            server: l.addr,
+            transport: Transport::Dtls,
+        };
+        let mut w = worker.borrow_mut();
+        for m in &got.messages {
+            let action = w.client_message(now, &ft, link, m);
+            w.dispatch(action, &ft, link, m);
+        }
+        if got.ended {
+            w.core.client_closed(now, &ft);
+            w.apply_events();
+        }
+    }
+}
+
 /// Worker 0's steering controller: every [`steering::TICK`], measures the
 /// load and attaches or detaches the steering program on this worker's UDP
 /// listeners (which are socket 0 of their reuseport groups).
@@ -1241,6 +1301,19 @@ async fn timer(worker: Handle) {
         for (allocation, connection) in shared.tcp_waiting.sweep(w.index, now) {
             w.core.tcp_connection_ended(allocation, connection);
         }
+        for l in w.dtls.clone() {
+            let server = l.addr;
+            let ft = |client| FiveTuple {
+                client,
+                server,
+                transport: Transport::Dtls,
+            };
+            let ended = l.tick(now, |c| w.core.allocation_for(&ft(c)).is_some());
+            for client in ended {
+                w.core.client_closed(now, &ft(client));
+            }
+        }
+        w.apply_events();
         w.report();
     }
 }

@@ -12,7 +12,7 @@ use super::quota;
 use super::request::{self, RequestedFamily};
 use super::{
     AllocationId, ClientAction, CloseReason, DEFAULT_ALLOCATION_LIFETIME, DefaultFamily, Event,
-    Family, FiveTuple, PortRequest, RelayProvider, RelayRequest, Server, Traffic, Transport,
+    Family, FiveTuple, PortRequest, RelayProvider, RelayRequest, Server, Traffic,
 };
 use crate::auth::LongTermKey;
 use crate::stun::{Class, ErrorCode, Message, attr};
@@ -270,7 +270,7 @@ impl Server {
             return self.error(out, msg, ErrorCode::AllocationMismatch, k);
         }
         let fleet = self.redirect.and_then(|(plain, tls)| {
-            if ft.transport == Transport::Tls {
+            if ft.transport.is_secure() {
                 tls
             } else {
                 Some(plain)
@@ -462,7 +462,7 @@ impl Server {
     /// family to redirect an Allocate to, round-robin; `None` when there is
     /// none.
     fn alternate_server(&mut self, ft: &FiveTuple) -> Option<SocketAddr> {
-        let alternates = if ft.transport == Transport::Tls {
+        let alternates = if ft.transport.is_secure() {
             &self.cfg.tls_alternate_servers
         } else {
             &self.cfg.alternate_servers

@@ -10,12 +10,19 @@ pub enum Transport {
     Udp,
     Tcp,
     Tls,
+    /// DTLS over UDP (coturn's `turns:` over UDP): datagrams, encrypted.
+    Dtls,
 }
 
 impl Transport {
     /// TCP and TLS carry a byte stream, so ChannelData is padded to 4 bytes.
     pub fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
+
+    /// TLS or DTLS: `tls-alternate-server` applies.
+    pub fn is_secure(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Dtls)
     }
 }
 
@@ -25,6 +32,7 @@ impl fmt::Display for Transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
         })
     }
 }

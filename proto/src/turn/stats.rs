@@ -29,7 +29,7 @@ pub struct Stats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gauges {
     /// Allocations by client transport: UDP, TCP, TLS.
-    pub allocations: [u64; 3],
+    pub allocations: [u64; 4],
     pub permissions: u64,
     pub channels: u64,
     /// Traffic of live allocations.
