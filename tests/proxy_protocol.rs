@@ -3,7 +3,8 @@
 //! `proxy-protocol-allow` naming it. Clients connect from 127.0.0.2 and the
 //! balancer from 127.0.0.1, so the server can tell them apart: the client's
 //! own address must come back in XOR-MAPPED-ADDRESS, over TCP and TLS, and
-//! an allocation made through the balancer relays. Without the balancer: a
+//! an allocation made through the balancer relays, and Chromium relays
+//! through `turns:` via haproxy. Without the balancer: a
 //! listed address that sends no header, and an unlisted one that sends one,
 //! are both refused, while an unlisted client without a header is served.
 
@@ -221,4 +222,44 @@ fn tcp_proxy_port_requires_a_header_from_anyone() {
     let me = plain.local_addr().unwrap();
     assert_eq!(mapped(&mut StreamClient::new(plain)), me);
     assert!(s.log_text().contains("tcp-proxy-port"), "{}", s.log_text());
+}
+
+/// Chromium relays a data channel through `turns:` via haproxy (TLS passed
+/// through, a PROXY v2 header in front).
+#[test]
+fn chromium_relays_through_turns_behind_haproxy() {
+    let node = require_tool("node", "install Node.js 20");
+    require_tool("chromium", "apt-get install chromium");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
+        dir.display()
+    );
+    let s = Server::start(Options::new(CONFIG).tls());
+    let lb = Balancer::start(&s);
+    let mut cmd = Command::new(node);
+    cmd.current_dir(&dir).args([
+        "webrtc-relay.mjs",
+        "--turn",
+        &format!("turns:localhost:{}?transport=tcp", lb.tls_v2.port()),
+        "--username",
+        "demo",
+        "--credential",
+        "secret",
+        "--timeout-ms",
+        "60000",
+    ]);
+    let (ok, out) = common::run_with_timeout(&mut cmd, Duration::from_secs(90));
+    assert!(
+        ok,
+        "browser check failed:\n{out}\n---- server log ----\n{}",
+        s.log_text()
+    );
+    assert!(out.contains("\"relayProtocol\":\"tls\""), "{out}");
+    // Every connection from 127.0.0.1 must start with a PROXY header
+    // (proxy-protocol-allow), so these TLS allocations came through it.
+    let log = s.log_text();
+    assert!(log.contains("allocation created five_tuple=tls"), "{log}");
+    assert!(!log.contains("does not start with a PROXY header"), "{log}");
 }
