@@ -5,9 +5,10 @@
 //! client, and what the core answers or relays to the client is encrypted
 //! by the same session. Sessions are per client address; the engine's
 //! stateless cookie keeps a spoofed ClientHello from costing more than one
-//! answer. A session ends on close_notify, on a fatal error, or after
-//! [`IDLE`] without traffic while its client has no allocation; its
-//! allocation ends with it.
+//! answer. A session ends on close_notify, on a fatal error, after
+//! [`HANDSHAKE`] without completing its handshake, or after [`IDLE`]
+//! without traffic while its client has no allocation; its allocation
+//! ends with it.
 //!
 //! `dimpl` signs with ECDSA only (P-256, P-384): with an RSA key, DTLS is
 //! not offered and the start-up log says so.
@@ -29,6 +30,9 @@ use tracing::debug;
 /// A session without traffic for this long, whose client has no
 /// allocation, is closed.
 pub const IDLE: Duration = Duration::from_secs(60);
+/// A handshake not finished within this long is dropped, so that
+/// datagrams from spoofed or silent sources do not hold session slots.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Sessions one listener of one worker keeps at most; a ClientHello beyond
 /// it is ignored.
 pub const MAX_SESSIONS: usize = 20_000;
@@ -67,6 +71,8 @@ pub fn config() -> Arc<dimpl::Config> {
 struct Session {
     dtls: Dtls,
     last: Instant,
+    /// When the session started; `None` once the handshake completed.
+    handshaking_since: Option<Instant>,
 }
 
 /// One DTLS listener of a worker: its socket and its clients' sessions.
@@ -114,7 +120,14 @@ impl Listener {
                 return Received::default();
             }
             let dtls = Dtls::new_auto(config.clone(), cert.clone(), now);
-            sessions.insert(from, Session { dtls, last: now });
+            sessions.insert(
+                from,
+                Session {
+                    dtls,
+                    last: now,
+                    handshaking_since: Some(now),
+                },
+            );
         }
         let session = sessions.get_mut(&from).expect("just inserted");
         session.last = now;
@@ -166,7 +179,11 @@ impl Listener {
         let mut sessions = self.sessions.borrow_mut();
         sessions.retain(|&client, s| {
             let idle = now.saturating_duration_since(s.last) >= IDLE;
-            let keep = (!idle || has_allocation(client))
+            let stuck = s
+                .handshaking_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= HANDSHAKE);
+            let keep = !stuck
+                && (!idle || has_allocation(client))
                 && s.dtls.handle_timeout(now).is_ok()
                 && !self.drain(s, client, &mut Vec::new());
             if !keep {
@@ -188,6 +205,7 @@ impl Listener {
                 }
                 Output::BufferTooSmall { needed } => buf.resize(needed, 0),
                 Output::ApplicationData(d) => messages.push(d.to_vec()),
+                Output::Connected => s.handshaking_since = None,
                 Output::CloseNotify => return true,
                 Output::Timeout(_) => return false,
                 _ => {}

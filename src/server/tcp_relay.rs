@@ -154,8 +154,14 @@ pub(super) fn start(
             return;
         };
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off.
+                    debug!("TCP relay accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let mut guard = worker.borrow_mut();
             let w = &mut *guard;
