@@ -7,7 +7,9 @@
 //! and say what the loopback "NAT" is: endpoint-independent
 //! mapping and filtering. Then the attributes themselves: OTHER-ADDRESS,
 //! RESPONSE-ORIGIN, CHANGE-REQUEST answered from the other address and
-//! port, RESPONSE-PORT, PADDING; and none of it without `rfc5780`.
+//! port, RESPONSE-PORT, PADDING; and none of it without `rfc5780`. With
+//! RFC 3489 on too, Debian's classic `stun` client detects the NAT as it
+//! does against coturn.
 
 mod common;
 
@@ -241,4 +243,36 @@ fn without_rfc5780_none_of_it_is_offered() {
             .map(|v| attr::decode_error_code(v).unwrap().0),
         Some(420)
     );
+}
+
+/// The verdict lines of the RFC 3489 `stun` client (Debian's stun-client)
+/// against 127.0.0.1:`port`: its tests I to III, what it concludes.
+fn classic_stun_verdict(port: u16) -> String {
+    let bin = common::require_tool("stun", "apt-get install stun-client");
+    let mut cmd = Command::new(bin);
+    cmd.args([&format!("127.0.0.1:{port}"), "-v"]);
+    let (_, out) = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    out.lines()
+        .filter(|l| {
+            l.starts_with("test ")
+                || l.starts_with("is nat")
+                || l.starts_with("mapped IP same")
+                || l.starts_with("hairpin")
+                || l.starts_with("preserver port")
+                || l.starts_with("Primary:")
+                || l.starts_with("Return value")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn rfc3489_stun_client_detects_the_nat_as_against_coturn() {
+    let (s, _alt) = ours("rfc5780\nstun-backward-compatibility\n");
+    let mine = classic_stun_verdict(s.port);
+    let base = free_ports(2);
+    let (_coturn, _dir) = coturn(base, base + 1);
+    let theirs = classic_stun_verdict(base);
+    assert!(mine.contains("Primary: Open"), "{mine}\n{}", s.log_text());
+    assert_eq!(mine, theirs, "turnserver:\n{mine}\n\ncoturn:\n{theirs}");
 }

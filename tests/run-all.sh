@@ -2,7 +2,7 @@
 # The test command: installs what the tests need when it is missing
 # (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
 # in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
-# debootstrap, ethtool, valgrind, openssl, postgresql, mariadb-server, redis-server,
+# debootstrap, ethtool, valgrind, openssl, stun-client, postgresql, mariadb-server, redis-server,
 # sqlite3, haproxy, podman and runc, playwright-core from npm,
 # cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
 # package test (tests/package.sh, in a Debian root of its own), a smoke run
@@ -97,6 +97,7 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v stun >/dev/null 2>&1 || missing+=(stun-client)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

@@ -12,6 +12,10 @@ use super::MAGIC_COOKIE;
 
 /// MAPPED-ADDRESS (RFC 8489 §14.1).
 pub const MAPPED_ADDRESS: u16 = 0x0001;
+/// SOURCE-ADDRESS (RFC 3489 §11.2.5): where an RFC 3489 answer came from.
+pub const SOURCE_ADDRESS: u16 = 0x0004;
+/// CHANGED-ADDRESS (RFC 3489 §11.2.3): the server's other address and port.
+pub const CHANGED_ADDRESS: u16 = 0x0005;
 /// CHANGE-REQUEST (RFC 5780 §7.2): answer from the other address and/or
 /// port. Understood only while RFC 5780 is offered (else 420).
 pub const CHANGE_REQUEST: u16 = 0x0003;

@@ -597,9 +597,12 @@ impl Server {
         {
             return ClientAction::None;
         }
-        // A CHANGE-REQUEST asking for an answer from another address or port
-        // cannot be met (no second address): no answer, rather than a wrong
-        // one from this address.
+        // A CHANGE-REQUEST asking for an answer from another address or
+        // port is met when RFC 5780 discovery is offered (the same second
+        // address and port); otherwise there is no answer, rather than a
+        // wrong one from this address.
+        let other = self.other_address(ft);
+        let (mut change_ip, mut change_port) = (false, false);
         let mut rest = &data[20..];
         while rest.len() >= 4 {
             let typ = u16::from_be_bytes([rest[0], rest[1]]);
@@ -608,19 +611,53 @@ impl Server {
                 return ClientAction::None;
             };
             if typ == attr::CHANGE_REQUEST && value.iter().any(|b| *b != 0) {
-                return ClientAction::None;
+                let Ok(flags) = attr::decode_change_request(value) else {
+                    return ClientAction::None;
+                };
+                if other.is_none() {
+                    return ClientAction::None;
+                }
+                (change_ip, change_port) = flags;
             }
             rest = &rest[(4 + len).next_multiple_of(4).min(rest.len())..];
         }
-        let mut value = [0u8; 20];
-        let n = crate::stun::encode_address(&mut value, ft.client);
+        // MAPPED-ADDRESS; with RFC 5780 also SOURCE-ADDRESS (where the
+        // answer comes from) and CHANGED-ADDRESS (RFC 3489 §11.2.3, §11.2.4).
+        let from = match other {
+            Some(o) => SocketAddr::new(
+                if change_ip { o.ip() } else { ft.server.ip() },
+                if change_port {
+                    o.port()
+                } else {
+                    ft.server.port()
+                },
+            ),
+            None => ft.server,
+        };
+        let mut attrs: Vec<(u16, SocketAddr)> = vec![(attr::MAPPED_ADDRESS, ft.client)];
+        if let Some(o) = other {
+            attrs.push((attr::SOURCE_ADDRESS, from));
+            attrs.push((attr::CHANGED_ADDRESS, o));
+        }
+        let mut body = Vec::with_capacity(72);
+        for (typ, addr) in attrs {
+            let mut value = [0u8; 20];
+            let n = crate::stun::encode_address(&mut value, addr);
+            body.extend_from_slice(&typ.to_be_bytes());
+            body.extend_from_slice(&(n as u16).to_be_bytes());
+            body.extend_from_slice(&value[..n]);
+        }
         out.extend_from_slice(&[0x01, 0x01]);
-        out.extend_from_slice(&(4 + n as u16).to_be_bytes());
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
         out.extend_from_slice(&data[4..20]);
-        out.extend_from_slice(&attr::MAPPED_ADDRESS.to_be_bytes());
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-        out.extend_from_slice(&value[..n]);
-        self.limit(now, ft, out)
+        out.extend_from_slice(&body);
+        match self.limit(now, ft, out) {
+            ClientAction::Reply if from != ft.server => ClientAction::ReplyFrom {
+                from,
+                to: ft.client,
+            },
+            action => action,
+        }
     }
 
     fn request(
