@@ -151,9 +151,43 @@ fn connect_bind_and_relay_both_ways() {
     assert_eq!(r.code(), Some(400));
     // The allocation ends with its control connection, and its
     // connections with it.
-    drop(c);
+    let second = TcpListener::bind("127.0.0.1:0").unwrap();
+    let r = signed_request(
+        &mut c,
+        method::CONNECT,
+        &[peer_attr(second.local_addr().unwrap())],
+    );
+    assert!(r.is_success(), "Connect: {:?}", r.code());
+    let (mut second_peer, _) = second.accept().unwrap();
+    second_peer
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _second_data = bind(&s, connection_id(&r));
+    // The first connection closes from the client's side: its bytes count
+    // in the allocation's traffic.
+    drop(data);
     let mut buf = [0u8; 8];
     assert!(matches!(peer.read(&mut buf), Ok(0) | Err(_)));
+    drop(peer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !s.log_text().contains("TCP relay: connection closed") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    assert!(matches!(second_peer.read(&mut buf), Ok(0) | Err(_)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !s.log_text().contains("allocation deleted") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("allocation deleted")
+            && l.contains("to_peer_bytes=15")
+            && l.contains("to_client_bytes=13")),
+        "{log}"
+    );
 }
 
 #[test]

@@ -251,25 +251,36 @@ pub(super) async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
         r = joined => r.map(Some),
         _ = async { while ended.changed().await.is_ok() {} } => Ok(None),
     };
-    match outcome {
-        Ok(Some((to_peer, to_client))) => info!(
-            connection,
-            to_peer_bytes = to_peer,
-            to_client_bytes = to_client,
-            "TCP relay: connection closed"
-        ),
-        Ok(None) => info!(
-            connection,
-            "TCP relay: connection closed with its allocation"
-        ),
-        Err(e) => info!(connection, "TCP relay: connection ended: {e}"),
-    }
+    let (to_peer_bytes, to_client_bytes) = match outcome {
+        Ok(Some((to_peer, to_client))) => {
+            info!(
+                connection,
+                to_peer_bytes = to_peer,
+                to_client_bytes = to_client,
+                "TCP relay: connection closed"
+            );
+            (to_peer, to_client)
+        }
+        Ok(None) => {
+            info!(
+                connection,
+                "TCP relay: connection closed with its allocation"
+            );
+            (0, 0)
+        }
+        Err(e) => {
+            info!(connection, "TCP relay: connection ended: {e}");
+            (0, 0)
+        }
+    };
     let w = worker.borrow();
     w.mail(
         owner,
         Mail::TcpEnded {
             allocation,
             connection,
+            to_peer_bytes,
+            to_client_bytes,
         },
     );
 }

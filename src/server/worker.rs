@@ -882,10 +882,13 @@ pub enum Mail {
     Config(Arc<turn::Config>),
     /// Start or stop draining.
     Drain(bool),
-    /// A peer connection of a TCP allocation here ended (RFC 6062).
+    /// A peer connection of a TCP allocation here ended (RFC 6062), after
+    /// relaying these many bytes each way.
     TcpEnded {
         allocation: AllocationId,
         connection: u32,
+        to_peer_bytes: u64,
+        to_client_bytes: u64,
     },
 }
 
@@ -1164,7 +1167,12 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
             Mail::TcpEnded {
                 allocation,
                 connection,
-            } => w.core.tcp_connection_ended(allocation, connection),
+                to_peer_bytes,
+                to_client_bytes,
+            } => {
+                w.core
+                    .tcp_connection_ended(allocation, connection, to_peer_bytes, to_client_bytes)
+            }
         }
     }
 }
@@ -1299,7 +1307,7 @@ async fn timer(worker: Handle) {
         let shared = w.shared.clone();
         shared.reservations.sweep(now, &shared.pool);
         for (allocation, connection) in shared.tcp_waiting.sweep(w.index, now) {
-            w.core.tcp_connection_ended(allocation, connection);
+            w.core.tcp_connection_ended(allocation, connection, 0, 0);
         }
         for l in w.dtls.clone() {
             let server = l.addr;

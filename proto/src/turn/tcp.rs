@@ -236,11 +236,22 @@ impl Server {
     }
 
     /// Peer connection `connection` of `allocation` ended (closed by
-    /// either side, or never joined within 30 s): a new Connect to its
-    /// peer is allowed again.
-    pub fn tcp_connection_ended(&mut self, allocation: AllocationId, connection: u32) {
-        if let Some(conns) = self.get_mut(allocation).and_then(|a| a.tcp.as_mut()) {
-            conns.retain(|c| c.id != connection);
+    /// either side, or never joined within 30 s) after relaying
+    /// `to_peer_bytes` and `to_client_bytes`, which count in the
+    /// allocation's traffic; a new Connect to its peer is allowed again.
+    pub fn tcp_connection_ended(
+        &mut self,
+        allocation: AllocationId,
+        connection: u32,
+        to_peer_bytes: u64,
+        to_client_bytes: u64,
+    ) {
+        if let Some(a) = self.get_mut(allocation) {
+            a.traffic.to_peer_bytes += to_peer_bytes;
+            a.traffic.to_client_bytes += to_client_bytes;
+            if let Some(conns) = a.tcp.as_mut() {
+                conns.retain(|c| c.id != connection);
+            }
         }
     }
 }
