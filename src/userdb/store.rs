@@ -339,7 +339,7 @@ impl Store {
             }
             Store::Redis(r) => {
                 let mut c = r.clone();
-                let keys: Vec<String> = c.keys("turn/*").await?;
+                let keys = scan(&mut c, "turn/*").await?;
                 for key in keys {
                     let parts: Vec<&str> = key.split('/').collect();
                     match parts[..] {
@@ -454,7 +454,7 @@ impl Store {
             }
             Store::Redis(r) => {
                 let mut c = r.clone();
-                let keys: Vec<String> = c.keys("turn/realm/*/user/*").await?;
+                let keys = scan(&mut c, "turn/realm/*/user/*").await?;
                 let mut v: Vec<(String, String)> = keys
                     .iter()
                     .filter_map(|k| {
@@ -646,6 +646,20 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Every key matching `pattern`, once each, with SCAN (KEYS would block
+/// a shared Redis for as long as it walks every key; SCAN may return a
+/// key twice).
+async fn scan(c: &mut redis::aio::ConnectionManager, pattern: &str) -> Result<Vec<String>> {
+    let mut iter = c.scan_match::<_, String>(pattern).await?;
+    let mut keys = Vec::new();
+    while let Some(key) = iter.next_item().await {
+        keys.push(key?);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(keys)
 }
 
 #[cfg(test)]
