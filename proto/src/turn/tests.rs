@@ -2278,3 +2278,147 @@ mod dual {
         assert_eq!(h.server.allocation_count(), 0);
     }
 }
+
+/// RFC 6062 in the core: what Connect, ConnectionBind and an incoming
+/// peer connection are answered with.
+mod tcp_relay {
+    use super::*;
+
+    fn tcp(client: &str) -> FiveTuple {
+        FiveTuple {
+            transport: Transport::Tcp,
+            ..udp(client)
+        }
+    }
+
+    fn tcp_allocation(h: &mut Harness, ft: &FiveTuple) -> AllocationId {
+        let r = h
+            .req(method::ALLOCATE)
+            .attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        assert!(h.ask_authed(ft, &r, "alice", "alicepw").ok());
+        h.server.allocation_for(ft).unwrap()
+    }
+
+    fn connect(h: &mut Harness, ft: &FiveTuple, peer: &str) -> ClientAction {
+        let r = h.req(method::CONNECT).peer(peer);
+        let challenge = h.ask(ft, &r.build(None));
+        let nonce = challenge.nonce();
+        h.send(ft, &r.build(Some(("alice", "alicepw", &nonce))))
+    }
+
+    #[test]
+    fn connect_is_vetted_named_and_answered_later() {
+        let mut h = Harness::new(users_config());
+        let ft = tcp("203.0.113.5:40000");
+        let id = tcp_allocation(&mut h, &ft);
+        // The peer policy holds: a private address is 403.
+        assert_eq!(connect(&mut h, &ft, "10.0.0.1:80"), ClientAction::Reply);
+        assert_eq!(Resp { raw: h.out.clone() }.code(), Some(403));
+        // A global one: the driver connects; the answer comes later.
+        let ClientAction::Connect {
+            allocation,
+            peer,
+            connection,
+            ..
+        } = connect(&mut h, &ft, "93.184.216.1:443")
+        else {
+            panic!("expected Connect");
+        };
+        assert_eq!(
+            (allocation, peer),
+            (id, "93.184.216.1:443".parse().unwrap())
+        );
+        // While it is being made, a second one is 446.
+        assert_eq!(
+            connect(&mut h, &ft, "93.184.216.1:443"),
+            ClientAction::Reply
+        );
+        assert_eq!(Resp { raw: h.out.clone() }.code(), Some(446));
+        // It failed: 447 to the control connection, and it may be tried again.
+        let mut out = Vec::new();
+        let (to, _) = h
+            .server
+            .tcp_connect_result(id, connection, false, &mut out)
+            .unwrap();
+        assert_eq!(to, ft);
+        assert_eq!(Resp { raw: out.clone() }.code(), Some(447));
+        let ClientAction::Connect { connection, .. } = connect(&mut h, &ft, "93.184.216.1:443")
+        else {
+            panic!("expected Connect");
+        };
+        h.server
+            .tcp_connect_result(id, connection, true, &mut out)
+            .unwrap();
+        let m = Message::parse(&out).unwrap();
+        assert_eq!(m.class(), Class::Success);
+        assert_eq!(
+            m.get(attr::CONNECTION_ID),
+            Some(&connection.to_be_bytes()[..])
+        );
+        assert!(m.verify_integrity(&long_term_key("alice", REALM, "alicepw")));
+        // No channels on a TCP allocation.
+        let bind = h
+            .req(method::CHANNEL_BIND)
+            .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+            .peer("93.184.216.1:443");
+        assert_eq!(
+            h.ask_authed(&ft, &bind, "alice", "alicepw").code(),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn incoming_peers_need_a_permission() {
+        let mut h = Harness::new(users_config());
+        let ft = tcp("203.0.113.5:40000");
+        let id = tcp_allocation(&mut h, &ft);
+        let peer: SocketAddr = "93.184.216.1:5555".parse().unwrap();
+        let mut out = Vec::new();
+        assert_eq!(h.server.tcp_peer_arrived(h.now, id, peer, &mut out), None);
+        let perm = h.req(method::CREATE_PERMISSION).peer("93.184.216.1:1");
+        assert!(h.ask_authed(&ft, &perm, "alice", "alicepw").ok());
+        let (connection, to, _) = h
+            .server
+            .tcp_peer_arrived(h.now, id, peer, &mut out)
+            .unwrap();
+        assert_eq!(to, ft);
+        let m = Message::parse(&out).unwrap();
+        assert_eq!(m.method(), method::CONNECTION_ATTEMPT);
+        assert_eq!(m.xor_address(attr::XOR_PEER_ADDRESS), Some(Ok(peer)));
+        assert_eq!(
+            m.get(attr::CONNECTION_ID),
+            Some(&connection.to_be_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn connection_bind_only_on_a_new_stream_connection() {
+        let mut h = Harness::new(users_config());
+        let ft = tcp("203.0.113.5:40000");
+        tcp_allocation(&mut h, &ft);
+        let bind = h
+            .req(method::CONNECTION_BIND)
+            .attr(attr::CONNECTION_ID, &7u32.to_be_bytes());
+        // On the control connection: 400.
+        assert_eq!(
+            h.ask_authed(&ft, &bind, "alice", "alicepw").code(),
+            Some(400)
+        );
+        // Over UDP: 400.
+        let u = udp("203.0.113.5:40001");
+        assert_eq!(
+            h.ask_authed(&u, &bind, "alice", "alicepw").code(),
+            Some(400)
+        );
+        // On a new TCP connection: the driver is asked to join it.
+        let data = tcp("203.0.113.5:40002");
+        let challenge = h.ask(&data, &bind.build(None));
+        let nonce = challenge.nonce();
+        let action = h.send(&data, &bind.build(Some(("alice", "alicepw", &nonce))));
+        assert!(
+            matches!(&action, ClientAction::BindConnection { connection: 7, username, .. } if username == "alice"),
+            "{action:?}"
+        );
+        assert!(Resp { raw: h.out.clone() }.ok());
+    }
+}
