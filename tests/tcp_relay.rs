@@ -248,3 +248,38 @@ fn tcp_allocations_are_refused_where_they_cannot_be() {
     let (_c, r) = tcp_allocation(&s);
     assert_eq!(r.code(), Some(442));
 }
+
+#[test]
+fn max_bps_shapes_tcp_relay_connections() {
+    // 60,000 bytes at 20,000 bytes/s, a first second's worth at once: the
+    // peer cannot have them all before 2 s (a lower bound only, so a slow
+    // machine cannot fail it).
+    let s = Server::start(Options::new(&format!("{USERS}max-bps=20000\n")));
+    let (mut c, r) = tcp_allocation(&s);
+    assert!(r.is_success(), "{:?}", r.code());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let r = signed_request(
+        &mut c,
+        method::CONNECT,
+        &[peer_attr(listener.local_addr().unwrap())],
+    );
+    assert!(r.is_success(), "Connect: {:?}", r.code());
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut data = bind(&s, connection_id(&r));
+    let start = std::time::Instant::now();
+    let writer = std::thread::spawn(move || {
+        data.write_all(&vec![0x5A; 60_000]).unwrap();
+        data
+    });
+    let mut got = vec![0u8; 60_000];
+    peer.read_exact(&mut got).unwrap();
+    let elapsed = start.elapsed();
+    assert!(got.iter().all(|b| *b == 0x5A));
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "60 kB at max-bps=20000 arrived in {elapsed:?}"
+    );
+    drop(writer.join().unwrap());
+}

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -42,6 +42,8 @@ impl Drop for TcpRelay {
 struct Waiting {
     /// The worker whose core holds the allocation.
     owner: usize,
+    /// The allocation's `max-bps`, bytes per second each way (0: none).
+    max_bps: u64,
     allocation: AllocationId,
     username: Box<str>,
     realm: Arc<str>,
@@ -53,6 +55,8 @@ struct Waiting {
 /// What a ConnectionBind takes to join its data connection to a peer.
 pub struct Claimed {
     pub owner: usize,
+    /// `max-bps` of the allocation, bytes per second each way (0: none).
+    pub max_bps: u64,
     pub allocation: AllocationId,
     pub stream: std::net::TcpStream,
     pub ended: watch::Receiver<()>,
@@ -72,6 +76,7 @@ impl WaitingConnections {
         connection: u32,
         owner: usize,
         allocation: AllocationId,
+        max_bps: u64,
         username: &str,
         realm: Arc<str>,
         stream: std::net::TcpStream,
@@ -79,6 +84,7 @@ impl WaitingConnections {
     ) {
         let w = Waiting {
             owner,
+            max_bps,
             allocation,
             username: username.into(),
             realm,
@@ -106,6 +112,7 @@ impl WaitingConnections {
         let w = map.remove(&connection)?;
         Some(Claimed {
             owner: w.owner,
+            max_bps: w.max_bps,
             allocation: w.allocation,
             stream: w.stream,
             ended: w.ended,
@@ -224,6 +231,31 @@ pub(super) async fn connect(
     w.out = out;
 }
 
+/// Copies `from` to `to` until `from` ends (then shuts `to` down for
+/// writing), at most `rate` bytes per second after a first second's worth
+/// (`max-bps` for a TCP relay, enforced by waiting rather than dropping:
+/// TCP would only send the bytes again). Returns the bytes copied.
+async fn shaped_copy<R, W>(from: &mut R, to: &mut W, rate: u64) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    let start = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let due = start + Duration::from_secs_f64(total.saturating_sub(rate) as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
 /// Joins client data connection `client` to the peer connection it bound
 /// (`leftover`: bytes the client sent after its ConnectionBind), until
 /// either side closes or the allocation ends; then tells the owner's core.
@@ -236,6 +268,7 @@ pub(super) async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let Claimed {
         owner,
+        max_bps,
         allocation,
         stream,
         mut ended,
@@ -245,7 +278,15 @@ pub(super) async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
         let mut peer = TcpStream::from_std(stream)?;
         let _ = peer.set_nodelay(true);
         peer.write_all(&leftover).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut peer).await
+        if max_bps == 0 {
+            return tokio::io::copy_bidirectional(&mut client, &mut peer).await;
+        }
+        let (mut client_in, mut client_out) = tokio::io::split(client);
+        let (mut peer_in, mut peer_out) = peer.split();
+        tokio::try_join!(
+            shaped_copy(&mut client_in, &mut peer_out, max_bps),
+            shaped_copy(&mut peer_in, &mut client_out, max_bps),
+        )
     };
     let outcome = tokio::select! {
         r = joined => r.map(Some),

@@ -471,11 +471,12 @@ impl Worker {
             return;
         };
         let (user, realm) = (user.to_string(), realm.clone());
+        let max_bps = self.core.max_bps(allocation);
         let Ok(stream) = stream.into_std() else {
             return;
         };
         self.shared.tcp_waiting.insert(
-            connection, self.index, allocation, &user, realm, stream, ended,
+            connection, self.index, allocation, max_bps, &user, realm, stream, ended,
         );
     }
 

@@ -112,6 +112,11 @@ impl Allocation {
         }
     }
 
+    /// Its `max-bps` limit, bytes per second each way; 0 for none.
+    pub(super) fn max_bps(&self) -> u64 {
+        self.shaper.as_ref().map_or(0, |s| s.rate)
+    }
+
     /// Whether `bytes` may be relayed to the client at `now` (`max-bps`).
     pub(super) fn admit_to_client(&mut self, bytes: usize, now: Instant) -> bool {
         match &mut self.shaper {

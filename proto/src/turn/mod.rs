@@ -204,6 +204,12 @@ impl Server {
         self.get(id).map(|a| a.five_tuple)
     }
 
+    /// The `max-bps` limit of allocation `id`, bytes per second each way;
+    /// 0 when it has none (RFC 6062 connections are shaped by it too).
+    pub fn max_bps(&self, id: AllocationId) -> u64 {
+        self.get(id).map_or(0, allocation::Allocation::max_bps)
+    }
+
     /// The user and realm allocation `id` belongs to, if it exists.
     pub fn owner_of(&self, id: AllocationId) -> Option<(&str, &Arc<str>)> {
         self.get(id).map(|a| (&*a.username, &a.realm))
