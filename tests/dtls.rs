@@ -5,8 +5,10 @@
 //! and a channel both ways with a UDP peer. Then `no-dtls`, and an RSA key
 //! (which the DTLS library cannot sign with) leaving TLS on and DTLS off.
 //!
-//! coturn's `turnutils_uclient -S` over UDP is not used: it picks DTLS 1.0
-//! or 1.2 at random per connection, and DTLS 1.0 (RFC 8996) is not served.
+//! coturn's `turnutils_uclient -S` over UDP relays without loss too. It
+//! starts most connections with a DTLS 1.0 ClientHello, which is refused
+//! (RFC 8996) with a protocol_version alert, as coturn 4.6.1's OpenSSL
+//! does; it then tries again with DTLS 1.2.
 
 mod common;
 
@@ -17,6 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::client::{Response, build_request};
+use common::uclient::run_uclient;
 use common::{Options, Server, require_tool};
 use turnserver::stun::{Message, attr, method};
 
@@ -236,4 +239,19 @@ fn no_dtls_and_rsa_keys_leave_dtls_off() {
     assert!(log.contains("DTLS is off"), "{log}");
     assert!(log.contains("listening on tls"), "{log}");
     assert!(!log.contains("listening on dtls"), "{log}");
+}
+
+#[test]
+fn coturn_uclient_relays_over_dtls() {
+    let s = Server::start(Options::new(USERS).tls());
+    let p = s.tls_port.to_string();
+    let out = run_uclient(
+        &[
+            "-S", "-y", "-n", "20", "-m", "2", "-l", "120", "-u", "alice", "-w", "pw", "-p", &p,
+        ],
+        "127.0.0.1",
+        40,
+        &|| s.log_text(),
+    );
+    assert!(out.contains("method=DTLSv1.2"), "{out}");
 }

@@ -68,6 +68,35 @@ pub fn config() -> Arc<dimpl::Config> {
     )
 }
 
+/// A plaintext fatal alert for a handshake that `datagram` failed:
+/// protocol_version (70) for a DTLS 1.0 record, handshake_failure (40)
+/// otherwise (RFC 6347 §4.1, RFC 5246 §7.2).
+fn fatal_alert(datagram: &[u8]) -> [u8; 15] {
+    let dtls10 = datagram.get(1..3) == Some(&[0xfe, 0xff][..]);
+    let (version, description) = if dtls10 {
+        ([0xfe, 0xff], 70)
+    } else {
+        ([0xfe, 0xfd], 40)
+    };
+    [
+        21,
+        version[0],
+        version[1],
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        2,
+        2,
+        description,
+    ]
+}
+
 struct Session {
     dtls: Dtls,
     last: Instant,
@@ -138,6 +167,12 @@ impl Listener {
             .and_then(|()| session.dtls.handle_packet(datagram));
         if let Err(e) = fed {
             debug!("DTLS {from} -> {}: {e}", self.addr);
+            if session.handshaking_since.is_some() {
+                // Say so, so that the client gives up at once (coturn's
+                // client then tries again with another version) rather
+                // than retransmitting for a minute.
+                let _ = self.socket.try_send_to(&fatal_alert(datagram), from);
+            }
             sessions.remove(&from);
             got.ended = true;
             return got;
