@@ -112,7 +112,8 @@ pub enum DecodeError {
     TooShort,
     /// The two top bits of the first byte are not zero.
     NotStun,
-    /// The magic cookie is not 0x2112A442 (RFC 3489 messages are not served).
+    /// The magic cookie is not 0x2112A442 (an RFC 3489 message: the core
+    /// answers those only with `stun-backward-compatibility`).
     BadMagicCookie,
     /// The header length is not a multiple of 4 or disagrees with the bytes given.
     BadLength,
