@@ -20,6 +20,9 @@ use crate::stun::{Class, ErrorCode, Message, MessageWriter, attr, method};
 /// joined); more Connects get 508 and more incoming ones are refused.
 pub const MAX_TCP_CONNECTIONS: usize = 64;
 
+/// Low bits of a CONNECTION-ID that name the worker (up to 1024 workers).
+const WORKER_BITS: u32 = 10;
+
 /// Where a peer connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TcpState {
@@ -42,11 +45,20 @@ pub(super) struct TcpConnection {
 }
 
 impl Server {
-    /// A fresh CONNECTION-ID: random, never 0.
+    /// A fresh CONNECTION-ID, unique in the process: random high bits, the
+    /// worker's index in the low [`WORKER_BITS`] (every worker's driver
+    /// shares one table of waiting connections), never 0, and not one of
+    /// this worker's live connections.
     fn connection_id(&mut self) -> u32 {
+        let worker = u32::from(self.worker) & ((1 << WORKER_BITS) - 1);
         loop {
-            let id = self.random() as u32;
-            if id != 0 {
+            let id = (self.random() as u32) << WORKER_BITS | worker;
+            let taken = self
+                .allocations
+                .iter()
+                .filter_map(|(_, a)| a.tcp.as_ref())
+                .any(|conns| conns.iter().any(|c| c.id == id));
+            if id != 0 && !taken {
                 return id;
             }
         }
