@@ -247,9 +247,4 @@ impl Listener {
             }
         }
     }
-
-    /// How many sessions there are.
-    pub fn sessions(&self) -> usize {
-        self.sessions.borrow().len()
-    }
 }

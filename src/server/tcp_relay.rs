@@ -135,16 +135,6 @@ impl WaitingConnections {
             });
         gone
     }
-
-    /// How many peer connections wait.
-    pub fn len(&self) -> usize {
-        self.map.lock().expect("tcp relay table lock").len()
-    }
-
-    /// Whether none waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Starts accepting peer connections on TCP allocation `id`'s relayed
