@@ -541,6 +541,18 @@ impl Authenticator {
         }
     }
 
+    /// The password algorithms to offer by default (RFC 8489 §9.2.4):
+    /// SHA-256 then MD5 when every key can be SHA-256 (`sha256_keys`, this
+    /// authenticator's [`Authenticator::sha256_keys_available`] and the
+    /// caller's knowledge of a user database), else MD5 alone.
+    pub fn default_password_algorithms(sha256_keys: bool) -> Vec<PasswordAlgorithm> {
+        if sha256_keys {
+            vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
+        } else {
+            vec![PasswordAlgorithm::Md5]
+        }
+    }
+
     /// The user whose USERHASH (RFC 8489 §14.4) in `realm` is `hash`: only
     /// the configuration's users of the default realm can be found this
     /// way (a REST username or a database user cannot be derived from its

@@ -1014,15 +1014,17 @@ impl Config {
     /// credential can give a SHA-256 key (a user database holds MD5 keys
     /// only), else MD5 alone.
     pub fn offered_password_algorithms(&self, auth: &Authenticator) -> Vec<PasswordAlgorithm> {
-        if let Some(list) = &self.password_algorithms {
-            return list.clone();
+        match &self.password_algorithms {
+            Some(list) => list.clone(),
+            None => Authenticator::default_password_algorithms(self.sha256_keys(auth)),
         }
+    }
+
+    /// Whether every user's key can be a SHA-256 one with `auth`: its own
+    /// credentials can, and no user database (MD5 keys only) serves users.
+    pub fn sha256_keys(&self, auth: &Authenticator) -> bool {
         let db_users = self.userdb.is_some() && self.auth_kind() == AuthKind::LongTerm;
-        if auth.sha256_keys_available() && !db_users {
-            vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
-        } else {
-            vec![PasswordAlgorithm::Md5]
-        }
+        auth.sha256_keys_available() && !db_users
     }
 
     /// The peer address policy; `own_relay_ips` are the addresses relays

@@ -231,8 +231,7 @@ fn describe_rfc8489(cfg: &Config, core: &turn::Config) {
         }
     );
     let sha256 = algorithms.contains(&crate::auth::PasswordAlgorithm::Sha256);
-    let db_users = cfg.userdb.is_some() && cfg.auth_kind() == AuthKind::LongTerm;
-    if sha256 && (!core.auth.sha256_keys_available() || db_users) {
+    if sha256 && !cfg.sha256_keys(&core.auth) {
         warn!(
             "password-algorithms offers sha256, but users given as 0x keys or kept in the user \
              database have only an MD5 key: a client choosing SHA-256 for them gets 401. \

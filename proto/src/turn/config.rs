@@ -104,11 +104,8 @@ pub struct Config {
 impl Config {
     /// A configuration with coturn's defaults and the given authenticator.
     pub fn new(auth: Authenticator, nonces: NonceIssuer) -> Self {
-        let password_algorithms = if auth.sha256_keys_available() {
-            vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]
-        } else {
-            vec![PasswordAlgorithm::Md5]
-        };
+        let password_algorithms =
+            Authenticator::default_password_algorithms(auth.sha256_keys_available());
         Config {
             auth,
             nonces,

@@ -900,11 +900,7 @@ impl Server {
             (None, None) => Some(PasswordAlgorithm::Md5),
             (Some(list), Some(code)) => {
                 let offered = &self.cfg.password_algorithms;
-                let same_list = list.len() == 4 * offered.len()
-                    && list
-                        .chunks(4)
-                        .zip(offered)
-                        .all(|(c, a)| *c == PasswordAlgorithm::encode_list(&[*a])[..]);
+                let same_list = *list == PasswordAlgorithm::encode_list(offered)[..];
                 let chosen = PasswordAlgorithm::from_code(code)?;
                 (same_list && offered.contains(&chosen)).then_some(chosen)
             }
