@@ -129,9 +129,7 @@ impl DtlsClient {
             let req = build_request(m, &tid, attrs, peer, None, "", &[], false);
             let challenge = self.transact(&req);
             assert_eq!(challenge.code(), Some(401));
-            let msg = challenge.msg();
-            self.realm = msg.text(attr::REALM).unwrap().unwrap().to_string();
-            self.nonce = msg.get(attr::NONCE).unwrap().to_vec();
+            (self.realm, self.nonce) = challenge.realm_and_nonce();
             self.tid += 1;
         }
         let tid = [self.tid; 12];

@@ -174,15 +174,7 @@ fn both_relays_follow_a_mobile_client_across_workers() {
         .collect();
     let mut buf = [0u8; 100];
     for i in 0..6u8 {
-        let mut next = Client::new(s.udp_addr());
-        next.realm = c.realm.clone();
-        next.nonce = c.nonce.clone();
-        let r = next.signed(
-            method::REFRESH,
-            &[(attr::MOBILITY_TICKET, ticket.clone())],
-            "alice",
-            "pw",
-        );
+        let (next, r) = c.move_with_ticket(&ticket, "alice", "pw");
         assert!(r.is_success(), "move {i}: {:?}\n{}", r.code(), s.log_text());
         ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
         next.sock

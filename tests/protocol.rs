@@ -646,15 +646,7 @@ fn mobility_moves_an_allocation_across_addresses_and_workers() {
     let mut buf = [0u8; 100];
     for i in 0..8u8 {
         // The client's address changes: a new socket refreshes with the ticket.
-        let mut next = Client::new(s.udp_addr());
-        next.realm = c.realm.clone();
-        next.nonce = c.nonce.clone();
-        let r = next.signed(
-            method::REFRESH,
-            &[(attr::MOBILITY_TICKET, ticket.clone())],
-            "alice",
-            "pw",
-        );
+        let (next, r) = c.move_with_ticket(&ticket, "alice", "pw");
         assert!(r.is_success(), "move {i}: {:?}\n{}", r.code(), s.log_text());
         ticket = r.msg().get(attr::MOBILITY_TICKET).unwrap().to_vec();
         // Relaying follows the client, with the same relayed address and channel.

@@ -40,13 +40,7 @@ fn signed_request(c: &mut StreamClient<TcpStream>, m: u16, attrs: &[(u16, Vec<u8
         let req = c.request(m, attrs, None);
         let challenge = c.transact(&req);
         assert_eq!(challenge.code(), Some(401));
-        c.realm = challenge
-            .msg()
-            .text(attr::REALM)
-            .unwrap()
-            .unwrap()
-            .to_string();
-        c.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        (c.realm, c.nonce) = challenge.realm_and_nonce();
     }
     c.signed(m, attrs, "alice", "pw")
 }

@@ -69,6 +69,13 @@ pub struct Response {
 }
 
 impl Response {
+    /// REALM and NONCE of a 401 or 438, to sign the next request with.
+    pub fn realm_and_nonce(&self) -> (String, Vec<u8>) {
+        let m = self.msg();
+        let realm = m.text(attr::REALM).unwrap().unwrap().to_string();
+        (realm, m.get(attr::NONCE).unwrap().to_vec())
+    }
+
     pub fn msg(&self) -> Message<'_> {
         Message::parse(&self.raw).unwrap()
     }
@@ -161,13 +168,7 @@ impl Client {
         let req = self.request(method::ALLOCATE, &attrs, None);
         let challenge = self.transact(&req);
         assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
-        self.realm = challenge
-            .msg()
-            .text(attr::REALM)
-            .unwrap()
-            .unwrap()
-            .to_string();
-        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        (self.realm, self.nonce) = challenge.realm_and_nonce();
         let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
         self.transact(&req)
     }
@@ -204,13 +205,7 @@ impl Client {
         let req = self.request(method::ALLOCATE, &attrs, None);
         let challenge = self.transact(&req);
         assert_eq!(challenge.code(), Some(401), "expected a 401 challenge");
-        self.realm = challenge
-            .msg()
-            .text(attr::REALM)
-            .unwrap()
-            .unwrap()
-            .to_string();
-        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        (self.realm, self.nonce) = challenge.realm_and_nonce();
         let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
         self.transact(&req)
     }
@@ -219,6 +214,22 @@ impl Client {
     pub fn signed(&mut self, m: u16, attrs: &[(u16, Vec<u8>)], user: &str, pw: &str) -> Response {
         let req = self.request(m, attrs, Some((user, pw)));
         self.transact(&req)
+    }
+
+    /// RFC 8016: a client on a new socket (a new 5-tuple) refreshing this
+    /// one's allocation with mobility ticket `ticket`; the new client and
+    /// the Refresh's response.
+    pub fn move_with_ticket(&self, ticket: &[u8], user: &str, pw: &str) -> (Client, Response) {
+        let mut next = Client::new(self.server);
+        next.realm = self.realm.clone();
+        next.nonce = self.nonce.clone();
+        let r = next.signed(
+            method::REFRESH,
+            &[(attr::MOBILITY_TICKET, ticket.to_vec())],
+            user,
+            pw,
+        );
+        (next, r)
     }
 
     /// Deletes the allocation: a signed Refresh with LIFETIME 0 (RFC 8656
@@ -455,13 +466,7 @@ impl<S: Read + Write> StreamClient<S> {
         let req = self.request(method::ALLOCATE, &attrs, None);
         let challenge = self.transact(&req);
         assert_eq!(challenge.code(), Some(401));
-        self.realm = challenge
-            .msg()
-            .text(attr::REALM)
-            .unwrap()
-            .unwrap()
-            .to_string();
-        self.nonce = challenge.msg().get(attr::NONCE).unwrap().to_vec();
+        (self.realm, self.nonce) = challenge.realm_and_nonce();
         let req = self.request(method::ALLOCATE, &attrs, Some((user, pw)));
         self.transact(&req)
     }
