@@ -312,6 +312,12 @@ impl Ledger for FleetLedger {
             });
         }
     }
+
+    fn restore(&mut self, claim: &Claim) {
+        // Redis still counts a restored fleet claim: the predecessor
+        // handed it over without releasing it there.
+        self.fleet.state().counts.put_back(claim);
+    }
 }
 
 /// The set of node names (members whose heartbeat is gone are removed by

@@ -37,6 +37,10 @@ impl Ledger for SharedCounts {
     fn release(&mut self, claim: &Claim) {
         self.lock().give_back(claim)
     }
+
+    fn restore(&mut self, claim: &Claim) {
+        self.lock().put_back(claim)
+    }
 }
 
 #[cfg(test)]

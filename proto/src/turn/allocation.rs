@@ -98,9 +98,9 @@ impl Families {
 #[derive(Debug)]
 pub(super) struct Shaper {
     /// Bytes per second.
-    rate: u64,
-    to_peer: quota::Bucket,
-    to_client: quota::Bucket,
+    pub(super) rate: u64,
+    pub(super) to_peer: quota::Bucket,
+    pub(super) to_client: quota::Bucket,
 }
 
 impl Allocation {

@@ -36,6 +36,7 @@ pub mod quota;
 pub mod rate_limit;
 mod relay;
 pub mod request;
+mod saved;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod sim;
 mod stats;
@@ -67,6 +68,7 @@ pub use driver::{
 };
 pub use five_tuple::{AllocationId, DefaultFamily, ExternalIp, Family, FiveTuple, Transport};
 pub use mobility::MovedAllocation;
+pub use saved::{RestoreError, SavedAllocation, SavedChannel, SavedKey, SavedPermission};
 pub use stats::{Gauges, Stats, Traffic};
 
 /// Default allocation lifetime, seconds (RFC 8656 §7.2).

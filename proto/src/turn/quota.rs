@@ -26,7 +26,7 @@ pub struct Limits {
 }
 
 /// What one allocation holds, to give back when it ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Claim {
     /// The realm it counts in.
     pub realm: Box<str>,
@@ -88,6 +88,10 @@ pub trait Ledger {
     /// Gives back what `claim` holds (an allocation ended or was refused
     /// after its claim).
     fn release(&mut self, claim: &Claim);
+
+    /// Counts again what `claim` holds, with no limit checked: an
+    /// allocation restored from a predecessor's state (a live takeover).
+    fn restore(&mut self, claim: &Claim);
 }
 
 /// Allocation counts: in all, per realm, per user of a realm, and the
@@ -172,6 +176,20 @@ impl Counts {
         })
     }
 
+    /// Counts `claim` again, whatever the limits: an allocation restored
+    /// from a predecessor's state.
+    pub fn put_back(&mut self, claim: &Claim) {
+        self.total += 1;
+        self.reserved_bps += claim.bps;
+        *self.realms.entry(claim.realm.clone()).or_insert(0) += 1;
+        if let Some(u) = &claim.user {
+            *self
+                .users
+                .entry((claim.realm.clone(), u.clone()))
+                .or_insert(0) += 1;
+        }
+    }
+
     /// Gives back what `claim` holds.
     pub fn give_back(&mut self, claim: &Claim) {
         self.total = self.total.saturating_sub(1);
@@ -202,6 +220,10 @@ impl Ledger for Counts {
     fn release(&mut self, claim: &Claim) {
         self.give_back(claim)
     }
+
+    fn restore(&mut self, claim: &Claim) {
+        self.put_back(claim)
+    }
 }
 
 /// A ledger one core owns alone and a test can still read (for tests and
@@ -213,6 +235,10 @@ impl Ledger for std::rc::Rc<std::cell::RefCell<Counts>> {
 
     fn release(&mut self, claim: &Claim) {
         self.borrow_mut().give_back(claim)
+    }
+
+    fn restore(&mut self, claim: &Claim) {
+        self.borrow_mut().put_back(claim)
     }
 }
 

@@ -3,8 +3,9 @@
 use super::CloseReason;
 use crate::auth::AuthFailure;
 
-/// Monotonic counters the core keeps for metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Monotonic counters the core keeps for metrics. Serialized into a
+/// takeover's state so a successor's counters continue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub allocations_created: u64,
     /// Indexed like [`CloseReason::ALL`].
@@ -39,7 +40,7 @@ pub struct Gauges {
 }
 
 /// Packet and byte counters of one allocation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     pub to_peer_packets: u64,
     pub to_peer_bytes: u64,

@@ -1795,6 +1795,7 @@ impl quota::Ledger for AskingLedger {
         }
     }
     fn release(&mut self, _: &quota::Claim) {}
+    fn restore(&mut self, _: &quota::Claim) {}
 }
 
 #[test]
@@ -2421,4 +2422,78 @@ mod tcp_relay {
         );
         assert!(Resp { raw: h.out.clone() }.ok());
     }
+}
+
+/// A live takeover: a table saved at one instant and restored into a new
+/// core (another process, another clock) relays on the same channel,
+/// keeps its id, lifetimes, counters and quota claims, and answers
+/// Refresh, CreatePermission and ChannelBind.
+#[test]
+fn a_saved_table_is_restored_into_a_new_core() {
+    let mut h = Harness::new(users_config());
+    let ft = udp("203.0.113.5:40000");
+    let other = udp("203.0.113.6:40000");
+    assert!(h.allocate(&ft, "alice", "alicepw").ok());
+    assert!(h.allocate(&other, "bob", "bobpw").ok());
+    let id = h.server.allocation_for(&ft).unwrap();
+    let r = h
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+        .peer("93.184.216.1:5000");
+    assert!(h.ask_authed(&ft, &r, "alice", "alicepw").ok());
+    assert!(h.peer_data(id, "93.184.216.1:5000", b"hello").is_some());
+    h.advance(100);
+
+    // Save only alice's allocation; bob's stays behind.
+    let saved = h.server.save(h.now, |t| *t == ft);
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0].expires_in_ms, 500_000);
+    let json = serde_json::to_string(&saved).unwrap();
+    let back: Vec<SavedAllocation> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, saved);
+    let stats = h.server.stats().clone();
+    assert_eq!(h.server.forget(saved.iter().map(SavedAllocation::id)), 1);
+    assert!(
+        h.events().is_empty(),
+        "no AllocationClosed for a handed-over allocation"
+    );
+    assert_eq!(h.counts.borrow().allocations(), 1, "bob's claim only");
+    assert!(h.server.allocation_for(&ft).is_none());
+
+    // The successor: its own clock, ledger and seed.
+    let mut s = Harness::new(users_config());
+    s.now += Duration::from_secs(7);
+    s.tid = 100;
+    assert_eq!(s.server.restore(s.now, back).unwrap(), vec![id]);
+    s.server.restore_stats(&stats);
+    assert_eq!(s.server.stats().allocations_created, 2);
+    assert_eq!(s.counts.borrow().allocations(), 1);
+    assert_eq!(s.server.allocation_for(&ft), Some(id));
+    assert_eq!(s.server.traffic(id).unwrap().to_client_packets, 1);
+    s.server.check_invariants(Some(s.now)).unwrap();
+    // The channel relays both ways.
+    let (_, framed) = s.peer_data(id, "93.184.216.1:5000", b"again").unwrap();
+    assert_eq!(&framed[..2], &[0x40, 0x01]);
+    let mut cd = vec![0x40, 0x01, 0, 3];
+    cd.extend_from_slice(b"abc");
+    assert!(matches!(s.send(&ft, &cd), ClientAction::Relay { .. }));
+    // Its lifetime continues: 500 s were left.
+    s.advance(499);
+    assert_eq!(s.server.allocation_for(&ft), Some(id));
+    let refresh = s.req(method::REFRESH);
+    assert!(s.ask_authed(&ft, &refresh, "alice", "alicepw").ok());
+    let perm = s.req(method::CREATE_PERMISSION).peer("93.184.216.2:1");
+    assert!(s.ask_authed(&ft, &perm, "alice", "alicepw").ok());
+    let bind = s
+        .req(method::CHANNEL_BIND)
+        .attr(attr::CHANNEL_NUMBER, &[0x40, 0x02, 0, 0])
+        .peer("93.184.216.2:1");
+    assert!(s.ask_authed(&ft, &bind, "alice", "alicepw").ok());
+    // A new allocation does not reuse the restored id.
+    assert!(s.allocate(&other, "bob", "bobpw").ok());
+    assert_ne!(s.server.allocation_for(&other), Some(id));
+    s.server.check_invariants(Some(s.now)).unwrap();
+    // Restoring into a core that has allocations is refused.
+    let again = s.server.save(s.now, |_| true);
+    assert_eq!(s.server.restore(s.now, again), Err(RestoreError::NotEmpty));
 }
