@@ -21,6 +21,7 @@ pub mod spread;
 pub mod statsdb;
 pub mod steering;
 mod stream;
+pub mod takeover;
 pub mod tcp_relay;
 pub mod tls;
 mod worker;
