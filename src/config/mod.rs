@@ -237,6 +237,9 @@ pub struct Config {
     pub prometheus_username_labels: bool,
     /// `None` = no pid file.
     pub pidfile: Option<PathBuf>,
+    /// `control-socket`: where a successor asks for a live takeover
+    /// (`None`: no control socket).
+    pub control_socket: Option<PathBuf>,
     pub proc_user: Option<String>,
     pub proc_group: Option<String>,
     /// Log to syslog too.
@@ -300,6 +303,9 @@ pub struct Loaded {
     pub warnings: Vec<String>,
     /// The environment variables that set options, for the start-up log.
     pub environment: Vec<String>,
+    /// `--takeover`: take the running server's sockets and allocations
+    /// over its control socket instead of binding.
+    pub takeover: bool,
 }
 
 /// What the command line asks for.
@@ -465,6 +471,12 @@ pub fn command() -> clap::Command {
                 .help("Ask the running server's /health on the metrics port (prometheus) and exit 0 if it is healthy, 1 if not; 0 when metrics are off (for HEALTHCHECK)"),
         )
         .arg(
+            A::new("takeover")
+                .long("takeover")
+                .action(ArgAction::SetTrue)
+                .help("Start by taking over the running server's listeners, relay sockets and allocations through its control socket (control-socket), so no call drops; the old process drains its TCP/TLS clients and exits 0. Fails, leaving the old one serving, if it cannot"),
+        )
+        .arg(
             A::new("drain")
                 .long("drain")
                 .action(ArgAction::SetTrue)
@@ -509,6 +521,7 @@ pub struct CommandLine {
     pub check_config: bool,
     pub health_check: bool,
     pub drain: bool,
+    pub takeover: bool,
 }
 
 /// Parses the command line (`args` includes the program name). Errors and
@@ -526,6 +539,7 @@ where
         check_config: m.get_flag("check-config"),
         health_check: m.get_flag("health-check"),
         drain: m.get_flag("drain"),
+        takeover: m.get_flag("takeover"),
         entries: Vec::new(),
     };
     for spec in OPTIONS {
@@ -627,6 +641,7 @@ where
         config,
         warnings,
         environment: from_env.used,
+        takeover: cl.takeover,
     });
     if cl.check_config {
         return Ok(Invocation::CheckConfig(loaded));

@@ -414,6 +414,7 @@ pub const OPTIONS: &[Spec] = &[
     yes("proc-user", None, Text(field!(proc_user)), Restart, "Run as this user once ports are bound and keys read."),
     yes("proc-group", None, Text(field!(proc_group)), Restart, "Run as this group once ports are bound and keys read."),
     yes("drain-timeout", None, U32(field!(drain_timeout)), Live, "Seconds SIGTERM waits for allocations to end before exiting.").default("30"),
+    yes("control-socket", None, Path(field!(control_socket)), Restart, "Unix socket (created 0600, owned by proc-user) through which `turnserver --takeover` takes over this server's sockets and allocations; empty: none.").default("/run/turnserver/control.sock"),
     inherent_flag("no-cli", None, "there is no telnet CLI", "Disable the telnet CLI."),
     not_yet_flag("cli", None, "Enable the telnet CLI."),
     inherent("cli-ip", None, "there is no telnet CLI", "Telnet CLI address."),

@@ -20,6 +20,7 @@ mod http;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod takeover;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
@@ -405,7 +406,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cfg, args, logging, detected) {
+    match run(cfg, args, logging, detected, loaded.takeover) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -538,6 +539,11 @@ struct Daemon {
     exit_now: bool,
     /// The address `external-ip=auto` found last.
     detected: Option<external::Detected>,
+    /// The metrics listener's address and a copy of its descriptor, for a
+    /// successor.
+    metrics_fd: Option<(SocketAddr, std::os::fd::OwnedFd)>,
+    /// The successor's process id once it has taken over.
+    handed_to: Option<i32>,
 }
 
 impl Daemon {
@@ -688,6 +694,42 @@ impl Daemon {
         self.status();
     }
 
+    /// A successor asks for the state ([`takeover`]): freezes the workers
+    /// and assembles what goes over.
+    async fn freeze(&self) -> Result<(server::takeover::State, Vec<std::os::fd::OwnedFd>), String> {
+        let metrics = match &self.metrics_fd {
+            Some((addr, fd)) => Some((
+                *addr,
+                fd.try_clone()
+                    .map_err(|e| format!("metrics listener: {e}"))?,
+            )),
+            None => None,
+        };
+        let frozen = self.server.freeze().await?;
+        Ok(takeover::assemble(
+            frozen,
+            self.fixed.nonce_secret,
+            self.fixed.ticket_key,
+            metrics,
+        ))
+    }
+
+    /// The successor `pid` serves the UDP clients and the listeners now:
+    /// this process drains its TCP/TLS clients and exits 0.
+    fn handed(&mut self, pid: i32, allocations: usize, fds: usize, frozen: Duration) {
+        self.server.handed();
+        self.handed_to = Some(pid);
+        let timeout = Duration::from_secs(u64::from(self.cfg.drain_timeout));
+        info!(
+            "takeover: handed {allocations} allocations and {fds} sockets to process {pid} (workers paused {} ms); {} allocations of TCP/TLS/DTLS clients stay here for up to {}s, then this process exits",
+            frozen.as_millis(),
+            (self.server.allocations() as usize).saturating_sub(allocations),
+            timeout.as_secs()
+        );
+        notify(&[NotifyState::Stopping]);
+        self.stopping = Some(Instant::now() + timeout);
+    }
+
     fn should_exit(&self) -> bool {
         self.exit_now
             || self.stopping.is_some_and(|deadline| {
@@ -710,11 +752,22 @@ pub struct Prepared {
     fleet: Option<server::fleet::Inbox>,
     /// What the `redis-statsdb` task publishes.
     statsdb: Option<server::statsdb::Queue>,
+    /// The metrics listener a predecessor handed over, with its address.
+    inherited_metrics: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 /// Reads the certificates, works out the listeners, binds them and builds
 /// the state every worker shares. Errors name what could not be done.
 pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
+    prepare_with(cfg, None)
+}
+
+/// [`prepare`], taking the sockets, allocations and keys of `incoming`
+/// (a live takeover) instead of binding where they cover the plan.
+fn prepare_with(
+    cfg: &Config,
+    incoming: Option<&mut takeover::Incoming>,
+) -> Result<Prepared, String> {
     let tls = tls_acceptor(cfg)?;
     if tls.is_none() && !cfg.no_tls {
         info!("no cert/pkey configured: TLS listeners are off");
@@ -736,15 +789,32 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
     };
     let fixed = Fixed {
         listening_ips: listening_ips.clone(),
-        nonce_secret: rand::random(),
-        ticket_key: rand::random(),
+        nonce_secret: incoming
+            .as_ref()
+            .map_or_else(rand::random, |i| i.state.nonce_secret),
+        ticket_key: incoming
+            .as_ref()
+            .map_or_else(rand::random, |i| i.state.ticket_key),
         hostname: hostname(),
         report_allocations: fleet_redis.is_some() || cfg.redis_statsdb.is_some(),
     };
     let core = core_config(cfg, &fixed);
     describe(cfg, &core);
 
-    let bound = server::bind(&plan).map_err(|e| e.to_string())?;
+    let (bound, inherited_metrics) = match incoming {
+        Some(i) => {
+            let (inherited, metrics) = i.sockets().map_err(|e| format!("takeover: {e}"))?;
+            let (bound, dropped) =
+                server::bind_inherited(&plan, inherited).map_err(|e| e.to_string())?;
+            if dropped > 0 {
+                warn!(
+                    "takeover: {dropped} allocations were on listeners no longer configured and end"
+                );
+            }
+            (bound, metrics)
+        }
+        None => (server::bind(&plan).map_err(|e| e.to_string())?, None),
+    };
     for a in &plan.udp {
         info!("listening on udp {a}");
     }
@@ -847,6 +917,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         statsdb,
         draining: std::sync::atomic::AtomicBool::new(false),
         steering: Steering::default(),
+        phase: tokio::sync::watch::Sender::new(server::Phase::Serving),
     });
     shared
         .steering
@@ -856,6 +927,9 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         .telemetry
         .per_user
         .store(cfg.prometheus_username_labels, Ordering::Relaxed);
+    for port in bound.inherited_relay_ports() {
+        shared.pool.claim(port);
+    }
     Ok(Prepared {
         bound,
         shared,
@@ -863,6 +937,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, String> {
         userdb: requests,
         fleet: fleet_inbox,
         statsdb: statsdb_queue,
+        inherited_metrics,
     })
 }
 
@@ -875,6 +950,7 @@ fn run(
     args: Vec<OsString>,
     logging: logging::Logging,
     detected: Option<external::Detected>,
+    takeover_mode: bool,
 ) -> Result<(), String> {
     let identity = process::resolve(cfg.proc_user.as_deref(), cfg.proc_group.as_deref())?;
     match process::raise_open_files_limit() {
@@ -891,6 +967,23 @@ fn run(
         }
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
+    let mut incoming = match (&cfg.control_socket, takeover_mode) {
+        (Some(path), true) => {
+            let started = Instant::now();
+            let i = takeover::receive(path).map_err(|e| format!("takeover: {e}"))?;
+            info!(
+                "takeover: received the state of turnserver {} ({} workers) in {} ms",
+                i.state.version,
+                i.state.workers.len(),
+                started.elapsed().as_millis()
+            );
+            Some((i, started))
+        }
+        (None, true) => {
+            return Err("--takeover needs a control-socket (it is set to none)".to_string());
+        }
+        _ => None,
+    };
     let Prepared {
         bound,
         shared,
@@ -898,19 +991,53 @@ fn run(
         userdb,
         fleet,
         statsdb,
-    } = prepare(&cfg)?;
+        inherited_metrics,
+    } = prepare_with(&cfg, incoming.as_mut().map(|(i, _)| i))?;
     let metrics_listener = if cfg.prometheus {
         let ip = cfg
             .prometheus_address
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let addr = SocketAddr::new(ip, cfg.prometheus_port);
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+        let l = match inherited_metrics {
+            Some((a, l)) if a == addr => l,
+            _ => std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?,
+        };
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
         info!("metrics on http://{addr}{}", cfg.prometheus_path);
         Some(l)
     } else {
         None
+    };
+    let metrics_fd = match &metrics_listener {
+        Some(l) => Some((
+            l.local_addr().map_err(|e| e.to_string())?,
+            std::os::fd::AsFd::as_fd(l)
+                .try_clone_to_owned()
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let owner = identity.uid.map(|u| {
+        (
+            u.as_raw(),
+            identity
+                .gid
+                .map_or(nix::unistd::getegid().as_raw(), |g| g.as_raw()),
+        )
+    });
+    // The control socket: bound now, while still privileged; a successor
+    // takes the path over once it has committed.
+    let control = match (&cfg.control_socket, incoming.is_some()) {
+        (Some(path), false) => match server::takeover::Listener::bind(path, owner) {
+            Ok(l) => Some(l),
+            Err(e) if cfg.origin("control-socket") == config::Origin::Default => {
+                info!("{e}: live takeover (--takeover) is off for this process");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        _ => None,
     };
 
     if cfg.daemon {
@@ -949,8 +1076,42 @@ fn run(
         }
         _ => None,
     };
+    // A successor commits as late as it can, with everything built, and
+    // only then starts reading: the running server has let go.
+    let control = match incoming.take() {
+        Some((i, started)) => {
+            i.commit().map_err(|e| format!("takeover: {e}"))?;
+            info!(
+                "takeover: committed {} ms after asking; serving {} allocations handed over",
+                started.elapsed().as_millis(),
+                bound.inherited_allocations()
+            );
+            match &cfg.control_socket {
+                Some(path) => match server::takeover::Listener::take_over(path, owner) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!("{e}: live takeover of this process is off");
+                        None
+                    }
+                },
+                None => None,
+            }
+        }
+        None => control,
+    };
     let server =
         server::start(bound, shared.clone()).map_err(|e| format!("cannot start workers: {e}"))?;
+    let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::unbounded_channel();
+    let control_path = match control {
+        Some(l) => {
+            let path = l.path().to_path_buf();
+            takeover::spawn_server(l, takeover_tx)
+                .map_err(|e| format!("cannot start the control socket thread: {e}"))?;
+            info!("control socket {} (for --takeover)", path.display());
+            Some(path)
+        }
+        None => None,
+    };
     if let Some((cache, store, requests)) = userdb {
         info!(
             "users, secrets and realm settings from {} (at most {} s stale)",
@@ -988,12 +1149,15 @@ fn run(
         stopping: None,
         exit_now: false,
         detected,
+        metrics_fd,
+        handed_to: None,
     };
     notify(&[NotifyState::Ready]);
     daemon.status();
 
     rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
+        let mut metrics_task = None;
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
@@ -1002,13 +1166,13 @@ fn run(
                         draining: draining.clone(),
                         per_user: daemon.cfg.prometheus_username_labels,
                     }));
-                    tokio::spawn(metrics::serve(
+                    metrics_task = Some(tokio::spawn(metrics::serve(
                         l,
                         registry,
                         daemon.cfg.prometheus_path.clone(),
                         draining.clone(),
                         shared.clone(),
-                    ));
+                    )));
                 }
                 Err(e) => error!("metrics listener: {e}"),
             }
@@ -1036,6 +1200,22 @@ fn run(
                 _ = hup.recv() => daemon.reload(true).await,
                 _ = usr2.recv() => daemon.reload(false).await,
                 _ = usr1.recv() => daemon.drain(),
+                Some(req) = takeover_rx.recv() => match req {
+                    takeover::Request::Freeze { reply } => {
+                        let _ = reply.send(daemon.freeze().await);
+                    }
+                    takeover::Request::Committed { pid, allocations, fds, frozen } => {
+                        // The successor answers metrics scrapes now.
+                        if let Some(t) = metrics_task.take() {
+                            t.abort();
+                        }
+                        daemon.handed(pid, allocations, fds, frozen);
+                    }
+                    takeover::Request::Failed(why) => {
+                        warn!("takeover failed: {why}; serving everything again");
+                        daemon.server.thaw();
+                    }
+                },
                 _ = tick.tick() => {
                     // Only while every worker's event loop is alive: a stuck
                     // worker gets the whole service restarted.
@@ -1052,7 +1232,18 @@ fn run(
                 break;
             }
         }
-        info!("exiting with {} allocations", daemon.server.allocations());
+        match daemon.handed_to {
+            Some(pid) => info!(
+                "exiting after the takeover by process {pid}, with {} allocations",
+                daemon.server.allocations()
+            ),
+            None => {
+                info!("exiting with {} allocations", daemon.server.allocations());
+                if let Some(p) = &control_path {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
     });
     Ok(())
 }

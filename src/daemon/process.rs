@@ -18,8 +18,14 @@ impl PidFile {
 }
 
 impl Drop for PidFile {
+    /// Removes the file unless another process (a successor after a live
+    /// takeover) has written its own id into it since.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 

@@ -32,7 +32,8 @@ use std::sync::Arc;
 
 use tracing::info;
 
-pub use shared::{Shared, Steering, StreamCount, Telemetry, WorkerReport};
+pub use shared::{Phase, Shared, Steering, StreamCount, Telemetry, WorkerReport};
+pub use worker::{Frozen, RelaySockets};
 use worker::{Sockets, StreamListener};
 
 /// What to listen on.
@@ -128,11 +129,7 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
     }
     let mut per_worker = Vec::with_capacity(plan.workers);
     for _ in 0..plan.workers.max(1) {
-        let mut s = Sockets {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-            dtls: Vec::new(),
-        };
+        let mut s = Sockets::default();
         for &addr in &plan.dtls {
             let sock =
                 net::udp_listener(addr, device, net::LISTENER_BUFFER, false).map_err(|error| {
@@ -170,6 +167,146 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
         per_worker.push(s);
     }
     Ok(Bound { per_worker })
+}
+
+/// What a predecessor process handed over ([`takeover`]), by its worker
+/// index.
+#[derive(Default)]
+pub struct Inherited {
+    pub workers: Vec<InheritedWorker>,
+}
+
+/// One predecessor worker's listeners, allocations and counters.
+#[derive(Default)]
+pub struct InheritedWorker {
+    pub udp: Vec<(SocketAddr, std::net::UdpSocket)>,
+    /// Address, `tcp-proxy-port`, listener.
+    pub tcp: Vec<(SocketAddr, bool, std::net::TcpListener)>,
+    pub dtls: Vec<(SocketAddr, std::net::UdpSocket)>,
+    pub relays: Vec<(crate::turn::SavedAllocation, worker::RelaySockets)>,
+    pub stats: crate::turn::Stats,
+}
+
+/// Builds the workers' sockets of `plan` from what a predecessor handed
+/// over: predecessor worker `w`'s listeners (the same kernel sockets, so
+/// the same SO_REUSEPORT group members and queued datagrams) and
+/// allocations go to worker `w % workers`; listeners the plan no longer
+/// has are closed, with the allocations on them; addresses the plan adds,
+/// and the sockets a larger number of workers needs, are bound afresh.
+/// Returns the sockets and how many allocations were dropped with a
+/// removed listener.
+pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize), BindError> {
+    let device = plan.listening_device.as_deref();
+    let n = plan.workers.max(1);
+    let mut per_worker: Vec<Sockets> = (0..n).map(|_| Sockets::default()).collect();
+    let mut known_udp = std::collections::HashSet::new();
+    let mut known_tcp = std::collections::HashSet::new();
+    let mut dropped = 0;
+    for (w, old) in inherited.workers.into_iter().enumerate() {
+        let s = &mut per_worker[w % n];
+        let mut link_of = std::collections::HashMap::new();
+        for (addr, sock) in old.udp {
+            known_udp.insert(addr);
+            if plan.udp.contains(&addr) {
+                link_of.insert(addr, s.udp.len() as u32);
+                s.udp.push((sock, addr));
+            } else {
+                info!("udp {addr} is no longer configured: closed");
+            }
+        }
+        for (addr, _, sock) in old.tcp {
+            known_tcp.insert(addr);
+            match plan.tcp.iter().find(|(a, _)| *a == addr) {
+                Some(&(_, port)) => s.tcp.push(StreamListener {
+                    socket: sock,
+                    addr,
+                    proxy: port == StreamPort::Proxy,
+                }),
+                None => info!("tcp {addr} is no longer configured: closed"),
+            }
+        }
+        for (addr, sock) in old.dtls {
+            known_udp.insert(addr);
+            if plan.dtls.contains(&addr) {
+                s.dtls.push((sock, addr));
+            } else {
+                info!("dtls {addr} is no longer configured: closed");
+            }
+        }
+        for (mut a, sockets) in old.relays {
+            match link_of.get(&a.five_tuple.server) {
+                Some(&link) => {
+                    a.link = link;
+                    s.restored.push((a, sockets));
+                }
+                None => dropped += 1,
+            }
+        }
+        s.stats.push(old.stats);
+    }
+    // Addresses new to this configuration must not be held by another
+    // process; those handed over are ours.
+    let fresh_udp = plan
+        .udp
+        .iter()
+        .chain(&plan.dtls)
+        .filter(|a| !known_udp.contains(*a))
+        .map(|&a| (a, exclusive::Proto::Udp, "udp"));
+    let fresh_tcp = plan
+        .tcp
+        .iter()
+        .filter(|(a, _)| !known_tcp.contains(a))
+        .map(|&(a, port)| (a, exclusive::Proto::Tcp, port.name()));
+    for (addr, proto, transport) in fresh_udp.chain(fresh_tcp) {
+        exclusive::check_unshared(addr, proto, device).map_err(|error| BindError {
+            addr,
+            transport,
+            error,
+        })?;
+    }
+    for s in &mut per_worker {
+        for &addr in &plan.udp {
+            if !s.udp.iter().any(|(_, a)| *a == addr) {
+                let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
+                let sock =
+                    net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(|error| {
+                        BindError {
+                            addr,
+                            transport: "udp",
+                            error,
+                        }
+                    })?;
+                s.udp.push((sock, addr));
+            }
+        }
+        for &addr in &plan.dtls {
+            if !s.dtls.iter().any(|(_, a)| *a == addr) {
+                let sock = net::udp_listener(addr, device, net::LISTENER_BUFFER, false).map_err(
+                    |error| BindError {
+                        addr,
+                        transport: "dtls",
+                        error,
+                    },
+                )?;
+                s.dtls.push((sock, addr));
+            }
+        }
+        for &(addr, port) in &plan.tcp {
+            if !s.tcp.iter().any(|l| l.addr == addr) {
+                let sock = net::tcp_listener(addr, device).map_err(|error| BindError {
+                    addr,
+                    transport: port.name(),
+                    error,
+                })?;
+                s.tcp.push(StreamListener {
+                    socket: sock,
+                    addr,
+                    proxy: port == StreamPort::Proxy,
+                });
+            }
+        }
+    }
+    Ok((Bound { per_worker }, dropped))
 }
 
 /// The running workers, for the control plane (reload, drain, metrics).
@@ -246,6 +383,46 @@ impl Server {
     pub fn allocations(&self) -> u32 {
         self.shared.allocations()
     }
+
+    /// Freezes every worker for a takeover ([`takeover`]): accept loops
+    /// and DTLS listeners pause, UDP listeners and the relay sockets of UDP
+    /// allocations are no longer read, and each worker answers with copies
+    /// of their descriptors and its saved allocations, by worker index.
+    /// On error every worker is thawed again.
+    pub async fn freeze(&self) -> Result<Vec<Frozen>, String> {
+        self.shared.phase.send_replace(Phase::Frozen);
+        let mut answers = Vec::with_capacity(self.mailboxes.len());
+        for m in self.mailboxes.iter() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = m.send(worker::Mail::Freeze(tx));
+            answers.push(rx);
+        }
+        let mut frozen = Vec::with_capacity(answers.len());
+        for rx in answers {
+            match rx.await {
+                Ok(f) => frozen.push(f),
+                Err(_) => {
+                    self.thaw();
+                    return Err("a worker did not answer".to_string());
+                }
+            }
+        }
+        Ok(frozen)
+    }
+
+    /// The takeover failed: every worker reads all its sockets again.
+    pub fn thaw(&self) {
+        self.shared.phase.send_replace(Phase::Serving);
+        self.broadcast(|| worker::Mail::Thaw);
+    }
+
+    /// The successor serves what was frozen: workers forget it, accept
+    /// loops and DTLS listeners end; TCP/TLS clients already connected
+    /// stay here until they end.
+    pub fn handed(&self) {
+        self.shared.phase.send_replace(Phase::Handed);
+        self.broadcast(|| worker::Mail::Handed);
+    }
 }
 
 /// Starts one thread per worker. They run until the process exits.
@@ -268,6 +445,22 @@ impl Bound {
     /// Number of workers the sockets were bound for.
     pub fn workers(&self) -> usize {
         self.per_worker.len()
+    }
+
+    /// The relay ports of the allocations handed over by a predecessor
+    /// (to claim in the port pool).
+    pub fn inherited_relay_ports(&self) -> Vec<u16> {
+        self.per_worker
+            .iter()
+            .flat_map(|s| &s.restored)
+            .flat_map(|(a, _)| std::iter::once(a.relayed).chain(a.additional.map(|x| x.0)))
+            .map(|a| a.port())
+            .collect()
+    }
+
+    /// Allocations handed over by a predecessor.
+    pub fn inherited_allocations(&self) -> usize {
+        self.per_worker.iter().map(|s| s.restored.len()).sum()
     }
 }
 

@@ -84,6 +84,20 @@ impl PortPool {
         None
     }
 
+    /// Marks `port` taken (a relay socket handed over by a predecessor
+    /// process); ports outside the range are ignored.
+    pub fn claim(&self, port: u16) {
+        if port < self.min || port > self.max {
+            return;
+        }
+        let i = usize::from(port - self.min);
+        let mut g = self.inner.lock().expect("port pool lock");
+        if g.used[i / 64] & (1 << (i % 64)) == 0 {
+            g.used[i / 64] |= 1 << (i % 64);
+            g.in_use += 1;
+        }
+    }
+
     /// Returns a port to the pool; ports outside the range are ignored.
     pub fn release(&self, port: u16) {
         if port < self.min || port > self.max {

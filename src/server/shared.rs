@@ -54,6 +54,37 @@ pub struct Shared {
     pub statsdb: Option<Arc<super::statsdb::StatsDb>>,
     /// Whether the node drains (SIGUSR1, SIGTERM).
     pub draining: AtomicBool,
+    /// Serving, or handing over to a successor ([`super::takeover`]):
+    /// accept loops and DTLS listeners wait while it is not `Serving`.
+    pub phase: tokio::sync::watch::Sender<Phase>,
+}
+
+/// Where the process is in a live takeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading every socket.
+    Serving,
+    /// A successor is receiving the state: listeners and handed-over relay
+    /// sockets are not read (their datagrams wait in the kernel).
+    Frozen,
+    /// The successor serves them now: only the TCP/TLS clients that could
+    /// not move are served here, until they end.
+    Handed,
+}
+
+/// Waits until `phase` is [`Phase::Serving`] (true) or
+/// [`Phase::Handed`] (false: the caller's socket belongs to the successor).
+pub async fn serving(phase: &mut tokio::sync::watch::Receiver<Phase>) -> bool {
+    loop {
+        match *phase.borrow_and_update() {
+            Phase::Serving => return true,
+            Phase::Handed => return false,
+            Phase::Frozen => {}
+        }
+        if phase.changed().await.is_err() {
+            return true;
+        }
+    }
 }
 
 impl Shared {

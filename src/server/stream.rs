@@ -92,8 +92,18 @@ pub(super) async fn listen(
     local: SocketAddr,
     proxy_port: bool,
 ) {
+    let mut phase = worker.borrow().shared.phase.subscribe();
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        // While a successor takes over, connections wait in the kernel's
+        // queue for it; once it has, the listener is its.
+        if !super::shared::serving(&mut phase).await {
+            return;
+        }
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = phase.changed() => continue,
+        };
+        let (mut stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly.

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -75,12 +75,32 @@ pub struct StreamListener {
     pub proxy: bool,
 }
 
-/// The listener sockets one worker owns.
+/// The listener sockets one worker owns, and what it takes over from a
+/// predecessor process.
+#[derive(Default)]
 pub struct Sockets {
     pub udp: Vec<(std::net::UdpSocket, SocketAddr)>,
     pub tcp: Vec<StreamListener>,
     /// DTLS listeners (UDP on the TLS ports).
     pub dtls: Vec<(std::net::UdpSocket, SocketAddr)>,
+    /// Allocations handed over by a predecessor (live takeover), with
+    /// their relay sockets; their links already index `udp`.
+    pub restored: Vec<(turn::SavedAllocation, RelaySockets)>,
+    /// The predecessor's counters of the workers this one succeeds.
+    pub stats: Vec<turn::Stats>,
+}
+
+/// What a worker hands to a successor process ([`super::takeover`]):
+/// copies of its listeners' descriptors, its UDP allocations with copies
+/// of their relay sockets, and its counters. The worker no longer reads
+/// any of them until it is thawed.
+pub struct Frozen {
+    pub udp: Vec<(SocketAddr, OwnedFd)>,
+    /// Address, `tcp-proxy-port`, descriptor.
+    pub tcp: Vec<(SocketAddr, bool, OwnedFd)>,
+    pub dtls: Vec<(SocketAddr, OwnedFd)>,
+    pub relays: Vec<(turn::SavedAllocation, [Option<OwnedFd>; 2])>,
+    pub stats: turn::Stats,
 }
 
 /// An allocation's relay socket, in the slot of its allocation id.
@@ -162,6 +182,11 @@ pub(super) struct Worker {
     me: std::rc::Weak<RefCell<Worker>>,
     /// DTLS listeners, indexed by link minus [`DTLS_LINK`].
     dtls: Vec<Rc<super::dtls::Listener>>,
+    /// Copies of the TCP listeners (their accept tasks own them), for a
+    /// takeover: address, `tcp-proxy-port`, descriptor.
+    tcp_listeners: Vec<(SocketAddr, bool, OwnedFd)>,
+    /// The allocations saved for a successor while frozen.
+    frozen: Option<Vec<AllocationId>>,
 }
 
 /// A client message waiting for credentials: its 5-tuple, link and bytes.
@@ -662,6 +687,141 @@ impl Worker {
         }
     }
 
+    /// Stops reading what a successor process takes over (the UDP
+    /// listeners and the relay sockets of UDP allocations; accept loops and
+    /// DTLS listeners wait on [`super::Phase`]) and answers with copies of
+    /// their descriptors, the allocations saved and the counters.
+    fn freeze(&mut self) -> Frozen {
+        let now = Instant::now();
+        let epoll = &self.epoll.get_ref().0;
+        for (sock, _) in &self.udp {
+            let _ = epoll.delete(sock.as_fd());
+        }
+        let copy = |fd: std::os::fd::BorrowedFd<'_>, what: &dyn std::fmt::Display| {
+            fd.try_clone_to_owned()
+                .map_err(|e| error!("takeover: cannot copy the descriptor of {what}: {e}"))
+                .ok()
+        };
+        let mut relays = Vec::new();
+        let mut ids = Vec::new();
+        for saved in self.core.save(now, |ft| ft.transport == Transport::Udp) {
+            let id = saved.id();
+            let Some(r) = self.relay(id) else { continue };
+            let mut fds = [None, None];
+            let mut complete = true;
+            for (i, sock) in r.sockets.iter().enumerate() {
+                if let Some(sock) = sock {
+                    fds[i] = copy(sock.as_fd(), &saved.relayed);
+                    complete &= fds[i].is_some();
+                }
+            }
+            // One that cannot be copied stays here (and is read again).
+            if complete {
+                for sock in r.sockets.iter().flatten() {
+                    let _ = epoll.delete(sock.as_fd());
+                }
+                ids.push(id);
+                relays.push((saved, fds));
+            }
+        }
+        let udp = self
+            .udp
+            .iter()
+            .filter_map(|(s, a)| Some((*a, copy(s.as_fd(), a)?)))
+            .collect();
+        let tcp = self
+            .tcp_listeners
+            .iter()
+            .filter_map(|(a, proxy, fd)| Some((*a, *proxy, copy(fd.as_fd(), a)?)))
+            .collect();
+        let dtls = self
+            .dtls
+            .iter()
+            .filter_map(|l| Some((l.addr, copy(l.socket.as_fd(), &l.addr)?)))
+            .collect();
+        self.frozen = Some(ids);
+        Frozen {
+            udp,
+            tcp,
+            dtls,
+            relays,
+            stats: self.core.stats().clone(),
+        }
+    }
+
+    /// A takeover failed: reads the UDP listeners and the relay sockets it
+    /// had stopped reading again.
+    fn thaw(&mut self) {
+        let Some(ids) = self.frozen.take() else {
+            return;
+        };
+        let epoll = &self.epoll.get_ref().0;
+        for (i, (sock, addr)) in self.udp.iter().enumerate() {
+            if let Err(e) = epoll.add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+            {
+                error!("cannot read UDP listener {addr} again: {e}");
+            }
+        }
+        for id in ids {
+            let Some(r) = self.relay(id) else { continue };
+            for (index, sock) in r.sockets.iter().enumerate() {
+                if let Some(sock) = sock {
+                    let token = RELAY_TOKEN + relay_key(id.slot(), index) as u64;
+                    if let Err(e) =
+                        epoll.add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+                    {
+                        error!("cannot read a relay socket again: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The successor serves what was frozen: forgets those allocations
+    /// (no AllocationClosed: their sockets live on in the successor) and
+    /// closes this process's copies of their relay sockets.
+    fn handed(&mut self) {
+        let Some(ids) = self.frozen.take() else {
+            return;
+        };
+        let n = self.core.forget(ids.iter().copied());
+        for id in ids {
+            if self.relay(id).is_some() {
+                drop(self.relays[id.slot()].take());
+            }
+        }
+        debug!(worker = self.index, allocations = n, "handed over");
+        self.report();
+    }
+
+    /// Adopts allocations handed over by a predecessor process, with
+    /// their relay sockets (ports already claimed in the pool).
+    fn restore(&mut self, now: Instant, restored: Vec<(turn::SavedAllocation, RelaySockets)>) {
+        let (saved, sockets): (Vec<_>, Vec<_>) = restored.into_iter().unzip();
+        let ports: Vec<u16> = saved
+            .iter()
+            .flat_map(|a| std::iter::once(a.relayed).chain(a.additional.map(|x| x.0)))
+            .map(|a| a.port())
+            .collect();
+        match self.core.restore(now, saved) {
+            Ok(ids) => {
+                for (id, socks) in ids.into_iter().zip(sockets) {
+                    self.adopt_relay_sockets(id, socks);
+                }
+            }
+            Err(e) => {
+                error!(
+                    worker = self.index,
+                    "cannot restore the allocations handed over: {e}"
+                );
+                drop(sockets);
+                for p in ports {
+                    self.shared.pool.release(p);
+                }
+            }
+        }
+    }
+
     /// One round of the UDP data path: reads every ready listener and relay
     /// socket once (a batch each), handles the datagrams, and sends what
     /// goes to UDP clients in batches. Returns true when every socket was
@@ -883,6 +1043,13 @@ pub enum Mail {
     Config(Arc<turn::Config>),
     /// Start or stop draining.
     Drain(bool),
+    /// Stop reading the UDP listeners and UDP allocations' relay sockets
+    /// and answer with what a successor process needs ([`Frozen`]).
+    Freeze(tokio::sync::oneshot::Sender<Frozen>),
+    /// The takeover failed: read everything again.
+    Thaw,
+    /// The successor has taken over: forget what was handed over.
+    Handed,
     /// A peer connection of a TCP allocation here ended (RFC 6062), after
     /// relaying these many bytes each way.
     TcpEnded {
@@ -1004,7 +1171,15 @@ async fn run(
         held_count: 0,
         me: std::rc::Weak::new(),
         dtls: Vec::new(),
+        tcp_listeners: Vec::new(),
+        frozen: None,
     }));
+    for stats in &sockets.stats {
+        worker.borrow_mut().core.restore_stats(stats);
+    }
+    if !sockets.restored.is_empty() {
+        worker.borrow_mut().restore(now, sockets.restored);
+    }
     for (socket, addr) in sockets.dtls {
         match tokio::net::UdpSocket::from_std(socket) {
             Ok(s) => {
@@ -1022,6 +1197,13 @@ async fn run(
     worker.borrow_mut().me = Rc::downgrade(&worker);
     tokio::task::spawn_local(udp_loop(worker.clone(), epoll));
     for l in sockets.tcp {
+        match l.socket.as_fd().try_clone_to_owned() {
+            Ok(copy) => worker
+                .borrow_mut()
+                .tcp_listeners
+                .push((l.addr, l.proxy, copy)),
+            Err(e) => warn!("TCP listener {}: no copy for a takeover: {e}", l.addr),
+        }
         match TcpListener::from_std(l.socket) {
             Ok(s) => {
                 tokio::task::spawn_local(stream::listen(worker.clone(), s, l.addr, l.proxy));
@@ -1089,7 +1271,11 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 request,
                 to,
             } => {
-                let exported = w.core.export(allocation, &username, &five_tuple, link);
+                let exported = if w.frozen.is_some() {
+                    Err(ErrorCode::ServerError)
+                } else {
+                    w.core.export(allocation, &username, &five_tuple, link)
+                };
                 let result = w.with_relay_socket(allocation, exported);
                 let reply = Mail::Imported {
                     result,
@@ -1120,11 +1306,11 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
             },
             Mail::Pull { five_tuple, to } => {
                 let result = match w.core.allocation_for(&five_tuple) {
-                    Some(id) => {
+                    Some(id) if w.frozen.is_none() => {
                         let exported = w.core.export_unchanged(id);
                         w.with_relay_socket(id, exported)
                     }
-                    None => Err(ErrorCode::AllocationNotFound),
+                    _ => Err(ErrorCode::AllocationNotFound),
                 };
                 if result.is_ok() {
                     w.handover.gave_away(Instant::now(), &five_tuple, to);
@@ -1165,6 +1351,12 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 w.report();
             }
             Mail::Drain(on) => w.core.set_draining(on),
+            Mail::Freeze(reply) => {
+                let frozen = w.freeze();
+                let _ = reply.send(frozen);
+            }
+            Mail::Thaw => w.thaw(),
+            Mail::Handed => w.handed(),
             Mail::TcpEnded {
                 allocation,
                 connection,
@@ -1182,8 +1374,18 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
 /// client's session, and the TURN messages inside to the core.
 async fn dtls_loop(worker: Handle, l: Rc<super::dtls::Listener>, link: u32) {
     let mut buf = vec![0u8; 65536];
+    let mut phase = worker.borrow().shared.phase.subscribe();
     loop {
-        let (n, from) = match l.socket.recv_from(&mut buf).await {
+        // A successor taking over reads the listener next; its DTLS
+        // sessions here cannot move and end with this process.
+        if !super::shared::serving(&mut phase).await {
+            return;
+        }
+        let received = tokio::select! {
+            r = l.socket.recv_from(&mut buf) => r,
+            _ = phase.changed() => continue,
+        };
+        let (n, from) = match received {
             Ok(x) => x,
             Err(e) => {
                 debug!("DTLS listener {}: {e}", l.addr);

@@ -113,6 +113,24 @@ impl Server {
         .unwrap();
     }
 
+    /// Starts `turnserver --takeover` with a copy of this server's
+    /// configuration (and `extra` arguments) and waits until UDP Binding
+    /// is answered (by either process).
+    pub fn successor(&self, extra: &[&str]) -> Server {
+        let dir = TempDir::new("successor");
+        let conf = dir.path("turnserver.conf");
+        std::fs::copy(self.dir.path("turnserver.conf"), &conf).unwrap();
+        let mut args = vec![
+            "-c".to_string(),
+            conf.display().to_string(),
+            "--takeover".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut s = Server::launch_env(args, self.port, self.tls_port, dir, &[], None);
+        s.preamble = self.preamble.clone();
+        s
+    }
+
     /// Sends a signal to the server.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();

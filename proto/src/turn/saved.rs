@@ -228,10 +228,12 @@ impl Server {
         if !self.allocations.is_empty() {
             return Err(RestoreError::NotEmpty);
         }
-        let mut seen_slots = std::collections::HashSet::new();
-        let mut seen_tuples = std::collections::HashSet::new();
+        let mut seen_slots = std::collections::BTreeSet::new();
         for s in &saved {
-            if !seen_slots.insert(s.index) || !seen_tuples.insert(s.five_tuple) {
+            let twice = !seen_slots.insert(s.index)
+                || self.by_five_tuple.insert(s.five_tuple, s.id()).is_some();
+            if twice {
+                self.by_five_tuple.clear();
                 return Err(RestoreError::Duplicate(s.five_tuple));
             }
         }
@@ -299,7 +301,6 @@ impl Server {
                 }),
                 tcp: None,
             };
-            self.by_five_tuple.insert(a.five_tuple, id);
             table.push((id.slot(), a));
             ids.push(id);
         }

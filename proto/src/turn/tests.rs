@@ -2495,5 +2495,18 @@ fn a_saved_table_is_restored_into_a_new_core() {
     s.server.check_invariants(Some(s.now)).unwrap();
     // Restoring into a core that has allocations is refused.
     let again = s.server.save(s.now, |_| true);
-    assert_eq!(s.server.restore(s.now, again), Err(RestoreError::NotEmpty));
+    assert_eq!(
+        s.server.restore(s.now, again.clone()),
+        Err(RestoreError::NotEmpty)
+    );
+    // Two allocations on one 5-tuple are refused whole.
+    let mut fresh = Harness::new(users_config());
+    let mut twice = vec![again[0].clone(), again[0].clone()];
+    twice[1].index += 1;
+    assert_eq!(
+        fresh.server.restore(fresh.now, twice),
+        Err(RestoreError::Duplicate(again[0].five_tuple))
+    );
+    assert_eq!(fresh.server.allocation_count(), 0);
+    fresh.server.check_invariants(None).unwrap();
 }

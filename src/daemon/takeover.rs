@@ -1,0 +1,323 @@
+//! The daemon's two sides of a live takeover ([`crate::server::takeover`]):
+//! the running server's control socket thread, which asks the control loop
+//! to freeze the workers and hands their state over, and the successor's
+//! [`receive`] and [`Incoming::commit`].
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::server::takeover::{
+    self, Conn, FRAME_TIMEOUT, Listener, Msg, READS, READY_TIMEOUT, SavedListener, SavedRelay,
+    SavedWorker, State,
+};
+use crate::server::{Frozen, Inherited, InheritedWorker};
+
+/// What the control socket thread asks of the control loop.
+pub enum Request {
+    /// Freeze the workers and answer with the state to hand over and its
+    /// descriptors.
+    Freeze {
+        reply: std::sync::mpsc::Sender<Result<(State, Vec<OwnedFd>), String>>,
+    },
+    /// Process `pid` serves now what was frozen: `allocations` allocations
+    /// and `fds` descriptors went over, the workers were frozen for
+    /// `frozen`.
+    Committed {
+        pid: i32,
+        allocations: usize,
+        fds: usize,
+        frozen: Duration,
+    },
+    /// The takeover failed after the freeze: thaw. Why.
+    Failed(String),
+}
+
+/// Assembles the state of `frozen` workers, with the keys nonces and
+/// tickets are made with and a copy of the metrics listener.
+pub fn assemble(
+    frozen: Vec<Frozen>,
+    nonce_secret: [u8; 32],
+    ticket_key: [u8; 32],
+    metrics: Option<(SocketAddr, OwnedFd)>,
+) -> (State, Vec<OwnedFd>) {
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut put = |fd: OwnedFd| {
+        fds.push(fd);
+        (fds.len() - 1) as u32
+    };
+    let mut workers = Vec::with_capacity(frozen.len());
+    for f in frozen {
+        let mut w = SavedWorker {
+            stats: f.stats,
+            ..SavedWorker::default()
+        };
+        for (addr, fd) in f.udp {
+            w.udp.push(SavedListener {
+                addr,
+                fd: put(fd),
+                proxy: false,
+            });
+        }
+        for (addr, proxy, fd) in f.tcp {
+            w.tcp.push(SavedListener {
+                addr,
+                fd: put(fd),
+                proxy,
+            });
+        }
+        for (addr, fd) in f.dtls {
+            w.dtls.push(SavedListener {
+                addr,
+                fd: put(fd),
+                proxy: false,
+            });
+        }
+        for (allocation, [v4, v6]) in f.relays {
+            let fds = [v4.map(&mut put), v6.map(&mut put)];
+            w.relays.push(SavedRelay { allocation, fds });
+        }
+        workers.push(w);
+    }
+    let metrics = metrics.map(|(addr, fd)| SavedListener {
+        addr,
+        fd: put(fd),
+        proxy: false,
+    });
+    let state = State {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        nonce_secret,
+        ticket_key,
+        workers,
+        metrics,
+    };
+    (state, fds)
+}
+
+/// Serves the control socket on a thread of its own, one takeover at a
+/// time, until one commits.
+pub fn spawn_server(
+    listener: Listener,
+    requests: tokio::sync::mpsc::UnboundedSender<Request>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            loop {
+                let conn = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!("control socket {}: {e}", listener.path().display());
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                match serve(&conn, &requests) {
+                    Ok(()) => return,
+                    Err(e) => warn!("takeover not done, this server carries on: {e}"),
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// Refuses the successor on `conn` with `reason`, returned as the error.
+fn refuse(conn: &Conn, reason: String) -> Result<(), String> {
+    let _ = conn.send(&Msg::Refused {
+        reason: reason.clone(),
+    });
+    Err(reason)
+}
+
+/// One takeover conversation with a successor; Ok once it committed.
+fn serve(
+    conn: &Conn,
+    requests: &tokio::sync::mpsc::UnboundedSender<Request>,
+) -> Result<(), String> {
+    let (pid, uid) = conn.peer().map_err(|e| format!("control socket: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if uid != 0 && uid != me {
+        return refuse(
+            conn,
+            format!("process {pid} runs as user {uid}, neither root nor this server's user {me}"),
+        );
+    }
+    let (version, reads) = match conn.recv() {
+        Ok(Msg::Hello { version, reads }) => (version, reads),
+        Ok(other) => return refuse(conn, format!("expected a greeting, got {other:?}")),
+        Err(e) => return Err(format!("process {pid}: {e}")),
+    };
+    let format = match takeover::negotiate(&reads) {
+        Ok(f) => f,
+        Err(reason) => return refuse(conn, reason),
+    };
+    info!(
+        "takeover: process {pid} (turnserver {version}) asks for this server's sockets and allocations"
+    );
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    if requests.send(Request::Freeze { reply: tx }).is_err() {
+        return refuse(conn, "the server is stopping".to_string());
+    }
+    let (state, fds) = match rx.recv_timeout(FRAME_TIMEOUT) {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return refuse(conn, format!("cannot freeze: {e}")),
+        Err(_) => {
+            let _ = requests.send(Request::Failed("the workers did not freeze".into()));
+            return refuse(conn, "the workers did not freeze in time".to_string());
+        }
+    };
+    let allocations = state.workers.iter().map(|w| w.relays.len()).sum();
+    let n = fds.len();
+    let handed = (|| -> Result<(), String> {
+        conn.send_state(&state, &fds, format)
+            .map_err(|e| format!("sending the state: {e}"))?;
+        drop(fds);
+        conn.set_timeout(READY_TIMEOUT)
+            .map_err(|e| format!("control socket: {e}"))?;
+        match conn.recv() {
+            Ok(Msg::Ready) => {}
+            Ok(Msg::Refused { reason }) => return Err(format!("process {pid} gave up: {reason}")),
+            Ok(other) => return Err(format!("process {pid} sent {other:?}")),
+            Err(e) => return Err(format!("process {pid} did not get ready: {e}")),
+        }
+        conn.send(&Msg::Commit)
+            .map_err(|e| format!("process {pid} went away before the commit: {e}"))
+    })();
+    match handed {
+        Ok(()) => {
+            let _ = requests.send(Request::Committed {
+                pid,
+                allocations,
+                fds: n,
+                frozen: started.elapsed(),
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let _ = requests.send(Request::Failed(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+/// What a successor received from the running server: the connection (to
+/// commit on), the state, and the descriptors it names.
+pub struct Incoming {
+    conn: Conn,
+    pub state: State,
+    fds: Vec<Option<OwnedFd>>,
+}
+
+/// Asks the server running at control socket `path` for its sockets and
+/// allocations. Errors say why (unsafe socket permissions, nobody
+/// listening, a refusal, a corrupt state); the running server then carries
+/// on.
+pub fn receive(path: &Path) -> Result<Incoming, String> {
+    let conn = takeover::connect(path)?;
+    conn.send(&Msg::Hello {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        reads: READS.to_vec(),
+    })
+    .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    let header = conn
+        .recv()
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    if let Msg::Refused { reason } = &header {
+        return Err(format!("the running server refused: {reason}"));
+    }
+    let (state, fds) = conn.recv_state(&header)?;
+    Ok(Incoming {
+        conn,
+        state,
+        fds: fds.into_iter().map(Some).collect(),
+    })
+}
+
+impl Incoming {
+    fn take(&mut self, i: u32) -> Result<OwnedFd, String> {
+        self.fds
+            .get_mut(i as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("descriptor {i} is missing"))
+    }
+
+    fn udp(&mut self, l: &SavedListener) -> Result<(SocketAddr, std::net::UdpSocket), String> {
+        let s = std::net::UdpSocket::from(self.take(l.fd)?);
+        match s.local_addr() {
+            Ok(a) if a == l.addr => Ok((l.addr, s)),
+            got => Err(format!(
+                "descriptor {} is not udp {} ({got:?})",
+                l.fd, l.addr
+            )),
+        }
+    }
+
+    fn tcp(&mut self, l: &SavedListener) -> Result<std::net::TcpListener, String> {
+        let s = std::net::TcpListener::from(self.take(l.fd)?);
+        match s.local_addr() {
+            Ok(a) if a == l.addr => Ok(s),
+            got => Err(format!(
+                "descriptor {} is not tcp {} ({got:?})",
+                l.fd, l.addr
+            )),
+        }
+    }
+
+    /// The listeners, relay sockets and allocations, by the predecessor's
+    /// worker index; and the metrics listener with its address.
+    pub fn sockets(
+        &mut self,
+    ) -> Result<(Inherited, Option<(SocketAddr, std::net::TcpListener)>), String> {
+        let workers = std::mem::take(&mut self.state.workers);
+        let mut inherited = Inherited::default();
+        for w in workers {
+            let mut iw = InheritedWorker {
+                stats: w.stats,
+                ..InheritedWorker::default()
+            };
+            for l in &w.udp {
+                iw.udp.push(self.udp(l)?);
+            }
+            for l in &w.tcp {
+                iw.tcp.push((l.addr, l.proxy, self.tcp(l)?));
+            }
+            for l in &w.dtls {
+                iw.dtls.push(self.udp(l)?);
+            }
+            for r in w.relays {
+                let mut sockets = [None, None];
+                for (slot, fd) in sockets.iter_mut().zip(r.fds) {
+                    if let Some(fd) = fd {
+                        *slot = Some(std::net::UdpSocket::from(self.take(fd)?));
+                    }
+                }
+                iw.relays.push((r.allocation, sockets));
+            }
+            inherited.workers.push(iw);
+        }
+        let metrics = match self.state.metrics.clone() {
+            Some(l) => Some((l.addr, self.tcp(&l)?)),
+            None => None,
+        };
+        Ok((inherited, metrics))
+    }
+
+    /// Tells the running server this process is ready and waits for its
+    /// commit; after Ok this process must serve (the other has let go).
+    pub fn commit(self) -> Result<(), String> {
+        self.conn
+            .send(&Msg::Ready)
+            .map_err(|e| format!("the running server went away: {e}"))?;
+        match self.conn.recv() {
+            Ok(Msg::Commit) => Ok(()),
+            Ok(other) => Err(format!(
+                "the running server sent {other:?} instead of the commit"
+            )),
+            Err(e) => Err(format!("no commit from the running server: {e}")),
+        }
+    }
+}

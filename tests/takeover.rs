@@ -1,0 +1,388 @@
+//! Live takeover (`turnserver --takeover`): a new process takes the running
+//! one's listeners, relay sockets and allocations over its control socket
+//! while clients relay, and the old one exits 0; refused or interrupted
+//! takeovers leave the old one serving; ten in a row leave descriptors and
+//! memory flat.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{
+    BIN, Client, Options, Server, TempDir, channel_bind_attrs, channel_data, free_ports, http_get,
+    metric, run_with_timeout,
+};
+use turnserver::server::takeover::{self, Msg};
+use turnserver::stun::{attr, method};
+
+const USER: &str = "alice";
+const PASS: &str = "alicepw";
+
+/// A server with a control socket, metrics and a pid file in `ctl`.
+fn start(ctl: &TempDir, extra: &str) -> (Server, u16) {
+    let metrics = free_ports(1);
+    let s = Server::start(Options::new(&format!(
+        "lt-cred-mech\nuser={USER}:{PASS}\nrealm=example.org\nallow-loopback-peers\n\
+         control-socket={}\nprometheus\nprometheus-address=127.0.0.1\nprometheus-port={metrics}\n\
+         pidfile={}\n{extra}",
+        ctl.path("control.sock").display(),
+        ctl.path("turnserver.pid").display(),
+    )));
+    (s, metrics)
+}
+
+/// A UDP client with an allocation and channel 0x4001 bound to a peer
+/// socket of the test's.
+struct Flow {
+    client: Client,
+    peer: UdpSocket,
+    relayed: SocketAddr,
+}
+
+impl Flow {
+    fn new(server: &Server) -> Flow {
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut client = Client::new(server.udp_addr());
+        let r = client.allocate(USER, PASS);
+        assert!(r.is_success(), "{:?}\n{}", r.code(), server.log_text());
+        let relayed = r.relayed();
+        let bind = channel_bind_attrs(0x4001, peer.local_addr().unwrap());
+        let r = client.signed(method::CHANNEL_BIND, &bind, USER, PASS);
+        assert!(r.is_success(), "{:?}", r.code());
+        Flow {
+            client,
+            peer,
+            relayed,
+        }
+    }
+
+    /// Starts numbered traffic both ways: the client sends ChannelData
+    /// every `gap`, the peer echoes each datagram back through the relay.
+    fn run(&self, gap: Duration) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c_send, c_recv) = (
+            self.client.sock.try_clone().unwrap(),
+            self.client.sock.try_clone().unwrap(),
+        );
+        let peer = self.peer.try_clone().unwrap();
+        let server = self.client.server;
+        let relayed = self.relayed;
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n: u32 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = c_send.send_to(&channel_data(0x4001, &n.to_be_bytes()), server);
+                    n += 1;
+                    std::thread::sleep(gap);
+                }
+                n
+            })
+        };
+        let echo = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                peer.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut got = 0u32;
+                let mut buf = [0u8; 64];
+                loop {
+                    match peer.recv_from(&mut buf) {
+                        Ok((4, from)) if from == relayed => {
+                            got += 1;
+                            let _ = peer.send_to(&buf[..4], relayed);
+                        }
+                        Ok(_) => {}
+                        Err(_) if stop.load(Ordering::Relaxed) => return got,
+                        Err(_) => {}
+                    }
+                }
+            })
+        };
+        let back = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                c_recv
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut got = 0u32;
+                let mut buf = [0u8; 64];
+                loop {
+                    match c_recv.recv_from(&mut buf) {
+                        Ok((8, _)) if buf[..4] == [0x40, 0x01, 0, 4] => got += 1,
+                        Ok(_) => {}
+                        Err(_) if stop.load(Ordering::Relaxed) => return got,
+                        Err(_) => {}
+                    }
+                }
+            })
+        };
+        Traffic {
+            stop,
+            sender,
+            echo,
+            back,
+        }
+    }
+}
+
+/// Traffic running through a [`Flow`].
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sender: JoinHandle<u32>,
+    echo: JoinHandle<u32>,
+    back: JoinHandle<u32>,
+}
+
+impl Traffic {
+    /// Stops sending, lets the last datagrams arrive and returns (sent,
+    /// reached the peer, came back).
+    fn finish(self) -> (u32, u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sender.join().unwrap();
+        (sent, self.echo.join().unwrap(), self.back.join().unwrap())
+    }
+}
+
+fn metrics(port: u16) -> String {
+    let (status, body) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+/// Descriptors the process holds.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Resident memory of the process, KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn udp_allocations_continue_across_a_takeover() {
+    let ctl = TempDir::new("takeover");
+    let (mut old, metrics_port) = start(&ctl, "");
+    let mut flow = Flow::new(&old);
+    let traffic = flow.run(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(700));
+    let before = metrics(metrics_port);
+    let created = metric(&before, "turn_allocations_created_total").unwrap();
+
+    let mut new = old.successor(&[]);
+    let status = old.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "the old process exits 0:\n{}",
+        old.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let (sent, reached, back) = traffic.finish();
+    eprintln!("takeover under traffic: sent {sent}, reached the peer {reached}, came back {back}");
+    assert!(sent > 1000, "{sent}");
+    assert_eq!(
+        (reached, back),
+        (sent, sent),
+        "no datagram lost across the takeover\n---- old ----\n{}\n---- new ----\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    let old_log = old.log_text();
+    assert!(
+        old_log.contains("takeover: handed 1 allocations and"),
+        "{old_log}"
+    );
+    assert!(
+        new.log_text().contains("serving 1 allocations handed over"),
+        "{}",
+        new.log_text()
+    );
+    assert!(new.alive());
+    assert_eq!(
+        std::fs::read_to_string(ctl.path("turnserver.pid"))
+            .unwrap()
+            .trim(),
+        new.pid().to_string(),
+        "the pid file names the new process"
+    );
+
+    // The allocation is the new process's: Refresh, CreatePermission and
+    // ChannelBind work, with the nonce the old process issued.
+    let c = &mut flow.client;
+    let r = c.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
+        USER,
+        PASS,
+    );
+    assert!(
+        r.is_success(),
+        "Refresh: {:?}\n{}",
+        r.code(),
+        new.log_text()
+    );
+    let other = UdpSocket::bind("127.0.0.2:0").unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let r = c.signed_peer(
+        method::CREATE_PERMISSION,
+        &[],
+        other.local_addr().unwrap(),
+        USER,
+        PASS,
+    );
+    assert!(r.is_success(), "CreatePermission: {:?}", r.code());
+    let bind = channel_bind_attrs(0x4002, other.local_addr().unwrap());
+    let r = c.signed(method::CHANNEL_BIND, &bind, USER, PASS);
+    assert!(r.is_success(), "ChannelBind: {:?}", r.code());
+    c.sock
+        .send_to(&channel_data(0x4002, b"after"), c.server)
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = other.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"after"[..], flow.relayed));
+
+    // Counters carry over: what the old process counted is still counted
+    // (workers report every second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let after = metrics(metrics_port);
+    assert!(
+        metric(&after, "turn_allocations_created_total").unwrap() >= created,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "turn_allocations{transport=\"udp\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    let relayed = metric(&after, "turn_relayed_packets_total{direction=\"to_peer\"}").unwrap();
+    assert!(relayed >= f64::from(sent), "{relayed} < {sent}\n{after}");
+    new.stop();
+}
+
+/// Speaks the control protocol as a successor would, to drive the running
+/// server into the cases a real successor rarely shows.
+fn hello(path: &std::path::Path, reads: Vec<u32>) -> (takeover::Conn, Msg) {
+    let conn = takeover::connect(path).unwrap();
+    conn.send(&Msg::Hello {
+        version: "test".into(),
+        reads,
+    })
+    .unwrap();
+    let answer = conn.recv().unwrap();
+    (conn, answer)
+}
+
+#[test]
+fn refused_or_interrupted_takeovers_leave_the_old_server_serving() {
+    let ctl = TempDir::new("takeover");
+    let (mut old, _) = start(&ctl, "drain-timeout=1");
+    let path = ctl.path("control.sock");
+    let meta = std::fs::metadata(&path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let flow = Flow::new(&old);
+    let traffic = flow.run(Duration::from_millis(2));
+
+    // A successor that reads only a newer state format is refused.
+    let (_, answer) = hello(&path, vec![99]);
+    match answer {
+        Msg::Refused { reason } => assert!(reason.contains("drain instead"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A successor killed after receiving the state (it never says Ready):
+    // the old process reads everything again.
+    let (conn, header) = hello(&path, takeover::READS.to_vec());
+    let (state, fds) = conn.recv_state(&header).unwrap();
+    assert_eq!(
+        state.workers.iter().map(|w| w.relays.len()).sum::<usize>(),
+        1
+    );
+    assert!(!fds.is_empty());
+    drop((conn, fds));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !old.log_text().contains("takeover failed") {
+        assert!(Instant::now() < deadline, "{}", old.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A control socket other users could write to is not trusted.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let conf = old.dir.path("turnserver.conf");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-c", conf.to_str().unwrap(), "--takeover"]);
+    let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    assert!(!ok, "the successor fails:\n{out}");
+    assert!(out.contains("has mode 666"), "{out}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    std::thread::sleep(Duration::from_millis(300));
+    let (sent, reached, back) = traffic.finish();
+    eprintln!("refusals under traffic: sent {sent}, reached {reached}, came back {back}");
+    assert_eq!((reached, back), (sent, sent), "{}", old.log_text());
+    assert!(old.alive());
+    // And it still takes new allocations.
+    let mut c = Client::new(old.udp_addr());
+    assert!(c.allocate(USER, PASS).is_success());
+    assert_eq!(old.stop().code(), Some(0));
+    assert!(!path.exists(), "the control socket is removed at exit");
+}
+
+#[test]
+fn ten_takeovers_in_a_row_leave_descriptors_and_memory_flat() {
+    let ctl = TempDir::new("takeover");
+    let (first, _) = start(&ctl, "");
+    let flows: Vec<Flow> = (0..20).map(|_| Flow::new(&first)).collect();
+    let traffic: Vec<Traffic> = flows
+        .iter()
+        .map(|f| f.run(Duration::from_millis(5)))
+        .collect();
+    let mut servers = vec![first];
+    let mut samples = Vec::new();
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        let next = servers.last().unwrap().successor(&[]);
+        let old = servers.last_mut().unwrap();
+        let st = old.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            st.and_then(|s| s.code()),
+            Some(0),
+            "round {round}:\n{}",
+            old.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        samples.push((open_fds(next.pid()), rss_kib(next.pid())));
+        servers.push(next);
+    }
+    let mut lost = 0;
+    for t in traffic {
+        let (sent, reached, back) = t.finish();
+        lost += (sent - reached) + (reached - back);
+    }
+    eprintln!("descriptors and RSS (KiB) after each takeover: {samples:?}; lost {lost}");
+    assert_eq!(lost, 0, "{}", servers.last().unwrap().log_text());
+    let (fds2, rss2) = samples[1];
+    let (fds10, rss10) = samples[9];
+    assert_eq!(fds10, fds2, "descriptors stay flat: {samples:?}");
+    assert!(
+        rss10 < rss2 + rss2 / 4 + 2048,
+        "memory stays flat: {samples:?}"
+    );
+}
