@@ -25,14 +25,20 @@ const PASS: &str = "alicepw";
 
 /// A server with a control socket, metrics and a pid file in `ctl`.
 fn start(ctl: &TempDir, extra: &str) -> (Server, u16) {
+    start_with(ctl, extra, false)
+}
+
+/// [`start`], with TLS (and DTLS) when `tls`.
+fn start_with(ctl: &TempDir, extra: &str, tls: bool) -> (Server, u16) {
     let metrics = free_ports(1);
-    let s = Server::start(Options::new(&format!(
+    let opts = Options::new(&format!(
         "lt-cred-mech\nuser={USER}:{PASS}\nrealm=example.org\nallow-loopback-peers\n\
          control-socket={}\nprometheus\nprometheus-address=127.0.0.1\nprometheus-port={metrics}\n\
          pidfile={}\n{extra}",
         ctl.path("control.sock").display(),
         ctl.path("turnserver.pid").display(),
-    )));
+    ));
+    let s = Server::start(if tls { opts.tls() } else { opts });
     (s, metrics)
 }
 
@@ -385,4 +391,150 @@ fn ten_takeovers_in_a_row_leave_descriptors_and_memory_flat() {
         rss10 < rss2 + rss2 / 4 + 2048,
         "memory stays flat: {samples:?}"
     );
+}
+
+/// uclient's arguments for `n` messages per client over `transport`
+/// ("udp", "tcp" or "tls") to the echo peer on `peer_port`.
+fn uclient_args(s: &Server, transport: &str, peer_port: u16, clients: u32, n: u32) -> Vec<String> {
+    let mut a: Vec<String> = match transport {
+        "udp" => vec![],
+        "tcp" => vec!["-t".into()],
+        _ => vec!["-t".into(), "-S".into()],
+    };
+    let port = if transport == "tls" {
+        s.tls_port
+    } else {
+        s.port
+    };
+    for x in [
+        "-u",
+        USER,
+        "-w",
+        PASS,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port.to_string(),
+        "-p",
+        &port.to_string(),
+        "-m",
+        &clients.to_string(),
+        "-n",
+        &n.to_string(),
+        "-l",
+        "170",
+        "-z",
+        "5",
+    ] {
+        a.push(x.to_string());
+    }
+    a
+}
+
+/// Runs uclient on a thread; it asserts zero loss ([`run_uclient`]).
+fn uclient_thread(args: Vec<String>, min: u64, log: std::path::PathBuf) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::run_uclient(&a, "127.0.0.1", min, &|| {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
+    })
+}
+
+#[test]
+fn uclient_and_chromium_relay_through_a_takeover() {
+    let node = common::require_tool("node", "install Node.js 20");
+    common::require_tool("chromium", "apt-get install chromium");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
+        dir.display()
+    );
+    let ctl = TempDir::new("takeover");
+    let (mut old, _) = start_with(&ctl, "fingerprint", true);
+    let (_peer, pport) = common::turnutils_peer("127.0.0.1");
+    // UDP channels, TCP and TLS clients, all sending for about 5 s.
+    let runs: Vec<(&str, JoinHandle<String>)> =
+        [("udp", 4, 1000), ("tcp", 2, 800), ("tls", 2, 800)]
+            .into_iter()
+            .map(|(t, clients, n)| {
+                let args = uclient_args(&old, t, pport, clients, n);
+                (
+                    t,
+                    uclient_thread(args, u64::from(clients * n), old.log.clone()),
+                )
+            })
+            .collect();
+    // A Chromium data channel relayed over TURN/UDP, a message each way
+    // every 40 ms for 6 s.
+    let mut cmd = Command::new(node);
+    cmd.current_dir(&dir).args([
+        "webrtc-relay.mjs",
+        "--turn",
+        &format!("turn:127.0.0.1:{}?transport=udp", old.port),
+        "--username",
+        USER,
+        "--credential",
+        PASS,
+        "--messages",
+        "150",
+        "--gap-ms",
+        "40",
+        "--timeout-ms",
+        "60000",
+    ]);
+    let browser = std::thread::spawn(move || run_with_timeout(&mut cmd, Duration::from_secs(90)));
+    // Take over once the browser relays (its allocations exist) and the
+    // clients are mid-run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while old
+        .log_text()
+        .matches("allocation created five_tuple=udp")
+        .count()
+        < 6
+    {
+        assert!(Instant::now() < deadline, "{}", old.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut new = old.successor(&[]);
+    for (t, run) in runs {
+        let out = run
+            .join()
+            .unwrap_or_else(|_| panic!("uclient over {t} failed"));
+        let lost = out
+            .lines()
+            .find(|l| l.contains("Total lost packets"))
+            .unwrap();
+        eprintln!("uclient over {t} through the takeover: {lost}");
+    }
+    let (ok, out) = browser.join().unwrap();
+    assert!(
+        ok,
+        "Chromium's relay failed:\n{out}\n---- old ----\n{}\n---- new ----\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    assert!(
+        out.contains("\"ok\":true") && out.contains("\"relayProtocol\":\"udp\""),
+        "{out}"
+    );
+    // The old process exits 0 once its TCP/TLS clients are done.
+    let st = old.wait_exit(Duration::from_secs(40));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", old.log_text());
+    let log = old.log_text();
+    let handed = log
+        .lines()
+        .find(|l| l.contains("takeover: handed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    eprintln!("{handed}");
+    // The new process serves every transport afterwards.
+    for (t, clients, n) in [("udp", 2, 50), ("tcp", 1, 50), ("tls", 1, 50)] {
+        let args = uclient_args(&new, t, pport, clients, n);
+        uclient_thread(args, u64::from(clients * n), new.log.clone())
+            .join()
+            .unwrap_or_else(|_| panic!("uclient over {t} after the takeover failed"));
+    }
+    new.stop();
 }

@@ -19,7 +19,7 @@ import { chromium } from 'playwright-core';
 
 const USAGE = `usage: node webrtc-relay.mjs [--stun stun:HOST:PORT] [--turn URL]... \\
          [--username U --credential C] [--timeout-ms N] [--check-timeout-ms N] \\
-         [--messages N] [--chromium PATH]
+         [--messages N] [--gap-ms N] [--chromium PATH]
   --stun URL            STUN URL for the srflx check (stun: or stuns:)
   --turn URL            TURN URL for a relay check (turn: or turns:); repeatable
   --username/--credential  long-term credentials for the TURN URLs (required with --turn)
@@ -27,6 +27,8 @@ const USAGE = `usage: node webrtc-relay.mjs [--stun stun:HOST:PORT] [--turn URL]
   --check-timeout-ms N  deadline for one check (default: the remaining time shared
                         evenly among the remaining checks)
   --messages N          data-channel messages sent each way per relay check (default 20)
+  --gap-ms N            milliseconds between two messages of one side (default 0: all at once),
+                        to keep a channel relaying for a while (e.g. across a server takeover)
   --chromium PATH       browser binary (default /usr/bin/chromium)`;
 
 function usage(msg) {
@@ -47,6 +49,7 @@ try {
       'timeout-ms': { type: 'string', default: '60000' },
       'check-timeout-ms': { type: 'string' },
       messages: { type: 'string', default: '20' },
+      'gap-ms': { type: 'string', default: '0' },
       chromium: { type: 'string', default: '/usr/bin/chromium' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -66,6 +69,7 @@ function posInt(name, s) {
 const overallMs = posInt('timeout-ms', opts['timeout-ms']);
 const checkMsOpt = posInt('check-timeout-ms', opts['check-timeout-ms']);
 const nMessages = posInt('messages', opts.messages);
+const gapMs = opts['gap-ms'] === '0' ? 0 : posInt('gap-ms', opts['gap-ms']);
 
 // Parses stun:/stuns:/turn:/turns: URLs (RFC 7064/7065) enough to validate them
 // and to learn the host name and the relay protocol we expect.
@@ -202,7 +206,7 @@ async function pageSrflx({ url, timeoutMs }) {
   return result;
 }
 
-async function pageRelay({ url, username, credential, timeoutMs, nMessages, expectedRelayProtocol }) {
+async function pageRelay({ url, username, credential, timeoutMs, nMessages, gapMs, expectedRelayProtocol }) {
   const start = performance.now();
   const ms = () => Math.round(performance.now() - start);
   const history = [];
@@ -287,7 +291,18 @@ async function pageRelay({ url, username, credential, timeoutMs, nMessages, expe
   const sendAll = (n) => {
     if (sent[n]) return;
     sent[n] = true;
-    for (const m of expected(n)) channels[n].send(m);
+    const all = expected(n);
+    if (!gapMs) {
+      for (const m of all) channels[n].send(m);
+      return;
+    }
+    let i = 0;
+    const next = () => {
+      if (i >= all.length || outcome) return;
+      channels[n].send(all[i++]);
+      setTimeout(next, gapMs);
+    };
+    next();
   };
   const wire = (name, dc) => {
     channels[name] = dc;
@@ -515,7 +530,7 @@ async function main() {
       page = await browser.newPage();
       const arg = c.check === 'srflx'
         ? { url: c.url, timeoutMs }
-        : { url: c.url, username: opts.username, credential: opts.credential, timeoutMs, nMessages, expectedRelayProtocol: c.parsed.relayProtocol };
+        : { url: c.url, username: opts.username, credential: opts.credential, timeoutMs, nMessages, gapMs, expectedRelayProtocol: c.parsed.relayProtocol };
       const fn = c.check === 'srflx' ? pageSrflx : pageRelay;
       let guard;
       r = await Promise.race([
