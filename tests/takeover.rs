@@ -30,6 +30,11 @@ fn start(ctl: &TempDir, extra: &str) -> (Server, u16) {
 
 /// [`start`], with TLS (and DTLS) when `tls`.
 fn start_with(ctl: &TempDir, extra: &str, tls: bool) -> (Server, u16) {
+    start_env(ctl, extra, tls, &[])
+}
+
+/// [`start_with`], with environment variables.
+fn start_env(ctl: &TempDir, extra: &str, tls: bool, env: &[(&str, &str)]) -> (Server, u16) {
     let metrics = free_ports(1);
     let opts = Options::new(&format!(
         "lt-cred-mech\nuser={USER}:{PASS}\nrealm=example.org\nallow-loopback-peers\n\
@@ -38,7 +43,11 @@ fn start_with(ctl: &TempDir, extra: &str, tls: bool) -> (Server, u16) {
         ctl.path("control.sock").display(),
         ctl.path("turnserver.pid").display(),
     ));
-    let s = Server::start(if tls { opts.tls() } else { opts });
+    let mut opts = if tls { opts.tls() } else { opts };
+    for (k, v) in env {
+        opts = opts.env(k, v);
+    }
+    let s = Server::start(opts);
     (s, metrics)
 }
 
@@ -279,7 +288,8 @@ fn udp_allocations_continue_across_a_takeover() {
     );
     let relayed = metric(&after, "turn_relayed_packets_total{direction=\"to_peer\"}").unwrap();
     assert!(relayed >= f64::from(sent), "{relayed} < {sent}\n{after}");
-    new.stop();
+    assert!(c.delete(USER, PASS).is_success());
+    assert_eq!(new.stop().code(), Some(0));
 }
 
 /// Speaks the control protocol as a successor would, to drive the running
@@ -537,4 +547,189 @@ fn uclient_and_chromium_relay_through_a_takeover() {
             .unwrap_or_else(|_| panic!("uclient over {t} after the takeover failed"));
     }
     new.stop();
+}
+
+/// What a process of the service sent to its NOTIFY_SOCKET: the
+/// descriptors stored (by name) and the names removed, as systemd's file
+/// descriptor store keeps them.
+#[derive(Default)]
+struct FdStore {
+    stored: Vec<(String, std::os::fd::OwnedFd)>,
+    removed: Vec<String>,
+}
+
+/// Plays systemd's notification socket at `path` until `stop`.
+fn notify_socket(path: &std::path::Path, stop: Arc<AtomicBool>) -> JoinHandle<FdStore> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::io::IoSliceMut;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut store = FdStore::default();
+        let mut buf = vec![0u8; 4096];
+        let mut space = nix::cmsg_space!([RawFd; 16]);
+        loop {
+            let (text, fds) = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                match recvmsg::<()>(
+                    sock.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                ) {
+                    Ok(m) => {
+                        let mut fds = Vec::new();
+                        for c in m.cmsgs().unwrap() {
+                            if let ControlMessageOwned::ScmRights(raw) = c {
+                                // SAFETY: just received, owned by nobody else.
+                                fds.extend(
+                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                                );
+                            }
+                        }
+                        (m.bytes, fds)
+                    }
+                    Err(_) if stop.load(Ordering::Relaxed) => return store,
+                    Err(_) => continue,
+                }
+            };
+            let text = String::from_utf8_lossy(&buf[..text]).to_string();
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_string();
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                for fd in fds {
+                    store.stored.push((name.clone(), fd));
+                }
+            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                store.removed.push(name);
+            }
+        }
+    })
+}
+
+#[test]
+fn systemctl_restart_keeps_allocations_through_the_file_descriptor_store() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let ctl = TempDir::new("fdstore");
+    let notify_path = ctl.path("notify.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let collector = notify_socket(&notify_path, stop.clone());
+    let notify = notify_path.display().to_string();
+    // systemd passes FileDescriptorStoreMax= as $FDSTORE.
+    let env = [("NOTIFY_SOCKET", notify.as_str()), ("FDSTORE", "1024")];
+    let (mut old, metrics_port) = start_env(&ctl, "", false, &env);
+    let mut flow = Flow::new(&old);
+    let traffic = flow.run(Duration::from_millis(5));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // systemctl restart: SIGTERM, then the next process gets the store.
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = old.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", old.log_text());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let stored = collector.join().unwrap().stored;
+    let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("turnserver-state"),
+        "{names:?}"
+    );
+    eprintln!("{} descriptors in the store: {names:?}", names.len());
+
+    // Start the next process the way systemd does: the stored descriptors
+    // from fd 3 on, LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (set by a
+    // shell that then execs the server, keeping its pid).
+    let stop = Arc::new(AtomicBool::new(false));
+    let _ = std::fs::remove_file(&notify_path);
+    let collector = notify_socket(&notify_path, stop.clone());
+    let high: Vec<OwnedFd> = stored
+        .iter()
+        .map(|(_, fd)| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000)).map(|f| {
+                // SAFETY: fcntl returned a new descriptor we own.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(f) }
+            })
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let raw: Vec<i32> = high.iter().map(AsRawFd::as_raw_fd).collect();
+    let dir = TempDir::new("restarted");
+    let conf = dir.path("turnserver.conf");
+    std::fs::copy(old.dir.path("turnserver.conf"), &conf).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ exec \"$0\" \"$@\"",
+        BIN,
+        "-c",
+        conf.to_str().unwrap(),
+    ])
+    .env("LISTEN_FDS", raw.len().to_string())
+    .env("LISTEN_FDNAMES", names.join(":"))
+    .env("NOTIFY_SOCKET", &notify)
+    .env("FDSTORE", "1024");
+    // SAFETY: dup2 is async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in raw.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut new = Server::launch_cmd(cmd, old.port, old.tls_port, dir);
+    // Like systemd, the test's copies stay open until the service has
+    // taken them.
+    drop((high, stored));
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, reached, back) = traffic.finish();
+    eprintln!("restart through the store: sent {sent}, reached {reached}, came back {back}");
+    assert_eq!(
+        (reached, back),
+        (sent, sent),
+        "---- old ----\n{}\n---- new ----\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let removed = collector.join().unwrap().removed;
+    let mut expected = names.clone();
+    expected.sort();
+    let mut removed_sorted = removed.clone();
+    removed_sorted.sort();
+    assert_eq!(
+        removed_sorted, expected,
+        "the new process empties the store"
+    );
+    let log = new.log_text();
+    assert!(log.contains("serving 1 allocations handed over"), "{log}");
+    let c = &mut flow.client;
+    let r = c.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
+        USER,
+        PASS,
+    );
+    assert!(
+        r.is_success(),
+        "Refresh after the restart: {:?}\n{log}",
+        r.code()
+    );
+    let m = metrics(metrics_port);
+    assert_eq!(
+        metric(&m, "turn_allocations{transport=\"udp\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(c.delete(USER, PASS).is_success());
+    assert_eq!(new.stop().code(), Some(0));
 }

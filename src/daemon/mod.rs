@@ -714,6 +714,51 @@ impl Daemon {
         ))
     }
 
+    /// SIGTERM under systemd with a file descriptor store: puts the
+    /// sockets and the state there for the next start (`systemctl
+    /// restart`) and exits at once, so UDP clients wait only for the
+    /// restart; TCP/TLS connections cannot be kept and close. False (and
+    /// everything thawed) when there is no store or it fails: then SIGTERM
+    /// drains as usual.
+    async fn hand_to_fd_store(&mut self) -> bool {
+        let Some(limit) = takeover::fd_store_limit() else {
+            return false;
+        };
+        if self.stopping.is_some() || self.handed_to.is_some() {
+            return false;
+        }
+        let started = Instant::now();
+        let (state, fds) = match self.freeze().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(
+                    "SIGTERM: cannot freeze for the file descriptor store: {e}; draining instead"
+                );
+                return false;
+            }
+        };
+        let allocations: usize = state.workers.iter().map(|w| w.relays.len()).sum();
+        match takeover::store(&state, &fds, limit) {
+            Ok(()) => {
+                self.server.handed();
+                info!(
+                    "SIGTERM: {allocations} allocations and {} sockets are in systemd's file descriptor store for the next start ({} ms); exiting now",
+                    fds.len(),
+                    started.elapsed().as_millis()
+                );
+                notify(&[NotifyState::Stopping]);
+                self.handed_to = Some(0);
+                self.exit_now = true;
+                true
+            }
+            Err(e) => {
+                warn!("SIGTERM: {e}; draining instead");
+                self.server.thaw();
+                false
+            }
+        }
+    }
+
     /// The successor `pid` serves the UDP clients and the listeners now:
     /// this process drains its TCP/TLS clients and exits 0.
     fn handed(&mut self, pid: i32, allocations: usize, fds: usize, frozen: Duration) {
@@ -982,7 +1027,16 @@ fn run(
         (None, true) => {
             return Err("--takeover needs a control-socket (it is set to none)".to_string());
         }
-        _ => None,
+        // A restart under systemd: what the previous process left in the
+        // file descriptor store.
+        _ => takeover::from_fd_store().map(|i| {
+            info!(
+                "takeover: the file descriptor store holds the state of turnserver {} ({} workers)",
+                i.state.version,
+                i.state.workers.len()
+            );
+            (i, Instant::now())
+        }),
     };
     let Prepared {
         bound,
@@ -1195,7 +1249,11 @@ fn run(
         let mut last_status = Instant::now();
         loop {
             tokio::select! {
-                _ = term.recv() => daemon.stop("SIGTERM"),
+                _ = term.recv() => {
+                    if !daemon.hand_to_fd_store().await {
+                        daemon.stop("SIGTERM");
+                    }
+                }
                 _ = int.recv() => daemon.stop("SIGINT"),
                 _ = hup.recv() => daemon.reload(true).await,
                 _ = usr2.recv() => daemon.reload(false).await,
@@ -1233,6 +1291,7 @@ fn run(
             }
         }
         match daemon.handed_to {
+            Some(0) => {}
             Some(pid) => info!(
                 "exiting after the takeover by process {pid}, with {} allocations",
                 daemon.server.allocations()

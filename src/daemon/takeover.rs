@@ -207,7 +207,9 @@ fn serve(
 /// What a successor received from the running server: the connection (to
 /// commit on), the state, and the descriptors it names.
 pub struct Incoming {
-    conn: Conn,
+    /// The control connection; `None` when the state came from systemd's
+    /// file descriptor store (nothing to commit to).
+    conn: Option<Conn>,
     pub state: State,
     fds: Vec<Option<OwnedFd>>,
 }
@@ -231,7 +233,7 @@ pub fn receive(path: &Path) -> Result<Incoming, String> {
     }
     let (state, fds) = conn.recv_state(&header)?;
     Ok(Incoming {
-        conn,
+        conn: Some(conn),
         state,
         fds: fds.into_iter().map(Some).collect(),
     })
@@ -309,15 +311,185 @@ impl Incoming {
     /// Tells the running server this process is ready and waits for its
     /// commit; after Ok this process must serve (the other has let go).
     pub fn commit(self) -> Result<(), String> {
-        self.conn
-            .send(&Msg::Ready)
+        let Some(conn) = self.conn else {
+            return Ok(());
+        };
+        conn.send(&Msg::Ready)
             .map_err(|e| format!("the running server went away: {e}"))?;
-        match self.conn.recv() {
+        match conn.recv() {
             Ok(Msg::Commit) => Ok(()),
             Ok(other) => Err(format!(
                 "the running server sent {other:?} instead of the commit"
             )),
             Err(e) => Err(format!("no commit from the running server: {e}")),
+        }
+    }
+}
+
+/// The name of the state in systemd's file descriptor store.
+pub const STATE_NAME: &str = "turnserver-state";
+/// The prefix of the socket names in the store: `turnserver-fd-INDEX`.
+const FD_PREFIX: &str = "turnserver-fd-";
+
+/// How many descriptors systemd's file descriptor store takes
+/// (`FileDescriptorStoreMax=`, which systemd passes as `$FDSTORE`), when
+/// this process runs under systemd with one.
+pub fn fd_store_limit() -> Option<usize> {
+    std::env::var_os("NOTIFY_SOCKET")?;
+    let n: usize = std::env::var("FDSTORE").ok()?.parse().ok()?;
+    (n > 0).then_some(n)
+}
+
+/// Puts the sockets and then the state (in a memfd) into systemd's file
+/// descriptor store, for the next start of the service to take over
+/// (`systemctl restart`). The state goes last: a store without it holds
+/// nothing the next start uses. Errors: the store is too small, or systemd
+/// cannot be told.
+pub fn store(state: &State, fds: &[OwnedFd], limit: usize) -> Result<(), String> {
+    use sd_notify::NotifyState;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    if fds.len() + 1 > limit {
+        return Err(format!(
+            "FileDescriptorStoreMax={limit} is below the {} descriptors to keep (raise it in the unit)",
+            fds.len() + 1
+        ));
+    }
+    for (i, fd) in fds.iter().enumerate() {
+        let name = format!("{FD_PREFIX}{i}");
+        sd_notify::notify_with_fds(
+            &[
+                NotifyState::FdStore,
+                NotifyState::FdName(&name),
+                NotifyState::Custom("FDPOLL=0"),
+            ],
+            &[fd.as_fd()],
+        )
+        .map_err(|e| format!("file descriptor store: {e}"))?;
+    }
+    let (bytes, crc32) = state.encode(takeover::FORMAT);
+    let header = Msg::State {
+        format: takeover::FORMAT,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        bytes: bytes.len() as u64,
+        crc32,
+        fds: fds.len() as u32,
+    };
+    let memfd = nix::sys::memfd::memfd_create(STATE_NAME, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| format!("memfd: {e}"))?;
+    let mut file = std::fs::File::from(memfd);
+    let mut head = serde_json::to_vec(&header).expect("messages serialize");
+    head.push(b'\n');
+    file.write_all(&head)
+        .and_then(|()| file.write_all(&bytes))
+        .map_err(|e| format!("memfd: {e}"))?;
+    sd_notify::notify_with_fds(
+        &[
+            NotifyState::FdStore,
+            NotifyState::FdName(STATE_NAME),
+            NotifyState::Custom("FDPOLL=0"),
+        ],
+        &[file.as_fd()],
+    )
+    .map_err(|e| format!("file descriptor store: {e}"))
+}
+
+/// Takes what a previous process of this service left in systemd's file
+/// descriptor store (passed as `LISTEN_FDS`/`LISTEN_FDNAMES`), and empties
+/// the store so it never keeps a socket this process closes. `None` when
+/// there is no state, or it cannot be read (logged; the process starts
+/// fresh and the descriptors close).
+pub fn from_fd_store() -> Option<Incoming> {
+    use sd_notify::NotifyState;
+    use std::io::{Read, Seek};
+    use std::os::fd::FromRawFd;
+    let passed: Vec<(std::os::fd::RawFd, String)> = match sd_notify::listen_fds_with_names() {
+        Ok(fds) => fds.collect(),
+        Err(e) => {
+            warn!("LISTEN_FDS: {e}");
+            return None;
+        }
+    };
+    if passed.is_empty() {
+        return None;
+    }
+    let mut state_fd = None;
+    let mut sockets = std::collections::BTreeMap::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (raw, name) in passed {
+        // SAFETY: the service manager passed these descriptors to this
+        // process; nothing else owns them.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if name == STATE_NAME {
+            state_fd = Some(fd);
+        } else if let Some(i) = name
+            .strip_prefix(FD_PREFIX)
+            .and_then(|i| i.parse::<usize>().ok())
+        {
+            sockets.insert(i, fd);
+        }
+        names.insert(name);
+    }
+    for name in &names {
+        let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+    }
+    let Some(state_fd) = state_fd else {
+        if !sockets.is_empty() {
+            info!(
+                "the file descriptor store held {} sockets but no state: starting fresh",
+                sockets.len()
+            );
+        }
+        return None;
+    };
+    let read = || -> Result<State, String> {
+        let mut file = std::fs::File::from(state_fd);
+        let mut all = Vec::new();
+        file.rewind()
+            .and_then(|_| file.read_to_end(&mut all))
+            .map_err(|e| format!("reading the state: {e}"))?;
+        let split = all
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("the state has no header")?;
+        let header: Msg = serde_json::from_slice(&all[..split])
+            .map_err(|e| format!("the state's header: {e}"))?;
+        let Msg::State {
+            format,
+            bytes,
+            crc32,
+            fds,
+            ..
+        } = header
+        else {
+            return Err(format!("the state's header is {header:?}"));
+        };
+        let body = &all[split + 1..];
+        if body.len() as u64 != bytes {
+            return Err(format!("the state has {} bytes, not {bytes}", body.len()));
+        }
+        let state = State::decode(format, body, crc32)?;
+        state.check_fds(fds as usize)?;
+        Ok(state)
+    };
+    match read() {
+        Ok(state) => {
+            let n = sockets.keys().next_back().map_or(0, |i| i + 1);
+            let mut fds: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
+            for (i, fd) in sockets {
+                fds[i] = Some(fd);
+            }
+            Some(Incoming {
+                conn: None,
+                state,
+                fds,
+            })
+        }
+        Err(e) => {
+            warn!(
+                "the previous process's state in the file descriptor store is refused: {e}; starting fresh"
+            );
+            None
         }
     }
 }

@@ -167,13 +167,8 @@ impl Server {
         env: &[(String, String)],
         open_files: Option<u64>,
     ) -> Server {
-        let log = dir.path("server.log");
-        let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(&args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out));
+        cmd.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
         if let Some(soft) = open_files {
             use nix::sys::resource::{Resource, getrlimit, setrlimit};
             use std::os::unix::process::CommandExt;
@@ -187,6 +182,20 @@ impl Server {
                 });
             }
         }
+        Server::launch_cmd(cmd, port, tls_port, dir)
+    }
+
+    /// Starts `cmd` (a turnserver, or a wrapper that execs one) with its
+    /// output in `dir`'s log and waits until it answers on `port`.
+    pub fn launch_cmd(mut cmd: Command, port: u16, tls_port: u16, dir: TempDir) -> Server {
+        let log = dir.path("server.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out));
         let child = cmd.spawn().expect("start turnserver");
         let mut s = Server {
             child: Some(child),
