@@ -733,3 +733,77 @@ fn systemctl_restart_keeps_allocations_through_the_file_descriptor_store() {
     assert!(c.delete(USER, PASS).is_success());
     assert_eq!(new.stop().code(), Some(0));
 }
+
+#[test]
+fn a_successor_with_another_configuration_applies_it() {
+    let ctl = TempDir::new("takeover");
+    let removed = free_ports(1);
+    let (mut old, _) = start(
+        &ctl,
+        &format!("relay-threads=2\nalt-listening-port={removed}"),
+    );
+    let mut flow = Flow::new(&old);
+    // A client on the listener the new configuration drops.
+    let removed_addr = SocketAddr::from(([127, 0, 0, 1], removed));
+    let mut gone = Client::new(removed_addr);
+    assert!(gone.allocate(USER, PASS).is_success());
+    let traffic = flow.run(Duration::from_millis(2));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Three workers instead of two, and a new listener instead of the
+    // removed one.
+    let added = free_ports(1);
+    let mut new = old.successor_with(&format!("relay-threads=3\nalt-listening-port={added}"), &[]);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        old.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (sent, reached, back) = traffic.finish();
+    assert_eq!((reached, back), (sent, sent), "{}", new.log_text());
+    let log = new.log_text();
+    assert!(log.contains("3 worker threads running"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "udp 127.0.0.1:{removed} is no longer configured: closed"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("takeover: 1 allocations were on listeners no longer configured and end"),
+        "{log}"
+    );
+    assert!(log.contains("serving 1 allocations handed over"), "{log}");
+    // The moved allocation answers on its listener.
+    let r = flow.client.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
+        USER,
+        PASS,
+    );
+    assert!(r.is_success(), "{:?}\n{log}", r.code());
+    // The removed listener is closed; the added one serves.
+    gone.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let _ = gone
+        .sock
+        .send_to(&common::binding_request([1; 12]), removed_addr);
+    let mut buf = [0u8; 1500];
+    assert!(
+        gone.sock.recv_from(&mut buf).is_err(),
+        "the removed listener answered"
+    );
+    let mut fresh = Client::new(SocketAddr::from(([127, 0, 0, 1], added)));
+    assert!(
+        fresh.allocate(USER, PASS).is_success(),
+        "{}",
+        new.log_text()
+    );
+    assert!(fresh.delete(USER, PASS).is_success());
+    assert!(flow.client.delete(USER, PASS).is_success());
+    assert_eq!(new.stop().code(), Some(0));
+}

@@ -130,6 +130,19 @@ mod tests {
     }
 
     #[test]
+    fn claimed_ports_are_not_handed_out() {
+        let p = PortPool::new(50000, 50001);
+        p.claim(50001);
+        p.claim(50001);
+        p.claim(40000);
+        assert_eq!(p.in_use(), 1);
+        assert_eq!(p.take(Want::Any), Some(50000));
+        assert_eq!(p.take(Want::Any), None);
+        p.release(50001);
+        assert_eq!(p.take(Want::Any), Some(50001));
+    }
+
+    #[test]
     fn even_and_pairs() {
         let p = PortPool::new(50001, 50004);
         assert_eq!(p.take(Want::EvenPair), Some(50002));

@@ -117,9 +117,16 @@ impl Server {
     /// configuration (and `extra` arguments) and waits until UDP Binding
     /// is answered (by either process).
     pub fn successor(&self, extra: &[&str]) -> Server {
+        self.successor_with("", extra)
+    }
+
+    /// [`Server::successor`] with `config` lines appended to the copy of
+    /// the configuration (later lines win).
+    pub fn successor_with(&self, config: &str, extra: &[&str]) -> Server {
         let dir = TempDir::new("successor");
         let conf = dir.path("turnserver.conf");
-        std::fs::copy(self.dir.path("turnserver.conf"), &conf).unwrap();
+        let text = std::fs::read_to_string(self.dir.path("turnserver.conf")).unwrap();
+        std::fs::write(&conf, format!("{text}\n{config}\n")).unwrap();
         let mut args = vec![
             "-c".to_string(),
             conf.display().to_string(),
