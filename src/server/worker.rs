@@ -790,7 +790,15 @@ impl Worker {
                 drop(self.relays[id.slot()].take());
             }
         }
-        debug!(worker = self.index, allocations = n, "handed over");
+        // DTLS sessions cannot move and their listener is the successor's
+        // now: their clients will reconnect there.
+        let dtls = self.core.close_transport(
+            Instant::now(),
+            Transport::Dtls,
+            turn::CloseReason::ConnectionClosed,
+        );
+        self.apply_events();
+        debug!(worker = self.index, allocations = n, dtls, "handed over");
         self.report();
     }
 

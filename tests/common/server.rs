@@ -83,7 +83,7 @@ impl Server {
         let (port, tls_port) = (base, base + 1);
         let (min, max) = relay_range(300);
         let mut preamble = format!(
-            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\n"
+            "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\ncontrol-socket=\n"
         );
         if opts.tls {
             let (cert, key) = write_test_cert(&dir);

@@ -1072,6 +1072,27 @@ impl Server {
             self.close(id, reason, now);
         }
     }
+
+    /// Ends every allocation whose client uses `transport` (a takeover's
+    /// predecessor ends its DTLS clients', whose listener has moved);
+    /// returns how many.
+    pub fn close_transport(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        reason: CloseReason,
+    ) -> usize {
+        let ids: Vec<AllocationId> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| a.five_tuple.transport == transport)
+            .map(|(_, a)| a.id)
+            .collect();
+        for &id in &ids {
+            self.close(id, reason, now);
+        }
+        ids.len()
+    }
 }
 
 /// The error a refused credential is answered with: 438 for a stale nonce,
