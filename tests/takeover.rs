@@ -807,3 +807,25 @@ fn a_successor_with_another_configuration_applies_it() {
     assert!(flow.client.delete(USER, PASS).is_success());
     assert_eq!(new.stop().code(), Some(0));
 }
+
+#[test]
+fn an_even_port_reservation_survives_a_takeover() {
+    let ctl = TempDir::new("takeover");
+    let (old, _) = start(&ctl, "");
+    // RTP: an even port, the next one reserved for RTCP (RFC 8656 §7.2).
+    let mut rtp = Client::new(old.udp_addr());
+    let r = rtp.allocate_with(&[(attr::EVEN_PORT, vec![0x80])], USER, PASS);
+    assert!(r.is_success(), "{:?}", r.code());
+    let token = r.msg().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    let rtp_port = r.relayed().port();
+    assert_eq!(rtp_port % 2, 0);
+    let mut new = old.successor(&[]);
+    // The RTCP allocation claims the reservation from the new process.
+    let mut rtcp = Client::new(new.udp_addr());
+    let r = rtcp.allocate_with(&[(attr::RESERVATION_TOKEN, token)], USER, PASS);
+    assert!(r.is_success(), "{:?}\n{}", r.code(), new.log_text());
+    assert_eq!(r.relayed().port(), rtp_port + 1);
+    assert!(rtp.delete(USER, PASS).is_success());
+    assert!(rtcp.delete(USER, PASS).is_success());
+    assert_eq!(new.stop().code(), Some(0));
+}

@@ -706,11 +706,13 @@ impl Daemon {
             None => None,
         };
         let frozen = self.server.freeze().await?;
+        let reservations = self.server.shared.reservations.copies(Instant::now());
         Ok(takeover::assemble(
             frozen,
             self.fixed.nonce_secret,
             self.fixed.ticket_key,
             metrics,
+            reservations,
         ))
     }
 
@@ -846,9 +848,10 @@ fn prepare_with(
     let core = core_config(cfg, &fixed);
     describe(cfg, &core);
 
-    let (bound, inherited_metrics) = match incoming {
+    let (bound, inherited_metrics, reservations) = match incoming {
         Some(i) => {
-            let (inherited, metrics) = i.sockets().map_err(|e| format!("takeover: {e}"))?;
+            let (inherited, metrics, reservations) =
+                i.sockets().map_err(|e| format!("takeover: {e}"))?;
             let (bound, dropped) =
                 server::bind_inherited(&plan, inherited).map_err(|e| e.to_string())?;
             if dropped > 0 {
@@ -856,9 +859,13 @@ fn prepare_with(
                     "takeover: {dropped} allocations were on listeners no longer configured and end"
                 );
             }
-            (bound, metrics)
+            (bound, metrics, reservations)
         }
-        None => (server::bind(&plan).map_err(|e| e.to_string())?, None),
+        None => (
+            server::bind(&plan).map_err(|e| e.to_string())?,
+            None,
+            Vec::new(),
+        ),
     };
     for a in &plan.udp {
         info!("listening on udp {a}");
@@ -974,6 +981,13 @@ fn prepare_with(
         .store(cfg.prometheus_username_labels, Ordering::Relaxed);
     for port in bound.inherited_relay_ports() {
         shared.pool.claim(port);
+    }
+    let now = Instant::now();
+    for (token, socket, left) in reservations {
+        if let Ok(a) = socket.local_addr() {
+            shared.pool.claim(a.port());
+        }
+        shared.reservations.adopt(token, socket, now + left);
     }
     Ok(Prepared {
         bound,
@@ -1113,6 +1127,22 @@ fn run(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the control loop: {e}"))?;
+    // Signals are caught from here on: a SIGTERM right after start-up (or
+    // right after a takeover's commit) drains instead of killing.
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _runtime = rt.enter();
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup), Ok(usr1), Ok(usr2)) => (term, int, hup, usr1, usr2),
+            _ => return Err("cannot install signal handlers".to_string()),
+        }
+    };
     // The user database, opened as the service user: its tables are read
     // before the first client is served (waiting at most its connect
     // timeout), and its task runs on the control loop.
@@ -1210,7 +1240,6 @@ fn run(
     daemon.status();
 
     rt.block_on(async move {
-        use tokio::signal::unix::{SignalKind, signal};
         let mut metrics_task = None;
         if let Some(l) = metrics_listener {
             match tokio::net::TcpListener::from_std(l) {
@@ -1231,16 +1260,7 @@ fn run(
                 Err(e) => error!("metrics listener: {e}"),
             }
         }
-        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1), Ok(mut usr2)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-            signal(SignalKind::user_defined1()),
-            signal(SignalKind::user_defined2()),
-        ) else {
-            error!("cannot install signal handlers");
-            return;
-        };
+        let (mut term, mut int, mut hup, mut usr1, mut usr2) = signals;
         let watchdog = sd_notify::watchdog_enabled();
         let period = watchdog.map_or(Duration::from_secs(1), |w| {
             (w / 2).min(Duration::from_secs(1))

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::server::takeover::{
     self, Conn, FRAME_TIMEOUT, Listener, Msg, READS, READY_TIMEOUT, SavedListener, SavedRelay,
-    SavedWorker, State,
+    SavedReservation, SavedWorker, State,
 };
 use crate::server::{Frozen, Inherited, InheritedWorker};
 
@@ -43,6 +43,7 @@ pub fn assemble(
     nonce_secret: [u8; 32],
     ticket_key: [u8; 32],
     metrics: Option<(SocketAddr, OwnedFd)>,
+    reservations: Vec<([u8; 8], Duration, OwnedFd)>,
 ) -> (State, Vec<OwnedFd>) {
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut put = |fd: OwnedFd| {
@@ -87,12 +88,21 @@ pub fn assemble(
         fd: put(fd),
         proxy: false,
     });
+    let reservations = reservations
+        .into_iter()
+        .map(|(token, left, fd)| SavedReservation {
+            token,
+            expires_in_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+            fd: put(fd),
+        })
+        .collect();
     let state = State {
         version: env!("CARGO_PKG_VERSION").to_string(),
         nonce_secret,
         ticket_key,
         workers,
         metrics,
+        reservations,
     };
     (state, fds)
 }
@@ -270,10 +280,19 @@ impl Incoming {
     }
 
     /// The listeners, relay sockets and allocations, by the predecessor's
-    /// worker index; and the metrics listener with its address.
+    /// worker index; the metrics listener with its address; and the
+    /// EVEN-PORT reservations (token, socket, time left).
+    #[allow(clippy::type_complexity)]
     pub fn sockets(
         &mut self,
-    ) -> Result<(Inherited, Option<(SocketAddr, std::net::TcpListener)>), String> {
+    ) -> Result<
+        (
+            Inherited,
+            Option<(SocketAddr, std::net::TcpListener)>,
+            Vec<([u8; 8], std::net::UdpSocket, Duration)>,
+        ),
+        String,
+    > {
         let workers = std::mem::take(&mut self.state.workers);
         let mut inherited = Inherited::default();
         for w in workers {
@@ -305,7 +324,12 @@ impl Incoming {
             Some(l) => Some((l.addr, self.tcp(&l)?)),
             None => None,
         };
-        Ok((inherited, metrics))
+        let mut reservations = Vec::new();
+        for r in std::mem::take(&mut self.state.reservations) {
+            let socket = std::net::UdpSocket::from(self.take(r.fd)?);
+            reservations.push((r.token, socket, Duration::from_millis(r.expires_in_ms)));
+        }
+        Ok((inherited, metrics, reservations))
     }
 
     /// Tells the running server this process is ready and waits for its

@@ -74,6 +74,26 @@ impl Reservations {
         });
     }
 
+    /// Copies of the reserved sockets with their tokens and the time they
+    /// have left at `now`, for a successor process.
+    pub fn copies(&self, now: Instant) -> Vec<([u8; 8], Duration, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
+        let map = self.map.lock().expect("reservations lock");
+        map.iter()
+            .filter_map(|(token, r)| {
+                let fd = r.socket.as_fd().try_clone_to_owned().ok()?;
+                Some((*token, r.expires.saturating_duration_since(now), fd))
+            })
+            .collect()
+    }
+
+    /// Holds `socket` for `token` until `expires` (a reservation handed
+    /// over by a predecessor process).
+    pub fn adopt(&self, token: [u8; 8], socket: std::net::UdpSocket, expires: Instant) {
+        let mut map = self.map.lock().expect("reservations lock");
+        map.insert(token, Reserved { socket, expires });
+    }
+
     /// Number of reservations held.
     pub fn len(&self) -> usize {
         self.map.lock().expect("reservations lock").len()

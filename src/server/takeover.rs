@@ -124,6 +124,15 @@ pub struct SavedWorker {
     pub stats: Stats,
 }
 
+/// A relay socket held for a RESERVATION-TOKEN (RFC 8656 §7.2), with the
+/// milliseconds it has left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedReservation {
+    pub token: [u8; 8],
+    pub expires_in_ms: u64,
+    pub fd: u32,
+}
+
 /// The whole state a running server hands its successor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -137,6 +146,9 @@ pub struct State {
     pub workers: Vec<SavedWorker>,
     /// The metrics listener, if any.
     pub metrics: Option<SavedListener>,
+    /// EVEN-PORT reservations (absent in states of the first builds).
+    #[serde(default)]
+    pub reservations: Vec<SavedReservation>,
 }
 
 impl State {
@@ -191,6 +203,9 @@ impl State {
         }
         if let Some(m) = &self.metrics {
             mark(m.fd)?;
+        }
+        for r in &self.reservations {
+            mark(r.fd)?;
         }
         Ok(())
     }
@@ -550,6 +565,7 @@ mod tests {
             ticket_key: [9; 32],
             workers: vec![SavedWorker::default()],
             metrics: None,
+            reservations: Vec::new(),
         };
         for (i, s) in sockets.iter().enumerate() {
             state.workers[0].udp.push(SavedListener {

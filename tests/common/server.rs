@@ -135,6 +135,15 @@ impl Server {
         args.extend(extra.iter().map(|a| a.to_string()));
         let mut s = Server::launch_env(args, self.port, self.tls_port, dir, &[], None);
         s.preamble = self.preamble.clone();
+        // Binding may have been answered by the old process: wait for the
+        // new one to serve (or to fail).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.log_text().contains("worker threads running") {
+            if !s.alive() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         s
     }
 
