@@ -98,6 +98,12 @@ pub enum Op {
     Exhaust {
         on: bool,
     },
+    /// A live takeover: the table is saved, forgotten, and restored into a
+    /// new core with a ledger of its own (RFC 6062 TCP allocations stay
+    /// behind and end with the old core), at a clock `skew_ms` later.
+    Takeover {
+        skew_ms: u16,
+    },
 }
 
 /// Whether the simulated server listens on `addr` (its two listening
@@ -200,6 +206,23 @@ impl Sim {
     /// A server with long-term credentials (`auth`) or none, small caps and
     /// quotas so the script reaches their edges, starting at `now`.
     pub fn new(auth: bool, now: Instant) -> Sim {
+        let counts = Rc::new(RefCell::new(Counts::default()));
+        Sim {
+            server: Self::server(auth, now, &counts),
+            counts,
+            relays: Relays::default(),
+            now,
+            out: Vec::new(),
+            auth,
+            nonces: BTreeMap::new(),
+            tickets: Vec::new(),
+            tokens: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    /// The simulated core, counting quotas in `counts`.
+    fn server(auth: bool, now: Instant, counts: &Rc<RefCell<Counts>>) -> Server {
         let mechanism = if auth {
             Mechanism::LongTerm(StaticUsers::new(
                 REALM,
@@ -238,26 +261,14 @@ impl Sim {
             max_bps: 20_000,
             bps_capacity: 0,
         };
-        let counts = Rc::new(RefCell::new(Counts::default()));
-        Sim {
-            server: Server::new(
-                Arc::new(cfg),
-                Box::new(counts.clone()),
-                0,
-                now,
-                1_800_000_000,
-                7,
-            ),
-            counts,
-            relays: Relays::default(),
+        Server::new(
+            Arc::new(cfg),
+            Box::new(counts.clone()),
+            0,
             now,
-            out: Vec::new(),
-            auth,
-            nonces: BTreeMap::new(),
-            tickets: Vec::new(),
-            tokens: Vec::new(),
-            tid: 0,
-        }
+            1_800_000_000,
+            7,
+        )
     }
 
     fn send(&mut self, ft: &FiveTuple, link: u32, bytes: &[u8]) -> ClientAction {
@@ -512,6 +523,22 @@ impl Sim {
                 }
             }
             Op::Exhaust { on } => self.relays.exhausted = *on,
+            Op::Takeover { skew_ms } => {
+                let saved = self.server.save(self.now, |_| true);
+                let n = self.server.forget(saved.iter().map(|a| a.id()));
+                assert_eq!(n, saved.len(), "every saved allocation is forgotten");
+                let counts = Rc::new(RefCell::new(Counts::default()));
+                let mut next = Self::server(self.auth, self.now, &counts);
+                let stats = self.server.stats().clone();
+                self.now += Duration::from_millis(u64::from(*skew_ms));
+                let ids = next
+                    .restore(self.now, saved)
+                    .expect("a saved table restores into a new core");
+                assert_eq!(ids.len(), next.allocation_count());
+                next.restore_stats(&stats);
+                self.server = next;
+                self.counts = counts;
+            }
         }
         self.server.handle_timeout(self.now);
         while self.server.poll_event().is_some() {}
