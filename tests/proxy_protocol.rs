@@ -173,7 +173,8 @@ fn only_listed_balancers_may_send_a_header_and_they_must() {
     forged
         .write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 1234 3478\r\n")
         .unwrap();
-    forged.write_all(&binding_request([1; 12])).unwrap();
+    // The server may already have closed the connection.
+    let _ = forged.write_all(&binding_request([1; 12]));
     let mut buf = [0u8; 64];
     assert!(
         matches!(forged.read(&mut buf), Ok(0) | Err(_)),

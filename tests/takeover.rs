@@ -829,3 +829,65 @@ fn an_even_port_reservation_survives_a_takeover() {
     assert!(rtcp.delete(USER, PASS).is_success());
     assert_eq!(new.stop().code(), Some(0));
 }
+
+#[test]
+fn a_tcp_client_moves_with_a_frame_cut_across_the_switch() {
+    use std::io::Write;
+    let ctl = TempDir::new("takeover");
+    let (mut old, _) = start(&ctl, "");
+    let mut c = common::StreamClient::tcp(old.udp_addr());
+    let r = c.allocate(USER, PASS);
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r.relayed();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let bind = channel_bind_attrs(0x4001, peer.local_addr().unwrap());
+    assert!(
+        c.signed(method::CHANNEL_BIND, &bind, USER, PASS)
+            .is_success()
+    );
+    // Half of a ChannelData frame reaches the old process before the
+    // takeover, the rest the new one.
+    let mut frame = channel_data(0x4001, b"split across two processes");
+    // Over a stream ChannelData is padded to 4 bytes (RFC 8656 §12.5).
+    frame.resize(frame.len().next_multiple_of(4), 0);
+    c.stream.write_all(&frame[..9]).unwrap();
+    c.stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut new = old.successor(&[]);
+    c.stream.write_all(&frame[9..]).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], from),
+        (&b"split across two processes"[..], relayed),
+        "{}",
+        new.log_text()
+    );
+    // The old process had nothing left to drain: it exits at once.
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        old.log_text()
+    );
+    assert!(
+        old.log_text().contains("0 allocations of TLS clients stay"),
+        "{}",
+        old.log_text()
+    );
+    // Both ways, and requests, on the same connection.
+    peer.send_to(b"back", relayed).unwrap();
+    match c.read_frame().unwrap() {
+        common::Frame::ChannelData(0x4001, data) => assert_eq!(data, b"back"),
+        _ => panic!("expected ChannelData"),
+    }
+    let r = c.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+        USER,
+        PASS,
+    );
+    assert!(r.is_success(), "{:?}", r.code());
+    assert_eq!(new.stop().code(), Some(0));
+}

@@ -768,7 +768,7 @@ impl Daemon {
         self.handed_to = Some(pid);
         let timeout = Duration::from_secs(u64::from(self.cfg.drain_timeout));
         info!(
-            "takeover: handed {allocations} allocations and {fds} sockets to process {pid} (workers paused {} ms); {} allocations of TCP/TLS clients stay here for up to {}s, then this process exits",
+            "takeover: handed {allocations} allocations and {fds} sockets to process {pid} (workers paused {} ms); {} allocations of TLS clients stay here for up to {}s (and TCP clients that were busy), then this process exits",
             frozen.as_millis(),
             (self.server.allocations() as usize).saturating_sub(allocations),
             timeout.as_secs()

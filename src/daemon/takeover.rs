@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::server::takeover::{
     self, Conn, FRAME_TIMEOUT, Listener, Msg, READS, READY_TIMEOUT, SavedListener, SavedRelay,
-    SavedReservation, SavedWorker, State,
+    SavedReservation, SavedStream, SavedWorker, State,
 };
 use crate::server::{Frozen, Inherited, InheritedWorker};
 
@@ -80,6 +80,13 @@ pub fn assemble(
         for (allocation, [v4, v6]) in f.relays {
             let fds = [v4.map(&mut put), v6.map(&mut put)];
             w.relays.push(SavedRelay { allocation, fds });
+        }
+        for (five_tuple, fd, inbox) in f.streams {
+            w.streams.push(SavedStream {
+                five_tuple,
+                fd: put(fd),
+                inbox,
+            });
         }
         workers.push(w);
     }
@@ -317,6 +324,20 @@ impl Incoming {
                     }
                 }
                 iw.relays.push((r.allocation, sockets));
+            }
+            for st in w.streams {
+                let s = std::net::TcpStream::from(self.take(st.fd)?);
+                let ft = st.five_tuple;
+                match (s.local_addr(), s.peer_addr()) {
+                    (Ok(l), Ok(p)) if l == ft.server && p == ft.client => {}
+                    got => {
+                        return Err(format!(
+                            "descriptor {} is not the connection {ft} ({got:?})",
+                            st.fd
+                        ));
+                    }
+                }
+                iw.streams.push((ft, s, st.inbox));
             }
             inherited.workers.push(iw);
         }

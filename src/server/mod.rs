@@ -184,6 +184,8 @@ pub struct InheritedWorker {
     pub tcp: Vec<(SocketAddr, bool, std::net::TcpListener)>,
     pub dtls: Vec<(SocketAddr, std::net::UdpSocket)>,
     pub relays: Vec<(crate::turn::SavedAllocation, worker::RelaySockets)>,
+    /// Plain TCP client connections: 5-tuple, socket, bytes already read.
+    pub streams: Vec<(crate::turn::FiveTuple, std::net::TcpStream, Vec<u8>)>,
     pub stats: crate::turn::Stats,
 }
 
@@ -234,6 +236,11 @@ pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize
             }
         }
         for (mut a, sockets) in old.relays {
+            if a.five_tuple.transport != crate::turn::Transport::Udp {
+                // Linked to its connection by the worker.
+                s.restored.push((a, sockets));
+                continue;
+            }
             match link_of.get(&a.five_tuple.server) {
                 Some(&link) => {
                     a.link = link;
@@ -242,6 +249,8 @@ pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize
                 None => dropped += 1,
             }
         }
+        // Established connections stay, whatever the listeners now are.
+        s.streams.extend(old.streams);
         s.stats.push(old.stats);
     }
     // Addresses new to this configuration must not be held by another

@@ -57,12 +57,25 @@ impl Drop for StreamSlot {
     }
 }
 
-/// A client's stream connection: its 5-tuple and outgoing byte queue.
+/// A client's stream connection: its 5-tuple, the bytes read but not yet
+/// handled (a frame's start), and the outgoing byte queue.
 pub(super) struct Conn {
     pub(super) five_tuple: FiveTuple,
+    /// Bytes read and not yet a whole frame. Between reads every byte
+    /// taken from the socket is here, so a plain TCP connection can move
+    /// to a successor process with them (live takeover).
+    pub(super) inbox: RefCell<Vec<u8>>,
     queue: RefCell<Vec<u8>>,
     wake: Notify,
     dropped: Cell<u64>,
+    /// The writer is writing a batch (part of it may be on the wire).
+    writing: Cell<bool>,
+    /// A plain TCP connection's descriptor (`None` for TLS).
+    pub(super) fd: Option<std::os::fd::RawFd>,
+    /// Handed to a successor (while frozen: to be, unless thawed).
+    pub(super) handed: Cell<bool>,
+    /// Wakes the reader to stop reading when the connection is handed.
+    pub(super) park: Notify,
 }
 
 impl Conn {
@@ -77,6 +90,36 @@ impl Conn {
         drop(q);
         self.wake.notify_one();
     }
+
+    /// Whether the connection can move to a successor now: plain TCP,
+    /// nothing queued or being written.
+    pub(super) fn movable(&self) -> bool {
+        self.fd.is_some() && !self.writing.get() && self.queue.borrow().is_empty()
+    }
+}
+
+/// Registers a client stream connection on the worker: its [`Conn`] and
+/// link. `inbox` holds bytes already read from it (a connection handed over
+/// by a predecessor); `fd` is a plain TCP connection's descriptor.
+pub(super) fn register(
+    worker: &Handle,
+    ft: FiveTuple,
+    inbox: Vec<u8>,
+    fd: Option<std::os::fd::RawFd>,
+) -> (Rc<Conn>, u32) {
+    let conn = Rc::new(Conn {
+        five_tuple: ft,
+        inbox: RefCell::new(inbox),
+        queue: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        dropped: Cell::new(0),
+        writing: Cell::new(false),
+        fd,
+        handed: Cell::new(false),
+        park: Notify::new(),
+    });
+    let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
+    (conn, link)
 }
 
 /// Accepts client connections on a TCP listener of the worker, within the
@@ -215,7 +258,9 @@ async fn accept_stream(
         },
     };
     if !is_tls {
-        serve_stream(worker, stream, ft).await;
+        use std::os::fd::AsRawFd;
+        let (conn, link) = register(&worker, ft, Vec::new(), Some(stream.as_raw_fd()));
+        serve_stream(worker, stream, conn, link).await;
         return;
     }
     let Some(acceptor) = acceptor else {
@@ -229,7 +274,8 @@ async fn accept_stream(
             // before the next), and a frame must never be cut across
             // records because a buffer limit was reached.
             tls.get_mut().1.set_buffer_limit(None);
-            serve_stream(worker, tls, ft).await
+            let (conn, link) = register(&worker, ft, Vec::new(), None);
+            serve_stream(worker, tls, conn, link).await
         }
         Ok(Err(e)) => {
             worker.borrow_mut().tls_failures += 1;
@@ -242,16 +288,53 @@ async fn accept_stream(
     }
 }
 
-/// Serves one TCP or TLS client connection until it closes; its allocation
-/// ends with it (RFC 8656 §3.1).
-async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) {
-    let conn = Rc::new(Conn {
-        five_tuple: ft,
-        queue: RefCell::new(Vec::new()),
-        wake: Notify::new(),
-        dropped: Cell::new(0),
+/// Serves a plain TCP client connection handed over by a predecessor
+/// process, with the bytes it had read; returns its link.
+pub(super) fn adopt(
+    worker: &Handle,
+    ft: FiveTuple,
+    stream: std::net::TcpStream,
+    inbox: Vec<u8>,
+) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    stream.set_nonblocking(true)?;
+    let stream = TcpStream::from_std(stream)?;
+    let (conn, link) = register(worker, ft, inbox, Some(stream.as_raw_fd()));
+    let shared = worker.borrow().shared.clone();
+    // Counted like any connection of its address (over the limit or not:
+    // it is already open).
+    let slot = StreamSlot::acquire(&shared, ft.client);
+    let worker = worker.clone();
+    tokio::task::spawn_local(async move {
+        serve_stream(worker, stream, conn, link).await;
+        drop(slot);
     });
-    let link = STREAM_LINK + worker.borrow_mut().conns.insert(conn.clone()) as u32;
+    Ok(link)
+}
+
+/// How a connection's reader stopped.
+enum Ended {
+    /// The connection closed or broke a rule.
+    Closed,
+    /// RFC 6062: it became a data connection for TCP relay connection
+    /// `connection`, with the bytes read past the ConnectionBind.
+    Bound(super::tcp_relay::Claimed, u32, Vec<u8>),
+    /// A successor process serves it now.
+    Handed,
+}
+
+/// Serves one TCP or TLS client connection ([`register`]ed as `conn` on
+/// `link`) until it closes; its allocation ends with it (RFC 8656 §3.1).
+/// A plain TCP connection stops here, open, when a successor process
+/// takes it over.
+pub(super) async fn serve_stream<S: FrameStream>(
+    worker: Handle,
+    stream: S,
+    conn: Rc<Conn>,
+    link: u32,
+) {
+    let ft = conn.five_tuple;
+    let mut phase = worker.borrow().shared.phase.subscribe();
     let stream = Rc::new(RefCell::new(stream));
     let mut rd = StreamHalf(stream.clone());
     let mut wr = StreamHalf(stream.clone());
@@ -268,23 +351,84 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
                 // Everything staged is flushed before the next batch is
                 // taken, so the stream's own buffer holds at most one batch
                 // (MAX_QUEUED) and the queue's limit still applies.
+                conn.writing.set(true);
                 let staged = stream.borrow_mut().stage(&spare);
                 let Ok(rest) = staged else { return };
                 if wr.write_all(rest).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
+                conn.writing.set(false);
                 spare.clear();
             }
         }
     };
 
     let reader = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut chunk = vec![0u8; 16 * 1024];
         let mut last_frame = Instant::now();
         let mut partial_since: Option<Instant> = None;
+        // Bytes a predecessor had read are handled first.
+        let mut fresh = !conn.inbox.borrow().is_empty();
         loop {
-            if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(4096);
+            if fresh {
+                fresh = false;
+                // Whole frames go to the core; a started one stays in the
+                // inbox.
+                let mut start = 0;
+                loop {
+                    let inbox = conn.inbox.borrow();
+                    let frame = match channel::stream_frame(&inbox[start..]) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(_) => {
+                            debug!("{ft}: stream is neither STUN nor ChannelData; closing");
+                            return Ended::Closed;
+                        }
+                    };
+                    let len = frame.len();
+                    if len > MAX_FRAME {
+                        return Ended::Closed;
+                    }
+                    if inbox.len() - start < len {
+                        break;
+                    }
+                    let data = inbox[start..start + len].to_vec();
+                    drop(inbox);
+                    let mut w = worker.borrow_mut();
+                    let action = w.client_message(Instant::now(), &ft, link, &data);
+                    if let ClientAction::BindConnection {
+                        connection,
+                        username,
+                        realm,
+                    } = &action
+                        && let Some(claimed) =
+                            w.shared.tcp_waiting.claim(*connection, username, realm)
+                    {
+                        // RFC 6062: the success response, then this is a
+                        // data connection, joined to the peer byte for byte.
+                        conn.send(&w.out);
+                        let rest = conn.inbox.borrow()[start + len..].to_vec();
+                        return Ended::Bound(claimed, *connection, rest);
+                    }
+                    w.dispatch(action, &ft, link, &data);
+                    drop(w);
+                    start += len;
+                }
+                let left = {
+                    let mut inbox = conn.inbox.borrow_mut();
+                    inbox.drain(..start);
+                    inbox.len()
+                };
+                let now = Instant::now();
+                if start > 0 {
+                    last_frame = now;
+                    partial_since = None;
+                }
+                if left == 0 {
+                    partial_since = None;
+                } else if partial_since.is_none() {
+                    partial_since = Some(now);
+                }
             }
             // A started frame must complete within FRAME_TIMEOUT; a
             // connection without an allocation may not sit silent longer
@@ -303,76 +447,57 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
                 }
                 None => None,
             };
-            let read = match deadline {
-                Some((at, why)) => {
-                    match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            debug!("{ft}: {why}; closing");
-                            return None;
+            let read = async {
+                match deadline {
+                    Some((at, why)) => {
+                        match tokio::time::timeout_at(at.into(), rd.read(&mut chunk)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                debug!("{ft}: {why}; closing");
+                                Ok(0)
+                            }
                         }
                     }
+                    None => rd.read(&mut chunk).await,
                 }
-                None => rd.read_buf(&mut buf).await,
+            };
+            // A takeover: a connection handed over stops reading before
+            // it takes another byte (the inbox went over as it is), and
+            // once the successor serves it, ends here without closing it.
+            let read = tokio::select! {
+                biased;
+                _ = conn.park.notified(), if conn.fd.is_some() => {
+                    if conn.handed.get()
+                        && !super::shared::serving(&mut phase).await
+                        && conn.handed.get()
+                    {
+                        return Ended::Handed;
+                    }
+                    continue;
+                }
+                r = read => r,
             };
             match read {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(n) => conn.inbox.borrow_mut().extend_from_slice(&chunk[..n]),
             }
-            let mut start = 0;
-            loop {
-                let frame = match channel::stream_frame(&buf[start..]) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(_) => {
-                        debug!("{ft}: stream is neither STUN nor ChannelData; closing");
-                        return None;
-                    }
-                };
-                let len = frame.len();
-                if len > MAX_FRAME {
-                    return None;
-                }
-                if buf.len() - start < len {
-                    break;
-                }
-                let data = &buf[start..start + len];
-                let mut w = worker.borrow_mut();
-                let action = w.client_message(Instant::now(), &ft, link, data);
-                if let ClientAction::BindConnection {
-                    connection,
-                    username,
-                    realm,
-                } = &action
-                    && let Some(claimed) = w.shared.tcp_waiting.claim(*connection, username, realm)
-                {
-                    // RFC 6062: the success response, then this is a data
-                    // connection, joined to the peer byte for byte.
-                    conn.send(&w.out);
-                    return Some((claimed, *connection, buf[start + len..].to_vec()));
-                }
-                w.dispatch(action, &ft, link, data);
-                drop(w);
-                start += len;
-            }
-            buf.drain(..start);
-            let now = Instant::now();
-            if start > 0 {
-                last_frame = now;
-                partial_since = None;
-            }
-            if buf.is_empty() {
-                partial_since = None;
-            } else if partial_since.is_none() {
-                partial_since = Some(now);
-            }
+            fresh = true;
         }
     };
 
-    let joined = tokio::select! {
-        j = reader => j,
-        _ = writer => None,
+    let ended = tokio::select! {
+        e = reader => e,
+        _ = writer => Ended::Closed,
     };
+    if matches!(ended, Ended::Handed) {
+        // The successor has the connection (its own descriptor): this
+        // process's copy closes without a word to the client.
+        worker
+            .borrow_mut()
+            .conns
+            .remove((link - STREAM_LINK) as usize);
+        return;
+    }
     {
         let mut w = worker.borrow_mut();
         w.conns.remove((link - STREAM_LINK) as usize);
@@ -385,7 +510,7 @@ async fn serve_stream<S: FrameStream>(worker: Handle, stream: S, ft: FiveTuple) 
             conn.dropped.get()
         );
     }
-    let Some((claimed, connection, leftover)) = joined else {
+    let Ended::Bound(claimed, connection, leftover) = ended else {
         return;
     };
     // What is queued (the ConnectionBind success) goes first.

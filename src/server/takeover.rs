@@ -114,6 +114,15 @@ pub struct SavedRelay {
     pub fds: [Option<u32>; 2],
 }
 
+/// A plain TCP client connection handed over: its 5-tuple, descriptor
+/// index, and the bytes already read from it (the start of a frame).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedStream {
+    pub five_tuple: crate::turn::FiveTuple,
+    pub fd: u32,
+    pub inbox: Vec<u8>,
+}
+
 /// What one worker of the running server hands over.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedWorker {
@@ -121,6 +130,10 @@ pub struct SavedWorker {
     pub tcp: Vec<SavedListener>,
     pub dtls: Vec<SavedListener>,
     pub relays: Vec<SavedRelay>,
+    /// Plain TCP client connections (absent in states of the first
+    /// builds).
+    #[serde(default)]
+    pub streams: Vec<SavedStream>,
     pub stats: Stats,
 }
 
@@ -199,6 +212,9 @@ impl State {
                 for fd in r.fds.iter().flatten() {
                     mark(*fd)?;
                 }
+            }
+            for s in &w.streams {
+                mark(s.fd)?;
             }
         }
         if let Some(m) = &self.metrics {

@@ -88,6 +88,9 @@ pub struct Sockets {
     pub restored: Vec<(turn::SavedAllocation, RelaySockets)>,
     /// The predecessor's counters of the workers this one succeeds.
     pub stats: Vec<turn::Stats>,
+    /// Plain TCP client connections handed over: 5-tuple, socket, and the
+    /// bytes already read from it (a frame's start).
+    pub streams: Vec<(FiveTuple, std::net::TcpStream, Vec<u8>)>,
 }
 
 /// What a worker hands to a successor process ([`super::takeover`]):
@@ -100,6 +103,9 @@ pub struct Frozen {
     pub tcp: Vec<(SocketAddr, bool, OwnedFd)>,
     pub dtls: Vec<(SocketAddr, OwnedFd)>,
     pub relays: Vec<(turn::SavedAllocation, [Option<OwnedFd>; 2])>,
+    /// Idle plain TCP client connections: 5-tuple, descriptor, bytes read
+    /// and not yet handled.
+    pub streams: Vec<(FiveTuple, OwnedFd, Vec<u8>)>,
     pub stats: turn::Stats,
 }
 
@@ -702,9 +708,39 @@ impl Worker {
                 .map_err(|e| error!("takeover: cannot copy the descriptor of {what}: {e}"))
                 .ok()
         };
+        // Idle plain TCP connections move with their allocation (unless it
+        // relays over TCP, RFC 6062); the others stay and drain here.
+        let saved = self.core.save(now, |ft| {
+            matches!(ft.transport, Transport::Udp | Transport::Tcp)
+        });
+        let mut streams = Vec::new();
+        let mut moving = std::collections::HashSet::new();
+        for (_, conn) in self.conns.iter() {
+            let ft = conn.five_tuple;
+            let allocation = self.core.allocation_for(&ft);
+            let saveable = allocation.is_none() || saved.iter().any(|a| a.five_tuple == ft);
+            if !conn.movable() || !saveable {
+                continue;
+            }
+            let Some(raw) = conn.fd else { continue };
+            // SAFETY: the connection's task owns the stream and is parked
+            // at an await point; the descriptor is open while the Conn is
+            // registered.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            let Some(fd) = copy(borrowed, &ft) else {
+                continue;
+            };
+            conn.handed.set(true);
+            conn.park.notify_one();
+            moving.insert(ft);
+            streams.push((ft, fd, conn.inbox.borrow().clone()));
+        }
         let mut relays = Vec::new();
         let mut ids = Vec::new();
-        for saved in self.core.save(now, |ft| ft.transport == Transport::Udp) {
+        for saved in saved {
+            if saved.five_tuple.transport == Transport::Tcp && !moving.contains(&saved.five_tuple) {
+                continue;
+            }
             let id = saved.id();
             let Some(r) = self.relay(id) else { continue };
             let mut fds = [None, None];
@@ -745,6 +781,7 @@ impl Worker {
             tcp,
             dtls,
             relays,
+            streams,
             stats: self.core.stats().clone(),
         }
     }
@@ -755,6 +792,10 @@ impl Worker {
         let Some(ids) = self.frozen.take() else {
             return;
         };
+        // Parked connections read again once the phase is Serving.
+        for (_, conn) in self.conns.iter() {
+            conn.handed.set(false);
+        }
         let epoll = &self.epoll.get_ref().0;
         for (i, (sock, addr)) in self.udp.iter().enumerate() {
             if let Err(e) = epoll.add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
@@ -1185,8 +1226,29 @@ async fn run(
     for stats in &sockets.stats {
         worker.borrow_mut().core.restore_stats(stats);
     }
-    if !sockets.restored.is_empty() {
-        worker.borrow_mut().restore(now, sockets.restored);
+    // Connections handed over first: their allocations name them.
+    let mut stream_links = HashMap::new();
+    for (ft, std_stream, inbox) in sockets.streams {
+        match stream::adopt(&worker, ft, std_stream, inbox) {
+            Ok(link) => {
+                stream_links.insert(ft, link);
+            }
+            Err(e) => error!("worker {index}: cannot adopt the connection of {ft}: {e}"),
+        }
+    }
+    let mut restored = sockets.restored;
+    restored.retain_mut(|(a, _)| match a.five_tuple.transport {
+        Transport::Udp => true,
+        _ => match stream_links.get(&a.five_tuple) {
+            Some(&link) => {
+                a.link = link;
+                true
+            }
+            None => false,
+        },
+    });
+    if !restored.is_empty() {
+        worker.borrow_mut().restore(now, restored);
     }
     for (socket, addr) in sockets.dtls {
         match tokio::net::UdpSocket::from_std(socket) {
