@@ -891,3 +891,42 @@ fn a_tcp_client_moves_with_a_frame_cut_across_the_switch() {
     assert!(r.is_success(), "{:?}", r.code());
     assert_eq!(new.stop().code(), Some(0));
 }
+
+#[test]
+fn fewer_workers_merge_the_allocations_of_several() {
+    let ctl = TempDir::new("takeover");
+    // With mobility, UDP steering is off: the kernel spreads the clients
+    // over both workers.
+    let (old, metrics_port) = start(&ctl, "relay-threads=2\nmobility");
+    let mut flows: Vec<Flow> = (0..12).map(|_| Flow::new(&old)).collect();
+    let traffic: Vec<Traffic> = flows
+        .iter()
+        .map(|f| f.run(Duration::from_millis(5)))
+        .collect();
+    // Workers report every second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let m = metrics(metrics_port);
+    for w in ["0", "1"] {
+        let n = metric(&m, &format!("turn_worker_allocations{{worker=\"{w}\"}}")).unwrap();
+        assert!(n > 0.0, "worker {w} has none:\n{m}");
+    }
+    let mut new = old.successor_with("relay-threads=1", &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    for t in traffic {
+        let (sent, reached, back) = t.finish();
+        assert_eq!((reached, back), (sent, sent), "{}", new.log_text());
+    }
+    let log = new.log_text();
+    assert!(log.contains("1 worker threads running"), "{log}");
+    assert!(log.contains("serving 12 allocations handed over"), "{log}");
+    for f in &mut flows {
+        let r = f.client.signed(
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+            USER,
+            PASS,
+        );
+        assert!(r.is_success(), "{:?}\n{log}", r.code());
+    }
+    assert_eq!(new.stop().code(), Some(0));
+}

@@ -54,6 +54,7 @@ pub fn assemble(
     for f in frozen {
         let mut w = SavedWorker {
             stats: f.stats,
+            next_generation: f.next_generation,
             ..SavedWorker::default()
         };
         for (addr, fd) in f.udp {
@@ -305,6 +306,7 @@ impl Incoming {
         for w in workers {
             let mut iw = InheritedWorker {
                 stats: w.stats,
+                next_generation: w.next_generation,
                 ..InheritedWorker::default()
             };
             for l in &w.udp {

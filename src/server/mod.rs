@@ -187,6 +187,8 @@ pub struct InheritedWorker {
     /// Plain TCP client connections: 5-tuple, socket, bytes already read.
     pub streams: Vec<(crate::turn::FiveTuple, std::net::TcpStream, Vec<u8>)>,
     pub stats: crate::turn::Stats,
+    /// Its core's next allocation generation.
+    pub next_generation: u32,
 }
 
 /// Builds the workers' sockets of `plan` from what a predecessor handed
@@ -235,16 +237,19 @@ pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize
                 info!("dtls {addr} is no longer configured: closed");
             }
         }
+        // Ids (and the mobility tickets naming them) stay valid only on the
+        // worker with the same index: tickets name their worker.
+        let keep = w < n;
         for (mut a, sockets) in old.relays {
             if a.five_tuple.transport != crate::turn::Transport::Udp {
                 // Linked to its connection by the worker.
-                s.restored.push((a, sockets));
+                s.restored.push((a, sockets, keep));
                 continue;
             }
             match link_of.get(&a.five_tuple.server) {
                 Some(&link) => {
                     a.link = link;
-                    s.restored.push((a, sockets));
+                    s.restored.push((a, sockets, keep));
                 }
                 None => dropped += 1,
             }
@@ -252,6 +257,7 @@ pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize
         // Established connections stay, whatever the listeners now are.
         s.streams.extend(old.streams);
         s.stats.push(old.stats);
+        s.generation_floor = s.generation_floor.max(old.next_generation);
     }
     // Addresses new to this configuration must not be held by another
     // process; those handed over are ours.
@@ -462,7 +468,7 @@ impl Bound {
         self.per_worker
             .iter()
             .flat_map(|s| &s.restored)
-            .flat_map(|(a, _)| std::iter::once(a.relayed).chain(a.additional.map(|x| x.0)))
+            .flat_map(|(a, _, _)| std::iter::once(a.relayed).chain(a.additional.map(|x| x.0)))
             .map(|a| a.port())
             .collect()
     }

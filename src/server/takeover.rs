@@ -135,6 +135,10 @@ pub struct SavedWorker {
     #[serde(default)]
     pub streams: Vec<SavedStream>,
     pub stats: Stats,
+    /// The worker's next allocation generation (absent in states of the
+    /// first builds).
+    #[serde(default)]
+    pub next_generation: u32,
 }
 
 /// A relay socket held for a RESERVATION-TOKEN (RFC 8656 §7.2), with the

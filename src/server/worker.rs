@@ -84,10 +84,15 @@ pub struct Sockets {
     /// DTLS listeners (UDP on the TLS ports).
     pub dtls: Vec<(std::net::UdpSocket, SocketAddr)>,
     /// Allocations handed over by a predecessor (live takeover), with
-    /// their relay sockets; their links already index `udp`.
-    pub restored: Vec<(turn::SavedAllocation, RelaySockets)>,
+    /// their relay sockets and whether they keep their ids (those of the
+    /// predecessor's worker with this index); UDP ones' links already index
+    /// `udp`.
+    pub restored: Vec<(turn::SavedAllocation, RelaySockets, bool)>,
     /// The predecessor's counters of the workers this one succeeds.
     pub stats: Vec<turn::Stats>,
+    /// The highest next allocation generation of those workers: new ids
+    /// given to allocations handed over start there.
+    pub generation_floor: u32,
     /// Plain TCP client connections handed over: 5-tuple, socket, and the
     /// bytes already read from it (a frame's start).
     pub streams: Vec<(FiveTuple, std::net::TcpStream, Vec<u8>)>,
@@ -107,6 +112,8 @@ pub struct Frozen {
     /// and not yet handled.
     pub streams: Vec<(FiveTuple, OwnedFd, Vec<u8>)>,
     pub stats: turn::Stats,
+    /// The core's next allocation generation.
+    pub next_generation: u32,
 }
 
 /// An allocation's relay socket, in the slot of its allocation id.
@@ -783,6 +790,7 @@ impl Worker {
             relays,
             streams,
             stats: self.core.stats().clone(),
+            next_generation: self.core.next_generation(),
         }
     }
 
@@ -845,27 +853,43 @@ impl Worker {
 
     /// Adopts allocations handed over by a predecessor process, with
     /// their relay sockets (ports already claimed in the pool).
-    fn restore(&mut self, now: Instant, restored: Vec<(turn::SavedAllocation, RelaySockets)>) {
-        let (saved, sockets): (Vec<_>, Vec<_>) = restored.into_iter().unzip();
-        let ports: Vec<u16> = saved
-            .iter()
-            .flat_map(|a| std::iter::once(a.relayed).chain(a.additional.map(|x| x.0)))
-            .map(|a| a.port())
-            .collect();
-        match self.core.restore(now, saved) {
-            Ok(ids) => {
-                for (id, socks) in ids.into_iter().zip(sockets) {
-                    self.adopt_relay_sockets(id, socks);
-                }
-            }
+    fn restore(
+        &mut self,
+        now: Instant,
+        restored: Vec<(turn::SavedAllocation, RelaySockets, bool)>,
+        floor: u32,
+    ) {
+        let mut saved = Vec::with_capacity(restored.len());
+        let mut sockets = Vec::with_capacity(restored.len());
+        let mut ports = Vec::with_capacity(restored.len());
+        for (a, socks, keep) in restored {
+            ports.push(
+                std::iter::once(a.relayed)
+                    .chain(a.additional.map(|x| x.0))
+                    .map(|x| x.port())
+                    .collect::<Vec<_>>(),
+            );
+            saved.push((a, keep));
+            sockets.push(socks);
+        }
+        let ids = match self.core.restore(now, saved, floor) {
+            Ok(ids) => ids,
             Err(e) => {
                 error!(
                     worker = self.index,
                     "cannot restore the allocations handed over: {e}"
                 );
-                drop(sockets);
-                for p in ports {
-                    self.shared.pool.release(p);
+                vec![None; sockets.len()]
+            }
+        };
+        for ((id, socks), ports) in ids.into_iter().zip(sockets).zip(ports) {
+            match id {
+                Some(id) => self.adopt_relay_sockets(id, socks),
+                None => {
+                    drop(socks);
+                    for p in ports {
+                        self.shared.pool.release(p);
+                    }
                 }
             }
         }
@@ -1237,7 +1261,7 @@ async fn run(
         }
     }
     let mut restored = sockets.restored;
-    restored.retain_mut(|(a, _)| match a.five_tuple.transport {
+    restored.retain_mut(|(a, _, _)| match a.five_tuple.transport {
         Transport::Udp => true,
         _ => match stream_links.get(&a.five_tuple) {
             Some(&link) => {
@@ -1248,7 +1272,9 @@ async fn run(
         },
     });
     if !restored.is_empty() {
-        worker.borrow_mut().restore(now, restored);
+        worker
+            .borrow_mut()
+            .restore(now, restored, sockets.generation_floor);
     }
     for (socket, addr) in sockets.dtls {
         match tokio::net::UdpSocket::from_std(socket) {

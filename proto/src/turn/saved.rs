@@ -123,15 +123,12 @@ fn instant(now: Instant, ms: i64) -> Instant {
 pub enum RestoreError {
     /// The core already holds allocations: restoring is for a new core.
     NotEmpty,
-    /// Two saved allocations claim the same slot or 5-tuple.
-    Duplicate(FiveTuple),
 }
 
 impl std::fmt::Display for RestoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RestoreError::NotEmpty => write!(f, "the allocation table is not empty"),
-            RestoreError::Duplicate(ft) => write!(f, "two saved allocations for {ft}"),
         }
     }
 }
@@ -217,99 +214,140 @@ impl Server {
     }
 
     /// Restores a predecessor's allocations into this new core at `now`,
-    /// with their ids, and counts their quota claims in this core's ledger.
-    /// Errors: the core already has allocations, or two saved allocations
-    /// collide (then nothing is restored).
+    /// and counts their quota claims in this core's ledger. Each comes with
+    /// whether it keeps its id (so the mobility tickets its client holds
+    /// stay valid): pass true only for allocations of the predecessor's
+    /// worker with this core's index, whose tickets name this worker. The
+    /// others (and any whose slot is taken) get new ids, with generations
+    /// from `floor` on: pass the predecessor worker's
+    /// [`Server::next_generation`], so no ticket it issued names them.
+    /// Returns each one's id here, in order; `None` for one whose 5-tuple an
+    /// earlier one has (its claim is not counted). Error: the core already
+    /// has allocations.
     pub fn restore(
         &mut self,
         now: Instant,
-        saved: Vec<SavedAllocation>,
-    ) -> Result<Vec<AllocationId>, RestoreError> {
+        saved: Vec<(SavedAllocation, bool)>,
+        floor: u32,
+    ) -> Result<Vec<Option<AllocationId>>, RestoreError> {
         if !self.allocations.is_empty() {
             return Err(RestoreError::NotEmpty);
         }
-        let mut seen_slots = std::collections::BTreeSet::new();
-        for s in &saved {
-            let twice = !seen_slots.insert(s.index)
-                || self.by_five_tuple.insert(s.five_tuple, s.id()).is_some();
-            if twice {
-                self.by_five_tuple.clear();
-                return Err(RestoreError::Duplicate(s.five_tuple));
+        self.next_generation = self.next_generation.max(floor);
+        // Which keep their slot, which get a new one, which are dropped.
+        let mut slots = std::collections::BTreeSet::new();
+        let mut plan = Vec::with_capacity(saved.len());
+        for (s, keep) in &saved {
+            if self.by_five_tuple.contains_key(&s.five_tuple) {
+                plan.push(None);
+                continue;
+            }
+            self.by_five_tuple.insert(s.five_tuple, s.id());
+            let kept = *keep && slots.insert(s.index);
+            if kept {
+                self.next_generation = self
+                    .next_generation
+                    .max(s.generation.wrapping_add(1).max(1));
+            }
+            plan.push(Some(kept));
+        }
+        let mut ids = vec![None; saved.len()];
+        let mut kept = Vec::new();
+        let mut rekeyed = Vec::new();
+        for (i, ((s, _), p)) in saved.into_iter().zip(plan).enumerate() {
+            match p {
+                None => {
+                    info!(five_tuple = %s.five_tuple, relayed = %s.relayed, "a handed-over allocation duplicates another's 5-tuple: dropped");
+                }
+                Some(true) => {
+                    ids[i] = Some(s.id());
+                    kept.push((s.index as usize, self.restored(now, s.id(), s)));
+                }
+                Some(false) => rekeyed.push((i, s)),
             }
         }
-        let mut ids = Vec::with_capacity(saved.len());
-        let mut table = Vec::with_capacity(saved.len());
-        for s in saved {
-            let id = s.id();
-            self.next_generation = self
-                .next_generation
-                .max(s.generation.wrapping_add(1).max(1));
-            self.ledger.restore(&s.claim);
-            let a = Allocation {
-                id,
-                mobile: s.mobile,
-                five_tuple: s.five_tuple,
-                link: s.link,
-                relayed: s.relayed,
-                advertised: s.advertised,
-                additional: s.additional.map(|(relayed, advertised)| Relayed {
-                    relayed,
-                    advertised,
-                }),
-                address_error: None,
-                username: s.username.into(),
-                realm: Arc::from(s.realm),
-                origin: s.origin.map(Into::into),
-                key: s.key.map(|k| match k {
-                    SavedKey::Md5(k) => LongTermKey::Md5(k),
-                    SavedKey::Sha256(k) => LongTermKey::Sha256(k),
-                }),
-                from_directory: s.from_directory,
-                report_id: s.report_id,
-                created: now
-                    .checked_sub(Duration::from_millis(s.age_ms))
-                    .unwrap_or(now),
-                expires: now + Duration::from_millis(s.expires_in_ms),
-                allocate_tid: s.allocate_tid,
-                reservation_token: None,
-                fingerprint: s.fingerprint,
-                permissions: s
-                    .permissions
-                    .into_iter()
-                    .map(|p| Permission {
-                        ip: p.ip,
-                        expires: now + Duration::from_millis(p.expires_in_ms),
-                    })
-                    .collect(),
-                channels: s
-                    .channels
-                    .into_iter()
-                    .map(|c| Channel {
-                        number: c.number,
-                        peer: c.peer,
-                        expires: instant(now, c.expires_in_ms),
-                    })
-                    .collect(),
-                traffic: s.traffic,
-                claim: s.claim,
-                shaper: (s.max_bps > 0).then(|| {
-                    Box::new(Shaper {
-                        rate: s.max_bps,
-                        to_peer: quota::Bucket::new(s.max_bps, now),
-                        to_client: quota::Bucket::new(s.max_bps, now),
-                    })
-                }),
-                tcp: None,
-            };
-            table.push((id.slot(), a));
-            ids.push(id);
+        self.allocations = kept.into_iter().collect::<Slab<_>>();
+        for (i, s) in rekeyed {
+            let id = AllocationId::new(self.allocations.vacant_key() as u32, self.next_generation);
+            self.next_generation = self.next_generation.wrapping_add(1).max(1);
+            self.by_five_tuple.insert(s.five_tuple, id);
+            let a = self.restored(now, id, s);
+            self.allocations.insert(a);
+            ids[i] = Some(id);
         }
-        self.allocations = table.into_iter().collect::<Slab<_>>();
         info!(
-            allocations = ids.len(),
+            allocations = self.allocations.len(),
             "allocations restored from the previous process"
         );
         Ok(ids)
+    }
+
+    /// One saved allocation as a live one with id `id` at `now`, its claim
+    /// counted in the ledger.
+    fn restored(&mut self, now: Instant, id: AllocationId, s: SavedAllocation) -> Allocation {
+        self.ledger.restore(&s.claim);
+        Allocation {
+            id,
+            mobile: s.mobile,
+            five_tuple: s.five_tuple,
+            link: s.link,
+            relayed: s.relayed,
+            advertised: s.advertised,
+            additional: s.additional.map(|(relayed, advertised)| Relayed {
+                relayed,
+                advertised,
+            }),
+            address_error: None,
+            username: s.username.into(),
+            realm: Arc::from(s.realm),
+            origin: s.origin.map(Into::into),
+            key: s.key.map(|k| match k {
+                SavedKey::Md5(k) => LongTermKey::Md5(k),
+                SavedKey::Sha256(k) => LongTermKey::Sha256(k),
+            }),
+            from_directory: s.from_directory,
+            report_id: s.report_id,
+            created: now
+                .checked_sub(Duration::from_millis(s.age_ms))
+                .unwrap_or(now),
+            expires: now + Duration::from_millis(s.expires_in_ms),
+            allocate_tid: s.allocate_tid,
+            reservation_token: None,
+            fingerprint: s.fingerprint,
+            permissions: s
+                .permissions
+                .into_iter()
+                .map(|p| Permission {
+                    ip: p.ip,
+                    expires: now + Duration::from_millis(p.expires_in_ms),
+                })
+                .collect(),
+            channels: s
+                .channels
+                .into_iter()
+                .map(|c| Channel {
+                    number: c.number,
+                    peer: c.peer,
+                    expires: instant(now, c.expires_in_ms),
+                })
+                .collect(),
+            traffic: s.traffic,
+            claim: s.claim,
+            shaper: (s.max_bps > 0).then(|| {
+                Box::new(Shaper {
+                    rate: s.max_bps,
+                    to_peer: quota::Bucket::new(s.max_bps, now),
+                    to_client: quota::Bucket::new(s.max_bps, now),
+                })
+            }),
+            tcp: None,
+        }
+    }
+
+    /// The generation the next allocation id gets: what a successor's
+    /// [`Server::restore`] takes as its floor.
+    pub fn next_generation(&self) -> u32 {
+        self.next_generation
     }
 
     /// Adds a predecessor's counters to this core's, so metrics continue

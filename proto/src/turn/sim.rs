@@ -531,10 +531,14 @@ impl Sim {
                 let mut next = Self::server(self.auth, self.now, &counts);
                 let stats = self.server.stats().clone();
                 self.now += Duration::from_millis(u64::from(*skew_ms));
+                let n = saved.len();
+                let saved = saved.into_iter().map(|a| (a, true)).collect();
+                let floor = self.server.next_generation();
                 let ids = next
-                    .restore(self.now, saved)
+                    .restore(self.now, saved, floor)
                     .expect("a saved table restores into a new core");
-                assert_eq!(ids.len(), next.allocation_count());
+                assert_eq!(ids.iter().flatten().count(), n, "a table has no duplicates");
+                assert_eq!(n, next.allocation_count());
                 next.restore_stats(&stats);
                 self.server = next;
                 self.counts = counts;

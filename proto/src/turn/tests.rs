@@ -2464,7 +2464,12 @@ fn a_saved_table_is_restored_into_a_new_core() {
     let mut s = Harness::new(users_config());
     s.now += Duration::from_secs(7);
     s.tid = 100;
-    assert_eq!(s.server.restore(s.now, back).unwrap(), vec![id]);
+    let back = back.into_iter().map(|a| (a, true)).collect();
+    let floor = h.server.next_generation();
+    assert_eq!(
+        s.server.restore(s.now, back, floor).unwrap(),
+        vec![Some(id)]
+    );
     s.server.restore_stats(&stats);
     assert_eq!(s.server.stats().allocations_created, 2);
     assert_eq!(s.counts.borrow().allocations(), 1);
@@ -2495,18 +2500,40 @@ fn a_saved_table_is_restored_into_a_new_core() {
     s.server.check_invariants(Some(s.now)).unwrap();
     // Restoring into a core that has allocations is refused.
     let again = s.server.save(s.now, |_| true);
+    let keep: Vec<_> = again.iter().cloned().map(|a| (a, true)).collect();
     assert_eq!(
-        s.server.restore(s.now, again.clone()),
+        s.server.restore(s.now, keep, 1),
         Err(RestoreError::NotEmpty)
     );
-    // Two allocations on one 5-tuple are refused whole.
+    // Two predecessor workers merged into one: the same slot twice gets a
+    // new id for the second, an allocation not kept gets a new id, and a
+    // 5-tuple twice keeps the first only.
     let mut fresh = Harness::new(users_config());
-    let mut twice = vec![again[0].clone(), again[0].clone()];
-    twice[1].index += 1;
-    assert_eq!(
-        fresh.server.restore(fresh.now, twice),
-        Err(RestoreError::Duplicate(again[0].five_tuple))
-    );
-    assert_eq!(fresh.server.allocation_count(), 0);
+    let (a, b) = (again[0].clone(), again[1].clone());
+    let mut same_slot = b.clone();
+    same_slot.index = a.index;
+    same_slot.generation = a.generation;
+    let ids = fresh
+        .server
+        .restore(
+            fresh.now,
+            vec![(a.clone(), true), (same_slot, true), (a.clone(), true)],
+            1,
+        )
+        .unwrap();
+    assert_eq!(ids[0], Some(a.id()));
+    assert!(ids[1].is_some() && ids[1] != ids[0]);
+    assert_eq!(ids[2], None);
+    assert_eq!(fresh.server.allocation_count(), 2);
+    assert_eq!(fresh.counts.borrow().allocations(), 2);
     fresh.server.check_invariants(None).unwrap();
+    let mut other = Harness::new(users_config());
+    // Not kept: a generation above any the predecessor worker issued.
+    let ids = other
+        .server
+        .restore(other.now, vec![(a.clone(), false)], 1000)
+        .unwrap();
+    assert_eq!(ids[0].unwrap().slot(), 0);
+    assert_ne!(ids[0], Some(a.id()), "a new id: {ids:?}");
+    assert!(other.server.next_generation() > 1000);
 }
