@@ -5,28 +5,17 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Options, Server, require_tool, run_with_timeout};
+use common::{Options, Server, run_with_timeout};
 
 #[test]
 fn chromium_gathers_srflx_and_relays_data_channels_over_udp_tcp_and_tls() {
-    let node = require_tool("node", "install Node.js 20");
-    require_tool("chromium", "apt-get install chromium");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
-        dir.display()
-    );
     let s = Server::start(
         Options::new("lt-cred-mech\nrealm=example.org\nuser=demo:secret\nallow-loopback-peers\nfingerprint\n").tls(),
     );
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir).args([
-        "webrtc-relay.mjs",
+    let mut cmd = common::webrtc_relay();
+    cmd.args([
         "--stun",
         &format!("stun:127.0.0.1:{}", s.port),
         "--turn",

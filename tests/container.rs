@@ -272,17 +272,8 @@ fn build_image(pm: &Podman) {
 /// A relay data channel between two RTCPeerConnections in headless
 /// Chromium (tests/browser) through `turn_url`.
 fn chromium_relays(turn_url: &str, logs: &dyn Fn() -> String) {
-    let node = require_tool("node", "install Node.js 20");
-    require_tool("chromium", "apt-get install chromium");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in {}",
-        dir.display()
-    );
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir).args([
-        "webrtc-relay.mjs",
+    let mut cmd = common::webrtc_relay();
+    cmd.args([
         "--turn",
         turn_url,
         "--username",

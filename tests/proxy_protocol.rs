@@ -229,19 +229,10 @@ fn tcp_proxy_port_requires_a_header_from_anyone() {
 /// through, a PROXY v2 header in front).
 #[test]
 fn chromium_relays_through_turns_behind_haproxy() {
-    let node = require_tool("node", "install Node.js 20");
-    require_tool("chromium", "apt-get install chromium");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
-        dir.display()
-    );
     let s = Server::start(Options::new(CONFIG).tls());
     let lb = Balancer::start(&s);
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir).args([
-        "webrtc-relay.mjs",
+    let mut cmd = common::webrtc_relay();
+    cmd.args([
         "--turn",
         &format!("turns:localhost:{}?transport=tcp", lb.tls_v2.port()),
         "--username",

@@ -8,20 +8,10 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Client, Options, Server, StreamClient, channel_bind_attrs, relay_range};
+use common::{
+    Client, Options, Server, StreamClient, channel_bind_attrs, open_fds, relay_range, rss_kib,
+};
 use turnserver::stun::method;
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// One full allocation life over UDP.
 fn cycle(server: SocketAddr, peer: &UdpSocket, i: usize) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     BIN, Client, Options, Server, TempDir, channel_bind_attrs, channel_data, free_ports, http_get,
-    metric, run_with_timeout,
+    metric, open_fds, rss_kib, run_with_timeout,
 };
 use turnserver::server::takeover::{self, Msg};
 use turnserver::stun::{attr, method};
@@ -170,22 +170,14 @@ fn metrics(port: u16) -> String {
     body
 }
 
-/// Descriptors the process holds.
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// Resident memory of the process, KiB.
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+/// A signed Refresh for another 600 s.
+fn refresh(c: &mut Client) -> common::Response {
+    c.signed(
+        method::REFRESH,
+        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
+        USER,
+        PASS,
+    )
 }
 
 #[test]
@@ -239,12 +231,7 @@ fn udp_allocations_continue_across_a_takeover() {
     // The allocation is the new process's: Refresh, CreatePermission and
     // ChannelBind work, with the nonce the old process issued.
     let c = &mut flow.client;
-    let r = c.signed(
-        method::REFRESH,
-        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
-        USER,
-        PASS,
-    );
+    let r = refresh(c);
     assert!(
         r.is_success(),
         "Refresh: {:?}\n{}",
@@ -453,14 +440,6 @@ fn uclient_thread(args: Vec<String>, min: u64, log: std::path::PathBuf) -> JoinH
 
 #[test]
 fn uclient_and_chromium_relay_through_a_takeover() {
-    let node = common::require_tool("node", "install Node.js 20");
-    common::require_tool("chromium", "apt-get install chromium");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
-        dir.display()
-    );
     let ctl = TempDir::new("takeover");
     let (mut old, _) = start_with(&ctl, "fingerprint", true);
     let (_peer, pport) = common::turnutils_peer("127.0.0.1");
@@ -478,9 +457,8 @@ fn uclient_and_chromium_relay_through_a_takeover() {
             .collect();
     // A Chromium data channel relayed over TURN/UDP, a message each way
     // every 40 ms for 6 s.
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir).args([
-        "webrtc-relay.mjs",
+    let mut cmd = common::webrtc_relay();
+    cmd.args([
         "--turn",
         &format!("turn:127.0.0.1:{}?transport=udp", old.port),
         "--username",
@@ -713,12 +691,7 @@ fn systemctl_restart_keeps_allocations_through_the_file_descriptor_store() {
     let log = new.log_text();
     assert!(log.contains("serving 1 allocations handed over"), "{log}");
     let c = &mut flow.client;
-    let r = c.signed(
-        method::REFRESH,
-        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
-        USER,
-        PASS,
-    );
+    let r = refresh(c);
     assert!(
         r.is_success(),
         "Refresh after the restart: {:?}\n{log}",
@@ -778,12 +751,7 @@ fn a_successor_with_another_configuration_applies_it() {
     );
     assert!(log.contains("serving 1 allocations handed over"), "{log}");
     // The moved allocation answers on its listener.
-    let r = flow.client.signed(
-        method::REFRESH,
-        &[(attr::LIFETIME, 600u32.to_be_bytes().to_vec())],
-        USER,
-        PASS,
-    );
+    let r = refresh(&mut flow.client);
     assert!(r.is_success(), "{:?}\n{log}", r.code());
     // The removed listener is closed; the added one serves.
     gone.sock

@@ -132,17 +132,8 @@ fn uclient_relays(s: &Server, user: &str, pw: &str) {
 
 /// Chromium relays a data channel over TURN/UDP as `user`.
 fn chromium_relays(s: &Server, user: &str, pw: &str) {
-    let node = require_tool("node", "install Node.js 20");
-    require_tool("chromium", "apt-get install chromium");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
-        dir.display()
-    );
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir).args([
-        "webrtc-relay.mjs",
+    let mut cmd = common::webrtc_relay();
+    cmd.args([
         "--turn",
         &format!("turn:127.0.0.1:{}?transport=udp", s.port),
         "--username",

@@ -501,23 +501,7 @@ pub fn from_fd_store() -> Option<Incoming> {
             .ok_or("the state has no header")?;
         let header: Msg = serde_json::from_slice(&all[..split])
             .map_err(|e| format!("the state's header: {e}"))?;
-        let Msg::State {
-            format,
-            bytes,
-            crc32,
-            fds,
-            ..
-        } = header
-        else {
-            return Err(format!("the state's header is {header:?}"));
-        };
-        let body = &all[split + 1..];
-        if body.len() as u64 != bytes {
-            return Err(format!("the state has {} bytes, not {bytes}", body.len()));
-        }
-        let state = State::decode(format, body, crc32)?;
-        state.check_fds(fds as usize)?;
-        Ok(state)
+        State::from_parts(&header, &all[split + 1..], sockets.len())
     };
     match read() {
         Ok(state) => {

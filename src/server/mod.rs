@@ -130,43 +130,50 @@ pub fn bind(plan: &Plan) -> Result<Bound, BindError> {
     let mut per_worker = Vec::with_capacity(plan.workers);
     for _ in 0..plan.workers.max(1) {
         let mut s = Sockets::default();
-        for &addr in &plan.dtls {
-            let sock =
-                net::udp_listener(addr, device, net::LISTENER_BUFFER, false).map_err(|error| {
-                    BindError {
-                        addr,
-                        transport: "dtls",
-                        error,
-                    }
-                })?;
+        bind_missing(plan, &mut s)?;
+        per_worker.push(s);
+    }
+    Ok(Bound { per_worker })
+}
+
+/// Binds, for one worker, every listener of `plan` that `s` lacks (all of
+/// them for a fresh start; those a predecessor did not hand over, for a
+/// takeover).
+fn bind_missing(plan: &Plan, s: &mut Sockets) -> Result<(), BindError> {
+    let device = plan.listening_device.as_deref();
+    let err = |addr, transport| {
+        move |error| BindError {
+            addr,
+            transport,
+            error,
+        }
+    };
+    for &addr in &plan.dtls {
+        if !s.dtls.iter().any(|(_, a)| *a == addr) {
+            let sock = net::udp_listener(addr, device, net::LISTENER_BUFFER, false)
+                .map_err(err(addr, "dtls"))?;
             s.dtls.push((sock, addr));
         }
-        for &addr in &plan.udp {
+    }
+    for &addr in &plan.udp {
+        if !s.udp.iter().any(|(_, a)| *a == addr) {
             let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
-            let sock = net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(|error| {
-                BindError {
-                    addr,
-                    transport: "udp",
-                    error,
-                }
-            })?;
+            let sock =
+                net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(err(addr, "udp"))?;
             s.udp.push((sock, addr));
         }
-        for &(addr, port) in &plan.tcp {
-            let sock = net::tcp_listener(addr, device).map_err(|error| BindError {
-                addr,
-                transport: port.name(),
-                error,
-            })?;
+    }
+    for &(addr, port) in &plan.tcp {
+        if !s.tcp.iter().any(|l| l.addr == addr) {
+            let sock = net::tcp_listener(addr, device).map_err(err(addr, port.name()))?;
             s.tcp.push(StreamListener {
                 socket: sock,
                 addr,
                 proxy: port == StreamPort::Proxy,
             });
         }
-        per_worker.push(s);
     }
-    Ok(Bound { per_worker })
+    Ok(())
 }
 
 /// What a predecessor process handed over ([`takeover`]), by its worker
@@ -280,46 +287,7 @@ pub fn bind_inherited(plan: &Plan, inherited: Inherited) -> Result<(Bound, usize
         })?;
     }
     for s in &mut per_worker {
-        for &addr in &plan.udp {
-            if !s.udp.iter().any(|(_, a)| *a == addr) {
-                let buffer = plan.sock_buf_size.unwrap_or(net::LISTENER_BUFFER);
-                let sock =
-                    net::udp_listener(addr, device, buffer, plan.udp_gro).map_err(|error| {
-                        BindError {
-                            addr,
-                            transport: "udp",
-                            error,
-                        }
-                    })?;
-                s.udp.push((sock, addr));
-            }
-        }
-        for &addr in &plan.dtls {
-            if !s.dtls.iter().any(|(_, a)| *a == addr) {
-                let sock = net::udp_listener(addr, device, net::LISTENER_BUFFER, false).map_err(
-                    |error| BindError {
-                        addr,
-                        transport: "dtls",
-                        error,
-                    },
-                )?;
-                s.dtls.push((sock, addr));
-            }
-        }
-        for &(addr, port) in &plan.tcp {
-            if !s.tcp.iter().any(|l| l.addr == addr) {
-                let sock = net::tcp_listener(addr, device).map_err(|error| BindError {
-                    addr,
-                    transport: port.name(),
-                    error,
-                })?;
-                s.tcp.push(StreamListener {
-                    socket: sock,
-                    addr,
-                    proxy: port == StreamPort::Proxy,
-                });
-            }
-        }
+        bind_missing(plan, s)?;
     }
     Ok((Bound { per_worker }, dropped))
 }

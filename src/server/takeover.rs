@@ -195,6 +195,33 @@ impl State {
         serde_json::from_slice(bytes).map_err(|e| format!("the state cannot be read: {e}"))
     }
 
+    /// The state announced by `header` ([`Msg::State`]) whose bytes are
+    /// `body`, when `received` descriptors came with it: checked length,
+    /// format, CRC-32 and descriptor indexes.
+    pub fn from_parts(header: &Msg, body: &[u8], received: usize) -> Result<State, String> {
+        let Msg::State {
+            format,
+            bytes,
+            crc32,
+            fds,
+            ..
+        } = header
+        else {
+            return Err(format!("expected the state, got {header:?}"));
+        };
+        if body.len() as u64 != *bytes {
+            return Err(format!("the state has {} bytes, not {bytes}", body.len()));
+        }
+        if received != *fds as usize {
+            return Err(format!(
+                "{received} descriptors came with the state, not {fds}"
+            ));
+        }
+        let state = State::decode(*format, body, *crc32)?;
+        state.check_fds(received)?;
+        Ok(state)
+    }
+
     /// Every descriptor index the state refers to, each once, below `n`.
     pub fn check_fds(&self, n: usize) -> Result<(), String> {
         let mut seen = vec![false; n];
@@ -343,14 +370,7 @@ impl Conn {
 
     /// Receives the state announced by `header` and its descriptors.
     pub fn recv_state(&self, header: &Msg) -> Result<(State, Vec<OwnedFd>), String> {
-        let Msg::State {
-            format,
-            bytes,
-            crc32,
-            fds,
-            ..
-        } = header
-        else {
+        let Msg::State { bytes, fds, .. } = header else {
             return Err(format!("expected the state, got {header:?}"));
         };
         let mut data = Vec::with_capacity(*bytes as usize);
@@ -370,8 +390,7 @@ impl Conn {
                 .map_err(|e| format!("receiving descriptors: {e}"))?;
             received.extend(f.fds);
         }
-        let state = State::decode(*format, &data, *crc32)?;
-        state.check_fds(received.len())?;
+        let state = State::from_parts(header, &data, received.len())?;
         Ok((state, received))
     }
 

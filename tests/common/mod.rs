@@ -22,7 +22,7 @@ pub use uclient::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -192,4 +192,39 @@ pub fn metric(body: &str, line_start: &str) -> Option<f64> {
         .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Descriptors process `pid` holds.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Resident memory of process `pid`, KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// `node webrtc-relay.mjs` in tests/browser (headless Chromium driven by
+/// playwright-core), ready for its arguments; fails loudly when Node.js,
+/// Chromium or playwright-core is missing.
+pub fn webrtc_relay() -> Command {
+    let node = require_tool("node", "install Node.js 20");
+    require_tool("chromium", "apt-get install chromium");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci` in {} (the README's test command does)",
+        dir.display()
+    );
+    let mut cmd = Command::new(node);
+    cmd.current_dir(&dir).arg("webrtc-relay.mjs");
+    cmd
 }
