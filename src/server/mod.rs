@@ -411,6 +411,22 @@ impl Server {
 /// Starts one thread per worker. They run until the process exits.
 pub fn start(bound: Bound, shared: Arc<Shared>) -> std::io::Result<Server> {
     let n = bound.per_worker.len();
+    // Steered from the first datagram: worker 0's controller confirms it
+    // on its first tick, but a client whose first datagrams reached
+    // another worker meanwhile would be split across two.
+    if n > 1
+        && shared
+            .steering
+            .enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        use std::os::fd::AsFd;
+        for (sock, addr) in &bound.per_worker[0].udp {
+            if let Err(e) = steering::attach(sock.as_fd()) {
+                tracing::warn!("UDP steering on {addr}: {e}");
+            }
+        }
+    }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
