@@ -3,6 +3,7 @@
 # (coturn's client tools turnutils_uclient/turnutils_peer/turnutils_stunclient
 # in /opt/coturn-tools and its daemon in /opt/coturn, Debian's chromium,
 # debootstrap, ethtool, valgrind, openssl, stun-client, postgresql, mariadb-server, redis-server,
+# clang, libbpf-dev and bpftool (the eBPF fast path),
 # sqlite3, haproxy, podman and runc, playwright-core from npm,
 # cargo-deb, cargo-fuzz), then runs formatting, lint, every test, the Debian
 # package test (tests/package.sh, in a Debian root of its own), a smoke run
@@ -90,6 +91,9 @@ fi
 # to a configuration, storage and network of its own, and file, which
 # docker/build checks the static binary with.
 apt_install podman runc file
+# The eBPF fast path: build.rs compiles it with clang against libbpf's
+# headers; bpftool shows it attached.
+apt_install clang libbpf-dev bpftool
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -12,6 +12,7 @@ pub mod exclusive;
 pub mod fleet;
 mod handover;
 pub mod net;
+pub mod offload;
 pub mod ports;
 pub mod proxy;
 pub mod quota;

@@ -1,0 +1,334 @@
+//! The eBPF ChannelData fast path (issue 21, first part): the TC program of
+//! `relay.bpf.c`, compiled by build.rs with clang and embedded, loaded with
+//! aya and attached (TCX links, which end with the process) to the
+//! interfaces that hold the listening and relayed addresses.
+//!
+//! A [`Binding`] installed here makes the kernel relay that channel's
+//! ChannelData both ways without the server's sockets: client → listening
+//! address becomes UDP from the relayed address to the peer, and peer →
+//! relayed address becomes ChannelData from the listening address to the
+//! client. Everything else reaches the sockets as before (see the program's
+//! header comment). [`Offload::counters`] reads back what was relayed.
+//!
+//! Not yet wired into the server: nothing installs bindings from the core's
+//! decisions, and there is no `ebpf-offload` option yet.
+
+use std::net::SocketAddr;
+
+/// A channel binding as the fast path relays it: the client 5-tuple's two
+/// ends, the allocation's relayed transport address, the peer and the
+/// channel number (0x4000-0x4FFF). Both addresses of a side share a family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    pub client: SocketAddr,
+    /// The listening address the client sends to.
+    pub server: SocketAddr,
+    pub relayed: SocketAddr,
+    pub peer: SocketAddr,
+    pub channel: u16,
+}
+
+/// What the program relayed for one direction of a binding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    /// Payload bytes (without the ChannelData header).
+    pub bytes: u64,
+    /// When the last one went, nanoseconds of CLOCK_MONOTONIC.
+    pub last_ns: u64,
+}
+
+/// `struct taddr`: IPv4 in the first 4 bytes of `ip`, the port in network
+/// order, the family as 4 or 6.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TAddr {
+    ip: [u8; 16],
+    port: u16,
+    family: u8,
+    pad: u8,
+}
+
+impl From<SocketAddr> for TAddr {
+    fn from(a: SocketAddr) -> TAddr {
+        let mut t = TAddr {
+            port: a.port().to_be(),
+            ..TAddr::default()
+        };
+        match a {
+            SocketAddr::V4(v4) => {
+                t.ip[..4].copy_from_slice(&v4.ip().octets());
+                t.family = 4;
+            }
+            SocketAddr::V6(v6) => {
+                t.ip = v6.ip().octets();
+                t.family = 6;
+            }
+        }
+        t
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ClientKey {
+    client: TAddr,
+    server: TAddr,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerKey {
+    peer: TAddr,
+    relay: TAddr,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ToPeer {
+    relay: TAddr,
+    peer: TAddr,
+    c: Counters,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ToClient {
+    server: TAddr,
+    client: TAddr,
+    channel: u16,
+    pad: [u16; 3],
+    c: Counters,
+}
+
+impl Binding {
+    fn client_key(&self) -> ClientKey {
+        ClientKey {
+            client: self.client.into(),
+            server: self.server.into(),
+            channel: self.channel,
+            pad: 0,
+        }
+    }
+
+    fn peer_key(&self) -> PeerKey {
+        PeerKey {
+            peer: self.peer.into(),
+            relay: self.relayed.into(),
+        }
+    }
+}
+
+#[cfg(ebpf)]
+mod loaded {
+    use super::*;
+    use aya::Ebpf;
+    use aya::maps::HashMap;
+    use aya::programs::LinkOrder;
+    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+
+    // SAFETY: plain `repr(C)` data without padding the kernel could leak
+    // into (every gap is an explicit field), valid for any bit pattern.
+    unsafe impl aya::Pod for ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ToPeer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ToClient {}
+
+    /// The program's object file, built by build.rs.
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
+
+    /// The loaded fast path; detached and unloaded when dropped (or when
+    /// the process dies: TCX links die with their last descriptor).
+    pub struct Offload {
+        bpf: Ebpf,
+    }
+
+    impl Offload {
+        /// Loads the program into the kernel. Errors: no CAP_BPF /
+        /// CAP_NET_ADMIN, a kernel without BPF, the verifier's refusal.
+        pub fn load() -> Result<Offload, String> {
+            let mut bpf =
+                Ebpf::load(OBJECT).map_err(|e| format!("loading the eBPF program: {e}"))?;
+            let prog: &mut SchedClassifier = bpf
+                .program_mut("turn_channel_data")
+                .ok_or("the eBPF object has no turn_channel_data")?
+                .try_into()
+                .map_err(|e| format!("turn_channel_data: {e}"))?;
+            prog.load()
+                .map_err(|e| format!("loading turn_channel_data: {e}"))?;
+            Ok(Offload { bpf })
+        }
+
+        /// Attaches the program to the ingress of `interface` (a TCX link,
+        /// kernel 6.6 or later).
+        pub fn attach(&mut self, interface: &str) -> Result<(), String> {
+            let prog: &mut SchedClassifier = self
+                .bpf
+                .program_mut("turn_channel_data")
+                .ok_or("the eBPF object has no turn_channel_data")?
+                .try_into()
+                .map_err(|e| format!("turn_channel_data: {e}"))?;
+            prog.attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("attaching to {interface}: {e}"))
+        }
+
+        fn peer_map(
+            &mut self,
+        ) -> Result<HashMap<&mut aya::maps::MapData, ClientKey, ToPeer>, String> {
+            HashMap::try_from(self.bpf.map_mut("TO_PEER").ok_or("no TO_PEER map")?)
+                .map_err(|e| format!("TO_PEER: {e}"))
+        }
+
+        fn client_map(
+            &mut self,
+        ) -> Result<HashMap<&mut aya::maps::MapData, PeerKey, ToClient>, String> {
+            HashMap::try_from(self.bpf.map_mut("TO_CLIENT").ok_or("no TO_CLIENT map")?)
+                .map_err(|e| format!("TO_CLIENT: {e}"))
+        }
+
+        /// Relays `b` in the kernel from now on, both ways (counters from
+        /// zero).
+        pub fn install(&mut self, b: &Binding) -> Result<(), String> {
+            let to_peer = ToPeer {
+                relay: b.relayed.into(),
+                peer: b.peer.into(),
+                c: Counters::default(),
+            };
+            let to_client = ToClient {
+                server: b.server.into(),
+                client: b.client.into(),
+                channel: b.channel,
+                pad: [0; 3],
+                c: Counters::default(),
+            };
+            self.peer_map()?
+                .insert(b.client_key(), to_peer, 0)
+                .map_err(|e| format!("installing {b:?}: {e}"))?;
+            self.client_map()?
+                .insert(b.peer_key(), to_client, 0)
+                .map_err(|e| format!("installing {b:?}: {e}"))
+        }
+
+        /// Stops relaying `b` in the kernel: its datagrams reach the
+        /// sockets again. Returns its last counters (to the peer, to the
+        /// client), zero when it was not installed.
+        pub fn remove(&mut self, b: &Binding) -> (Counters, Counters) {
+            let counters = self.counters(b).unwrap_or_default();
+            if let Ok(mut m) = self.peer_map() {
+                let _ = m.remove(&b.client_key());
+            }
+            if let Ok(mut m) = self.client_map() {
+                let _ = m.remove(&b.peer_key());
+            }
+            counters
+        }
+
+        /// Datagrams the program left to the sockets since it was loaded,
+        /// by reason: no binding for a ChannelData, an unusual shape
+        /// (padding, GSO, a checksum it cannot update), no route or
+        /// neighbour, over the MTU, a checksum a local sender left to the
+        /// device (CHECKSUM_PARTIAL).
+        pub fn passed(&mut self) -> Result<[u64; 5], String> {
+            let map = aya::maps::PerCpuArray::<_, u64>::try_from(
+                self.bpf.map("PASSED").ok_or("no PASSED map")?,
+            )
+            .map_err(|e| format!("PASSED: {e}"))?;
+            let mut out = [0u64; 5];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = map
+                    .get(&(i as u32), 0)
+                    .map_err(|e| format!("PASSED: {e}"))?
+                    .iter()
+                    .sum();
+            }
+            Ok(out)
+        }
+
+        /// What the kernel relayed for `b` so far: to the peer, to the
+        /// client.
+        pub fn counters(&mut self, b: &Binding) -> Result<(Counters, Counters), String> {
+            let up = self
+                .peer_map()?
+                .get(&b.client_key(), 0)
+                .map_err(|e| format!("{b:?}: {e}"))?
+                .c;
+            let down = self
+                .client_map()?
+                .get(&b.peer_key(), 0)
+                .map_err(|e| format!("{b:?}: {e}"))?
+                .c;
+            Ok((up, down))
+        }
+    }
+}
+
+#[cfg(ebpf)]
+pub use loaded::Offload;
+
+/// Without clang at build time there is no fast path to load.
+#[cfg(not(ebpf))]
+pub struct Offload;
+
+#[cfg(not(ebpf))]
+impl Offload {
+    /// Always an error: this build has no eBPF program.
+    pub fn load() -> Result<Offload, String> {
+        Err("this build has no eBPF fast path (clang was missing when it was built)".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn attach(&mut self, _interface: &str) -> Result<(), String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn install(&mut self, _b: &Binding) -> Result<(), String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn remove(&mut self, _b: &Binding) -> (Counters, Counters) {
+        Default::default()
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn counters(&mut self, _b: &Binding) -> Result<(Counters, Counters), String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn passed(&mut self) -> Result<[u64; 5], String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Rust mirrors have the C structs' sizes (checked against the
+    /// object's BTF by aya too, at map load).
+    #[test]
+    fn layouts_match_the_c_structs() {
+        assert_eq!(std::mem::size_of::<TAddr>(), 20);
+        assert_eq!(std::mem::size_of::<ClientKey>(), 44);
+        assert_eq!(std::mem::size_of::<PeerKey>(), 40);
+        assert_eq!(std::mem::size_of::<ToPeer>(), 64);
+        assert_eq!(std::mem::size_of::<ToClient>(), 72);
+        let t = TAddr::from("10.0.0.1:3478".parse::<SocketAddr>().unwrap());
+        assert_eq!(&t.ip[..5], &[10, 0, 0, 1, 0]);
+        assert_eq!(t.port.to_ne_bytes(), [0x0d, 0x96]);
+        assert_eq!(t.family, 4);
+    }
+}

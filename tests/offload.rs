@@ -1,0 +1,235 @@
+//! The eBPF ChannelData fast path (server::offload) in the kernel, between
+//! network namespaces the test creates: client —veth— relay —veth— peer.
+//! With a channel binding installed, ChannelData from the client leaves the
+//! relay as UDP from the relayed address to the peer and the peer's answers
+//! come back as ChannelData, rewritten in the kernel with valid checksums,
+//! while the relay's sockets see none of them; anything the program does
+//! not own (another channel, a padded frame, a removed binding) reaches
+//! the sockets untouched.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::{NetNs, channel_data, in_netns};
+use turnserver::server::offload::{Binding, Offload};
+
+/// Three namespaces: client (10.91.1.2), relay (10.91.1.1 on r0 and
+/// 10.91.2.1 on r1), peer (10.91.2.2).
+struct Topology {
+    client: NetNs,
+    relay: NetNs,
+    peer: NetNs,
+}
+
+fn topology() -> Topology {
+    let client = NetNs::empty("oc");
+    let relay = NetNs::empty("or");
+    let peer = NetNs::empty("op");
+    let link = |a: &NetNs, an: &str, b: &NetNs, bn: &str| {
+        a.ip(&[
+            "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
+        ]);
+    };
+    link(&client, "c0", &relay, "r0");
+    link(&peer, "p0", &relay, "r1");
+    // Fixed link addresses, and neighbours known both ways, as a relay's
+    // first exchanges would have resolved them.
+    let ends = [
+        (&client, "c0", "02:91:01:00:00:02", "10.91.1.2"),
+        (&relay, "r0", "02:91:01:00:00:01", "10.91.1.1"),
+        (&relay, "r1", "02:91:02:00:00:01", "10.91.2.1"),
+        (&peer, "p0", "02:91:02:00:00:02", "10.91.2.2"),
+    ];
+    for (ns, dev, mac, ip) in ends {
+        ns.ip(&["-n", &ns.name, "link", "set", dev, "address", mac]);
+        ns.address(dev, &format!("{ip}/24"));
+    }
+    for (ns, dev, other) in [
+        (&client, "c0", 1),
+        (&relay, "r0", 0),
+        (&relay, "r1", 3),
+        (&peer, "p0", 2),
+    ] {
+        let (_, _, mac, ip) = ends[other];
+        ns.ip(&[
+            "-n",
+            &ns.name,
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    // Client and peer send complete UDP checksums, as datagrams from
+    // other hosts arrive (a local sender over veth leaves them to the
+    // device: see the last case of the test).
+    common::require_tool("ethtool", "apt-get install ethtool");
+    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    peer.exec(&["ethtool", "-K", "p0", "tx", "off"]);
+    client.ip(&[
+        "-n",
+        &client.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.91.1.1",
+    ]);
+    peer.ip(&[
+        "-n",
+        &peer.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.91.2.1",
+    ]);
+    Topology {
+        client,
+        relay,
+        peer,
+    }
+}
+
+/// UDP checksum errors counted in the calling thread's namespace.
+fn csum_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InCsumErrors")
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap()
+}
+
+fn bind(ns: &NetNs, addr: &str) -> UdpSocket {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = ns.run(move || UdpSocket::bind(addr).unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// Nothing waiting on `s` (within 200 ms).
+fn silent(s: &UdpSocket) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let quiet = s.recv_from(&mut [0u8; 2048]).is_err();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    quiet
+}
+
+#[test]
+fn channel_data_is_relayed_in_the_kernel_both_ways() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads an eBPF program and must run as root"
+    );
+    let t = topology();
+    let server = bind(&t.relay, "10.91.1.1:3478");
+    let relay = bind(&t.relay, "10.91.2.1:50000");
+    let client = bind(&t.client, "10.91.1.2:40000");
+    let peer = bind(&t.peer, "10.91.2.2:9000");
+    let binding = Binding {
+        client: client.local_addr().unwrap(),
+        server: server.local_addr().unwrap(),
+        relayed: relay.local_addr().unwrap(),
+        peer: peer.local_addr().unwrap(),
+        channel: 0x4001,
+    };
+    let mut offload = in_netns(&t.relay.name, || {
+        let mut o = Offload::load().expect("load the fast path");
+        o.attach("r0").unwrap();
+        o.attach("r1").unwrap();
+        o
+    });
+    offload.install(&binding).unwrap();
+    let client_errors = in_netns(&t.client.name, csum_errors);
+    let peer_errors = in_netns(&t.peer.name, csum_errors);
+
+    // Client -> peer: the ChannelData header comes off, the datagram
+    // leaves from the relayed address.
+    const N: u32 = 200;
+    let mut buf = [0u8; 2048];
+    for i in 0..N {
+        let payload = format!("to the peer #{i} {}", "x".repeat(i as usize % 50));
+        client
+            .send_to(&channel_data(0x4001, payload.as_bytes()), binding.server)
+            .unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "not relayed to the peer ({e}); left to the sockets: {:?}; the listening socket got {:?}; counters {:?}; peer csum errors {}",
+                offload.passed(),
+                server.recv_from(&mut [0u8; 2048]),
+                offload.counters(&binding),
+                in_netns(&t.peer.name, csum_errors),
+            )
+        });
+        assert_eq!((&buf[..n], from), (payload.as_bytes(), binding.relayed));
+    }
+    // Peer -> client: a ChannelData header goes on, from the listening
+    // address.
+    for i in 0..N {
+        let payload = format!("to the client #{i} {}", "y".repeat(i as usize % 37));
+        peer.send_to(payload.as_bytes(), binding.relayed).unwrap();
+        let (n, from) = client.recv_from(&mut buf).expect("relayed to the client");
+        assert_eq!(from, binding.server);
+        assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
+    }
+    assert!(silent(&server), "the listening socket saw relayed traffic");
+    assert!(silent(&relay), "the relay socket saw relayed traffic");
+    let (up, down) = offload.counters(&binding).unwrap();
+    assert_eq!((up.packets, down.packets), (u64::from(N), u64::from(N)));
+    assert!(up.bytes > 0 && down.bytes > 0 && up.last_ns > 0);
+    assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
+    assert_eq!(in_netns(&t.peer.name, csum_errors), peer_errors);
+
+    // What the program does not own reaches the sockets as it was sent.
+    let other = channel_data(0x4002, b"unknown channel");
+    client.send_to(&other, binding.server).unwrap();
+    let (n, from) = server.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&other[..], binding.client));
+    let mut padded = channel_data(0x4001, b"odd");
+    padded.push(0);
+    client.send_to(&padded, binding.server).unwrap();
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &padded[..], "a padded frame goes to user space");
+    let stranger = bind(&t.peer, "10.91.2.2:9001");
+    stranger
+        .send_to(b"not the bound peer", binding.relayed)
+        .unwrap();
+    let (n, _) = relay.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"not the bound peer");
+    assert!(silent(&client), "an unbound peer reached the client");
+
+    // A removed binding stops at once.
+    let (up, down) = offload.remove(&binding);
+    assert_eq!((up.packets, down.packets), (u64::from(N), u64::from(N)));
+    client
+        .send_to(&channel_data(0x4001, b"after"), binding.server)
+        .unwrap();
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &channel_data(0x4001, b"after")[..]);
+    assert!(silent(&peer));
+
+    // A sender on this host whose checksum the device completes
+    // (CHECKSUM_PARTIAL over veth) is left to the kernel's path.
+    offload.install(&binding).unwrap();
+    t.client.exec(&["ethtool", "-K", "c0", "tx", "on"]);
+    let partial = offload.passed().unwrap()[4];
+    client
+        .send_to(&channel_data(0x4001, b"local sender"), binding.server)
+        .unwrap();
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &channel_data(0x4001, b"local sender")[..]);
+    assert_eq!(offload.passed().unwrap()[4], partial + 1);
+    drop(t);
+}
