@@ -144,6 +144,9 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
         relayed: relay.local_addr().unwrap(),
         peer: peer.local_addr().unwrap(),
         channel: 0x4001,
+        expires_ns: turnserver::server::offload::monotonic_ns(
+            std::time::Instant::now() + Duration::from_secs(600),
+        ),
     };
     let mut offload = in_netns(&t.relay.name, || {
         let mut o = Offload::load().expect("load the fast path");
@@ -219,6 +222,26 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     let (n, _) = server.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], &channel_data(0x4001, b"after")[..]);
     assert!(silent(&peer));
+
+    // An expired binding is left to the sockets at once, whatever the
+    // maps still hold.
+    let mut short = binding;
+    short.expires_ns = turnserver::server::offload::monotonic_ns(
+        std::time::Instant::now() + Duration::from_millis(300),
+    );
+    offload.install(&short).unwrap();
+    client
+        .send_to(&channel_data(0x4001, b"in time"), binding.server)
+        .unwrap();
+    assert_eq!(peer.recv_from(&mut buf).unwrap().0, 7);
+    std::thread::sleep(Duration::from_millis(400));
+    client
+        .send_to(&channel_data(0x4001, b"too late"), binding.server)
+        .unwrap();
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &channel_data(0x4001, b"too late")[..]);
+    assert_eq!(offload.passed().unwrap()[5], 1);
+    offload.remove(&short);
 
     // A sender on this host whose checksum the device completes
     // (CHECKSUM_PARTIAL over veth) is left to the kernel's path.

@@ -26,6 +26,25 @@ pub struct Binding {
     pub relayed: SocketAddr,
     pub peer: SocketAddr,
     pub channel: u16,
+    /// Until when it holds, nanoseconds of CLOCK_MONOTONIC (see
+    /// [`monotonic_ns`]): the channel's expiry or its peer permission's,
+    /// whichever is first. Past it the program leaves the datagrams to
+    /// the sockets (whose core drops them).
+    pub expires_ns: u64,
+}
+
+/// `at` as nanoseconds of CLOCK_MONOTONIC, the clock of `Instant` on Linux
+/// and of the program's `bpf_ktime_get_ns`.
+pub fn monotonic_ns(at: std::time::Instant) -> u64 {
+    let now = std::time::Instant::now();
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    if at >= now {
+        mono.saturating_add(u64::try_from((at - now).as_nanos()).unwrap_or(u64::MAX))
+    } else {
+        mono.saturating_sub(u64::try_from((now - at).as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
 /// What the program relayed for one direction of a binding.
@@ -91,6 +110,7 @@ struct PeerKey {
 struct ToPeer {
     relay: TAddr,
     peer: TAddr,
+    expires_ns: u64,
     c: Counters,
 }
 
@@ -101,6 +121,7 @@ struct ToClient {
     client: TAddr,
     channel: u16,
     pad: [u16; 3],
+    expires_ns: u64,
     c: Counters,
 }
 
@@ -197,20 +218,24 @@ mod loaded {
                 .map_err(|e| format!("TO_CLIENT: {e}"))
         }
 
-        /// Relays `b` in the kernel from now on, both ways (counters from
-        /// zero).
+        /// Relays `b` in the kernel from now on, both ways, until its
+        /// expiry; installing it again moves the expiry and keeps the
+        /// counters.
         pub fn install(&mut self, b: &Binding) -> Result<(), String> {
+            let (up, down) = self.counters(b).unwrap_or_default();
             let to_peer = ToPeer {
                 relay: b.relayed.into(),
                 peer: b.peer.into(),
-                c: Counters::default(),
+                expires_ns: b.expires_ns,
+                c: up,
             };
             let to_client = ToClient {
                 server: b.server.into(),
                 client: b.client.into(),
                 channel: b.channel,
                 pad: [0; 3],
-                c: Counters::default(),
+                expires_ns: b.expires_ns,
+                c: down,
             };
             self.peer_map()?
                 .insert(b.client_key(), to_peer, 0)
@@ -238,13 +263,13 @@ mod loaded {
         /// by reason: no binding for a ChannelData, an unusual shape
         /// (padding, GSO, a checksum it cannot update), no route or
         /// neighbour, over the MTU, a checksum a local sender left to the
-        /// device (CHECKSUM_PARTIAL).
-        pub fn passed(&mut self) -> Result<[u64; 5], String> {
+        /// device (CHECKSUM_PARTIAL), an expired binding.
+        pub fn passed(&mut self) -> Result<[u64; 6], String> {
             let map = aya::maps::PerCpuArray::<_, u64>::try_from(
                 self.bpf.map("PASSED").ok_or("no PASSED map")?,
             )
             .map_err(|e| format!("PASSED: {e}"))?;
-            let mut out = [0u64; 5];
+            let mut out = [0u64; 6];
             for (i, o) in out.iter_mut().enumerate() {
                 *o = map
                     .get(&(i as u32), 0)
@@ -308,7 +333,7 @@ impl Offload {
     }
 
     /// Unreachable: there is no loaded program.
-    pub fn passed(&mut self) -> Result<[u64; 5], String> {
+    pub fn passed(&mut self) -> Result<[u64; 6], String> {
         Err("no eBPF fast path in this build".to_string())
     }
 }
@@ -324,8 +349,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<TAddr>(), 20);
         assert_eq!(std::mem::size_of::<ClientKey>(), 44);
         assert_eq!(std::mem::size_of::<PeerKey>(), 40);
-        assert_eq!(std::mem::size_of::<ToPeer>(), 64);
-        assert_eq!(std::mem::size_of::<ToClient>(), 72);
+        assert_eq!(std::mem::size_of::<ToPeer>(), 72);
+        assert_eq!(std::mem::size_of::<ToClient>(), 80);
         let t = TAddr::from("10.0.0.1:3478".parse::<SocketAddr>().unwrap());
         assert_eq!(&t.ip[..5], &[10, 0, 0, 1, 0]);
         assert_eq!(t.port.to_ne_bytes(), [0x0d, 0x96]);

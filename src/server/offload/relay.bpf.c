@@ -68,9 +68,12 @@ struct counters {
 	__u64 last_ns;
 };
 
+// Each direction of a binding holds until `expires_ns` (CLOCK_MONOTONIC):
+// the channel's expiry or its peer permission's, whichever comes first.
 struct to_peer {
 	struct taddr relay;
 	struct taddr peer;
+	__u64 expires_ns;
 	struct counters c;
 };
 
@@ -79,6 +82,7 @@ struct to_client {
 	struct taddr client;
 	__u16 channel;
 	__u16 pad[3];
+	__u64 expires_ns;
 	struct counters c;
 };
 
@@ -110,6 +114,7 @@ struct {
 #define PASS_ROUTE 2
 #define PASS_MTU 3
 #define PASS_PARTIAL 4
+#define PASS_EXPIRED 5
 
 static __always_inline int pass(__u32 why)
 {
@@ -487,6 +492,8 @@ int turn_channel_data(struct __sk_buff *skb)
 	pk.relay = dst;
 	struct to_client *tc = bpf_map_lookup_elem(&TO_CLIENT, &pk);
 	if (tc) {
+		if (bpf_ktime_get_ns() >= tc->expires_ns)
+			return pass(PASS_EXPIRED);
 		if (payload > 0xffff - 4)
 			return pass(PASS_SHAPE);
 		return to_client(skb, tc, v6, l3, payload);
@@ -504,6 +511,8 @@ int turn_channel_data(struct __sk_buff *skb)
 	struct to_peer *tp = bpf_map_lookup_elem(&TO_PEER, &ck);
 	if (!tp)
 		return pass(PASS_NO_BINDING);
+	if (bpf_ktime_get_ns() >= tp->expires_ns)
+		return pass(PASS_EXPIRED);
 	__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
 	if (cd_len != payload - 4)
 		return pass(PASS_SHAPE);
