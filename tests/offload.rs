@@ -12,8 +12,9 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{NetNs, channel_data, in_netns};
+use common::{Client, NetNs, channel_bind_attrs, channel_data, free_ports, in_netns};
 use turnserver::server::offload::{Binding, Offload};
+use turnserver::stun::method;
 
 /// Three namespaces: client (10.91.1.2), relay (10.91.1.1 on r0 and
 /// 10.91.2.1 on r1), peer (10.91.2.2).
@@ -23,10 +24,10 @@ struct Topology {
     peer: NetNs,
 }
 
-fn topology() -> Topology {
-    let client = NetNs::empty("oc");
-    let relay = NetNs::empty("or");
-    let peer = NetNs::empty("op");
+fn topology(tag: &str) -> Topology {
+    let client = NetNs::empty(&format!("{tag}c"));
+    let relay = NetNs::empty(&format!("{tag}r"));
+    let peer = NetNs::empty(&format!("{tag}p"));
     let link = |a: &NetNs, an: &str, b: &NetNs, bn: &str| {
         a.ip(&[
             "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
@@ -133,7 +134,8 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
         nix::unistd::geteuid().is_root(),
         "this test loads an eBPF program and must run as root"
     );
-    let t = topology();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t = topology("o");
     let server = bind(&t.relay, "10.91.1.1:3478");
     let relay = bind(&t.relay, "10.91.2.1:50000");
     let client = bind(&t.client, "10.91.1.2:40000");
@@ -255,4 +257,201 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     assert_eq!(&buf[..n], &channel_data(0x4001, b"local sender")[..]);
     assert_eq!(offload.passed().unwrap()[4], partial + 1);
     drop(t);
+}
+
+/// The tests of this file one at a time: they count the programs attached.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// TCX links (BPF link type 11) of programs named turn_channel_data, on
+/// the whole host, as bpftool lists them.
+fn tcx_links() -> usize {
+    common::require_tool("bpftool", "apt-get install bpftool");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let progs = json(&["prog", "show"]);
+    let ours: Vec<u64> = progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == "turn_channel_data")
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    json(&["link", "show"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["type"] == 11 || l["type"] == "tcx")
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ours.contains(&id)))
+        .count()
+}
+
+#[test]
+fn the_server_offloads_channels_with_ebpf_offload_tc() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads an eBPF program and must run as root"
+    );
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(tcx_links(), 0, "another program is attached already");
+    let t = topology("s");
+    let port = free_ports(2);
+    let metrics_port = port + 1;
+    let dir = common::TempDir::new("offload");
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
+             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket=\n\
+             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
+             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
+             ebpf-offload=tc\n"
+        ),
+    )
+    .unwrap();
+    let mut server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
+    assert!(
+        server.log().contains(
+            "ebpf-offload=tc: channel bindings of UDP clients are relayed in the kernel on r0, r1"
+        ),
+        "{}",
+        server.log()
+    );
+    assert_eq!(tcx_links(), 2, "attached to r0 and r1");
+    let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
+    let peer = bind(&t.peer, "10.91.2.2:9000");
+    let peer_addr = peer.local_addr().unwrap();
+    let mut client = in_netns(&t.client.name, move || {
+        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
+    });
+    let r = client.allocate("alice", "alicepw");
+    assert!(r.is_success(), "{:?}\n{}", r.code(), server.log());
+    let relayed = r.relayed();
+    let r = client.signed(
+        method::CHANNEL_BIND,
+        &channel_bind_attrs(0x4001, peer_addr),
+        "alice",
+        "alicepw",
+    );
+    assert!(r.is_success(), "{:?}", r.code());
+
+    const N: u64 = 300;
+    let mut buf = [0u8; 2048];
+    for i in 0..N {
+        let payload = format!("up {i}");
+        client
+            .sock
+            .send_to(&channel_data(0x4001, payload.as_bytes()), server_addr)
+            .unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (payload.as_bytes(), relayed));
+    }
+    for i in 0..N {
+        let payload = format!("down {i}");
+        peer.send_to(payload.as_bytes(), relayed).unwrap();
+        let (n, from) = client.sock.recv_from(&mut buf).unwrap();
+        assert_eq!(from, server_addr);
+        assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
+    }
+    // Metrics: every packet went through the fast path and is counted as
+    // relayed, exactly (workers add the fast path's counts every second).
+    std::thread::sleep(Duration::from_millis(2100));
+    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
+    let body = in_netns(&t.client.name, move || {
+        common::http_get(metrics_addr, "/metrics").1
+    });
+    for (name, want) in [
+        ("turn_offloaded_packets_total{direction=\"to_peer\"}", N),
+        ("turn_offloaded_packets_total{direction=\"to_client\"}", N),
+        ("turn_relayed_packets_total{direction=\"to_peer\"}", N),
+        ("turn_relayed_packets_total{direction=\"to_client\"}", N),
+    ] {
+        assert_eq!(
+            common::metric(&body, name),
+            Some(want as f64),
+            "{name}\n{body}"
+        );
+    }
+    // Deleting the allocation takes its channel out of the kernel at once,
+    // and the log line counts what the kernel relayed.
+    assert!(client.delete("alice", "alicepw").is_success());
+    let log = server.log();
+    assert!(
+        log.contains(&format!("to_peer_packets={N}"))
+            && log.contains(&format!("to_client_packets={N}")),
+        "{log}"
+    );
+    client
+        .sock
+        .send_to(&channel_data(0x4001, b"after the end"), server_addr)
+        .unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        peer.recv_from(&mut buf).is_err(),
+        "relayed after the allocation ended"
+    );
+
+    // SIGKILL leaves no program behind: its TCX links die with it.
+    server.kill();
+    assert_eq!(tcx_links(), 0, "a killed server left its program attached");
+    drop(dir);
+}
+
+#[test]
+fn auto_without_privileges_falls_back_to_sockets() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    common::require_tool("setpriv", "apt-get install util-linux");
+    // A root without CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (as a
+    // service without them would be).
+    let dir = common::TempDir::new("offload-auto");
+    let port = free_ports(1);
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=127.0.0.1\nlistening-port={port}\nno-tls\nno-dtls\ncontrol-socket=\n\
+             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallow-loopback-peers\n\
+             ebpf-offload=auto\nebpf-offload-interface=lo\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--bounding-set=-bpf,-net_admin,-sys_admin,-perfmon",
+        "--inh-caps=-all",
+        common::BIN,
+        "-c",
+        conf.to_str().unwrap(),
+    ]);
+    let s = common::Server::launch_cmd(cmd, port, port + 1, dir);
+    let log = s.log_text();
+    assert!(
+        log.contains("ebpf-offload=auto: ") && log.contains("relaying through sockets"),
+        "{log}"
+    );
+    assert_eq!(tcx_links(), 0);
+    // And it relays.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut c = Client::new(s.udp_addr());
+    let r = c.allocate("alice", "alicepw");
+    assert!(r.is_success(), "{:?}", r.code());
+    let bind = channel_bind_attrs(0x4001, peer.local_addr().unwrap());
+    assert!(
+        c.signed(method::CHANNEL_BIND, &bind, "alice", "alicepw")
+            .is_success()
+    );
+    c.sock
+        .send_to(&channel_data(0x4001, b"through sockets"), s.udp_addr())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"through sockets");
 }

@@ -240,6 +240,11 @@ pub struct Config {
     /// `control-socket`: where a successor asks for a live takeover
     /// (`None`: no control socket).
     pub control_socket: Option<PathBuf>,
+    /// `ebpf-offload`: relay channel bindings in the kernel.
+    pub ebpf_offload: EbpfOffload,
+    /// `ebpf-offload-interface`: where to attach it (none: the interfaces
+    /// holding the listening and relay addresses).
+    pub ebpf_offload_interfaces: Vec<String>,
     pub proc_user: Option<String>,
     pub proc_group: Option<String>,
     /// Log to syslog too.
@@ -285,6 +290,33 @@ pub struct Config {
     pub verbose: u8,
     pub daemon: bool,
     origins: Vec<(&'static str, Origin)>,
+}
+
+/// `ebpf-offload`: whether and how channel bindings are relayed by an eBPF
+/// program below the sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EbpfOffload {
+    /// Sockets only.
+    #[default]
+    Off,
+    /// TC when it can be loaded, else sockets (with one log line).
+    Auto,
+    /// TC (TCX links), or refuse to start.
+    Tc,
+    /// XDP, or refuse to start (not available yet).
+    Xdp,
+}
+
+impl EbpfOffload {
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            EbpfOffload::Off => "off",
+            EbpfOffload::Auto => "auto",
+            EbpfOffload::Tc => "tc",
+            EbpfOffload::Xdp => "xdp",
+        }
+    }
 }
 
 /// The credential mechanism the configuration selects.

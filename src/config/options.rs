@@ -414,6 +414,8 @@ pub const OPTIONS: &[Spec] = &[
     yes("proc-user", None, Text(field!(proc_user)), Restart, "Run as this user once ports are bound and keys read."),
     yes("proc-group", None, Text(field!(proc_group)), Restart, "Run as this group once ports are bound and keys read."),
     yes("drain-timeout", None, U32(field!(drain_timeout)), Live, "Seconds SIGTERM waits for allocations to end before exiting.").default("30"),
+    yes("ebpf-offload", None, EBPF_OFFLOAD, Restart, "Relay the ChannelData of UDP channel bindings in the kernel with an eBPF program (TC) on the interfaces of the listening and relay addresses, below the sockets: off, auto (when it loads: needs CAP_BPF and CAP_NET_ADMIN, a kernel with TCX (6.6+) and a build with clang; else sockets, with one log line), tc, or xdp (not available yet). Allocations with max-bps stay in user space.").default("off"),
+    yes("ebpf-offload-interface", None, EBPF_OFFLOAD_INTERFACE, Restart, "Attach the eBPF fast path to this network interface (repeatable) instead of those holding the listening and relay addresses."),
     yes("control-socket", None, Path(field!(control_socket)), Restart, "Unix socket (created 0600, owned by proc-user) through which `turnserver --takeover` takes over this server's sockets and allocations; empty: none.").default("/run/turnserver/control.sock"),
     inherent_flag("no-cli", None, "there is no telnet CLI", "Disable the telnet CLI."),
     not_yet_flag("cli", None, "Enable the telnet CLI."),
@@ -603,6 +605,45 @@ const SOCK_BUF_SIZE: Setting = Setting::Custom {
     },
     render: |c, key, out| out.extend(c.sock_buf_size.map(|n| format!("{key}={n}"))),
     repeat: false,
+    flag: false,
+};
+
+const EBPF_OFFLOAD: Setting = Setting::Custom {
+    apply: |c, v| {
+        use super::EbpfOffload as E;
+        c.ebpf_offload = match need(v)?.trim().to_ascii_lowercase().as_str() {
+            "off" => E::Off,
+            "auto" => E::Auto,
+            "tc" => E::Tc,
+            "xdp" => E::Xdp,
+            other => return Err(format!("'{other}' is not off, auto, tc or xdp")),
+        };
+        Ok(())
+    },
+    render: |c, key, out| out.push(format!("{key}={}", c.ebpf_offload.name())),
+    repeat: false,
+    flag: false,
+};
+
+const EBPF_OFFLOAD_INTERFACE: Setting = Setting::Custom {
+    apply: |c, v| {
+        let name = need(v)?.trim().to_string();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(format!("'{name}' is not an interface name"));
+        }
+        if !c.ebpf_offload_interfaces.contains(&name) {
+            c.ebpf_offload_interfaces.push(name);
+        }
+        Ok(())
+    },
+    render: |c, key, out| {
+        out.extend(
+            c.ebpf_offload_interfaces
+                .iter()
+                .map(|i| format!("{key}={i}")),
+        )
+    },
+    repeat: true,
     flag: false,
 };
 

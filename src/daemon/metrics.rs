@@ -205,6 +205,22 @@ impl Collector for TurnCollector {
                 ("to_client", traffic(&|t| t.to_client_bytes)),
             ],
         )?;
+        let offloaded =
+            |i: usize| self.shared.offloaded[i].load(std::sync::atomic::Ordering::Relaxed);
+        counters(
+            e,
+            "turn_offloaded_packets",
+            "Datagrams the eBPF fast path relayed (ebpf-offload; included in turn_relayed_packets), by direction",
+            "direction",
+            &[("to_peer", offloaded(0)), ("to_client", offloaded(2))],
+        )?;
+        counters(
+            e,
+            "turn_offloaded_bytes",
+            "Payload bytes the eBPF fast path relayed (included in turn_relayed_bytes), by direction",
+            "direction",
+            &[("to_peer", offloaded(1)), ("to_client", offloaded(3))],
+        )?;
         gauge(
             e,
             "turn_permissions",

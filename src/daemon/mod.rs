@@ -48,6 +48,8 @@ struct Fixed {
     hostname: String,
     /// Allocation statuses are reported (a fleet or `redis-statsdb`).
     report_allocations: bool,
+    /// The eBPF fast path is loaded: the core announces channel bindings.
+    offload: bool,
 }
 
 fn hostname() -> String {
@@ -125,6 +127,7 @@ fn core_config(cfg: &Config, fixed: &Fixed) -> turn::Config {
     core.allow_tcp_relay = !cfg.no_tcp_relay;
     core.mobility = cfg.mobility;
     core.ticket_key = fixed.ticket_key;
+    core.offload_channels = fixed.offload;
     core.unauthenticated_rate =
         (cfg.unauthorized_ratelimit_rps > 0).then_some(cfg.unauthorized_ratelimit_rps);
     core.secure_stun = cfg.secure_stun;
@@ -844,6 +847,12 @@ fn prepare_with(
             .map_or_else(rand::random, |i| i.state.ticket_key),
         hostname: hostname(),
         report_allocations: fleet_redis.is_some() || cfg.redis_statsdb.is_some(),
+        offload: false,
+    };
+    let offload = offload(cfg, &listening_ips)?;
+    let fixed = Fixed {
+        offload: offload.is_some(),
+        ..fixed
     };
     let core = core_config(cfg, &fixed);
     describe(cfg, &core);
@@ -970,6 +979,8 @@ fn prepare_with(
         draining: std::sync::atomic::AtomicBool::new(false),
         steering: Steering::default(),
         phase: tokio::sync::watch::Sender::new(server::Phase::Serving),
+        offload: offload.map(std::sync::Mutex::new),
+        offloaded: Default::default(),
     });
     shared
         .steering
@@ -998,6 +1009,68 @@ fn prepare_with(
         statsdb: statsdb_queue,
         inherited_metrics,
     })
+}
+
+/// Loads and attaches the eBPF fast path as `ebpf-offload` says: `None`
+/// when off, or with `auto` when it cannot (logged once); an error with
+/// `tc`/`xdp` when it cannot.
+fn offload(
+    cfg: &Config,
+    listening_ips: &[IpAddr],
+) -> Result<Option<server::offload::Offload>, String> {
+    use config::EbpfOffload;
+    let mode = cfg.ebpf_offload;
+    let attempt = || -> Result<(server::offload::Offload, Vec<String>), String> {
+        if mode == EbpfOffload::Xdp {
+            return Err("the XDP variant is not available yet (use tc or auto)".to_string());
+        }
+        let interfaces = if cfg.ebpf_offload_interfaces.is_empty() {
+            let mut ips: Vec<IpAddr> = listening_ips.to_vec();
+            ips.extend(cfg.relay_ips.iter().copied());
+            server::net::interfaces_of(&ips)
+                .map_err(|e| format!("cannot list interfaces: {e}"))?
+                .into_iter()
+                .filter(|i| i != "lo")
+                .collect()
+        } else {
+            cfg.ebpf_offload_interfaces.clone()
+        };
+        if interfaces.is_empty() {
+            return Err(format!(
+                "no interface but loopback holds {} (name one with ebpf-offload-interface)",
+                listening_ips
+                    .iter()
+                    .map(IpAddr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let mut o = server::offload::Offload::load()?;
+        for i in &interfaces {
+            o.attach(i)?;
+        }
+        Ok((o, interfaces))
+    };
+    match mode {
+        EbpfOffload::Off => Ok(None),
+        _ => match attempt() {
+            Ok((o, interfaces)) => {
+                info!(
+                    "ebpf-offload={}: channel bindings of UDP clients are relayed in the kernel on {}",
+                    mode.name(),
+                    interfaces.join(", ")
+                );
+                Ok(Some(o))
+            }
+            Err(e) if mode == EbpfOffload::Auto => {
+                info!("ebpf-offload=auto: {e}; relaying through sockets");
+                Ok(None)
+            }
+            Err(e) => Err(cfg
+                .error("ebpf-offload", format!("{}: {e}", mode.name()))
+                .to_string()),
+        },
+    }
 }
 
 /// An open files limit below which start-up warns: a server that can

@@ -36,6 +36,25 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The names of the interfaces that hold any of `ips`, each once.
+pub fn interfaces_of(ips: &[IpAddr]) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if ips.contains(&ip) && !out.contains(&ifa.interface_name) {
+            out.push(ifa.interface_name);
+        }
+    }
+    Ok(out)
+}
+
 fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     if addr.is_ipv6() {

@@ -57,6 +57,13 @@ pub struct Shared {
     /// Serving, or handing over to a successor ([`super::takeover`]):
     /// accept loops and DTLS listeners wait while it is not `Serving`.
     pub phase: tokio::sync::watch::Sender<Phase>,
+    /// The eBPF fast path (`ebpf-offload`), when loaded: its maps are
+    /// shared by every worker, touched when a channel is bound or an
+    /// allocation ends or moves, and read once a second.
+    pub offload: Option<std::sync::Mutex<super::offload::Offload>>,
+    /// What the fast path relayed: packets and payload bytes to peers,
+    /// then to clients.
+    pub offloaded: [AtomicU64; 4],
 }
 
 /// Where the process is in a live takeover.

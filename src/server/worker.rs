@@ -200,6 +200,16 @@ pub(super) struct Worker {
     tcp_listeners: Vec<(SocketAddr, bool, OwnedFd)>,
     /// The allocations saved for a successor while frozen.
     frozen: Option<Vec<AllocationId>>,
+    /// Channel bindings of this worker's allocations installed in the eBPF
+    /// fast path, with the counters last added to the core.
+    offloaded: HashMap<AllocationId, Vec<Offloaded>>,
+}
+
+/// A channel binding the fast path relays, and what of its traffic the
+/// core has been told about (to peer, to client).
+struct Offloaded {
+    binding: super::offload::Binding,
+    told: (super::offload::Counters, super::offload::Counters),
 }
 
 /// A client message waiting for credentials: its 5-tuple, link and bytes.
@@ -253,6 +263,14 @@ impl Worker {
         link: u32,
         data: &[u8],
     ) -> ClientAction {
+        // A Refresh may end the allocation: what the fast path relayed for
+        // it is counted first, so its last counts are exact.
+        if !self.offloaded.is_empty()
+            && data.starts_with(&[0x00, 0x04])
+            && let Some(id) = self.core.allocation_for(ft)
+        {
+            self.sync_offloaded(Some(id));
+        }
         let Worker {
             core,
             shared,
@@ -433,6 +451,7 @@ impl Worker {
                             d.remove(&five_tuple);
                         }
                     }
+                    self.unload_channels(id);
                     if self.relay(id).is_some() {
                         // Closing the socket takes it out of the epoll set;
                         // it closes before its port goes back to the pool.
@@ -451,6 +470,14 @@ impl Worker {
                     }
                     self.shared.pool.release(relayed.port());
                 }
+                Event::ChannelBound {
+                    id,
+                    five_tuple,
+                    relayed,
+                    peer,
+                    number,
+                    expires,
+                } => self.offload_channel(id, five_tuple, relayed, peer, number, expires),
                 Event::Status(status) => {
                     let status: Arc<turn::AllocationStatus> = Arc::from(status);
                     if let Some(f) = &self.shared.fleet {
@@ -689,7 +716,12 @@ impl Worker {
     fn import(&mut self, moved: MovedAllocation, sockets: RelaySockets) {
         let ports = (moved.relayed(), moved.additional());
         match self.core.import(moved) {
-            Some(id) => self.adopt_relay_sockets(id, sockets),
+            Some(id) => {
+                self.adopt_relay_sockets(id, sockets);
+                // Its channels go back into the fast path, for this 5-tuple.
+                self.core.announce_channels(id, Instant::now());
+                self.apply_events();
+            }
             None => {
                 drop(sockets);
                 self.shared.pool.release(ports.0.port());
@@ -700,12 +732,118 @@ impl Worker {
         }
     }
 
+    /// Installs (or refreshes) a channel binding in the eBPF fast path.
+    fn offload_channel(
+        &mut self,
+        id: AllocationId,
+        ft: FiveTuple,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        channel: u16,
+        expires: Instant,
+    ) {
+        let Some(offload) = &self.shared.offload else {
+            return;
+        };
+        let binding = super::offload::Binding {
+            client: ft.client,
+            server: ft.server,
+            relayed,
+            peer,
+            channel,
+            expires_ns: super::offload::monotonic_ns(expires),
+        };
+        let installed = offload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .install(&binding);
+        if let Err(e) = installed {
+            debug!("{ft}: channel {channel:#06x} stays in user space: {e}");
+            return;
+        }
+        let list = self.offloaded.entry(id).or_default();
+        match list.iter_mut().find(|o| o.binding.channel == channel) {
+            Some(o) => o.binding = binding,
+            None => list.push(Offloaded {
+                binding,
+                told: Default::default(),
+            }),
+        }
+    }
+
+    /// Adds what the fast path relayed since the last call to the core's
+    /// counters (of allocation `only`, or of every one): before anything
+    /// that may end an allocation, so its final counts and log line are
+    /// exact, and once a second for metrics.
+    fn sync_offloaded(&mut self, only: Option<AllocationId>) {
+        let Some(offload) = &self.shared.offload else {
+            return;
+        };
+        if self.offloaded.is_empty() {
+            return;
+        }
+        let mut o = offload.lock().unwrap_or_else(|e| e.into_inner());
+        for (&id, list) in self.offloaded.iter_mut() {
+            if only.is_some_and(|x| x != id) {
+                continue;
+            }
+            for ch in list.iter_mut() {
+                let Ok((up, down)) = o.counters(&ch.binding) else {
+                    continue;
+                };
+                let t = turn::Traffic {
+                    to_peer_packets: up.packets.saturating_sub(ch.told.0.packets),
+                    to_peer_bytes: up.bytes.saturating_sub(ch.told.0.bytes),
+                    to_client_packets: down.packets.saturating_sub(ch.told.1.packets),
+                    to_client_bytes: down.bytes.saturating_sub(ch.told.1.bytes),
+                };
+                ch.told = (up, down);
+                self.core.add_offloaded(id, &t);
+                let totals = &self.shared.offloaded;
+                totals[0].fetch_add(t.to_peer_packets, Ordering::Relaxed);
+                totals[1].fetch_add(t.to_peer_bytes, Ordering::Relaxed);
+                totals[2].fetch_add(t.to_client_packets, Ordering::Relaxed);
+                totals[3].fetch_add(t.to_client_bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes allocation `id`'s bindings out of the fast path (it ended,
+    /// or moves to another worker or process): its datagrams reach the
+    /// sockets again.
+    fn unload_channels(&mut self, id: AllocationId) {
+        let Some(list) = self.offloaded.remove(&id) else {
+            return;
+        };
+        if let Some(offload) = &self.shared.offload {
+            let mut o = offload.lock().unwrap_or_else(|e| e.into_inner());
+            for ch in list {
+                o.remove(&ch.binding);
+            }
+        }
+    }
+
+    /// Counts and takes out of the fast path allocation `id`'s bindings
+    /// before it leaves this worker.
+    fn before_export(&mut self, id: AllocationId) {
+        self.sync_offloaded(Some(id));
+        self.unload_channels(id);
+    }
+
     /// Stops reading what a successor process takes over (the UDP
     /// listeners and the relay sockets of UDP allocations; accept loops and
     /// DTLS listeners wait on [`super::Phase`]) and answers with copies of
     /// their descriptors, the allocations saved and the counters.
     fn freeze(&mut self) -> Frozen {
         let now = Instant::now();
+        // The fast path's counts go into the saved allocations, and its
+        // bindings out of this process's maps (the successor installs its
+        // own; thawing puts them back).
+        self.sync_offloaded(None);
+        let offloaded: Vec<AllocationId> = self.offloaded.keys().copied().collect();
+        for id in offloaded {
+            self.unload_channels(id);
+        }
         let epoll = &self.epoll.get_ref().0;
         for (sock, _) in &self.udp {
             let _ = epoll.delete(sock.as_fd());
@@ -804,6 +942,10 @@ impl Worker {
         for (_, conn) in self.conns.iter() {
             conn.handed.set(false);
         }
+        for &id in &ids {
+            self.core.announce_channels(id, Instant::now());
+        }
+        self.apply_events();
         let epoll = &self.epoll.get_ref().0;
         for (i, (sock, addr)) in self.udp.iter().enumerate() {
             if let Err(e) = epoll.add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
@@ -884,7 +1026,10 @@ impl Worker {
         };
         for ((id, socks), ports) in ids.into_iter().zip(sockets).zip(ports) {
             match id {
-                Some(id) => self.adopt_relay_sockets(id, socks),
+                Some(id) => {
+                    self.adopt_relay_sockets(id, socks);
+                    self.core.announce_channels(id, now);
+                }
                 None => {
                     drop(socks);
                     for p in ports {
@@ -1246,6 +1391,7 @@ async fn run(
         dtls: Vec::new(),
         tcp_listeners: Vec::new(),
         frozen: None,
+        offloaded: HashMap::new(),
     }));
     for stats in &sockets.stats {
         worker.borrow_mut().core.restore_stats(stats);
@@ -1367,6 +1513,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
                 request,
                 to,
             } => {
+                w.before_export(allocation);
                 let exported = if w.frozen.is_some() {
                     Err(ErrorCode::ServerError)
                 } else {
@@ -1403,6 +1550,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
             Mail::Pull { five_tuple, to } => {
                 let result = match w.core.allocation_for(&five_tuple) {
                     Some(id) if w.frozen.is_none() => {
+                        w.before_export(id);
                         let exported = w.core.export_unchanged(id);
                         w.with_relay_socket(id, exported)
                     }
@@ -1432,6 +1580,7 @@ async fn mailbox(worker: Handle, mut inbox: mpsc::UnboundedReceiver<Mail>) {
             Mail::Ready(wanted) => w.credentials_arrived(&wanted),
             Mail::Redirect(target) => w.core.set_redirect(target),
             Mail::EndUser(realm, user) => {
+                w.sync_offloaded(None);
                 let n = w.core.close_user(Instant::now(), realm.as_deref(), &user);
                 w.apply_events();
                 if n > 0 {
@@ -1599,6 +1748,7 @@ async fn timer(worker: Handle) {
                 );
             }
         }
+        w.sync_offloaded(None);
         w.core.handle_timeout(now);
         w.apply_events();
         w.prune_moves(now);

@@ -56,6 +56,9 @@ pub struct Config {
     /// MOBILITY-TICKET get a ticket, and a Refresh carrying it from another
     /// 5-tuple moves the allocation there. Off: MOBILITY-TICKET gets 405.
     pub mobility: bool,
+    /// The driver relays channel bindings below the sockets (an eBPF fast
+    /// path): the core announces them with [`super::Event::ChannelBound`].
+    pub offload_channels: bool,
     /// Key authenticating mobility tickets; shared by every worker.
     pub ticket_key: [u8; 32],
     /// Answers to unauthenticated requests (401, 438, 400, 420, 441) per
@@ -125,6 +128,7 @@ impl Config {
             allow_udp_relay: true,
             allow_tcp_relay: true,
             mobility: false,
+            offload_channels: false,
             ticket_key: [0; 32],
             unauthenticated_rate: Some(DEFAULT_UNAUTHENTICATED_RATE),
             report_allocations: false,

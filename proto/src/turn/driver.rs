@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::time::Instant;
 
 use super::{AllocationId, FiveTuple, Wanted};
 
@@ -237,5 +238,22 @@ pub enum Event {
     RelayClosed {
         id: AllocationId,
         relayed: SocketAddr,
+    },
+    /// With [`super::Config::offload_channels`]: channel `number` of
+    /// allocation `id` (client 5-tuple `five_tuple`, UDP) is bound to
+    /// `peer`, relayed from `relayed`, until `expires` (the channel's
+    /// expiry or its peer permission's, whichever is first). Sent when it
+    /// is bound or either is refreshed; the driver may relay it below the
+    /// sockets until `expires`, until the allocation closes or moves, and
+    /// must report what it relayed with [`super::Server::add_offloaded`].
+    /// Allocations with a `max-bps` limit are never announced (the core
+    /// shapes them).
+    ChannelBound {
+        id: AllocationId,
+        five_tuple: FiveTuple,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        number: u16,
+        expires: Instant,
     },
 }

@@ -8,7 +8,7 @@ use tracing::info;
 
 use super::allocation::{Allocation, Families};
 use super::request;
-use super::{CHANNEL_REBIND_GUARD, ClientAction, Family, FiveTuple, Server};
+use super::{AllocationId, CHANNEL_REBIND_GUARD, ClientAction, Family, FiveTuple, Server};
 use crate::auth::LongTermKey;
 use crate::stun::channel::{MAX_CHANNEL_RFC5766, MIN_CHANNEL};
 use crate::stun::{ErrorCode, MAX_ATTRIBUTES, Message};
@@ -184,7 +184,60 @@ impl Server {
                 a.add_permission(peer.ip(), expires);
             }
         }
+        self.announce_channels(id, now);
         self.success(out, msg, k)
+    }
+
+    /// With [`super::Config::offload_channels`]: an
+    /// [`super::Event::ChannelBound`] for each live channel of allocation
+    /// `id` whose peer is permitted at `now` (after a ChannelBind or
+    /// CreatePermission, or when the allocation arrives from another worker
+    /// or process).
+    pub fn announce_channels(&mut self, id: AllocationId, now: Instant) {
+        if !self.cfg.offload_channels {
+            return;
+        }
+        let Server {
+            allocations,
+            events,
+            ..
+        } = self;
+        let Some(a) = allocations.get(id.slot()).filter(|a| a.id == id) else {
+            return;
+        };
+        if a.five_tuple.transport != super::Transport::Udp || a.shaper.is_some() {
+            return;
+        }
+        for c in a.channels.iter().filter(|c| c.expires > now) {
+            let Some(permission) = a
+                .permissions
+                .iter()
+                .find(|p| p.ip == c.peer.ip() && p.expires > now)
+            else {
+                continue;
+            };
+            let relayed = std::iter::once(a.relayed)
+                .chain(a.additional.map(|r| r.relayed))
+                .find(|r| r.is_ipv4() == c.peer.is_ipv4());
+            if let Some(relayed) = relayed {
+                events.push_back(super::Event::ChannelBound {
+                    id,
+                    five_tuple: a.five_tuple,
+                    relayed,
+                    peer: c.peer,
+                    number: c.number,
+                    expires: c.expires.min(permission.expires),
+                });
+            }
+        }
+    }
+
+    /// Adds `traffic` relayed below the sockets for allocation `id` (the
+    /// driver's fast path) to its counters, as if the core had relayed it.
+    pub fn add_offloaded(&mut self, id: AllocationId, traffic: &super::Traffic) {
+        if let Some(a) = self.get_mut(id) {
+            a.traffic.add(traffic);
+        }
     }
 
     /// ChannelBind (RFC 8656 §11.2): binds or refreshes a channel and the
@@ -247,6 +300,7 @@ impl Server {
             }
         }
         a.add_permission(peer.ip(), permission_expires);
+        self.announce_channels(id, now);
         self.success(out, msg, k)
     }
 }

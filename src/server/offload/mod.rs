@@ -174,8 +174,11 @@ mod loaded {
         /// Loads the program into the kernel. Errors: no CAP_BPF /
         /// CAP_NET_ADMIN, a kernel without BPF, the verifier's refusal.
         pub fn load() -> Result<Offload, String> {
-            let mut bpf =
-                Ebpf::load(OBJECT).map_err(|e| format!("loading the eBPF program: {e}"))?;
+            let mut bpf = Ebpf::load(OBJECT).map_err(|e| {
+                format!(
+                    "loading the eBPF program: {e} (it needs CAP_BPF and CAP_NET_ADMIN, or root)"
+                )
+            })?;
             let prog: &mut SchedClassifier = bpf
                 .program_mut("turn_channel_data")
                 .ok_or("the eBPF object has no turn_channel_data")?

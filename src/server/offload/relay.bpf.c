@@ -12,7 +12,8 @@
 //                     address: a ChannelData header goes on and the datagram
 //                     leaves from the listening address to the client.
 //
-// Anything else is left to the kernel and the server's sockets, untouched:
+// Anything else is left to the kernel and the server's sockets, untouched
+// (TC_ACT_UNSPEC: the next program on the hook, if any, sees it too):
 // STUN, Send and Data indications, unknown channels, a ChannelData length
 // that does not match the datagram (padding), IPv4 options, fragments, IPv6
 // extension headers, GSO/GRO-coalesced frames, a datagram that would exceed
@@ -121,7 +122,7 @@ static __always_inline int pass(__u32 why)
 	__u64 *n = bpf_map_lookup_elem(&PASSED, &why);
 	if (n)
 		*n += 1;
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 // Sums `n` 16-bit words of `p` (raw, in packet order).
@@ -435,7 +436,7 @@ int turn_channel_data(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u32 l3 = sizeof(*eth);
 	int v6;
 	struct taddr src = {}, dst = {};
@@ -443,11 +444,11 @@ int turn_channel_data(struct __sk_buff *skb)
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = data + l3;
 		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		// No options, no fragments.
 		if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
 		    (ip->frag_off & bpf_htons(0x3fff)))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		v6 = 0;
 		src.family = dst.family = 4;
 		__builtin_memcpy(src.ip, &ip->saddr, 4);
@@ -456,25 +457,25 @@ int turn_channel_data(struct __sk_buff *skb)
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = data + l3;
 		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		// UDP right after the fixed header: no extension headers.
 		if (ip6->nexthdr != IPPROTO_UDP)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		v6 = 1;
 		src.family = dst.family = 6;
 		__builtin_memcpy(src.ip, &ip6->saddr, 16);
 		__builtin_memcpy(dst.ip, &ip6->daddr, 16);
 		udp = (void *)(ip6 + 1);
 	} else {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if ((void *)(udp + 1) > data_end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	src.port = udp->source;
 	dst.port = udp->dest;
 	__u32 udp_len = bpf_ntohs(udp->len);
 	if (udp_len < sizeof(*udp) || (void *)udp + udp_len != data_end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u16 payload = udp_len - sizeof(*udp);
 
 	// A datagram from a local sender whose checksum the device is to
@@ -503,7 +504,7 @@ int turn_channel_data(struct __sk_buff *skb)
 	// length that is exactly the rest of the datagram (no padding).
 	__u8 *cd = (void *)(udp + 1);
 	if ((void *)(cd + 4) > data_end || (cd[0] & 0xf0) != 0x40)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct client_key ck = {};
 	ck.client = src;
 	ck.server = dst;
