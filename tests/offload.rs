@@ -38,14 +38,49 @@ fn topology(tag: &str) -> Topology {
     // Fixed link addresses, and neighbours known both ways, as a relay's
     // first exchanges would have resolved them.
     let ends = [
-        (&client, "c0", "02:91:01:00:00:02", "10.91.1.2"),
-        (&relay, "r0", "02:91:01:00:00:01", "10.91.1.1"),
-        (&relay, "r1", "02:91:02:00:00:01", "10.91.2.1"),
-        (&peer, "p0", "02:91:02:00:00:02", "10.91.2.2"),
+        (
+            &client,
+            "c0",
+            "02:91:01:00:00:02",
+            "10.91.1.2",
+            "fd00:91:1::2",
+        ),
+        (
+            &relay,
+            "r0",
+            "02:91:01:00:00:01",
+            "10.91.1.1",
+            "fd00:91:1::1",
+        ),
+        (
+            &relay,
+            "r1",
+            "02:91:02:00:00:01",
+            "10.91.2.1",
+            "fd00:91:2::1",
+        ),
+        (
+            &peer,
+            "p0",
+            "02:91:02:00:00:02",
+            "10.91.2.2",
+            "fd00:91:2::2",
+        ),
     ];
-    for (ns, dev, mac, ip) in ends {
+    for (ns, dev, mac, ip, ip6) in ends {
         ns.ip(&["-n", &ns.name, "link", "set", dev, "address", mac]);
         ns.address(dev, &format!("{ip}/24"));
+        // No duplicate address detection: usable at once.
+        ns.ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ]);
     }
     for (ns, dev, other) in [
         (&client, "c0", 1),
@@ -53,20 +88,22 @@ fn topology(tag: &str) -> Topology {
         (&relay, "r1", 3),
         (&peer, "p0", 2),
     ] {
-        let (_, _, mac, ip) = ends[other];
-        ns.ip(&[
-            "-n",
-            &ns.name,
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
+        let (_, _, mac, ip, ip6) = ends[other];
+        for addr in [ip, ip6] {
+            ns.ip(&[
+                "-n",
+                &ns.name,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
     }
     // Client and peer send complete UDP checksums, as datagrams from
     // other hosts arrive (a local sender over veth leaves them to the
@@ -92,6 +129,30 @@ fn topology(tag: &str) -> Topology {
         "via",
         "10.91.2.1",
     ]);
+    client.ip(&[
+        "-n",
+        &client.name,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:91:1::1",
+    ]);
+    peer.ip(&[
+        "-n",
+        &peer.name,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:91:2::1",
+    ]);
+    // The kernel's route lookup for the program (bpf_fib_lookup) needs
+    // forwarding on the interfaces it is attached to.
+    relay.exec(&["sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"]);
+    relay.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
     Topology {
         client,
         relay,
@@ -224,6 +285,60 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     let (n, _) = server.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], &channel_data(0x4001, b"after")[..]);
     assert!(silent(&peer));
+
+    // IPv6, both ways.
+    let server6 = bind(&t.relay, "[fd00:91:1::1]:3478");
+    let relay6 = bind(&t.relay, "[fd00:91:2::1]:50000");
+    let client6 = bind(&t.client, "[fd00:91:1::2]:40000");
+    let peer6 = bind(&t.peer, "[fd00:91:2::2]:9000");
+    let b6 = Binding {
+        client: client6.local_addr().unwrap(),
+        server: server6.local_addr().unwrap(),
+        relayed: relay6.local_addr().unwrap(),
+        peer: peer6.local_addr().unwrap(),
+        channel: 0x4fff,
+        expires_ns: binding.expires_ns,
+    };
+    offload.install(&b6).unwrap();
+    for i in 0..20u32 {
+        let payload = format!("v6 up {i}");
+        client6
+            .send_to(&channel_data(0x4fff, payload.as_bytes()), b6.server)
+            .unwrap();
+        let (n, from) = peer6.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "IPv6 not relayed ({e}); left to the sockets: {:?}",
+                offload.passed()
+            )
+        });
+        assert_eq!((&buf[..n], from), (payload.as_bytes(), b6.relayed));
+        let payload = format!("v6 down {i}");
+        peer6.send_to(payload.as_bytes(), b6.relayed).unwrap();
+        let (n, from) = client6.recv_from(&mut buf).unwrap();
+        assert_eq!(from, b6.server);
+        assert_eq!(&buf[..n], &channel_data(0x4fff, payload.as_bytes())[..]);
+    }
+    assert!(silent(&server6) && silent(&relay6));
+    assert_eq!(offload.counters(&b6).unwrap().0.packets, 20);
+    assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
+    assert_eq!(in_netns(&t.peer.name, csum_errors), peer_errors);
+    offload.remove(&b6);
+
+    // Without forwarding on the interface the route lookup refuses, and
+    // the datagram takes the socket path.
+    offload.install(&binding).unwrap();
+    t.relay
+        .exec(&["sysctl", "-q", "-w", "net.ipv4.conf.r0.forwarding=0"]);
+    let refused = offload.passed().unwrap()[2];
+    client
+        .send_to(&channel_data(0x4001, b"no forwarding"), binding.server)
+        .unwrap();
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &channel_data(0x4001, b"no forwarding")[..]);
+    assert_eq!(offload.passed().unwrap()[2], refused + 1);
+    t.relay
+        .exec(&["sysctl", "-q", "-w", "net.ipv4.conf.r0.forwarding=1"]);
+    offload.remove(&binding);
 
     // An expired binding is left to the sockets at once, whatever the
     // maps still hold.

@@ -1048,6 +1048,19 @@ fn offload(
         let mut o = server::offload::Offload::load()?;
         for i in &interfaces {
             o.attach(i)?;
+            // The program's route lookup (bpf_fib_lookup) refuses on an
+            // interface that does not forward: everything stays on the
+            // socket path there.
+            for (family, path) in [
+                ("ipv4", format!("/proc/sys/net/ipv4/conf/{i}/forwarding")),
+                ("ipv6", format!("/proc/sys/net/ipv6/conf/{i}/forwarding")),
+            ] {
+                if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+                    warn!(
+                        "ebpf-offload: {family} forwarding is off on {i}, so the kernel's route lookup refuses and its {family} channels stay on the socket path; set net.{family}.conf.{i}.forwarding=1 to offload them"
+                    );
+                }
+            }
         }
         Ok((o, interfaces))
     };
