@@ -570,3 +570,90 @@ fn auto_without_privileges_falls_back_to_sockets() {
     let (n, _) = peer.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"through sockets");
 }
+
+#[test]
+fn turnutils_uclient_relays_through_the_fast_path() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t = topology("u");
+    let port = free_ports(2);
+    let metrics_port = port + 1;
+    let dir = common::TempDir::new("offload-uclient");
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
+             min-port=50000\nmax-port=50400\nno-tls\nno-dtls\ncontrol-socket=\n\
+             lt-cred-mech\nuser=test:secret\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
+             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
+             ebpf-offload=tc\n"
+        ),
+    )
+    .unwrap();
+    let server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
+    // coturn's echo peer in the peer namespace.
+    let peer_bin = common::require_tool(
+        "turnutils_peer",
+        "coturn's client tools, unpacked by tests/run-all.sh",
+    );
+    let _peer = common::Background(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &t.peer.name])
+            .arg(peer_bin)
+            .args(["-L", "10.91.2.2", "-p", "9000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let p = port.to_string();
+    let out = common::run_uclient_in(
+        Some(&t.client.name),
+        &[
+            "-u",
+            "test",
+            "-w",
+            "secret",
+            "-e",
+            "10.91.2.2",
+            "-r",
+            "9000",
+            "-p",
+            &p,
+            "-m",
+            "4",
+            "-n",
+            "200",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ],
+        "10.91.1.1",
+        800,
+        &|| server.log(),
+    );
+    let lost = out
+        .lines()
+        .find(|l| l.contains("Total lost packets"))
+        .unwrap();
+    eprintln!("uclient through the fast path: {lost}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
+    let body = in_netns(&t.client.name, move || {
+        common::http_get(metrics_addr, "/metrics").1
+    });
+    let up = common::metric(&body, "turn_offloaded_packets_total{direction=\"to_peer\"}").unwrap();
+    let down = common::metric(
+        &body,
+        "turn_offloaded_packets_total{direction=\"to_client\"}",
+    )
+    .unwrap();
+    let passed: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("turn_offload_passed_total"))
+        .collect();
+    eprintln!("offloaded: {up} to peers, {down} to clients; left to the sockets: {passed:?}");
+    assert!(up > 0.0 && down > 0.0, "{body}");
+}

@@ -221,6 +221,29 @@ impl Collector for TurnCollector {
             "direction",
             &[("to_peer", offloaded(1)), ("to_client", offloaded(3))],
         )?;
+        if let Some(o) = &self.shared.offload {
+            let passed = o
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .passed()
+                .unwrap_or_default();
+            let reasons = [
+                "no_binding",
+                "shape",
+                "route",
+                "mtu",
+                "partial_checksum",
+                "expired",
+            ];
+            let values: Vec<(&str, u64)> = reasons.iter().copied().zip(passed).collect();
+            counters(
+                e,
+                "turn_offload_passed",
+                "Datagrams the eBPF fast path left to the sockets, by reason",
+                "reason",
+                &values,
+            )?;
+        }
         gauge(
             e,
             "turn_permissions",

@@ -15,11 +15,29 @@ pub fn run_uclient(
     min_msgs: u64,
     server_log: &dyn Fn() -> String,
 ) -> String {
+    run_uclient_in(None, args, server_ip, min_msgs, server_log)
+}
+
+/// [`run_uclient`] inside network namespace `netns` when given.
+pub fn run_uclient_in(
+    netns: Option<&str>,
+    args: &[&str],
+    server_ip: &str,
+    min_msgs: u64,
+    server_log: &dyn Fn() -> String,
+) -> String {
     let bin = require_tool(
         "turnutils_uclient",
         "coturn's client tools, unpacked by tests/run-all.sh",
     );
-    let mut cmd = Command::new(bin);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.args(args).arg(server_ip);
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(90));
     let lost = out
