@@ -463,6 +463,7 @@ impl Worker {
                     }
                 }
                 Event::RelayClosed { id, relayed } => {
+                    self.unload_family(id, relayed);
                     if self.relay(id).is_some()
                         && let Some(r) = self.relays[id.slot()].as_mut()
                     {
@@ -818,6 +819,25 @@ impl Worker {
         if let Some(offload) = &self.shared.offload {
             let mut o = offload.lock().unwrap_or_else(|e| e.into_inner());
             for ch in list {
+                o.remove(&ch.binding);
+            }
+        }
+    }
+
+    /// Takes out of the fast path the bindings of allocation `id` that
+    /// relay from `relayed` (one family of a dual allocation ended).
+    fn unload_family(&mut self, id: AllocationId, relayed: SocketAddr) {
+        self.sync_offloaded(Some(id));
+        let Some(list) = self.offloaded.get_mut(&id) else {
+            return;
+        };
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+            .into_iter()
+            .partition(|o| o.binding.relayed == relayed);
+        *list = kept;
+        if let Some(offload) = &self.shared.offload {
+            let mut o = offload.lock().unwrap_or_else(|e| e.into_inner());
+            for ch in gone {
                 o.remove(&ch.binding);
             }
         }
