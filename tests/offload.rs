@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{Client, NetNs, channel_bind_attrs, channel_data, free_ports, in_netns};
 use turnserver::server::offload::{Binding, Offload};
-use turnserver::stun::method;
+use turnserver::stun::{Class, MessageWriter, attr, method};
 
 /// Three namespaces: client (10.91.1.2), relay (10.91.1.1 on r0 and
 /// 10.91.2.1 on r1), peer (10.91.2.2).
@@ -474,8 +474,24 @@ fn the_server_offloads_channels_with_ebpf_offload_tc() {
         assert_eq!(from, server_addr);
         assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
     }
+    // What the program does not own goes to user space, which relays it
+    // as it would without the fast path: a Send indication, and
+    // ChannelData padded to four bytes, as over TCP.
+    let mut send = Vec::new();
+    MessageWriter::new(&mut send, method::SEND, Class::Indication, &[7; 12])
+        .xor_address(attr::XOR_PEER_ADDRESS, peer_addr)
+        .attr(attr::DATA, b"by indication");
+    client.sock.send_to(&send, server_addr).unwrap();
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"by indication"[..], relayed));
+    let mut padded = channel_data(0x4001, b"padded");
+    padded.extend([0, 0]);
+    client.sock.send_to(&padded, server_addr).unwrap();
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"padded"[..], relayed));
     // Metrics: every packet went through the fast path and is counted as
-    // relayed, exactly (workers add the fast path's counts every second).
+    // relayed, exactly (workers add the fast path's counts every second);
+    // the two above were relayed by user space.
     std::thread::sleep(Duration::from_millis(2100));
     let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
     let body = in_netns(&t.client.name, move || {
@@ -484,7 +500,7 @@ fn the_server_offloads_channels_with_ebpf_offload_tc() {
     for (name, want) in [
         ("turn_offloaded_packets_total{direction=\"to_peer\"}", N),
         ("turn_offloaded_packets_total{direction=\"to_client\"}", N),
-        ("turn_relayed_packets_total{direction=\"to_peer\"}", N),
+        ("turn_relayed_packets_total{direction=\"to_peer\"}", N + 2),
         ("turn_relayed_packets_total{direction=\"to_client\"}", N),
     ] {
         assert_eq!(
@@ -498,7 +514,7 @@ fn the_server_offloads_channels_with_ebpf_offload_tc() {
     assert!(client.delete("alice", "alicepw").is_success());
     let log = server.log();
     assert!(
-        log.contains(&format!("to_peer_packets={N}"))
+        log.contains(&format!("to_peer_packets={}", N + 2))
             && log.contains(&format!("to_client_packets={N}")),
         "{log}"
     );
@@ -656,4 +672,87 @@ fn turnutils_uclient_relays_through_the_fast_path() {
         .collect();
     eprintln!("offloaded: {up} to peers, {down} to clients; left to the sockets: {passed:?}");
     assert!(up > 0.0 && down > 0.0, "{body}");
+}
+
+#[test]
+fn max_bps_and_bps_capacity_hold_with_the_fast_path() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t = topology("b");
+    let port = free_ports(2);
+    let metrics_port = port + 1;
+    let dir = common::TempDir::new("offload-bps");
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
+             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket=\n\
+             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
+             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
+             max-bps=10000\nbps-capacity=15000\nebpf-offload=tc\n"
+        ),
+    )
+    .unwrap();
+    let server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
+    assert!(
+        server.log().contains("ebpf-offload=tc: "),
+        "{}",
+        server.log()
+    );
+    let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
+    let peer = bind(&t.peer, "10.91.2.2:9000");
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut client = in_netns(&t.client.name, move || {
+        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
+    });
+    assert!(client.allocate("alice", "alicepw").is_success());
+    let r = client.signed(
+        method::CHANNEL_BIND,
+        &channel_bind_attrs(0x4001, peer_addr),
+        "alice",
+        "alicepw",
+    );
+    assert!(r.is_success(), "{:?}", r.code());
+    // A shaped allocation stays in user space, which drops what exceeds
+    // max-bps: a one-second burst of 10,000 bytes is ten datagrams of
+    // 1000, plus what refills while they are sent.
+    let frame = channel_data(0x4001, &[7u8; 1000]);
+    for _ in 0..100 {
+        client.sock.send_to(&frame, server_addr).unwrap();
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while peer.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    assert!((5..=15).contains(&got), "{got} of 100 datagrams relayed");
+    // bps-capacity: 15,000 of it is reserved by one allocation of 10,000,
+    // so a second is refused.
+    let mut second = in_netns(&t.client.name, move || {
+        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
+    });
+    assert!(!second.allocate("alice", "alicepw").is_success());
+    assert!(
+        server.log().contains("bps-capacity exhausted"),
+        "{}",
+        server.log()
+    );
+    // Nothing of it went through the kernel.
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
+    let body = in_netns(&t.client.name, move || {
+        common::http_get(metrics_addr, "/metrics").1
+    });
+    assert_eq!(
+        common::metric(&body, "turn_offloaded_packets_total{direction=\"to_peer\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        common::metric(&body, "turn_relayed_packets_total{direction=\"to_peer\"}"),
+        Some(got as f64),
+        "{body}"
+    );
 }

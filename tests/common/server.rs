@@ -85,6 +85,15 @@ impl Server {
         let mut preamble = format!(
             "listening-ip=127.0.0.1\nlistening-port={port}\ntls-listening-port={tls_port}\nmin-port={min}\nmax-port={max}\ncontrol-socket=\n"
         );
+        // TURNSERVER_TEST_EBPF_OFFLOAD=tc runs the test with the eBPF fast
+        // path attached to loopback (tests/run-all.sh runs the relay tests
+        // once so): the workers mirror every channel binding into its maps
+        // and read its counters back; the program leaves loopback traffic
+        // to the sockets (the route lookup does not forward to local
+        // addresses), so every test must pass unchanged.
+        if let Ok(mode) = std::env::var("TURNSERVER_TEST_EBPF_OFFLOAD") {
+            preamble.push_str(&format!("ebpf-offload={mode}\nebpf-offload-interface=lo\n"));
+        }
         if opts.tls {
             let (cert, key) = write_test_cert(&dir);
             preamble.push_str(&format!(

@@ -10,8 +10,9 @@
 //! client. Everything else reaches the sockets as before (see the program's
 //! header comment). [`Offload::counters`] reads back what was relayed.
 //!
-//! Not yet wired into the server: nothing installs bindings from the core's
-//! decisions, and there is no `ebpf-offload` option yet.
+//! The workers (`server::worker`) install the bindings the core announces
+//! (`turn::Event::ChannelBound`), take them out when an allocation ends or
+//! moves, and add the counters to the core's (`ebpf-offload` option).
 
 use std::net::SocketAddr;
 
@@ -111,7 +112,9 @@ struct ToPeer {
     relay: TAddr,
     peer: TAddr,
     expires_ns: u64,
-    c: Counters,
+    /// The binding's entry in `COUNTERS`.
+    slot: u32,
+    pad: u32,
 }
 
 #[repr(C)]
@@ -120,10 +123,21 @@ struct ToClient {
     server: TAddr,
     client: TAddr,
     channel: u16,
-    pad: [u16; 3],
+    pad: u16,
+    slot: u32,
     expires_ns: u64,
-    c: Counters,
 }
+
+/// `struct binding_counters`: one CPU's counts of one binding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct BindingCounters {
+    to_peer: Counters,
+    to_client: Counters,
+}
+
+/// Bindings the maps hold at most (`MAX_BINDINGS` of the program).
+const MAX_BINDINGS: u32 = 65536;
 
 impl Binding {
     fn client_key(&self) -> ClientKey {
@@ -140,6 +154,18 @@ impl Binding {
             peer: self.peer.into(),
             relay: self.relayed.into(),
         }
+    }
+
+    /// What identifies a binding across refreshes: everything but its
+    /// expiry.
+    fn identity(&self) -> (SocketAddr, SocketAddr, SocketAddr, SocketAddr, u16) {
+        (
+            self.client,
+            self.server,
+            self.relayed,
+            self.peer,
+            self.channel,
+        )
     }
 }
 
@@ -160,6 +186,8 @@ mod loaded {
     unsafe impl aya::Pod for ToPeer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ToClient {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BindingCounters {}
 
     /// The program's object file, built by build.rs.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -168,6 +196,13 @@ mod loaded {
     /// the process dies: TCX links die with their last descriptor).
     pub struct Offload {
         bpf: Ebpf,
+        /// The `COUNTERS` slot of each installed binding.
+        slots:
+            std::collections::HashMap<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, u16), u32>,
+        /// Unused slots, the longest unused first: a datagram the program
+        /// was relaying when its binding was removed counts in a slot that
+        /// no new binding has taken yet.
+        free: std::collections::VecDeque<u32>,
     }
 
     impl Offload {
@@ -186,7 +221,11 @@ mod loaded {
                 .map_err(|e| format!("turn_channel_data: {e}"))?;
             prog.load()
                 .map_err(|e| format!("loading turn_channel_data: {e}"))?;
-            Ok(Offload { bpf })
+            Ok(Offload {
+                bpf,
+                slots: Default::default(),
+                free: (0..MAX_BINDINGS).collect(),
+            })
         }
 
         /// Attaches the program to the ingress of `interface` (a TCX link,
@@ -221,31 +260,74 @@ mod loaded {
                 .map_err(|e| format!("TO_CLIENT: {e}"))
         }
 
+        fn counter_map(
+            &mut self,
+        ) -> Result<aya::maps::PerCpuArray<&mut aya::maps::MapData, BindingCounters>, String>
+        {
+            aya::maps::PerCpuArray::try_from(self.bpf.map_mut("COUNTERS").ok_or("no COUNTERS map")?)
+                .map_err(|e| format!("COUNTERS: {e}"))
+        }
+
         /// Relays `b` in the kernel from now on, both ways, until its
-        /// expiry; installing it again moves the expiry and keeps the
-        /// counters.
+        /// expiry; installing it again moves the expiry and keeps counting
+        /// (the counts live apart from the binding, so none is lost to the
+        /// refresh). Errors: the maps are full (65,536 bindings), the
+        /// kernel refused.
         pub fn install(&mut self, b: &Binding) -> Result<(), String> {
-            let (up, down) = self.counters(b).unwrap_or_default();
+            let slot = match self.slots.get(&b.identity()) {
+                Some(&slot) => slot,
+                None => {
+                    let slot = self
+                        .free
+                        .pop_front()
+                        .ok_or("the fast path holds 65536 bindings already")?;
+                    let cpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
+                    let zero =
+                        aya::maps::PerCpuValues::try_from(vec![BindingCounters::default(); cpus])
+                            .map_err(|e| format!("COUNTERS: {e}"));
+                    let zeroed = zero.and_then(|z| {
+                        self.counter_map()?
+                            .set(slot, z, 0)
+                            .map_err(|e| format!("COUNTERS: {e}"))
+                    });
+                    if let Err(e) = zeroed {
+                        self.free.push_front(slot);
+                        return Err(e);
+                    }
+                    self.slots.insert(b.identity(), slot);
+                    slot
+                }
+            };
             let to_peer = ToPeer {
                 relay: b.relayed.into(),
                 peer: b.peer.into(),
                 expires_ns: b.expires_ns,
-                c: up,
+                slot,
+                pad: 0,
             };
             let to_client = ToClient {
                 server: b.server.into(),
                 client: b.client.into(),
                 channel: b.channel,
-                pad: [0; 3],
+                pad: 0,
+                slot,
                 expires_ns: b.expires_ns,
-                c: down,
             };
-            self.peer_map()?
-                .insert(b.client_key(), to_peer, 0)
-                .map_err(|e| format!("installing {b:?}: {e}"))?;
-            self.client_map()?
-                .insert(b.peer_key(), to_client, 0)
-                .map_err(|e| format!("installing {b:?}: {e}"))
+            let installed = self
+                .peer_map()
+                .and_then(|mut m| {
+                    m.insert(b.client_key(), to_peer, 0)
+                        .map_err(|e| format!("installing {b:?}: {e}"))
+                })
+                .and_then(|()| {
+                    self.client_map()?
+                        .insert(b.peer_key(), to_client, 0)
+                        .map_err(|e| format!("installing {b:?}: {e}"))
+                });
+            if installed.is_err() {
+                self.remove(b);
+            }
+            installed
         }
 
         /// Stops relaying `b` in the kernel: its datagrams reach the
@@ -258,6 +340,9 @@ mod loaded {
             }
             if let Ok(mut m) = self.client_map() {
                 let _ = m.remove(&b.peer_key());
+            }
+            if let Some(slot) = self.slots.remove(&b.identity()) {
+                self.free.push_back(slot);
             }
             counters
         }
@@ -284,18 +369,27 @@ mod loaded {
         }
 
         /// What the kernel relayed for `b` so far: to the peer, to the
-        /// client.
+        /// client (every CPU's counts added up). Error: `b` is not
+        /// installed.
         pub fn counters(&mut self, b: &Binding) -> Result<(Counters, Counters), String> {
-            let up = self
-                .peer_map()?
-                .get(&b.client_key(), 0)
-                .map_err(|e| format!("{b:?}: {e}"))?
-                .c;
-            let down = self
-                .client_map()?
-                .get(&b.peer_key(), 0)
-                .map_err(|e| format!("{b:?}: {e}"))?
-                .c;
+            let slot = *self
+                .slots
+                .get(&b.identity())
+                .ok_or_else(|| format!("{b:?} is not installed"))?;
+            let per_cpu = self
+                .counter_map()?
+                .get(&slot, 0)
+                .map_err(|e| format!("{b:?}: {e}"))?;
+            let add = |sum: &mut Counters, c: &Counters| {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.last_ns = sum.last_ns.max(c.last_ns);
+            };
+            let (mut up, mut down) = (Counters::default(), Counters::default());
+            for c in per_cpu.iter() {
+                add(&mut up, &c.to_peer);
+                add(&mut down, &c.to_client);
+            }
             Ok((up, down))
         }
     }
@@ -352,8 +446,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<TAddr>(), 20);
         assert_eq!(std::mem::size_of::<ClientKey>(), 44);
         assert_eq!(std::mem::size_of::<PeerKey>(), 40);
-        assert_eq!(std::mem::size_of::<ToPeer>(), 72);
-        assert_eq!(std::mem::size_of::<ToClient>(), 80);
+        assert_eq!(std::mem::size_of::<ToPeer>(), 56);
+        assert_eq!(std::mem::size_of::<ToClient>(), 56);
+        assert_eq!(std::mem::size_of::<BindingCounters>(), 48);
         let t = TAddr::from("10.0.0.1:3478".parse::<SocketAddr>().unwrap());
         assert_eq!(&t.ip[..5], &[10, 0, 0, 1, 0]);
         assert_eq!(t.port.to_ne_bytes(), [0x0d, 0x96]);

@@ -69,37 +69,58 @@ struct counters {
 	__u64 last_ns;
 };
 
+// Both directions of one binding, in its slot of COUNTERS.
+struct binding_counters {
+	struct counters to_peer;
+	struct counters to_client;
+};
+
 // Each direction of a binding holds until `expires_ns` (CLOCK_MONOTONIC):
 // the channel's expiry or its peer permission's, whichever comes first.
+// `slot` is the binding's entry in COUNTERS, which user space assigns and
+// never rewrites while the binding lives: refreshing a binding (a new
+// expiry) replaces the map value and leaves the counts alone.
 struct to_peer {
 	struct taddr relay;
 	struct taddr peer;
 	__u64 expires_ns;
-	struct counters c;
+	__u32 slot;
+	__u32 pad;
 };
 
 struct to_client {
 	struct taddr server;
 	struct taddr client;
 	__u16 channel;
-	__u16 pad[3];
+	__u16 pad;
+	__u32 slot;
 	__u64 expires_ns;
-	struct counters c;
 };
+
+#define MAX_BINDINGS 65536
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_BINDINGS);
 	__type(key, struct client_key);
 	__type(value, struct to_peer);
 } TO_PEER SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_BINDINGS);
 	__type(key, struct peer_key);
 	__type(value, struct to_client);
 } TO_CLIENT SEC(".maps");
+
+// Per-CPU counts of each binding (no atomic operations on the data path;
+// user space adds the CPUs up).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_BINDINGS);
+	__type(key, __u32);
+	__type(value, struct binding_counters);
+} COUNTERS SEC(".maps");
 
 // Datagrams left to user space, by reason (see PASS_* below), for
 // diagnostics.
@@ -216,10 +237,16 @@ static __always_inline __be32 pair(__be16 first, __be16 second)
 	return word;
 }
 
-static __always_inline void count(struct counters *c, __u64 bytes)
+// Counts one datagram of `bytes` payload bytes in this CPU's copy of
+// `slot`: to the peer, or to the client.
+static __always_inline void count(__u32 slot, int to_client, __u64 bytes)
 {
-	__sync_fetch_and_add(&c->packets, 1);
-	__sync_fetch_and_add(&c->bytes, bytes);
+	struct binding_counters *b = bpf_map_lookup_elem(&COUNTERS, &slot);
+	if (!b)
+		return;
+	struct counters *c = to_client ? &b->to_client : &b->to_peer;
+	c->packets += 1;
+	c->bytes += bytes;
 	c->last_ns = bpf_ktime_get_ns();
 }
 
@@ -321,7 +348,7 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct to_peer *v, int
 	udp->check = check;
 	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	count(&v->c, payload);
+	count(v->slot, 0, payload);
 	return bpf_redirect(ifindex, 0);
 }
 
@@ -422,7 +449,7 @@ static __always_inline int to_client(struct __sk_buff *skb, struct to_client *v,
 	__builtin_memcpy(udp + 1, &header, 4);
 	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	count(&v->c, payload);
+	count(v->slot, 1, payload);
 	return bpf_redirect(ifindex, 0);
 }
 
