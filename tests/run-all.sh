@@ -119,6 +119,12 @@ echo "==> cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked --workspace
+# The relay tests once more with the eBPF fast path loaded and attached to
+# loopback (tests/common/server.rs): every channel binding goes through its
+# maps, and everything must behave as without it.
+echo "==> cargo test, relay tests with ebpf-offload=tc"
+TURNSERVER_TEST_EBPF_OFFLOAD=tc cargo test --locked --test protocol --test limits \
+    --test rfc8489 --test uclient --test dual --test hostile --test tcp_relay
 echo "==> Debian package (tests/package.sh, in a Debian root of its own)"
 as_root env "PATH=$PATH" "TMPDIR=$TMPDIR" ./tests/package.sh
 # The documented comparison against coturn and the kernel floor, one short

@@ -110,6 +110,19 @@ impl Server {
         args.extend(opts.args);
         let mut s = Server::launch_env(args, port, tls_port, dir, &opts.env, opts.open_files);
         s.preamble = preamble;
+        if std::env::var_os("TURNSERVER_TEST_EBPF_OFFLOAD").is_some() {
+            // The log is written by a thread of its own: wait for the line.
+            let loaded = "channel bindings of UDP clients are relayed in the kernel on lo";
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !s.log_text().contains(loaded) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let log = s.log_text();
+            assert!(
+                log.contains(loaded),
+                "TURNSERVER_TEST_EBPF_OFFLOAD: the fast path did not load\n{log}"
+            );
+        }
         s
     }
 
