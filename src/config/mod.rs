@@ -299,11 +299,13 @@ pub enum EbpfOffload {
     /// Sockets only.
     #[default]
     Off,
-    /// TC when it can be loaded, else sockets (with one log line).
+    /// XDP (driver mode) where every interface is a network card whose
+    /// driver has it, else TC; sockets when neither loads (with one log
+    /// line).
     Auto,
     /// TC (TCX links), or refuse to start.
     Tc,
-    /// XDP, or refuse to start (not available yet).
+    /// XDP in driver mode (XDP links), or refuse to start.
     Xdp,
 }
 

@@ -829,7 +829,18 @@ fn prepare_with(
         return Err("no address to listen on".to_string());
     }
     let dtls = dtls_certificate(cfg)?;
-    let plan = listener_plan(cfg, &listening_ips, tls.is_some(), dtls.is_some());
+    let offload = offload(cfg, &listening_ips)?;
+    let mut plan = listener_plan(cfg, &listening_ips, tls.is_some(), dtls.is_some());
+    // With the fast path, UDP GRO stays off: a network card's GRO would
+    // coalesce a channel's datagrams for a socket that asked for it into
+    // one frame, which the program must leave to user space.
+    let udp_gro = cfg.udp_gro && offload.is_none();
+    if cfg.udp_gro && !udp_gro {
+        info!(
+            "ebpf-offload: UDP GRO is off on the sockets, so that the fast path sees every datagram"
+        );
+    }
+    plan.udp_gro = udp_gro;
     if plan.udp.is_empty() && plan.tcp.is_empty() {
         return Err("every listener is turned off (no-udp, no-tcp, no TLS)".to_string());
     }
@@ -849,7 +860,6 @@ fn prepare_with(
         report_allocations: fleet_redis.is_some() || cfg.redis_statsdb.is_some(),
         offload: false,
     };
-    let offload = offload(cfg, &listening_ips)?;
     let fixed = Fixed {
         offload: offload.is_some(),
         ..fixed
@@ -964,7 +974,7 @@ fn prepare_with(
         reservations: Reservations::default(),
         relay_device: cfg.relay_device.clone(),
         relay_buffer: cfg.sock_buf_size,
-        relay_gro: cfg.udp_gro,
+        relay_gro: udp_gro,
         streams: StreamCount::new(cfg.max_stream_connections_per_ip),
         proxy_allow: arc_swap::ArcSwap::from_pointee(cfg.proxy_protocol_allow.clone()),
         tcp_waiting: Default::default(),
@@ -1020,10 +1030,7 @@ fn offload(
 ) -> Result<Option<server::offload::Offload>, String> {
     use config::EbpfOffload;
     let mode = cfg.ebpf_offload;
-    let attempt = || -> Result<(server::offload::Offload, Vec<String>), String> {
-        if mode == EbpfOffload::Xdp {
-            return Err("the XDP variant is not available yet (use tc or auto)".to_string());
-        }
+    let attempt = || -> Result<(server::offload::Offload, Vec<String>, &'static str), String> {
         let interfaces = if cfg.ebpf_offload_interfaces.is_empty() {
             let mut ips: Vec<IpAddr> = listening_ips.to_vec();
             ips.extend(cfg.relay_ips.iter().copied());
@@ -1046,8 +1053,39 @@ fn offload(
             ));
         }
         let mut o = server::offload::Offload::load()?;
+        // XDP (driver mode) with `xdp`, and with `auto` where every
+        // interface is a network card's (a virtual one, veth in a
+        // container, takes XDP redirects only when its peer runs NAPI)
+        // and its driver has native XDP; TC otherwise.
+        let xdp = match mode {
+            EbpfOffload::Xdp => {
+                for i in &interfaces {
+                    o.attach_xdp(i)?;
+                }
+                true
+            }
+            EbpfOffload::Auto
+                if interfaces.iter().all(|i| {
+                    std::path::Path::new(&format!("/sys/class/net/{i}/device")).exists()
+                }) =>
+            {
+                // A driver without native XDP refuses: TC on a fresh load
+                // (nothing stays attached from the attempt).
+                match interfaces.iter().try_for_each(|i| o.attach_xdp(i)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        info!("ebpf-offload=auto: {e}; using TC");
+                        o = server::offload::Offload::load()?;
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
         for i in &interfaces {
-            o.attach(i)?;
+            if !xdp {
+                o.attach(i)?;
+            }
             // The program's route lookup (bpf_fib_lookup) refuses on an
             // interface that does not forward: everything stays on the
             // socket path there.
@@ -1062,14 +1100,22 @@ fn offload(
                 }
             }
         }
-        Ok((o, interfaces))
+        Ok((
+            o,
+            interfaces,
+            if xdp {
+                "XDP, driver mode"
+            } else {
+                "TC ingress"
+            },
+        ))
     };
     match mode {
         EbpfOffload::Off => Ok(None),
         _ => match attempt() {
-            Ok((o, interfaces)) => {
+            Ok((o, interfaces, how)) => {
                 info!(
-                    "ebpf-offload={}: channel bindings of UDP clients are relayed in the kernel on {}",
+                    "ebpf-offload={}: channel bindings of UDP clients are relayed in the kernel on {} ({how})",
                     mode.name(),
                     interfaces.join(", ")
                 );

@@ -1,7 +1,8 @@
-//! The eBPF ChannelData fast path (issue 21, first part): the TC program of
-//! `relay.bpf.c`, compiled by build.rs with clang and embedded, loaded with
-//! aya and attached (TCX links, which end with the process) to the
-//! interfaces that hold the listening and relayed addresses.
+//! The eBPF ChannelData fast path: the programs of `relay.bpf.c` (a TC
+//! variant and an XDP variant sharing their maps), compiled by build.rs
+//! with clang and embedded, loaded with aya and attached (TCX or XDP links,
+//! which end with the process) to the interfaces that hold the listening
+//! and relayed addresses.
 //!
 //! A [`Binding`] installed here makes the kernel relay that channel's
 //! ChannelData both ways without the server's sockets: client → listening
@@ -176,6 +177,7 @@ mod loaded {
     use aya::maps::HashMap;
     use aya::programs::LinkOrder;
     use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+    use aya::programs::{Xdp, XdpMode};
 
     // SAFETY: plain `repr(C)` data without padding the kernel could leak
     // into (every gap is an explicit field), valid for any bit pattern.
@@ -203,6 +205,8 @@ mod loaded {
         /// was relaying when its binding was removed counts in a slot that
         /// no new binding has taken yet.
         free: std::collections::VecDeque<u32>,
+        /// Whether the XDP variant is loaded (on first [`Offload::attach_xdp`]).
+        xdp_loaded: bool,
     }
 
     impl Offload {
@@ -225,6 +229,7 @@ mod loaded {
                 bpf,
                 slots: Default::default(),
                 free: (0..MAX_BINDINGS).collect(),
+                xdp_loaded: false,
             })
         }
 
@@ -244,6 +249,27 @@ mod loaded {
             )
             .map(|_| ())
             .map_err(|e| format!("attaching to {interface}: {e}"))
+        }
+
+        /// Attaches the XDP variant to `interface` in driver (native)
+        /// mode, as a BPF link that ends with the process. The maps are
+        /// the TC variant's: either relays the same bindings. Errors: the
+        /// driver has no native XDP, the kernel refused.
+        pub fn attach_xdp(&mut self, interface: &str) -> Result<(), String> {
+            let prog: &mut Xdp = self
+                .bpf
+                .program_mut("turn_channel_xdp")
+                .ok_or("the eBPF object has no turn_channel_xdp")?
+                .try_into()
+                .map_err(|e| format!("turn_channel_xdp: {e}"))?;
+            if !self.xdp_loaded {
+                prog.load()
+                    .map_err(|e| format!("loading turn_channel_xdp: {e}"))?;
+                self.xdp_loaded = true;
+            }
+            prog.attach(interface, XdpMode::Driver)
+                .map(|_| ())
+                .map_err(|e| format!("attaching XDP (driver mode) to {interface}: {e}"))
         }
 
         fn peer_map(
@@ -411,6 +437,11 @@ impl Offload {
 
     /// Unreachable: there is no loaded program.
     pub fn attach(&mut self, _interface: &str) -> Result<(), String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn attach_xdp(&mut self, _interface: &str) -> Result<(), String> {
         Err("no eBPF fast path in this build".to_string())
     }
 

@@ -138,12 +138,24 @@ struct {
 #define PASS_PARTIAL 4
 #define PASS_EXPIRED 5
 
-static __always_inline int pass(__u32 why)
+// Counts a datagram left to user space for reason `why`.
+static __always_inline void count_pass(__u32 why)
 {
 	__u64 *n = bpf_map_lookup_elem(&PASSED, &why);
 	if (n)
 		*n += 1;
+}
+
+static __always_inline int pass(__u32 why)
+{
+	count_pass(why);
 	return TC_ACT_UNSPEC;
+}
+
+static __always_inline int xdp_pass(__u32 why)
+{
+	count_pass(why);
+	return XDP_PASS;
 }
 
 // Sums `n` 16-bit words of `p` (raw, in packet order).
@@ -192,14 +204,15 @@ static __always_inline __u16 ipv4_csum(struct iphdr *iph)
 }
 
 // Looks up the route and neighbour for a datagram from `src` to `dst`
-// leaving with `len` bytes of L3; fills the MACs and returns the egress
-// interface, or 0 when the kernel should handle it.
-static __always_inline __u32 route(struct __sk_buff *skb, const struct taddr *src,
+// leaving with `len` bytes of L3, as if it arrived on `in_ifindex`; fills
+// the MACs and returns the egress interface, or 0 when the kernel should
+// handle it (`why` says why).
+static __always_inline __u32 route(void *ctx, __u32 in_ifindex, const struct taddr *src,
 				   const struct taddr *dst, __u32 len, __u8 *smac, __u8 *dmac,
 				   int *why)
 {
 	struct bpf_fib_lookup fib = {};
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = in_ifindex;
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.sport = src->port;
 	fib.dport = dst->port;
@@ -213,7 +226,7 @@ static __always_inline __u32 route(struct __sk_buff *skb, const struct taddr *sr
 		__builtin_memcpy(fib.ipv6_src, src->ip, 16);
 		__builtin_memcpy(fib.ipv6_dst, dst->ip, 16);
 	}
-	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		*why = PASS_MTU;
 		return 0;
@@ -250,269 +263,92 @@ static __always_inline void count(__u32 slot, int to_client, __u64 bytes)
 	c->last_ns = bpf_ktime_get_ns();
 }
 
-// Client -> server ChannelData on an installed channel: strip the header,
-// send from the relayed address to the peer.
-static __always_inline int to_peer(struct __sk_buff *skb, struct to_peer *v, int v6, __u32 l3,
-				   __u16 payload)
-{
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	int why = PASS_ROUTE;
-	__u32 l3_len = (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) + sizeof(struct udphdr) +
-		       payload;
-	__u32 ifindex = route(skb, &v->relay, &v->peer, l3_len, smac, dmac, &why);
-	if (!ifindex)
-		return pass(why);
+// Every frame starts with an Ethernet header without VLAN tags.
+#define L3 sizeof(struct ethhdr)
+#define IP4_END (L3 + sizeof(struct iphdr))
+#define IP6_END (L3 + sizeof(struct ipv6hdr))
 
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	__u32 l4 = l3 + (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr));
-	struct udphdr *udp = data + l4;
-	if ((void *)(udp + 1) + 4 > data_end)
-		return pass(PASS_SHAPE);
-	__be32 old_ports, header;
-	__builtin_memcpy(&old_ports, udp, 4);
-	__builtin_memcpy(&header, udp + 1, 4);
-	__be16 old_len = udp->len;
-	__u16 old_check = udp->check;
-	__be16 new_len = bpf_htons(sizeof(struct udphdr) + payload);
+// A datagram the program relays: its binding's new addresses and what
+// changes. Client -> peer (`strip`): the ChannelData header comes off;
+// peer -> client: `header` goes on.
+struct relay {
+	const struct taddr *src;
+	const struct taddr *dst;
+	__u16 payload; // bytes after the UDP and ChannelData headers
+	__u16 strip;
+	__be32 header;
+	__u32 slot;
+	__u32 to_client;
+	int v6;
+};
 
-	// The UDP checksum: the addresses, ports and lengths change and the
-	// ChannelData header leaves.
-	__be32 from[12] = {}, to[12] = {};
-	int n = 0;
-	if (v6) {
-		struct ipv6hdr *ip6 = data + l3;
-		if ((void *)(ip6 + 1) > data_end)
-			return pass(PASS_SHAPE);
-		__builtin_memcpy(&from[0], &ip6->saddr, 16);
-		__builtin_memcpy(&from[4], &ip6->daddr, 16);
-		__builtin_memcpy(&to[0], v->relay.ip, 16);
-		__builtin_memcpy(&to[4], v->peer.ip, 16);
-		n = 8;
-	} else {
-		struct iphdr *ip = data + l3;
-		if ((void *)(ip + 1) > data_end)
-			return pass(PASS_SHAPE);
-		from[0] = ip->saddr;
-		from[1] = ip->daddr;
-		__builtin_memcpy(&to[0], v->relay.ip, 4);
-		__builtin_memcpy(&to[1], v->peer.ip, 4);
-		n = 2;
-	}
-	from[n] = bpf_htonl(bpf_ntohs(old_len));
-	to[n] = bpf_htonl(bpf_ntohs(new_len));
-	from[n + 1] = old_ports;
-	to[n + 1] = pair(v->relay.port, v->peer.port);
-	from[n + 2] = pair(old_len, 0);
-	to[n + 2] = pair(new_len, 0);
-	from[n + 3] = header;
-	to[n + 3] = 0;
+// How it is rewritten, decided before the frame changes.
+struct rewrite {
+	__u8 smac[ETH_ALEN];
+	__u8 dmac[ETH_ALEN];
+	__u32 ifindex;
+	__be16 new_len; // UDP length
 	__u16 check;
-	if (v6)
-		check = udp_csum_update(old_check, from, 12 * 4, to, 12 * 4);
-	else
-		check = udp_csum_update(old_check, from, 6 * 4, to, 6 * 4);
-	if (v6 && check == 0)
-		return pass(PASS_SHAPE);
+};
 
-	// 4 bytes out right after the IP header: the old UDP header's second
-	// half and the ChannelData header make the new UDP header.
-	if (bpf_skb_adjust_room(skb, -4, BPF_ADJ_ROOM_NET, 0))
-		return pass(PASS_SHAPE);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	udp = data + l4;
-	if ((void *)(udp + 1) > data_end)
-		return TC_ACT_SHOT;
-	if (v6) {
-		struct ipv6hdr *ip6 = data + l3;
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(&ip6->saddr, v->relay.ip, 16);
-		__builtin_memcpy(&ip6->daddr, v->peer.ip, 16);
-		ip6->payload_len = new_len;
-	} else {
-		struct iphdr *ip = data + l3;
-		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(&ip->saddr, v->relay.ip, 4);
-		__builtin_memcpy(&ip->daddr, v->peer.ip, 4);
-		ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) - 4);
-		ip->ttl = 64;
-		ip->check = ipv4_csum(ip);
-	}
-	udp->source = v->relay.port;
-	udp->dest = v->peer.port;
-	udp->len = new_len;
-	udp->check = check;
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	count(v->slot, 0, payload);
-	return bpf_redirect(ifindex, 0);
-}
+// Not a datagram of the fast path: left to the kernel, uncounted.
+#define NOT_OURS -1
+#define RELAY -2
 
-// Peer -> relay from a bound peer: prepend the ChannelData header, send
-// from the listening address to the client.
-static __always_inline int to_client(struct __sk_buff *skb, struct to_client *v, int v6, __u32 l3,
-				     __u16 payload)
+// Parses the frame at [data, data_end) and looks its binding up: RELAY
+// (and `r` filled), NOT_OURS, or the reason it is left to user space.
+static __always_inline int classify(void *data, void *data_end, struct relay *r)
 {
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	int why = PASS_ROUTE;
-	__u32 l3_len = (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) + sizeof(struct udphdr) +
-		       4 + payload;
-	__u32 ifindex = route(skb, &v->server, &v->client, l3_len, smac, dmac, &why);
-	if (!ifindex)
-		return pass(why);
-
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	__u32 l4 = l3 + (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr));
-	struct udphdr *udp = data + l4;
-	if ((void *)(udp + 1) > data_end)
-		return pass(PASS_SHAPE);
-	__be32 old_ports;
-	__builtin_memcpy(&old_ports, udp, 4);
-	__be16 old_len = udp->len;
-	__u16 old_check = udp->check;
-	__be16 new_len = bpf_htons(sizeof(struct udphdr) + 4 + payload);
-	__be32 header = bpf_htonl(((__u32)v->channel << 16) | payload);
-
-	__be32 from[12] = {}, to[12] = {};
-	int n = 0;
-	if (v6) {
-		struct ipv6hdr *ip6 = data + l3;
-		if ((void *)(ip6 + 1) > data_end)
-			return pass(PASS_SHAPE);
-		__builtin_memcpy(&from[0], &ip6->saddr, 16);
-		__builtin_memcpy(&from[4], &ip6->daddr, 16);
-		__builtin_memcpy(&to[0], v->server.ip, 16);
-		__builtin_memcpy(&to[4], v->client.ip, 16);
-		n = 8;
-	} else {
-		struct iphdr *ip = data + l3;
-		if ((void *)(ip + 1) > data_end)
-			return pass(PASS_SHAPE);
-		from[0] = ip->saddr;
-		from[1] = ip->daddr;
-		__builtin_memcpy(&to[0], v->server.ip, 4);
-		__builtin_memcpy(&to[1], v->client.ip, 4);
-		n = 2;
-	}
-	from[n] = bpf_htonl(bpf_ntohs(old_len));
-	to[n] = bpf_htonl(bpf_ntohs(new_len));
-	from[n + 1] = old_ports;
-	to[n + 1] = pair(v->server.port, v->client.port);
-	from[n + 2] = pair(old_len, 0);
-	to[n + 2] = pair(new_len, 0);
-	from[n + 3] = 0;
-	to[n + 3] = header;
-	__u16 check;
-	if (v6)
-		check = udp_csum_update(old_check, from, 12 * 4, to, 12 * 4);
-	else
-		check = udp_csum_update(old_check, from, 6 * 4, to, 6 * 4);
-	if (v6 && check == 0)
-		return pass(PASS_SHAPE);
-
-	// 4 bytes in right after the IP header: room for the ChannelData
-	// header between the new UDP header and the payload.
-	if (bpf_skb_adjust_room(skb, 4, BPF_ADJ_ROOM_NET, 0))
-		return pass(PASS_SHAPE);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	udp = data + l4;
-	if ((void *)(udp + 1) + 4 > data_end)
-		return TC_ACT_SHOT;
-	if (v6) {
-		struct ipv6hdr *ip6 = data + l3;
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(&ip6->saddr, v->server.ip, 16);
-		__builtin_memcpy(&ip6->daddr, v->client.ip, 16);
-		ip6->payload_len = new_len;
-	} else {
-		struct iphdr *ip = data + l3;
-		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(&ip->saddr, v->server.ip, 4);
-		__builtin_memcpy(&ip->daddr, v->client.ip, 4);
-		ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + 4);
-		ip->ttl = 64;
-		ip->check = ipv4_csum(ip);
-	}
-	udp->source = v->server.port;
-	udp->dest = v->client.port;
-	udp->len = new_len;
-	udp->check = check;
-	__builtin_memcpy(udp + 1, &header, 4);
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	count(v->slot, 1, payload);
-	return bpf_redirect(ifindex, 0);
-}
-
-SEC("classifier")
-int turn_channel_data(struct __sk_buff *skb)
-{
-	// One datagram per skb: GSO/GRO trains go to user space.
-	if (skb->gso_segs > 1)
-		return pass(PASS_SHAPE);
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_UNSPEC;
-	__u32 l3 = sizeof(*eth);
-	int v6;
+		return NOT_OURS;
 	struct taddr src = {}, dst = {};
 	struct udphdr *udp;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = data + l3;
+		struct iphdr *ip = data + L3;
 		if ((void *)(ip + 1) > data_end)
-			return TC_ACT_UNSPEC;
+			return NOT_OURS;
 		// No options, no fragments.
 		if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
 		    (ip->frag_off & bpf_htons(0x3fff)))
-			return TC_ACT_UNSPEC;
-		v6 = 0;
+			return NOT_OURS;
+		r->v6 = 0;
 		src.family = dst.family = 4;
 		__builtin_memcpy(src.ip, &ip->saddr, 4);
 		__builtin_memcpy(dst.ip, &ip->daddr, 4);
 		udp = (void *)(ip + 1);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + l3;
+		struct ipv6hdr *ip6 = data + L3;
 		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_UNSPEC;
+			return NOT_OURS;
 		// UDP right after the fixed header: no extension headers.
 		if (ip6->nexthdr != IPPROTO_UDP)
-			return TC_ACT_UNSPEC;
-		v6 = 1;
+			return NOT_OURS;
+		r->v6 = 1;
 		src.family = dst.family = 6;
 		__builtin_memcpy(src.ip, &ip6->saddr, 16);
 		__builtin_memcpy(dst.ip, &ip6->daddr, 16);
 		udp = (void *)(ip6 + 1);
 	} else {
-		return TC_ACT_UNSPEC;
+		return NOT_OURS;
 	}
 	if ((void *)(udp + 1) > data_end)
-		return TC_ACT_UNSPEC;
+		return NOT_OURS;
 	src.port = udp->source;
 	dst.port = udp->dest;
 	__u32 udp_len = bpf_ntohs(udp->len);
 	if (udp_len < sizeof(*udp) || (void *)udp + udp_len != data_end)
-		return TC_ACT_UNSPEC;
+		return NOT_OURS;
 	__u16 payload = udp_len - sizeof(*udp);
 
 	// A datagram from a local sender whose checksum the device is to
 	// complete (CHECKSUM_PARTIAL, as over veth): its field holds only the
 	// pseudo-header sum, which cannot be updated into a full checksum here.
 	// The kernel's own path handles it.
-	__u64 pseudo = sum16(src.ip, v6 ? 16 : 4) + sum16(dst.ip, v6 ? 16 : 4) + udp->len +
+	__u64 pseudo = sum16(src.ip, r->v6 ? 16 : 4) + sum16(dst.ip, r->v6 ? 16 : 4) + udp->len +
 		       bpf_htons(IPPROTO_UDP);
 	if (udp->check == fold(pseudo) && udp->check != 0)
-		return pass(PASS_PARTIAL);
+		return PASS_PARTIAL;
 
 	// Peer -> relay.
 	struct peer_key pk = {};
@@ -521,30 +357,230 @@ int turn_channel_data(struct __sk_buff *skb)
 	struct to_client *tc = bpf_map_lookup_elem(&TO_CLIENT, &pk);
 	if (tc) {
 		if (bpf_ktime_get_ns() >= tc->expires_ns)
-			return pass(PASS_EXPIRED);
+			return PASS_EXPIRED;
 		if (payload > 0xffff - 4)
-			return pass(PASS_SHAPE);
-		return to_client(skb, tc, v6, l3, payload);
+			return PASS_SHAPE;
+		r->src = &tc->server;
+		r->dst = &tc->client;
+		r->payload = payload;
+		r->strip = 0;
+		r->header = bpf_htonl(((__u32)tc->channel << 16) | payload);
+		r->slot = tc->slot;
+		r->to_client = 1;
+		return RELAY;
 	}
 
 	// Client -> server ChannelData: a channel number (0x4000-0x4FFF) and a
 	// length that is exactly the rest of the datagram (no padding).
 	__u8 *cd = (void *)(udp + 1);
 	if ((void *)(cd + 4) > data_end || (cd[0] & 0xf0) != 0x40)
-		return TC_ACT_UNSPEC;
+		return NOT_OURS;
 	struct client_key ck = {};
 	ck.client = src;
 	ck.server = dst;
 	ck.channel = ((__u16)cd[0] << 8) | cd[1];
 	struct to_peer *tp = bpf_map_lookup_elem(&TO_PEER, &ck);
 	if (!tp)
-		return pass(PASS_NO_BINDING);
+		return PASS_NO_BINDING;
 	if (bpf_ktime_get_ns() >= tp->expires_ns)
-		return pass(PASS_EXPIRED);
+		return PASS_EXPIRED;
 	__u16 cd_len = ((__u16)cd[2] << 8) | cd[3];
 	if (cd_len != payload - 4)
+		return PASS_SHAPE;
+	r->src = &tp->relay;
+	r->dst = &tp->peer;
+	r->payload = cd_len;
+	r->strip = 1;
+	r->header = 0;
+	r->slot = tp->slot;
+	r->to_client = 0;
+	return RELAY;
+}
+
+// Routes `r` and computes its new UDP checksum from the frame as it is:
+// -1, or the reason to leave it to user space. The checksum is updated
+// incrementally (RFC 1624): addresses, ports and lengths change and the
+// ChannelData header leaves or arrives; the payload keeps its 16-bit
+// alignment, so it does not count.
+static __always_inline int plan(void *ctx, __u32 in_ifindex, void *data, void *data_end,
+				const struct relay *r, struct rewrite *w)
+{
+	int v6 = r->v6;
+	__u32 extra = r->strip ? 0 : 4;
+	__u32 l3_len = (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) +
+		       sizeof(struct udphdr) + extra + r->payload;
+	int why = PASS_ROUTE;
+	w->ifindex = route(ctx, in_ifindex, r->src, r->dst, l3_len, w->smac, w->dmac, &why);
+	if (!w->ifindex)
+		return why;
+
+	__be32 from[12] = {}, to[12] = {};
+	int n;
+	struct udphdr *udp;
+	if (v6) {
+		struct ipv6hdr *ip6 = data + L3;
+		udp = (void *)(ip6 + 1);
+		if ((void *)(udp + 1) + 4 > data_end)
+			return PASS_SHAPE;
+		__builtin_memcpy(&from[0], &ip6->saddr, 16);
+		__builtin_memcpy(&from[4], &ip6->daddr, 16);
+		__builtin_memcpy(&to[0], r->src->ip, 16);
+		__builtin_memcpy(&to[4], r->dst->ip, 16);
+		n = 8;
+	} else {
+		struct iphdr *ip = data + L3;
+		udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) + 4 > data_end)
+			return PASS_SHAPE;
+		from[0] = ip->saddr;
+		from[1] = ip->daddr;
+		__builtin_memcpy(&to[0], r->src->ip, 4);
+		__builtin_memcpy(&to[1], r->dst->ip, 4);
+		n = 2;
+	}
+	__be32 old_ports, old_header = 0;
+	__builtin_memcpy(&old_ports, udp, 4);
+	if (r->strip)
+		__builtin_memcpy(&old_header, udp + 1, 4);
+	__be16 old_len = udp->len;
+	__be16 new_len = bpf_htons(sizeof(struct udphdr) + extra + r->payload);
+	from[n] = bpf_htonl(bpf_ntohs(old_len));
+	to[n] = bpf_htonl(bpf_ntohs(new_len));
+	from[n + 1] = old_ports;
+	to[n + 1] = pair(r->src->port, r->dst->port);
+	from[n + 2] = pair(old_len, 0);
+	to[n + 2] = pair(new_len, 0);
+	from[n + 3] = old_header;
+	to[n + 3] = r->header;
+	__u16 check;
+	if (v6)
+		check = udp_csum_update(udp->check, from, 12 * 4, to, 12 * 4);
+	else
+		check = udp_csum_update(udp->check, from, 6 * 4, to, 6 * 4);
+	if (v6 && check == 0)
+		return PASS_SHAPE;
+	w->new_len = new_len;
+	w->check = check;
+	return -1;
+}
+
+// Writes the new headers into a frame whose room was adjusted (4 bytes
+// fewer or more between the IP and UDP headers' old places, the Ethernet
+// and IP headers still holding their old values): 0, or -1 when the frame
+// is too short (never: it was checked before).
+static __always_inline int write(void *data, void *data_end, const struct relay *r,
+				 const struct rewrite *w)
+{
+	struct ethhdr *eth = data;
+	struct udphdr *udp;
+	if (r->v6) {
+		struct ipv6hdr *ip6 = data + L3;
+		udp = (void *)(ip6 + 1);
+		if ((void *)(udp + 1) + 4 > data_end)
+			return -1;
+		__builtin_memcpy(&ip6->saddr, r->src->ip, 16);
+		__builtin_memcpy(&ip6->daddr, r->dst->ip, 16);
+		ip6->payload_len = w->new_len;
+	} else {
+		struct iphdr *ip = data + L3;
+		udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) + 4 > data_end)
+			return -1;
+		__builtin_memcpy(&ip->saddr, r->src->ip, 4);
+		__builtin_memcpy(&ip->daddr, r->dst->ip, 4);
+		__u16 tot = bpf_ntohs(ip->tot_len);
+		ip->tot_len = bpf_htons(r->strip ? tot - 4 : tot + 4);
+		ip->ttl = 64;
+		ip->check = ipv4_csum(ip);
+	}
+	udp->source = r->src->port;
+	udp->dest = r->dst->port;
+	udp->len = w->new_len;
+	udp->check = w->check;
+	if (!r->strip)
+		__builtin_memcpy(udp + 1, &r->header, 4);
+	__builtin_memcpy(eth->h_source, w->smac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, w->dmac, ETH_ALEN);
+	return 0;
+}
+
+// The TC variant (ingress, TCX): 4 bytes out of or into the skb right
+// after the IP header (the old UDP header's first half goes, or room for
+// the ChannelData header comes), then the headers are rewritten and the
+// skb redirected to the egress interface.
+SEC("classifier")
+int turn_channel_data(struct __sk_buff *skb)
+{
+	// One datagram per skb: GSO/GRO trains go to user space.
+	if (skb->gso_segs > 1)
 		return pass(PASS_SHAPE);
-	return to_peer(skb, tp, v6, l3, cd_len);
+	struct relay r = {};
+	int verdict = classify((void *)(long)skb->data, (void *)(long)skb->data_end, &r);
+	if (verdict == NOT_OURS)
+		return TC_ACT_UNSPEC;
+	if (verdict != RELAY)
+		return pass(verdict);
+	struct rewrite w = {};
+	int why = plan(skb, skb->ingress_ifindex, (void *)(long)skb->data,
+		       (void *)(long)skb->data_end, &r, &w);
+	if (why >= 0)
+		return pass(why);
+	if (bpf_skb_adjust_room(skb, r.strip ? -4 : 4, BPF_ADJ_ROOM_NET, 0))
+		return pass(PASS_SHAPE);
+	if (write((void *)(long)skb->data, (void *)(long)skb->data_end, &r, &w))
+		return TC_ACT_SHOT;
+	count(r.slot, r.to_client, r.payload);
+	return bpf_redirect(w.ifindex, 0);
+}
+
+// The XDP variant: the frame's start moves 4 bytes (bpf_xdp_adjust_head)
+// and the Ethernet and IP headers move with it, then the headers are
+// rewritten; out of the interface it came in on (XDP_TX) or redirected to
+// another.
+SEC("xdp")
+int turn_channel_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct relay r = {};
+	int verdict = classify(data, data_end, &r);
+	if (verdict == NOT_OURS)
+		return XDP_PASS;
+	if (verdict != RELAY)
+		return xdp_pass(verdict);
+	struct rewrite w = {};
+	int why = plan(ctx, ctx->ingress_ifindex, data, data_end, &r, &w);
+	if (why >= 0)
+		return xdp_pass(why);
+	__u8 saved[IP6_END];
+	if (r.v6) {
+		if (data + IP6_END > data_end)
+			return xdp_pass(PASS_SHAPE);
+		__builtin_memcpy(saved, data, IP6_END);
+	} else {
+		if (data + IP4_END > data_end)
+			return xdp_pass(PASS_SHAPE);
+		__builtin_memcpy(saved, data, IP4_END);
+	}
+	if (bpf_xdp_adjust_head(ctx, r.strip ? 4 : -4))
+		return xdp_pass(PASS_SHAPE);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (r.v6) {
+		if (data + IP6_END > data_end)
+			return XDP_DROP;
+		__builtin_memcpy(data, saved, IP6_END);
+	} else {
+		if (data + IP4_END > data_end)
+			return XDP_DROP;
+		__builtin_memcpy(data, saved, IP4_END);
+	}
+	if (write(data, data_end, &r, &w))
+		return XDP_DROP;
+	count(r.slot, r.to_client, r.payload);
+	if (w.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(w.ifindex, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
