@@ -136,6 +136,7 @@ class Bench:
         self.procs = []
         self.bench = os.path.join(ROOT, "target/release/turnbench")
         self.servers = {}
+        self.on_demand = {}
 
     def spawn(self, ns, argv, log):
         p = subprocess.Popen(["ip", "netns", "exec", ns] + argv,
@@ -147,15 +148,16 @@ class Bench:
         self.spawn(NS["p"], [self.bench, "echo", "--listen", ECHO],
                    f"{self.work}/echo.log")
         base = 33478
-        for k, (name, mode) in enumerate([("offload", "tc"), ("sockets", "off")]):
+        for k, (name, mode) in enumerate([("offload", "tc"), ("sockets", "off"),
+                                          ("offload-xdp", "xdp")]):
             port = base + 10 * k
             conf = f"{self.work}/{name}.conf"
             with open(conf, "w") as f:
                 f.write(f"""listening-ip={SERVER}
 listening-port={port}
 relay-ip={RELAY}
-min-port={40000 + 5000 * k}
-max-port={44000 + 5000 * k}
+min-port={30000 + 5000 * k}
+max-port={34000 + 5000 * k}
 lt-cred-mech
 user=bench:bench-password
 realm=bench.test
@@ -167,11 +169,20 @@ control-socket=
 ebpf-offload={mode}
 log-file={self.work}/{name}.log
 """)
-            p = self.spawn(NS["r"], [self.args.bin, "-c", conf], f"{self.work}/{name}.out")
-            self.servers[name] = (p, f"{SERVER}:{port}", False)
+            argv = [self.args.bin, "-c", conf]
+            if mode == "off":
+                p = self.spawn(NS["r"], argv, f"{self.work}/{name}.out")
+                self.servers[name] = (p, f"{SERVER}:{port}", False)
+            else:
+                # A loaded fast path runs on every datagram of the
+                # interfaces (and native XDP changes how veth receives):
+                # started only for its own runs, so that the others are
+                # measured without it.
+                self.on_demand[name] = (argv, mode)
+                self.servers[name] = (None, f"{SERVER}:{port}", False)
         coturn = os.environ.get("COTURN_BIN", "/opt/coturn/usr/bin/turnserver")
         if os.access(coturn, os.X_OK):
-            port = base + 20
+            port = base + 30
             conf = f"{self.work}/coturn.conf"
             with open(conf, "w") as f:
                 f.write(f"""listening-ip={SERVER}
@@ -193,22 +204,50 @@ log-file={self.work}/coturn.log
             self.servers["coturn"] = (p, f"{SERVER}:{port}", False)
         else:
             print(f"coturn not found at {coturn}: run benches/setup-coturn.sh", file=sys.stderr)
-        port = base + 30
+        port = base + 40
         p = self.spawn(NS["r"], [self.bench, "forward", "--listen", f"{SERVER}:{port}",
                                  "--to", ECHO], f"{self.work}/floor.log")
         self.servers["floor"] = (p, f"{SERVER}:{port}", True)
         time.sleep(2)
-        log = open(f"{self.work}/offload.log").read()
-        if "ebpf-offload=tc: channel bindings" not in log:
-            sys.exit(f"the fast path did not load:\n{log}")
         for name, (p, _, _) in self.servers.items():
-            if p.poll() is not None:
+            if p is not None and p.poll() is not None:
                 sys.exit(f"{name} exited: {open(f'{self.work}/{name}.out').read()}")
         self.relay_napi = napi_threads(["r0", "r1"])
         self.other_napi = napi_threads(["c0", "p0"])
         if len(self.relay_napi) != 2 or len(self.other_napi) != 2:
             sys.exit(f"NAPI threads not found: {self.relay_napi} {self.other_napi}")
         self.echo_pid = self.procs[0].pid
+
+    def up(self, name):
+        """Starts `name` if it runs only for its own runs."""
+        if name not in self.on_demand or self.servers[name][0] is not None:
+            return
+        argv, mode = self.on_demand[name]
+        log = f"{self.work}/{name}.log"
+        if os.path.exists(log):
+            os.remove(log)
+        p = self.spawn(NS["r"], argv, f"{self.work}/{name}.out")
+        self.servers[name] = (p, self.servers[name][1], False)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            text = open(log).read() if os.path.exists(log) else ""
+            if "worker threads running" in text:
+                break
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        if f"ebpf-offload={mode}: channel bindings" not in text:
+            sys.exit(f"the fast path ({mode}) did not load:\n{text}")
+
+    def down(self, name):
+        """Stops `name` if it runs only for its own runs."""
+        p = self.servers[name][0]
+        if name not in self.on_demand or p is None:
+            return
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        self.procs.remove(p)
+        self.servers[name] = (None, self.servers[name][1], False)
 
     def load(self, name, rate, seconds, background=False, step=1000):
         """Runs turnbench against `name` (packets due every `step` µs sent
@@ -229,6 +268,7 @@ log-file={self.work}/coturn.log
     def measure(self, name, rate, seconds, step=1000):
         """One run at `rate`: CPU per relayed packet (relay, generator and
         echo side, system-wide), loss, p99."""
+        self.up(name)
         p = self.servers[name][0]
         relay_pids = [p.pid] + self.relay_napi
         # The server is the child of `ip netns exec`, which execs it: the
@@ -274,6 +314,13 @@ def resource_children():
     return (u.ru_utime + u.ru_stime) * 1e9
 
 
+def ramped(xs):
+    """Median and range of the ramps' results, or "-" without ramps."""
+    if not xs:
+        return "-"
+    return f"{med(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
+
+
 def med(xs):
     return statistics.median(xs)
 
@@ -288,6 +335,7 @@ def ramp(b, name, start):
     tried a second time before the ramp ends (on two cores a moment when
     a NAPI thread waits for a CPU overflows a veth ring at any rate)."""
     rate, best = start, 0
+    b.up(name)
     while rate < 2_000_000:
         runs = [b.measure(name, int(rate), 3, step=b.args.ramp_step)]
         if runs[0]["loss"] >= 0.1:
@@ -297,6 +345,7 @@ def ramp(b, name, start):
             break
         best = ok[0]["relayed_pps"]
         rate *= 1.15
+    b.down(name)
     return best
 
 
@@ -327,9 +376,10 @@ def map_entries(name):
     return [bytes(int(x, 16) for x in e["key"]) for e in json.loads(out)]
 
 
-def micro(b):
+def micro(b, single_runs):
     """`bpftool prog run` of the loaded program on frames matching live
     bindings: ns per packet, and the program's return value."""
+    b.up("offload")
     g = b.load("offload", 200, 30, background=True)
     time.sleep(3)
     prog = json.loads(run("bpftool", "-j", "prog", "show", "name", "turn_channel_data",
@@ -368,7 +418,7 @@ def micro(b):
         # invocation runs once, on a fresh packet, and the median of the
         # kernel's timings counts; the pass case repeats a million times.
         times, rets = [], set()
-        for _ in range(1 if name.startswith("left") else 300):
+        for _ in range(1 if name.startswith("left") else single_runs):
             repeat = "1000000" if name.startswith("left") else "1"
             out = run("bpftool", "prog", "run", "id", str(prog_id), "data_in", fin, "ctx_in",
                       cin, "repeat", repeat, ns=NS["r"], capture=True)
@@ -378,6 +428,7 @@ def micro(b):
         results[name] = (med(times), sorted(rets))
     g.kill()
     g.wait()
+    b.down("offload")
     return results
 
 
@@ -393,7 +444,12 @@ def main():
                     help="round trips/s of the ramps' first step")
     ap.add_argument("--ramp-step", type=int, default=1000,
                     help="pacing of the ramps, µs (1000: 1 ms bursts)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one round, no ramps, a few micro-benchmark runs: a smoke run "
+                         "(the test command's), too short to quote")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.ramps = 1, 0
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, eBPF)")
     for tool in ["ethtool", "bpftool"]:
@@ -409,14 +465,19 @@ def main():
             for j in range(len(names)):
                 n = names[(i + j) % len(names)]
                 runs[n].append(b.measure(n, args.rate, 4))
+                b.down(n)
         # The program's own run time, with statistics on for one run.
         run("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1")
         try:
-            b.measure("offload", args.rate, 4)
-            prog = json.loads(run("bpftool", "-j", "prog", "show", "name", "turn_channel_data",
-                                  capture=True))
-            prog = prog[0] if isinstance(prog, list) else prog
-            bpf_ns = prog.get("run_time_ns", 0) / max(prog.get("run_cnt", 1), 1)
+            bpf_ns = {}
+            for name, prog_name in [("offload", "turn_channel_data"),
+                                    ("offload-xdp", "turn_channel_xdp")]:
+                b.measure(name, args.rate, 4)
+                prog = json.loads(run("bpftool", "-j", "prog", "show", "name", prog_name,
+                                      capture=True))
+                prog = prog[0] if isinstance(prog, list) else prog
+                bpf_ns[name] = prog.get("run_time_ns", 0) / max(prog.get("run_cnt", 1), 1)
+                b.down(name)
         finally:
             run("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=0")
         best = {n: [] for n in names}
@@ -424,7 +485,7 @@ def main():
             for j in range(len(names)):
                 n = names[(i + j) % len(names)]
                 best[n].append(ramp(b, n, args.ramp_start))
-        micro_results = micro(b)
+        micro_results = micro(b, 20 if args.quick else 300)
     finally:
         b.cleanup()
 
@@ -440,18 +501,19 @@ def main():
         print(f"| {n} | {fmt([r['relay_us'] for r in rs])} | "
               f"{fmt([r['generator_us'] for r in rs])} | {fmt([r['system_us'] for r in rs])} | "
               f"{fmt([r['loss'] for r in rs])} | {fmt([r['p99'] for r in rs], 0)} | "
-              f"{med(best[n]):,.0f} ({min(best[n]):,.0f}-{max(best[n]):,.0f}) |")
+              f"{ramped(best[n])} |")
     print()
     cpu = {n: med([r["relay_us"] for r in runs[n]]) for n in names}
-    mx = {n: med(best[n]) for n in names}
-    if "sockets" in cpu:
-        print(f"offload / sockets, relay CPU per packet: {cpu['offload'] / cpu['sockets']:.2f}")
-    if "coturn" in cpu:
-        print(f"offload / coturn, relay CPU per packet: {cpu['offload'] / cpu['coturn']:.2f}")
-        print(f"offload / coturn, max relayed packets/s: {mx['offload'] / max(mx['coturn'], 1):.2f}")
-    print(f"the program's run time per invocation (bpf_stats, both directions): {bpf_ns:.0f} ns")
+    mx = {n: med(best[n]) if best[n] else float("nan") for n in names}
+    for fast in ["offload", "offload-xdp"]:
+        print(f"{fast} / sockets, relay CPU per packet: {cpu[fast] / cpu['sockets']:.2f}")
+        if "coturn" in cpu:
+            print(f"{fast} / coturn, relay CPU per packet: {cpu[fast] / cpu['coturn']:.2f}")
+            print(f"{fast} / coturn, max relayed packets/s: {mx[fast] / max(mx['coturn'], 1):.2f}")
+    print("the program's run time per invocation (bpf_stats, both directions): "
+          f"TC {bpf_ns['offload']:.0f} ns, XDP {bpf_ns['offload-xdp']:.0f} ns")
     print()
-    print("`bpftool prog run`, 170-byte payloads (relaying: median of 300 single runs on a "
+    print(f"`bpftool prog run`, 170-byte payloads (relaying: median of {20 if args.quick else 300} single runs on a "
           "fresh packet; passing: 1,000,000 repeats), return values (7 = redirect, "
           "4294967295 = TC_ACT_UNSPEC):")
     for name, (ns, ret) in micro_results.items():

@@ -931,3 +931,119 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
     drop(offload);
     assert_eq!(xdp_links(), 0, "dropping the fast path detaches it");
 }
+
+#[test]
+fn a_takeover_keeps_channels_in_the_kernel_with_tc() {
+    takeover_keeps_the_fast_path("tc");
+}
+
+#[test]
+fn a_takeover_keeps_channels_in_the_kernel_with_xdp() {
+    takeover_keeps_the_fast_path("xdp");
+}
+
+/// `turnserver --takeover` beside a server relaying a channel in the
+/// kernel: the successor installs the binding in its own maps (with XDP:
+/// on TC until the old process lets go of the hook, then on XDP), the
+/// channel keeps being relayed in the kernel, and the counts continue.
+fn takeover_keeps_the_fast_path(mode: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let t = topology(if mode == "xdp" { "y" } else { "k" });
+    let port = free_ports(2);
+    let metrics_port = port + 1;
+    let dir = common::TempDir::new("offload-takeover");
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
+             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket={}\n\
+             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
+             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
+             ebpf-offload={mode}\n",
+            dir.path("control.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut old = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
+    let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
+    let peer = bind(&t.peer, "10.91.2.2:9000");
+    let peer_addr = peer.local_addr().unwrap();
+    let mut client = in_netns(&t.client.name, move || {
+        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
+    });
+    let r = client.allocate("alice", "alicepw");
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r.relayed();
+    let bind_channel = |client: &mut Client| {
+        let r = client.signed(
+            method::CHANNEL_BIND,
+            &channel_bind_attrs(0x4001, peer_addr),
+            "alice",
+            "alicepw",
+        );
+        assert!(r.is_success(), "{:?}", r.code());
+    };
+    bind_channel(&mut client);
+    let exchange = |client: &Client, n: u64, tag: &str| {
+        let mut buf = [0u8; 2048];
+        for i in 0..n {
+            let payload = format!("{tag} up {i}");
+            client
+                .sock
+                .send_to(&channel_data(0x4001, payload.as_bytes()), server_addr)
+                .unwrap();
+            let (len, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..len], from), (payload.as_bytes(), relayed));
+            let payload = format!("{tag} down {i}");
+            peer.send_to(payload.as_bytes(), relayed).unwrap();
+            let (len, from) = client.sock.recv_from(&mut buf).unwrap();
+            assert_eq!(from, server_addr);
+            assert_eq!(&buf[..len], &channel_data(0x4001, payload.as_bytes())[..]);
+        }
+    };
+    exchange(&client, 50, "before");
+
+    let new = t
+        .relay
+        .start_server(&["-c", conf.to_str().unwrap(), "--takeover"]);
+    let status = old
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old process exits after the handover");
+    assert!(status.success(), "{status:?}\n{}", old.log());
+    if mode == "xdp" {
+        assert!(
+            new.log()
+                .contains("TC on r0, r1 until the process taken over from lets go"),
+            "{}",
+            new.log()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(new.log().contains("XDP on r0 now") && new.log().contains("XDP on r1 now")) {
+            assert!(std::time::Instant::now() < deadline, "{}", new.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!((xdp_links(), tcx_links()), (2, 0));
+    } else {
+        assert_eq!(tcx_links(), 2);
+    }
+    exchange(&client, 50, "after");
+    // The old allocation takes requests from the new process, and a
+    // refreshed binding stays in the kernel.
+    bind_channel(&mut client);
+    exchange(&client, 20, "refreshed");
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
+    let body = in_netns(&t.client.name, move || {
+        common::http_get(metrics_addr, "/metrics").1
+    });
+    for name in [
+        "turn_offloaded_packets_total{direction=\"to_peer\"}",
+        "turn_offloaded_packets_total{direction=\"to_client\"}",
+        "turn_relayed_packets_total{direction=\"to_peer\"}",
+        "turn_relayed_packets_total{direction=\"to_client\"}",
+    ] {
+        assert_eq!(common::metric(&body, name), Some(120.0), "{name}\n{body}");
+    }
+    drop(new);
+}

@@ -131,6 +131,11 @@ as_root env "PATH=$PATH" "TMPDIR=$TMPDIR" ./tests/package.sh
 # round of everything: it must keep running (its figures are not kept).
 echo "==> cargo bench --bench compare (COMPARE_QUICK=1, a smoke run)"
 COMPARE_QUICK=1 cargo bench --locked --bench compare
+# The eBPF fast path's benchmark (network namespaces, root), one short
+# round of everything, for the same reason.
+echo "==> benches/offload-netns.py --quick (a smoke run)"
+cargo build --locked --release --bins
+as_root ./benches/offload-netns.py --quick
 
 # Bounded fuzzing of the codec, stream framing and the TURN core, from the
 # committed seeds (RUSTC_BOOTSTRAP lets cargo-fuzz use the stable

@@ -716,6 +716,7 @@ impl Daemon {
             self.fixed.ticket_key,
             metrics,
             reservations,
+            std::array::from_fn(|i| self.server.shared.offloaded[i].load(Ordering::Relaxed)),
         ))
     }
 
@@ -804,6 +805,8 @@ pub struct Prepared {
     statsdb: Option<server::statsdb::Queue>,
     /// The metrics listener a predecessor handed over, with its address.
     inherited_metrics: Option<(SocketAddr, std::net::TcpListener)>,
+    /// Interfaces on TC until the predecessor lets go of their XDP hook.
+    xdp_pending: Vec<String>,
 }
 
 /// Reads the certificates, works out the listeners, binds them and builds
@@ -829,7 +832,16 @@ fn prepare_with(
         return Err("no address to listen on".to_string());
     }
     let dtls = dtls_certificate(cfg)?;
-    let offload = offload(cfg, &listening_ips)?;
+    let overlap = incoming.as_ref().is_some_and(|i| i.live());
+    let inherited_offloaded = incoming
+        .as_ref()
+        .map(|i| i.state.offloaded)
+        .unwrap_or_default();
+    let offload = offload(cfg, &listening_ips, overlap)?;
+    let (offload, xdp_pending) = match offload {
+        Some(o) => (Some(o.offload), o.xdp_pending),
+        None => (None, Vec::new()),
+    };
     let mut plan = listener_plan(cfg, &listening_ips, tls.is_some(), dtls.is_some());
     // With the fast path, UDP GRO stays off: a network card's GRO would
     // coalesce a channel's datagrams for a socket that asked for it into
@@ -1003,6 +1015,9 @@ fn prepare_with(
     for port in bound.inherited_relay_ports() {
         shared.pool.claim(port);
     }
+    for (counter, value) in shared.offloaded.iter().zip(inherited_offloaded) {
+        counter.store(value, Ordering::Relaxed);
+    }
     let now = Instant::now();
     for (token, socket, left) in reservations {
         if let Ok(a) = socket.local_addr() {
@@ -1018,19 +1033,32 @@ fn prepare_with(
         fleet: fleet_inbox,
         statsdb: statsdb_queue,
         inherited_metrics,
+        xdp_pending,
     })
+}
+
+/// The eBPF fast path as loaded at start-up: the program, and the
+/// interfaces that wait for XDP (on TC meanwhile) because the process this
+/// one takes over from still holds their XDP hook.
+pub struct Offloaded {
+    pub offload: server::offload::Offload,
+    pub xdp_pending: Vec<String>,
 }
 
 /// Loads and attaches the eBPF fast path as `ebpf-offload` says: `None`
 /// when off, or with `auto` when it cannot (logged once); an error with
-/// `tc`/`xdp` when it cannot.
+/// `tc`/`xdp` when it cannot. `overlap`: a predecessor is still running
+/// (live takeover), so an interface's XDP hook may be taken; such an
+/// interface gets TC until the predecessor lets go (see
+/// [`upgrade_to_xdp`]).
 fn offload(
     cfg: &Config,
     listening_ips: &[IpAddr],
-) -> Result<Option<server::offload::Offload>, String> {
+    overlap: bool,
+) -> Result<Option<Offloaded>, String> {
     use config::EbpfOffload;
     let mode = cfg.ebpf_offload;
-    let attempt = || -> Result<(server::offload::Offload, Vec<String>, &'static str), String> {
+    let attempt = || -> Result<(Offloaded, Vec<String>, String), String> {
         let interfaces = if cfg.ebpf_offload_interfaces.is_empty() {
             let mut ips: Vec<IpAddr> = listening_ips.to_vec();
             ips.extend(cfg.relay_ips.iter().copied());
@@ -1057,31 +1085,43 @@ fn offload(
         // interface is a network card's (a virtual one, veth in a
         // container, takes XDP redirects only when its peer runs NAPI)
         // and its driver has native XDP; TC otherwise.
-        let xdp = match mode {
-            EbpfOffload::Xdp => {
-                for i in &interfaces {
-                    o.attach_xdp(i)?;
-                }
-                true
-            }
-            EbpfOffload::Auto
-                if interfaces.iter().all(|i| {
-                    std::path::Path::new(&format!("/sys/class/net/{i}/device")).exists()
-                }) =>
-            {
-                // A driver without native XDP refuses: TC on a fresh load
-                // (nothing stays attached from the attempt).
-                match interfaces.iter().try_for_each(|i| o.attach_xdp(i)) {
-                    Ok(()) => true,
+        let mut xdp = match mode {
+            EbpfOffload::Xdp => true,
+            EbpfOffload::Auto => interfaces
+                .iter()
+                .all(|i| std::path::Path::new(&format!("/sys/class/net/{i}/device")).exists()),
+            _ => false,
+        };
+        let mut pending = Vec::new();
+        if xdp {
+            let mut failed = None;
+            for i in &interfaces {
+                match o.attach_xdp(i) {
+                    Ok(()) => {}
+                    // The predecessor's program holds the hook until it
+                    // exits (one XDP program per interface).
+                    Err(e) if overlap && (e.contains("os error 16") || e.contains("busy")) => {
+                        o.attach(i)?;
+                        pending.push(i.clone());
+                    }
                     Err(e) => {
-                        info!("ebpf-offload=auto: {e}; using TC");
-                        o = server::offload::Offload::load()?;
-                        false
+                        failed = Some(e);
+                        break;
                     }
                 }
             }
-            _ => false,
-        };
+            if let Some(e) = failed {
+                if mode == EbpfOffload::Xdp {
+                    return Err(e);
+                }
+                // A driver without native XDP refuses: TC on a fresh load
+                // (nothing stays attached from the attempt).
+                info!("ebpf-offload=auto: {e}; using TC");
+                o = server::offload::Offload::load()?;
+                pending.clear();
+                xdp = false;
+            }
+        }
         for i in &interfaces {
             if !xdp {
                 o.attach(i)?;
@@ -1100,14 +1140,21 @@ fn offload(
                 }
             }
         }
+        let how = match (xdp, pending.is_empty()) {
+            (false, _) => "TC ingress".to_string(),
+            (true, true) => "XDP, driver mode".to_string(),
+            (true, false) => format!(
+                "XDP, driver mode; TC on {} until the process taken over from lets go of its XDP hook",
+                pending.join(", ")
+            ),
+        };
         Ok((
-            o,
-            interfaces,
-            if xdp {
-                "XDP, driver mode"
-            } else {
-                "TC ingress"
+            Offloaded {
+                offload: o,
+                xdp_pending: pending,
             },
+            interfaces,
+            how,
         ))
     };
     match mode {
@@ -1129,6 +1176,45 @@ fn offload(
                 .error("ebpf-offload", format!("{}: {e}", mode.name()))
                 .to_string()),
         },
+    }
+}
+
+/// Moves `interfaces` from TC to XDP once the process this one took over
+/// from has let go of their XDP hook (it exits after the handover, or
+/// after draining its TLS clients): tries every quarter of a second, for
+/// up to an hour, on a thread of its own. The maps are shared, so nothing
+/// relayed is lost in the move.
+fn upgrade_to_xdp(shared: Arc<Shared>, mut interfaces: Vec<String>) {
+    if interfaces.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("xdp-upgrade".into())
+        .spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while !interfaces.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
+                let Some(offload) = &shared.offload else {
+                    return;
+                };
+                let mut o = offload.lock().unwrap_or_else(|e| e.into_inner());
+                interfaces.retain(|i| match o.replace_tc_with_xdp(i) {
+                    Ok(()) => {
+                        info!("ebpf-offload: XDP on {i} now (the process taken over from let go)");
+                        false
+                    }
+                    Err(_) => true,
+                });
+            }
+            if !interfaces.is_empty() {
+                warn!(
+                    "ebpf-offload: {} stay on TC (their XDP hook is still taken)",
+                    interfaces.join(", ")
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("ebpf-offload: cannot start the XDP upgrade thread ({e}): TC stays");
     }
 }
 
@@ -1192,6 +1278,7 @@ fn run(
         fleet,
         statsdb,
         inherited_metrics,
+        xdp_pending,
     } = prepare_with(&cfg, incoming.as_mut().map(|(i, _)| i))?;
     let metrics_listener = if cfg.prometheus {
         let ip = cfg
@@ -1317,6 +1404,7 @@ fn run(
     };
     let server =
         server::start(bound, shared.clone()).map_err(|e| format!("cannot start workers: {e}"))?;
+    upgrade_to_xdp(shared.clone(), xdp_pending);
     let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::unbounded_channel();
     let control_path = match control {
         Some(l) => {

@@ -44,6 +44,7 @@ pub fn assemble(
     ticket_key: [u8; 32],
     metrics: Option<(SocketAddr, OwnedFd)>,
     reservations: Vec<([u8; 8], Duration, OwnedFd)>,
+    offloaded: [u64; 4],
 ) -> (State, Vec<OwnedFd>) {
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut put = |fd: OwnedFd| {
@@ -111,6 +112,7 @@ pub fn assemble(
         workers,
         metrics,
         reservations,
+        offloaded,
     };
     (state, fds)
 }
@@ -353,6 +355,12 @@ impl Incoming {
             reservations.push((r.token, socket, Duration::from_millis(r.expires_in_ms)));
         }
         Ok((inherited, metrics, reservations))
+    }
+
+    /// Whether a running server hands over (live takeover), rather than
+    /// systemd's file descriptor store: the two processes overlap.
+    pub fn live(&self) -> bool {
+        self.conn.is_some()
     }
 
     /// Tells the running server this process is ready and waits for its

@@ -166,6 +166,11 @@ pub struct State {
     /// EVEN-PORT reservations (absent in states of the first builds).
     #[serde(default)]
     pub reservations: Vec<SavedReservation>,
+    /// What the eBPF fast path relayed so far (`turn_offloaded_*`: packets
+    /// and bytes to peers, packets and bytes to clients; absent in states
+    /// of earlier builds).
+    #[serde(default)]
+    pub offloaded: [u64; 4],
 }
 
 impl State {
@@ -605,6 +610,7 @@ mod tests {
             workers: vec![SavedWorker::default()],
             metrics: None,
             reservations: Vec::new(),
+            offloaded: [0; 4],
         };
         for (i, s) in sockets.iter().enumerate() {
             state.workers[0].udp.push(SavedListener {

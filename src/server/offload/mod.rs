@@ -176,7 +176,9 @@ mod loaded {
     use aya::Ebpf;
     use aya::maps::HashMap;
     use aya::programs::LinkOrder;
-    use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+    use aya::programs::tc::{
+        SchedClassifier, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
+    };
     use aya::programs::{Xdp, XdpMode};
 
     // SAFETY: plain `repr(C)` data without padding the kernel could leak
@@ -190,6 +192,18 @@ mod loaded {
     unsafe impl aya::Pod for ToClient {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BindingCounters {}
+
+    /// `e` and its causes, `: `-separated (aya's errors keep the
+    /// system's error, such as EBUSY, in their source).
+    fn with_causes(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            out.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        out
+    }
 
     /// The program's object file, built by build.rs.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -207,6 +221,8 @@ mod loaded {
         free: std::collections::VecDeque<u32>,
         /// Whether the XDP variant is loaded (on first [`Offload::attach_xdp`]).
         xdp_loaded: bool,
+        /// The TC variant's links, by interface.
+        tc_links: Vec<(String, SchedClassifierLinkId)>,
     }
 
     impl Offload {
@@ -224,12 +240,13 @@ mod loaded {
                 .try_into()
                 .map_err(|e| format!("turn_channel_data: {e}"))?;
             prog.load()
-                .map_err(|e| format!("loading turn_channel_data: {e}"))?;
+                .map_err(|e| format!("loading turn_channel_data: {}", with_causes(&e)))?;
             Ok(Offload {
                 bpf,
                 slots: Default::default(),
                 free: (0..MAX_BINDINGS).collect(),
                 xdp_loaded: false,
+                tc_links: Vec::new(),
             })
         }
 
@@ -242,13 +259,35 @@ mod loaded {
                 .ok_or("the eBPF object has no turn_channel_data")?
                 .try_into()
                 .map_err(|e| format!("turn_channel_data: {e}"))?;
-            prog.attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map(|_| ())
-            .map_err(|e| format!("attaching to {interface}: {e}"))
+            let link = prog
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| format!("attaching to {interface}: {}", with_causes(&e)))?;
+            self.tc_links.push((interface.to_string(), link));
+            Ok(())
+        }
+
+        /// Moves `interface` from the TC variant to the XDP variant: XDP
+        /// first (it runs before TC, so from then on TC sees none of the
+        /// relayed traffic), then the TC link goes. Error: XDP cannot be
+        /// attached (the TC link stays).
+        pub fn replace_tc_with_xdp(&mut self, interface: &str) -> Result<(), String> {
+            self.attach_xdp(interface)?;
+            while let Some(i) = self.tc_links.iter().position(|(n, _)| n == interface) {
+                let (_, link) = self.tc_links.swap_remove(i);
+                let prog: &mut SchedClassifier = self
+                    .bpf
+                    .program_mut("turn_channel_data")
+                    .ok_or("the eBPF object has no turn_channel_data")?
+                    .try_into()
+                    .map_err(|e| format!("turn_channel_data: {e}"))?;
+                prog.detach(link)
+                    .map_err(|e| format!("detaching TC from {interface}: {e}"))?;
+            }
+            Ok(())
         }
 
         /// Attaches the XDP variant to `interface` in driver (native)
@@ -269,7 +308,12 @@ mod loaded {
             }
             prog.attach(interface, XdpMode::Driver)
                 .map(|_| ())
-                .map_err(|e| format!("attaching XDP (driver mode) to {interface}: {e}"))
+                .map_err(|e| {
+                    format!(
+                        "attaching XDP (driver mode) to {interface}: {}",
+                        with_causes(&e)
+                    )
+                })
         }
 
         fn peer_map(
@@ -442,6 +486,11 @@ impl Offload {
 
     /// Unreachable: there is no loaded program.
     pub fn attach_xdp(&mut self, _interface: &str) -> Result<(), String> {
+        Err("no eBPF fast path in this build".to_string())
+    }
+
+    /// Unreachable: there is no loaded program.
+    pub fn replace_tc_with_xdp(&mut self, _interface: &str) -> Result<(), String> {
         Err("no eBPF fast path in this build".to_string())
     }
 

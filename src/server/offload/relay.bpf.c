@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: MIT
 //
-// The ChannelData fast path (RFC 8656 §12): a TC program that relays the
-// traffic of channel bindings the user-space server installed in its maps,
-// below the socket layer.
+// The ChannelData fast path (RFC 8656 §12): programs that relay the
+// traffic of channel bindings the user-space server installed in their
+// maps, below the socket layer, in two variants sharing everything but how
+// the frame grows or shrinks: TC ingress (turn_channel_data) and XDP
+// (turn_channel_xdp).
 //
 //  client -> server   UDP ChannelData to a listening address, for a bound
 //                     channel: the 4-byte ChannelData header comes off and
@@ -13,7 +15,8 @@
 //                     leaves from the listening address to the client.
 //
 // Anything else is left to the kernel and the server's sockets, untouched
-// (TC_ACT_UNSPEC: the next program on the hook, if any, sees it too):
+// (TC_ACT_UNSPEC: the next program on the hook, if any, sees it too; or
+// XDP_PASS):
 // STUN, Send and Data indications, unknown channels, a ChannelData length
 // that does not match the datagram (padding), IPv4 options, fragments, IPv6
 // extension headers, GSO/GRO-coalesced frames, a datagram that would exceed
