@@ -724,7 +724,9 @@ fn turnutils_uclient_relays_through_the_fast_path() {
         .filter(|l| l.starts_with("turn_offload_passed_total"))
         .collect();
     eprintln!("offloaded: {up} to peers, {down} to clients; left to the sockets: {passed:?}");
-    assert!(up > 0.0 && down > 0.0, "{body}");
+    // Every data message both ways (4 clients, 200 each), whatever channel
+    // numbers uclient picked (it uses RFC 5766's range up to 0x7FFF).
+    assert!(up >= 800.0 && down >= 800.0, "{body}");
 }
 
 #[test]

@@ -19,7 +19,8 @@ use std::net::SocketAddr;
 
 /// A channel binding as the fast path relays it: the client 5-tuple's two
 /// ends, the allocation's relayed transport address, the peer and the
-/// channel number (0x4000-0x4FFF). Both addresses of a side share a family.
+/// channel number (0x4000-0x4FFF, or to 0x7FFF with RFC 5766's range).
+/// Both addresses of a side share a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding {
     pub client: SocketAddr,

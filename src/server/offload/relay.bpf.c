@@ -373,10 +373,12 @@ static __always_inline int classify(void *data, void *data_end, struct relay *r)
 		return RELAY;
 	}
 
-	// Client -> server ChannelData: a channel number (0x4000-0x4FFF) and a
-	// length that is exactly the rest of the datagram (no padding).
+	// Client -> server ChannelData: a channel number (0x4000-0x4FFF, or up
+	// to 0x7FFF where the core accepts RFC 5766's range, as coturn's
+	// clients use it) and a length that is exactly the rest of the
+	// datagram (no padding). Only installed channels are relayed.
 	__u8 *cd = (void *)(udp + 1);
-	if ((void *)(cd + 4) > data_end || (cd[0] & 0xf0) != 0x40)
+	if ((void *)(cd + 4) > data_end || (cd[0] & 0xc0) != 0x40)
 		return NOT_OURS;
 	struct client_key ck = {};
 	ck.client = src;
