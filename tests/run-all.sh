@@ -124,7 +124,7 @@ cargo test --locked --workspace
 # maps, and everything must behave as without it.
 echo "==> cargo test, relay tests with ebpf-offload=tc"
 TURNSERVER_TEST_EBPF_OFFLOAD=tc cargo test --locked --test protocol --test limits \
-    --test rfc8489 --test uclient --test dual --test hostile --test tcp_relay
+    --test rfc8489 --test uclient --test dual --test hostile --test tcp_relay --test steering
 echo "==> Debian package (tests/package.sh, in a Debian root of its own)"
 as_root env "PATH=$PATH" "TMPDIR=$TMPDIR" ./tests/package.sh
 # The documented comparison against coturn and the kernel floor, one short
