@@ -509,7 +509,9 @@ def main():
         print(f"{fast} / sockets, relay CPU per packet: {cpu[fast] / cpu['sockets']:.2f}")
         if "coturn" in cpu:
             print(f"{fast} / coturn, relay CPU per packet: {cpu[fast] / cpu['coturn']:.2f}")
-            print(f"{fast} / coturn, max relayed packets/s: {mx[fast] / max(mx['coturn'], 1):.2f}")
+            if args.ramps:
+                print(f"{fast} / coturn, max relayed packets/s: "
+                      f"{mx[fast] / max(mx['coturn'], 1):.2f}")
     print("the program's run time per invocation (bpf_stats, both directions): "
           f"TC {bpf_ns['offload']:.0f} ns, XDP {bpf_ns['offload-xdp']:.0f} ns")
     print()
