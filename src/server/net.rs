@@ -17,14 +17,7 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
         if !ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) {
             continue;
         }
-        let Some(addr) = ifa.address else { continue };
-        let ip = if let Some(v4) = addr.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
+        let Some(ip) = ip_of(&ifa) else { continue };
         let link_local = match ip {
             IpAddr::V4(a) => a.is_link_local(),
             IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
@@ -36,18 +29,21 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The IP address of an interface address entry, if it has one.
+fn ip_of(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<IpAddr> {
+    let addr = ifa.address.as_ref()?;
+    if let Some(v4) = addr.as_sockaddr_in() {
+        Some(IpAddr::V4(v4.ip()))
+    } else {
+        addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+    }
+}
+
 /// The names of the interfaces that hold any of `ips`, each once.
 pub fn interfaces_of(ips: &[IpAddr]) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
-        let Some(addr) = ifa.address else { continue };
-        let ip = if let Some(v4) = addr.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
+        let Some(ip) = ip_of(&ifa) else { continue };
         if ips.contains(&ip) && !out.contains(&ifa.interface_name) {
             out.push(ifa.interface_name);
         }

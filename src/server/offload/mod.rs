@@ -206,6 +206,14 @@ mod loaded {
         out
     }
 
+    /// The TC variant in `bpf`.
+    fn classifier(bpf: &mut Ebpf) -> Result<&mut SchedClassifier, String> {
+        bpf.program_mut("turn_channel_data")
+            .ok_or("the eBPF object has no turn_channel_data")?
+            .try_into()
+            .map_err(|e| format!("turn_channel_data: {e}"))
+    }
+
     /// The program's object file, built by build.rs.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
 
@@ -235,12 +243,8 @@ mod loaded {
                     "loading the eBPF program: {e} (it needs CAP_BPF and CAP_NET_ADMIN, or root)"
                 )
             })?;
-            let prog: &mut SchedClassifier = bpf
-                .program_mut("turn_channel_data")
-                .ok_or("the eBPF object has no turn_channel_data")?
-                .try_into()
-                .map_err(|e| format!("turn_channel_data: {e}"))?;
-            prog.load()
+            classifier(&mut bpf)?
+                .load()
                 .map_err(|e| format!("loading turn_channel_data: {}", with_causes(&e)))?;
             Ok(Offload {
                 bpf,
@@ -254,13 +258,7 @@ mod loaded {
         /// Attaches the program to the ingress of `interface` (a TCX link,
         /// kernel 6.6 or later).
         pub fn attach(&mut self, interface: &str) -> Result<(), String> {
-            let prog: &mut SchedClassifier = self
-                .bpf
-                .program_mut("turn_channel_data")
-                .ok_or("the eBPF object has no turn_channel_data")?
-                .try_into()
-                .map_err(|e| format!("turn_channel_data: {e}"))?;
-            let link = prog
+            let link = classifier(&mut self.bpf)?
                 .attach_with_options(
                     interface,
                     TcAttachType::Ingress,
@@ -279,13 +277,8 @@ mod loaded {
             self.attach_xdp(interface)?;
             while let Some(i) = self.tc_links.iter().position(|(n, _)| n == interface) {
                 let (_, link) = self.tc_links.swap_remove(i);
-                let prog: &mut SchedClassifier = self
-                    .bpf
-                    .program_mut("turn_channel_data")
-                    .ok_or("the eBPF object has no turn_channel_data")?
-                    .try_into()
-                    .map_err(|e| format!("turn_channel_data: {e}"))?;
-                prog.detach(link)
+                classifier(&mut self.bpf)?
+                    .detach(link)
                     .map_err(|e| format!("detaching TC from {interface}: {e}"))?;
             }
             Ok(())
