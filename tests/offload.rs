@@ -196,6 +196,96 @@ fn silent(s: &UdpSocket) -> bool {
     quiet
 }
 
+/// A listening, relay, client and peer socket in the topology's
+/// namespaces (IPv4 or IPv6 addresses) and the channel binding between
+/// them.
+struct Ends {
+    server: UdpSocket,
+    relay: UdpSocket,
+    client: UdpSocket,
+    peer: UdpSocket,
+    binding: Binding,
+}
+
+fn ends(t: &Topology, v6: bool, channel: u16, expires_ns: u64) -> Ends {
+    let [server, relay, client, peer] = if v6 {
+        [
+            "[fd00:91:1::1]:3478",
+            "[fd00:91:2::1]:50000",
+            "[fd00:91:1::2]:40000",
+            "[fd00:91:2::2]:9000",
+        ]
+    } else {
+        [
+            "10.91.1.1:3478",
+            "10.91.2.1:50000",
+            "10.91.1.2:40000",
+            "10.91.2.2:9000",
+        ]
+    };
+    let server = bind(&t.relay, server);
+    let relay = bind(&t.relay, relay);
+    let client = bind(&t.client, client);
+    let peer = bind(&t.peer, peer);
+    let binding = Binding {
+        client: client.local_addr().unwrap(),
+        server: server.local_addr().unwrap(),
+        relayed: relay.local_addr().unwrap(),
+        peer: peer.local_addr().unwrap(),
+        channel,
+        expires_ns,
+    };
+    Ends {
+        server,
+        relay,
+        client,
+        peer,
+        binding,
+    }
+}
+
+/// CLOCK_MONOTONIC nanoseconds `secs` from now.
+fn expires_in(secs: u64) -> u64 {
+    turnserver::server::offload::monotonic_ns(std::time::Instant::now() + Duration::from_secs(secs))
+}
+
+/// `n` datagrams of growing sizes each way through the kernel, checked
+/// whole: client -> peer loses its ChannelData header and comes from the
+/// relayed address; peer -> client gains it and comes from the listening
+/// address.
+fn relay_both_ways(
+    offload: &mut Offload,
+    client: &UdpSocket,
+    peer: &UdpSocket,
+    b: &Binding,
+    n: u32,
+    tag: &str,
+) {
+    let mut buf = [0u8; 2048];
+    for i in 0..n {
+        let payload = format!("{tag} to the peer #{i} {}", "x".repeat(i as usize % 50));
+        client
+            .send_to(&channel_data(b.channel, payload.as_bytes()), b.server)
+            .unwrap();
+        let (len, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{tag}: not relayed to the peer ({e}); left to the sockets: {:?}; counters {:?}",
+                offload.passed(),
+                offload.counters(b),
+            )
+        });
+        assert_eq!((&buf[..len], from), (payload.as_bytes(), b.relayed));
+        let payload = format!("{tag} to the client #{i} {}", "y".repeat(i as usize % 37));
+        peer.send_to(payload.as_bytes(), b.relayed).unwrap();
+        let (len, from) = client.recv_from(&mut buf).expect("relayed to the client");
+        assert_eq!(from, b.server);
+        assert_eq!(
+            &buf[..len],
+            &channel_data(b.channel, payload.as_bytes())[..]
+        );
+    }
+}
+
 #[test]
 fn channel_data_is_relayed_in_the_kernel_both_ways() {
     assert!(
@@ -204,20 +294,13 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     );
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = topology("o");
-    let server = bind(&t.relay, "10.91.1.1:3478");
-    let relay = bind(&t.relay, "10.91.2.1:50000");
-    let client = bind(&t.client, "10.91.1.2:40000");
-    let peer = bind(&t.peer, "10.91.2.2:9000");
-    let binding = Binding {
-        client: client.local_addr().unwrap(),
-        server: server.local_addr().unwrap(),
-        relayed: relay.local_addr().unwrap(),
-        peer: peer.local_addr().unwrap(),
-        channel: 0x4001,
-        expires_ns: turnserver::server::offload::monotonic_ns(
-            std::time::Instant::now() + Duration::from_secs(600),
-        ),
-    };
+    let Ends {
+        server,
+        relay,
+        client,
+        peer,
+        binding,
+    } = ends(&t, false, 0x4001, expires_in(600));
     let mut offload = in_netns(&t.relay.name, || {
         let mut o = Offload::load().expect("load the fast path");
         o.attach("r0").unwrap();
@@ -228,35 +311,9 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     let client_errors = in_netns(&t.client.name, csum_errors);
     let peer_errors = in_netns(&t.peer.name, csum_errors);
 
-    // Client -> peer: the ChannelData header comes off, the datagram
-    // leaves from the relayed address.
     const N: u32 = 200;
+    relay_both_ways(&mut offload, &client, &peer, &binding, N, "v4");
     let mut buf = [0u8; 2048];
-    for i in 0..N {
-        let payload = format!("to the peer #{i} {}", "x".repeat(i as usize % 50));
-        client
-            .send_to(&channel_data(0x4001, payload.as_bytes()), binding.server)
-            .unwrap();
-        let (n, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "not relayed to the peer ({e}); left to the sockets: {:?}; the listening socket got {:?}; counters {:?}; peer csum errors {}",
-                offload.passed(),
-                server.recv_from(&mut [0u8; 2048]),
-                offload.counters(&binding),
-                in_netns(&t.peer.name, csum_errors),
-            )
-        });
-        assert_eq!((&buf[..n], from), (payload.as_bytes(), binding.relayed));
-    }
-    // Peer -> client: a ChannelData header goes on, from the listening
-    // address.
-    for i in 0..N {
-        let payload = format!("to the client #{i} {}", "y".repeat(i as usize % 37));
-        peer.send_to(payload.as_bytes(), binding.relayed).unwrap();
-        let (n, from) = client.recv_from(&mut buf).expect("relayed to the client");
-        assert_eq!(from, binding.server);
-        assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
-    }
     assert!(silent(&server), "the listening socket saw relayed traffic");
     assert!(silent(&relay), "the relay socket saw relayed traffic");
     let (up, down) = offload.counters(&binding).unwrap();
@@ -294,37 +351,15 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     assert!(silent(&peer));
 
     // IPv6, both ways.
-    let server6 = bind(&t.relay, "[fd00:91:1::1]:3478");
-    let relay6 = bind(&t.relay, "[fd00:91:2::1]:50000");
-    let client6 = bind(&t.client, "[fd00:91:1::2]:40000");
-    let peer6 = bind(&t.peer, "[fd00:91:2::2]:9000");
-    let b6 = Binding {
-        client: client6.local_addr().unwrap(),
-        server: server6.local_addr().unwrap(),
-        relayed: relay6.local_addr().unwrap(),
-        peer: peer6.local_addr().unwrap(),
-        channel: 0x4fff,
-        expires_ns: binding.expires_ns,
-    };
+    let Ends {
+        server: server6,
+        relay: relay6,
+        client: client6,
+        peer: peer6,
+        binding: b6,
+    } = ends(&t, true, 0x4fff, binding.expires_ns);
     offload.install(&b6).unwrap();
-    for i in 0..20u32 {
-        let payload = format!("v6 up {i}");
-        client6
-            .send_to(&channel_data(0x4fff, payload.as_bytes()), b6.server)
-            .unwrap();
-        let (n, from) = peer6.recv_from(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "IPv6 not relayed ({e}); left to the sockets: {:?}",
-                offload.passed()
-            )
-        });
-        assert_eq!((&buf[..n], from), (payload.as_bytes(), b6.relayed));
-        let payload = format!("v6 down {i}");
-        peer6.send_to(payload.as_bytes(), b6.relayed).unwrap();
-        let (n, from) = client6.recv_from(&mut buf).unwrap();
-        assert_eq!(from, b6.server);
-        assert_eq!(&buf[..n], &channel_data(0x4fff, payload.as_bytes())[..]);
-    }
+    relay_both_ways(&mut offload, &client6, &peer6, &b6, 20, "v6");
     assert!(silent(&server6) && silent(&relay6));
     assert_eq!(offload.counters(&b6).unwrap().0.packets, 20);
     assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
@@ -379,6 +414,33 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     assert_eq!(&buf[..n], &channel_data(0x4001, b"local sender")[..]);
     assert_eq!(offload.passed().unwrap()[4], partial + 1);
     drop(t);
+}
+
+/// Writes a configuration for the real binary in the relay namespace to
+/// `dir`: listening on 10.91.1.1:`port`, relaying from 10.91.2.1 (ports
+/// 50000-50400) to the peer 10.91.2.2 only, metrics on `port + 1`, no
+/// control socket unless `extra` names one, then the lines of `extra`.
+fn relay_config(dir: &common::TempDir, port: u16, extra: &str) -> std::path::PathBuf {
+    let conf = dir.path("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
+             min-port=50000\nmax-port=50400\nno-tls\nno-dtls\ncontrol-socket=\n\
+             lt-cred-mech\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
+             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={}\n{extra}\n",
+            port + 1
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// The metrics of the server listening on 10.91.1.1:`port` (served on
+/// `port + 1` by [`relay_config`]), asked from the client's namespace.
+fn metrics(t: &Topology, port: u16) -> String {
+    let addr: SocketAddr = format!("10.91.1.1:{}", port + 1).parse().unwrap();
+    in_netns(&t.client.name, move || common::http_get(addr, "/metrics").1)
 }
 
 /// The tests of this file one at a time: they count the programs attached.
@@ -453,20 +515,12 @@ fn server_offloads_channels(mode: &str) {
     assert_eq!(attached(), 0, "another program is attached already");
     let t = topology(if mode == "xdp" { "x" } else { "s" });
     let port = free_ports(2);
-    let metrics_port = port + 1;
     let dir = common::TempDir::new("offload");
-    let conf = dir.path("turnserver.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
-             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket=\n\
-             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
-             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
-             ebpf-offload={mode}\n"
-        ),
-    )
-    .unwrap();
+    let conf = relay_config(
+        &dir,
+        port,
+        &format!("user=alice:alicepw\nebpf-offload={mode}"),
+    );
     let mut server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
     let how = if mode == "xdp" {
         "XDP, driver mode"
@@ -546,10 +600,7 @@ fn server_offloads_channels(mode: &str) {
     // relayed, exactly (workers add the fast path's counts every second);
     // the two above were relayed by user space.
     std::thread::sleep(Duration::from_millis(2100));
-    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
-    let body = in_netns(&t.client.name, move || {
-        common::http_get(metrics_addr, "/metrics").1
-    });
+    let body = metrics(&t, port);
     for (name, want) in [
         ("turn_offloaded_packets_total{direction=\"to_peer\"}", N),
         ("turn_offloaded_packets_total{direction=\"to_client\"}", N),
@@ -645,20 +696,8 @@ fn turnutils_uclient_relays_through_the_fast_path() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = topology("u");
     let port = free_ports(2);
-    let metrics_port = port + 1;
     let dir = common::TempDir::new("offload-uclient");
-    let conf = dir.path("turnserver.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
-             min-port=50000\nmax-port=50400\nno-tls\nno-dtls\ncontrol-socket=\n\
-             lt-cred-mech\nuser=test:secret\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
-             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
-             ebpf-offload=tc\n"
-        ),
-    )
-    .unwrap();
+    let conf = relay_config(&dir, port, "user=test:secret\nebpf-offload=tc");
     let server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
     // coturn's echo peer in the peer namespace.
     let peer_bin = common::require_tool(
@@ -709,10 +748,7 @@ fn turnutils_uclient_relays_through_the_fast_path() {
         .unwrap();
     eprintln!("uclient through the fast path: {lost}");
     std::thread::sleep(Duration::from_millis(1100));
-    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
-    let body = in_netns(&t.client.name, move || {
-        common::http_get(metrics_addr, "/metrics").1
-    });
+    let body = metrics(&t, port);
     let up = common::metric(&body, "turn_offloaded_packets_total{direction=\"to_peer\"}").unwrap();
     let down = common::metric(
         &body,
@@ -734,20 +770,12 @@ fn max_bps_and_bps_capacity_hold_with_the_fast_path() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = topology("b");
     let port = free_ports(2);
-    let metrics_port = port + 1;
     let dir = common::TempDir::new("offload-bps");
-    let conf = dir.path("turnserver.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
-             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket=\n\
-             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
-             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
-             max-bps=10000\nbps-capacity=15000\nebpf-offload=tc\n"
-        ),
-    )
-    .unwrap();
+    let conf = relay_config(
+        &dir,
+        port,
+        "user=alice:alicepw\nmax-bps=10000\nbps-capacity=15000\nebpf-offload=tc",
+    );
     let server = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
     assert!(
         server.log().contains("ebpf-offload=tc: "),
@@ -796,10 +824,7 @@ fn max_bps_and_bps_capacity_hold_with_the_fast_path() {
     );
     // Nothing of it went through the kernel.
     std::thread::sleep(Duration::from_millis(1100));
-    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
-    let body = in_netns(&t.client.name, move || {
-        common::http_get(metrics_addr, "/metrics").1
-    });
+    let body = metrics(&t, port);
     assert_eq!(
         common::metric(&body, "turn_offloaded_packets_total{direction=\"to_peer\"}"),
         Some(0.0),
@@ -820,21 +845,14 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
     );
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = topology("d");
-    let server = bind(&t.relay, "10.91.1.1:3478");
-    let relay = bind(&t.relay, "10.91.2.1:50000");
-    let client = bind(&t.client, "10.91.1.2:40000");
-    let peer = bind(&t.peer, "10.91.2.2:9000");
-    let expires_ns = turnserver::server::offload::monotonic_ns(
-        std::time::Instant::now() + Duration::from_secs(600),
-    );
-    let binding = Binding {
-        client: client.local_addr().unwrap(),
-        server: server.local_addr().unwrap(),
-        relayed: relay.local_addr().unwrap(),
-        peer: peer.local_addr().unwrap(),
-        channel: 0x4001,
-        expires_ns,
-    };
+    let expires_ns = expires_in(600);
+    let Ends {
+        server,
+        relay,
+        client,
+        peer,
+        binding,
+    } = ends(&t, false, 0x4001, expires_ns);
     let mut offload = in_netns(&t.relay.name, || {
         let mut o = Offload::load().expect("load the fast path");
         o.attach_xdp("r0").expect("native XDP on veth");
@@ -846,25 +864,8 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
     let client_errors = in_netns(&t.client.name, csum_errors);
     let peer_errors = in_netns(&t.peer.name, csum_errors);
     const N: u32 = 100;
+    relay_both_ways(&mut offload, &client, &peer, &binding, N, "xdp v4");
     let mut buf = [0u8; 2048];
-    for i in 0..N {
-        let payload = format!("xdp to the peer #{i} {}", "x".repeat(i as usize % 50));
-        client
-            .send_to(&channel_data(0x4001, payload.as_bytes()), binding.server)
-            .unwrap();
-        let (n, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "not relayed to the peer ({e}); left to the sockets: {:?}",
-                offload.passed()
-            )
-        });
-        assert_eq!((&buf[..n], from), (payload.as_bytes(), binding.relayed));
-        let payload = format!("xdp to the client #{i} {}", "y".repeat(i as usize % 37));
-        peer.send_to(payload.as_bytes(), binding.relayed).unwrap();
-        let (n, from) = client.recv_from(&mut buf).expect("relayed to the client");
-        assert_eq!(from, binding.server);
-        assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
-    }
     assert!(
         silent(&server) && silent(&relay),
         "the sockets saw relayed traffic"
@@ -886,37 +887,15 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
     assert_eq!(&buf[..n], &padded[..]);
 
     // IPv6, both ways.
-    let server6 = bind(&t.relay, "[fd00:91:1::1]:3478");
-    let relay6 = bind(&t.relay, "[fd00:91:2::1]:50000");
-    let client6 = bind(&t.client, "[fd00:91:1::2]:40000");
-    let peer6 = bind(&t.peer, "[fd00:91:2::2]:9000");
-    let b6 = Binding {
-        client: client6.local_addr().unwrap(),
-        server: server6.local_addr().unwrap(),
-        relayed: relay6.local_addr().unwrap(),
-        peer: peer6.local_addr().unwrap(),
-        channel: 0x4fff,
-        expires_ns,
-    };
+    let Ends {
+        server: server6,
+        relay: relay6,
+        client: client6,
+        peer: peer6,
+        binding: b6,
+    } = ends(&t, true, 0x4fff, expires_ns);
     offload.install(&b6).unwrap();
-    for i in 0..20u32 {
-        let payload = format!("xdp v6 up {i}");
-        client6
-            .send_to(&channel_data(0x4fff, payload.as_bytes()), b6.server)
-            .unwrap();
-        let (n, from) = peer6.recv_from(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "IPv6 not relayed ({e}); left to the sockets: {:?}",
-                offload.passed()
-            )
-        });
-        assert_eq!((&buf[..n], from), (payload.as_bytes(), b6.relayed));
-        let payload = format!("xdp v6 down {i}");
-        peer6.send_to(payload.as_bytes(), b6.relayed).unwrap();
-        let (n, from) = client6.recv_from(&mut buf).unwrap();
-        assert_eq!(from, b6.server);
-        assert_eq!(&buf[..n], &channel_data(0x4fff, payload.as_bytes())[..]);
-    }
+    relay_both_ways(&mut offload, &client6, &peer6, &b6, 20, "v6");
     assert!(silent(&server6) && silent(&relay6));
     assert_eq!(offload.counters(&b6).unwrap().0.packets, 20);
     assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
@@ -952,21 +931,15 @@ fn takeover_keeps_the_fast_path(mode: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t = topology(if mode == "xdp" { "y" } else { "k" });
     let port = free_ports(2);
-    let metrics_port = port + 1;
     let dir = common::TempDir::new("offload-takeover");
-    let conf = dir.path("turnserver.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listening-ip=10.91.1.1\nlistening-port={port}\nrelay-ip=10.91.2.1\n\
-             min-port=50000\nmax-port=50100\nno-tls\nno-dtls\ncontrol-socket={}\n\
-             lt-cred-mech\nuser=alice:alicepw\nrealm=example.org\nallowed-peer-ip=10.91.2.2\n\
-             prometheus\nprometheus-address=10.91.1.1\nprometheus-port={metrics_port}\n\
-             ebpf-offload={mode}\n",
+    let conf = relay_config(
+        &dir,
+        port,
+        &format!(
+            "user=alice:alicepw\nebpf-offload={mode}\ncontrol-socket={}",
             dir.path("control.sock").display()
         ),
-    )
-    .unwrap();
+    );
     let mut old = t.relay.start_server(&["-c", conf.to_str().unwrap()]);
     let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
     let peer = bind(&t.peer, "10.91.2.2:9000");
@@ -1035,10 +1008,7 @@ fn takeover_keeps_the_fast_path(mode: &str) {
     bind_channel(&mut client);
     exchange(&client, 20, "refreshed");
     std::thread::sleep(Duration::from_millis(1100));
-    let metrics_addr: SocketAddr = format!("10.91.1.1:{metrics_port}").parse().unwrap();
-    let body = in_netns(&t.client.name, move || {
-        common::http_get(metrics_addr, "/metrics").1
-    });
+    let body = metrics(&t, port);
     for name in [
         "turn_offloaded_packets_total{direction=\"to_peer\"}",
         "turn_offloaded_packets_total{direction=\"to_client\"}",

@@ -150,17 +150,7 @@ impl NsServer {
 
     /// Waits up to `limit` for the server to exit by itself.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        let child = &mut self.child.as_mut()?.0;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_child(&mut self.child.as_mut()?.0, limit)
     }
 
     /// SIGKILLs the server and reaps it.

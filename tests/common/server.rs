@@ -176,17 +176,7 @@ impl Server {
 
     /// Waits for the process to exit, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_child(self.child.as_mut()?, limit)
     }
 
     /// Runs the binary with exactly `args` and waits until it answers a
