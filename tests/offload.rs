@@ -249,17 +249,17 @@ fn expires_in(secs: u64) -> u64 {
     turnserver::server::offload::monotonic_ns(std::time::Instant::now() + Duration::from_secs(secs))
 }
 
-/// `n` datagrams of growing sizes each way through the kernel, checked
+/// `n` datagrams of growing sizes each way through channel `b`, checked
 /// whole: client -> peer loses its ChannelData header and comes from the
 /// relayed address; peer -> client gains it and comes from the listening
-/// address.
+/// address. `why` says what to look at when one does not arrive.
 fn relay_both_ways(
-    offload: &mut Offload,
     client: &UdpSocket,
     peer: &UdpSocket,
     b: &Binding,
     n: u32,
     tag: &str,
+    why: &mut dyn FnMut() -> String,
 ) {
     let mut buf = [0u8; 2048];
     for i in 0..n {
@@ -267,23 +267,63 @@ fn relay_both_ways(
         client
             .send_to(&channel_data(b.channel, payload.as_bytes()), b.server)
             .unwrap();
-        let (len, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "{tag}: not relayed to the peer ({e}); left to the sockets: {:?}; counters {:?}",
-                offload.passed(),
-                offload.counters(b),
-            )
-        });
+        let (len, from) = peer
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{tag}: not relayed to the peer ({e}); {}", why()));
         assert_eq!((&buf[..len], from), (payload.as_bytes(), b.relayed));
         let payload = format!("{tag} to the client #{i} {}", "y".repeat(i as usize % 37));
         peer.send_to(payload.as_bytes(), b.relayed).unwrap();
-        let (len, from) = client.recv_from(&mut buf).expect("relayed to the client");
+        let (len, from) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{tag}: not relayed to the client ({e}); {}", why()));
         assert_eq!(from, b.server);
         assert_eq!(
             &buf[..len],
             &channel_data(b.channel, payload.as_bytes())[..]
         );
     }
+}
+
+/// What the fast path left to the sockets and counted for `b`.
+fn fast_path_state(offload: &mut Offload, b: &Binding) -> String {
+    format!(
+        "left to the sockets: {:?}; counters {:?}",
+        offload.passed(),
+        offload.counters(b)
+    )
+}
+
+/// A client in the client namespace with an allocation of alice's on the
+/// server at `server` and channel 0x4001 bound to `peer`; the binding as
+/// the server holds it (its expiry unknown here: 0).
+fn channel_client(t: &Topology, server: SocketAddr, peer: SocketAddr) -> (Client, Binding) {
+    let mut client = in_netns(&t.client.name, move || {
+        Client::bound("10.91.1.2:0".parse().unwrap(), server)
+    });
+    let r = client.allocate("alice", "alicepw");
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r.relayed();
+    bind_channel(&mut client, peer);
+    let binding = Binding {
+        client: client.sock.local_addr().unwrap(),
+        server,
+        relayed,
+        peer,
+        channel: 0x4001,
+        expires_ns: 0,
+    };
+    (client, binding)
+}
+
+/// Binds (or refreshes) channel 0x4001 of `client`'s allocation to `peer`.
+fn bind_channel(client: &mut Client, peer: SocketAddr) {
+    let r = client.signed(
+        method::CHANNEL_BIND,
+        &channel_bind_attrs(0x4001, peer),
+        "alice",
+        "alicepw",
+    );
+    assert!(r.is_success(), "{:?}", r.code());
 }
 
 #[test]
@@ -312,7 +352,9 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
     let peer_errors = in_netns(&t.peer.name, csum_errors);
 
     const N: u32 = 200;
-    relay_both_ways(&mut offload, &client, &peer, &binding, N, "v4");
+    relay_both_ways(&client, &peer, &binding, N, "v4", &mut || {
+        fast_path_state(&mut offload, &binding)
+    });
     let mut buf = [0u8; 2048];
     assert!(silent(&server), "the listening socket saw relayed traffic");
     assert!(silent(&relay), "the relay socket saw relayed traffic");
@@ -359,7 +401,9 @@ fn channel_data_is_relayed_in_the_kernel_both_ways() {
         binding: b6,
     } = ends(&t, true, 0x4fff, binding.expires_ns);
     offload.install(&b6).unwrap();
-    relay_both_ways(&mut offload, &client6, &peer6, &b6, 20, "v6");
+    relay_both_ways(&client6, &peer6, &b6, 20, "v6", &mut || {
+        fast_path_state(&mut offload, &b6)
+    });
     assert!(silent(&server6) && silent(&relay6));
     assert_eq!(offload.counters(&b6).unwrap().0.packets, 20);
     assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
@@ -549,38 +593,14 @@ fn server_offloads_channels(mode: &str) {
     let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
     let peer = bind(&t.peer, "10.91.2.2:9000");
     let peer_addr = peer.local_addr().unwrap();
-    let mut client = in_netns(&t.client.name, move || {
-        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
-    });
-    let r = client.allocate("alice", "alicepw");
-    assert!(r.is_success(), "{:?}\n{}", r.code(), server.log());
-    let relayed = r.relayed();
-    let r = client.signed(
-        method::CHANNEL_BIND,
-        &channel_bind_attrs(0x4001, peer_addr),
-        "alice",
-        "alicepw",
-    );
-    assert!(r.is_success(), "{:?}", r.code());
+    let (mut client, binding) = channel_client(&t, server_addr, peer_addr);
+    let relayed = binding.relayed;
 
     const N: u64 = 300;
+    relay_both_ways(&client.sock, &peer, &binding, N as u32, mode, &mut || {
+        server.log()
+    });
     let mut buf = [0u8; 2048];
-    for i in 0..N {
-        let payload = format!("up {i}");
-        client
-            .sock
-            .send_to(&channel_data(0x4001, payload.as_bytes()), server_addr)
-            .unwrap();
-        let (n, from) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..n], from), (payload.as_bytes(), relayed));
-    }
-    for i in 0..N {
-        let payload = format!("down {i}");
-        peer.send_to(payload.as_bytes(), relayed).unwrap();
-        let (n, from) = client.sock.recv_from(&mut buf).unwrap();
-        assert_eq!(from, server_addr);
-        assert_eq!(&buf[..n], &channel_data(0x4001, payload.as_bytes())[..]);
-    }
     // What the program does not own goes to user space, which relays it
     // as it would without the fast path: a Send indication, and
     // ChannelData padded to four bytes, as over TCP.
@@ -787,17 +807,7 @@ fn max_bps_and_bps_capacity_hold_with_the_fast_path() {
     peer.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let mut client = in_netns(&t.client.name, move || {
-        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
-    });
-    assert!(client.allocate("alice", "alicepw").is_success());
-    let r = client.signed(
-        method::CHANNEL_BIND,
-        &channel_bind_attrs(0x4001, peer_addr),
-        "alice",
-        "alicepw",
-    );
-    assert!(r.is_success(), "{:?}", r.code());
+    let (client, _) = channel_client(&t, server_addr, peer_addr);
     // A shaped allocation stays in user space, which drops what exceeds
     // max-bps: a one-second burst of 10,000 bytes is ten datagrams of
     // 1000, plus what refills while they are sent.
@@ -864,7 +874,9 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
     let client_errors = in_netns(&t.client.name, csum_errors);
     let peer_errors = in_netns(&t.peer.name, csum_errors);
     const N: u32 = 100;
-    relay_both_ways(&mut offload, &client, &peer, &binding, N, "xdp v4");
+    relay_both_ways(&client, &peer, &binding, N, "xdp v4", &mut || {
+        fast_path_state(&mut offload, &binding)
+    });
     let mut buf = [0u8; 2048];
     assert!(
         silent(&server) && silent(&relay),
@@ -895,7 +907,9 @@ fn the_xdp_variant_relays_channel_data_both_ways() {
         binding: b6,
     } = ends(&t, true, 0x4fff, expires_ns);
     offload.install(&b6).unwrap();
-    relay_both_ways(&mut offload, &client6, &peer6, &b6, 20, "v6");
+    relay_both_ways(&client6, &peer6, &b6, 20, "v6", &mut || {
+        fast_path_state(&mut offload, &b6)
+    });
     assert!(silent(&server6) && silent(&relay6));
     assert_eq!(offload.counters(&b6).unwrap().0.packets, 20);
     assert_eq!(in_netns(&t.client.name, csum_errors), client_errors);
@@ -944,40 +958,10 @@ fn takeover_keeps_the_fast_path(mode: &str) {
     let server_addr: SocketAddr = format!("10.91.1.1:{port}").parse().unwrap();
     let peer = bind(&t.peer, "10.91.2.2:9000");
     let peer_addr = peer.local_addr().unwrap();
-    let mut client = in_netns(&t.client.name, move || {
-        Client::bound("10.91.1.2:0".parse().unwrap(), server_addr)
+    let (mut client, binding) = channel_client(&t, server_addr, peer_addr);
+    relay_both_ways(&client.sock, &peer, &binding, 50, "before", &mut || {
+        old.log()
     });
-    let r = client.allocate("alice", "alicepw");
-    assert!(r.is_success(), "{:?}", r.code());
-    let relayed = r.relayed();
-    let bind_channel = |client: &mut Client| {
-        let r = client.signed(
-            method::CHANNEL_BIND,
-            &channel_bind_attrs(0x4001, peer_addr),
-            "alice",
-            "alicepw",
-        );
-        assert!(r.is_success(), "{:?}", r.code());
-    };
-    bind_channel(&mut client);
-    let exchange = |client: &Client, n: u64, tag: &str| {
-        let mut buf = [0u8; 2048];
-        for i in 0..n {
-            let payload = format!("{tag} up {i}");
-            client
-                .sock
-                .send_to(&channel_data(0x4001, payload.as_bytes()), server_addr)
-                .unwrap();
-            let (len, from) = peer.recv_from(&mut buf).unwrap();
-            assert_eq!((&buf[..len], from), (payload.as_bytes(), relayed));
-            let payload = format!("{tag} down {i}");
-            peer.send_to(payload.as_bytes(), relayed).unwrap();
-            let (len, from) = client.sock.recv_from(&mut buf).unwrap();
-            assert_eq!(from, server_addr);
-            assert_eq!(&buf[..len], &channel_data(0x4001, payload.as_bytes())[..]);
-        }
-    };
-    exchange(&client, 50, "before");
 
     let new = t
         .relay
@@ -1002,11 +986,15 @@ fn takeover_keeps_the_fast_path(mode: &str) {
     } else {
         assert_eq!(tcx_links(), 2);
     }
-    exchange(&client, 50, "after");
+    relay_both_ways(&client.sock, &peer, &binding, 50, "after", &mut || {
+        new.log()
+    });
     // The old allocation takes requests from the new process, and a
     // refreshed binding stays in the kernel.
-    bind_channel(&mut client);
-    exchange(&client, 20, "refreshed");
+    bind_channel(&mut client, peer_addr);
+    relay_both_ways(&client.sock, &peer, &binding, 20, "refreshed", &mut || {
+        new.log()
+    });
     std::thread::sleep(Duration::from_millis(1100));
     let body = metrics(&t, port);
     for name in [
